@@ -1,0 +1,489 @@
+"""Scalar codebooks for the two factors of a product, and how to build them.
+
+A :class:`Codebook` is K sorted *centers* and K−1 sorted decision *boundaries*, both in the
+normalised units of the variable it quantizes (σ units: ``x̃ = (x − offset) / scale``).
+Value ``x̃`` gets code ``i = #{boundaries ≤ x̃}`` and is reconstructed as ``centers[i]``.
+Nearest-centre codebooks have midpoint boundaries; pair-aware Lloyd moves them.
+
+Methods (one builder, :func:`gaussian_pair_codebooks` / :func:`sample_pair_codebooks`):
+
+``uniform``       K evenly spaced centers on [−c, c], the clip c minimising the pair error.
+``lloydmax``      Lloyd–Max for the Gaussian marginal (MSE of X alone).
+``lambda``        companded closed-form density λ*(u; ρ, m): ``c_i = F⁻¹((i − ½)/K)``.
+``lambda-lloyd``  pair-aware Lloyd started from ``lambda``: for X's cell i
+                  ``c_i = E[X·Y·Ŷ | X ∈ i] / E[Ŷ² | X ∈ i]``, cells chosen to minimise
+                  ``E[(XY − c Ŷ)² | X]``, alternating with Y (DESIGN.md §1).
+
+The Gaussian model: ``(X, Y)`` in σ units with means ``(m_X, m_Y)`` and correlation ρ.
+Expectations over it are computed by quadrature on a fine grid in X with the conditional
+law ``Y | X`` integrated in closed form against Y's cells, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from kvquant import density as dens
+
+Method = Literal["uniform", "lloydmax", "lambda", "lambda-lloyd"]
+METHODS: tuple[str, ...] = ("uniform", "lloydmax", "lambda", "lambda-lloyd")
+MIN_BITS, MAX_BITS = 1, 8
+
+#: Half-width (σ units) of the quadrature grid of the Gaussian model; φ(8) ≈ 5e-15.
+_MODEL_HALF_WIDTH = 8.0
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """K sorted centers and K−1 sorted boundaries, in normalised (σ) units."""
+
+    centers: np.ndarray
+    boundaries: np.ndarray
+
+    def __post_init__(self) -> None:
+        c, b = np.asarray(self.centers, np.float64), np.asarray(self.boundaries, np.float64)
+        if c.ndim != 1 or len(c) < 2 or b.shape != (len(c) - 1,):
+            raise ValueError(f"need K >= 2 centers and K-1 boundaries, got {c.shape} and {b.shape}")
+        if not (np.all(np.isfinite(c)) and np.all(np.isfinite(b))):
+            raise ValueError("codebook centers and boundaries must be finite")
+        if np.any(np.diff(b) < 0):
+            raise ValueError("codebook boundaries must be sorted")
+        object.__setattr__(self, "centers", c)
+        object.__setattr__(self, "boundaries", b)
+
+    @property
+    def levels(self) -> int:
+        return len(self.centers)
+
+    @classmethod
+    def nearest(cls, centers: np.ndarray) -> "Codebook":
+        """Nearest-centre codebook: boundaries at the midpoints of sorted centers."""
+        c = np.sort(np.asarray(centers, np.float64))
+        return cls(c, 0.5 * (c[1:] + c[:-1]))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Codes ``#{boundaries ≤ x}`` (numpy reference of :func:`quantize`)."""
+        return np.searchsorted(self.boundaries, x, side="right")
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.centers[codes]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(x))
+
+
+def levels_for_bits(bits: int) -> int:
+    """K = 2^bits, with bits validated to [1, 8]."""
+    if int(bits) != bits or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return 2 ** int(bits)
+
+
+def compand(density: dens.GridDensity, levels: int) -> Codebook:
+    """Centers at the quantiles ``F⁻¹((i − ½)/K)`` of a point density, midpoint boundaries."""
+    p = (np.arange(levels) + 0.5) / levels
+    return Codebook.nearest(density.ppf(p))
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown codebook method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Sufficient statistics of one side: fine bins of X, ordered by value.
+# For bin b (weights w, partner Y, partner reconstruction Ŷ):
+#   t0 = Σ w x² y²,   t1 = Σ w x y ŷ,   t2 = Σ w ŷ²
+# so that giving the bin the center c costs  t0 − 2 c t1 + c² t2  of pair error.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SideBins:
+    edges: np.ndarray  # (n-1,) values separating consecutive bins
+    t0: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    nodes: np.ndarray | None = None  # (n,) grid node of each bin, when bins are a grid
+
+
+def _partition(bins: _SideBins, centers: np.ndarray) -> np.ndarray:
+    """Cell of each bin minimising its pair error, made monotone so cells are intervals."""
+    cost = centers[None, :] ** 2 * bins.t2[:, None] - 2.0 * centers[None, :] * bins.t1[:, None]
+    order = np.argsort(centers)
+    assign = order[np.argmin(cost[:, order], axis=1)]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return order[np.maximum.accumulate(rank[assign])]
+
+
+def _boundaries_from(bins: _SideBins, ranks: np.ndarray, centers: np.ndarray, span: float) -> np.ndarray:
+    """Boundary i = edge after the last bin of cells ≤ i (bins sorted, ranks monotone).
+
+    On a grid, the boundary is refined between the two nodes around it to where the bins'
+    preferred value ``t1/t2`` crosses the midpoint of the two centers (linear interpolation),
+    so boundaries are not limited to the grid's resolution.
+    """
+    levels = len(centers)
+    first_above = np.searchsorted(ranks, np.arange(levels - 1), side="right")
+    padded = np.concatenate([[bins.edges[0] - span], bins.edges, [bins.edges[-1] + span]])
+    out = padded[first_above]
+    if bins.nodes is None:
+        return out
+    n = len(bins.nodes)
+    inner = (first_above > 0) & (first_above < n)
+    j = np.clip(first_above, 1, n - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = np.where(bins.t2 > 0, bins.t1 / bins.t2, bins.nodes)
+    mid = 0.5 * (centers[:-1] + centers[1:])
+    lo, hi = g[j - 1], g[j]
+    ok = inner & (lo <= mid) & (mid <= hi) & (hi > lo)
+    frac = np.where(ok, (mid - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+    refined = bins.nodes[j - 1] + frac * (bins.nodes[j] - bins.nodes[j - 1])
+    return np.maximum.accumulate(np.where(ok, refined, out))
+
+
+def _side_error(bins: _SideBins, assign: np.ndarray, centers: np.ndarray) -> float:
+    c = centers[assign]
+    return float(np.sum(bins.t0 - 2.0 * c * bins.t1 + c * c * bins.t2))
+
+
+def _lloyd_side(bins: _SideBins, centers: np.ndarray) -> tuple[Codebook, float]:
+    """One pair-Lloyd step for one side: centroid on the current partition, then re-partition.
+
+    Returns the codebook (sorted centers, boundaries of the optimal partition for them) and the
+    pair error it reaches with the partner held fixed.
+    """
+    assign = _partition(bins, centers)
+    k = len(centers)
+    num = np.bincount(assign, bins.t1, minlength=k)
+    den = np.bincount(assign, bins.t2, minlength=k)
+    new = np.sort(np.where(den > 0, num / np.where(den > 0, den, 1.0), centers))
+    return _codebook_for(bins, new)
+
+
+def _codebook_for(bins: _SideBins, centers: np.ndarray) -> tuple[Codebook, float]:
+    """Best partition (interval cells) for fixed sorted centers, and its pair error."""
+    centers = np.sort(centers)
+    assign = _partition(bins, centers)
+    span = 1.0 + float(bins.edges[-1] - bins.edges[0])
+    book = Codebook(centers, _boundaries_from(bins, assign, centers, span))
+    return book, _side_error(bins, assign, centers)
+
+
+# ---------------------------------------------------------------------------------------
+# The Gaussian model, by quadrature: X on a grid, Y | X integrated in closed form.
+# ---------------------------------------------------------------------------------------
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(z)).numpy()
+
+
+def _partner_moments(book: Codebook, mu: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """``E[Y Ŷ | X]`` and ``E[Ŷ² | X]`` for ``Y | X ~ N(mu, s²)``, Ŷ = book(Y). Shapes like mu."""
+    s = max(s, 1e-9)
+    edges = np.concatenate([[-np.inf], book.boundaries, [np.inf]])
+    z = (edges[None, :] - mu[:, None]) / s  # (n, K+1)
+    cdf = _normal_cdf(z)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pdf = np.where(np.isfinite(z), np.exp(-0.5 * z * z), 0.0) / math.sqrt(2 * math.pi)
+    prob = np.diff(cdf, axis=1)  # P(Y in cell j | X)
+    first = mu[:, None] * prob - s * np.diff(pdf, axis=1)  # E[Y 1{Y in j} | X]
+    return first @ book.centers, prob @ (book.centers**2)
+
+
+@dataclass(frozen=True)
+class GaussianPair:
+    """Correlated Gaussian pair in σ units: X = m_x + U, Y = m_y + V, corr(U, V) = ρ."""
+
+    rho: float = 0.0
+    mean_x: float = 0.0
+    mean_y: float = 0.0
+
+    def __post_init__(self) -> None:
+        dens._check_rho(self.rho)
+
+    def swapped(self) -> "GaussianPair":
+        return GaussianPair(self.rho, self.mean_y, self.mean_x)
+
+    def side_bins(self, partner: Codebook | None, points: int) -> _SideBins:
+        """Bins of X (a uniform grid in σ units, uncentered) against partner Ŷ (None = exact Y)."""
+        u = np.linspace(-_MODEL_HALF_WIDTH, _MODEL_HALF_WIDTH, points)
+        w = dens.gaussian_pdf(u) * (u[1] - u[0])
+        x = self.mean_x + u
+        mu = self.mean_y + self.rho * u
+        ey2 = (1.0 - self.rho**2) + mu**2
+        if partner is None:
+            eyy, ey2hat = ey2, ey2
+        else:
+            eyy, ey2hat = _partner_moments(partner, mu, math.sqrt(max(1.0 - self.rho**2, 0.0)))
+        return _SideBins(0.5 * (x[1:] + x[:-1]), w * x * x * ey2, w * x * eyy, w * ey2hat, x)
+
+    def product_second_moment(self) -> float:
+        """``E[(XY)²]`` (Isserlis, with means)."""
+        r, a, b = self.rho, self.mean_x, self.mean_y
+        # E[(a+U)²(b+V)²] = a²b² + a²E[V²] + b²E[U²] + 4ab E[UV] + E[U²V²]
+        return a * a * b * b + a * a + b * b + 4 * a * b * r + (1 + 2 * r * r)
+
+    def pair_error(self, book_x: Codebook, book_y: Codebook, points: int | None = None) -> float:
+        """``E[(XY − X̂Ŷ)²] / E[(XY)²]`` with X̂ = book_x(X), Ŷ = book_y(Y) (σ units, uncentered).
+
+        Quadrature on ``points`` grid nodes in X (each node's bin takes the node's cell); the
+        default grid resolves each cell with ≥ 32 nodes — pass more for a reference value.
+        """
+        points = points or _grid_points(book_x.levels)
+        bins = self.side_bins(book_y, points)
+        x = self.mean_x + np.linspace(-_MODEL_HALF_WIDTH, _MODEL_HALF_WIDTH, points)
+        assign = book_x.encode(x)
+        return _side_error(bins, assign, book_x.centers) / self.product_second_moment()
+
+
+def _grid_points(levels: int) -> int:
+    return max(4001, 32 * levels + 1)
+
+
+def _model_lloyd(
+    model: GaussianPair, book_x: Codebook, book_y: Codebook, iters: int = 200, tol: float = 1e-9
+) -> tuple[Codebook, Codebook]:
+    """Pair-aware Lloyd on the Gaussian model; returns the best iterate (never worse than start)."""
+    best = (book_x, book_y)
+    best_err = model.pair_error(book_x, book_y)
+    prev = best_err
+    for _ in range(iters):
+        book_x, _ = _lloyd_side(model.side_bins(book_y, _grid_points(book_x.levels)), book_x.centers)
+        book_y, err = _lloyd_side(
+            model.swapped().side_bins(book_x, _grid_points(book_y.levels)), book_y.centers
+        )
+        err /= model.product_second_moment()
+        if err < best_err:
+            best, best_err = (book_x, book_y), err
+        if prev - err <= tol * prev:
+            break
+        prev = err
+    return best
+
+
+def _marginal_lloyd(mean: float, levels: int, start: np.ndarray, iters: int = 500) -> Codebook:
+    """Lloyd–Max for N(mean, 1): nearest-centre cells, centroid = conditional mean."""
+    u = np.linspace(-_MODEL_HALF_WIDTH, _MODEL_HALF_WIDTH, _grid_points(levels))
+    w = dens.gaussian_pdf(u)
+    x = mean + u
+    bins = _SideBins(0.5 * (x[1:] + x[:-1]), w * x * x, w * x, w)
+    centers = np.sort(start)
+    for _ in range(iters):
+        book, _ = _lloyd_side(bins, centers)
+        if np.max(np.abs(book.centers - centers)) < 1e-10:
+            break
+        centers = book.centers
+    return Codebook.nearest(centers)
+
+
+def _uniform_book(levels: int, clip: float, mean: float) -> Codebook:
+    return Codebook.nearest(mean + np.linspace(-clip, clip, levels))
+
+
+def _golden_min(f, lo: float, hi: float, iters: int = 60) -> float:
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return 0.5 * (a + b)
+
+
+def _uniform_pair(model: GaussianPair, kx: int, ky: int) -> tuple[Codebook, Codebook]:
+    """Uniform codebooks with clips minimising the pair error (coordinate search on each clip)."""
+    cx = cy = 2.5
+    for _ in range(3):
+        cx = _golden_min(lambda c: model.pair_error(_uniform_book(kx, c, model.mean_x), _uniform_book(ky, cy, model.mean_y)), 0.05, 8.0)
+        cy = _golden_min(lambda c: model.pair_error(_uniform_book(kx, cx, model.mean_x), _uniform_book(ky, c, model.mean_y)), 0.05, 8.0)
+        if kx == ky and model.mean_x == model.mean_y:
+            break
+    return _uniform_book(kx, cx, model.mean_x), _uniform_book(ky, cy, model.mean_y)
+
+
+def _lambda_book(levels: int, rho: float, partner_mean: float, own_mean: float) -> Codebook:
+    book = compand(dens.lambda_star_density(rho, partner_mean), levels)
+    return Codebook(book.centers + own_mean, book.boundaries + own_mean)
+
+
+def _uncentered_pair(method: str, model: GaussianPair, kx: int, ky: int) -> tuple[Codebook, Codebook]:
+    _check_method(method)
+    if method == "uniform":
+        return _uniform_pair(model, kx, ky)
+    if method == "lloydmax":
+        pd = dens.lambda_star_density(0.0)
+        return (
+            _marginal_lloyd(model.mean_x, kx, model.mean_x + compand(pd, kx).centers),
+            _marginal_lloyd(model.mean_y, ky, model.mean_y + compand(pd, ky).centers),
+        )
+    bx = _lambda_book(kx, model.rho, model.mean_y, model.mean_x)
+    by = _lambda_book(ky, model.rho, model.mean_x, model.mean_y)
+    if method == "lambda":
+        return bx, by
+    return _model_lloyd(model, bx, by)
+
+
+def _center(book: Codebook, mean: float) -> Codebook:
+    return Codebook(book.centers - mean, book.boundaries - mean)
+
+
+def gaussian_pair_codebooks(
+    method: Method, bits_x: int, bits_y: int, rho: float = 0.0, mean_x: float = 0.0, mean_y: float = 0.0
+) -> tuple[Codebook, Codebook]:
+    """Codebooks for X and Y of a correlated Gaussian pair, in *centered* σ units.
+
+    ``rho``: correlation of the multiplying pairs; ``mean_x``, ``mean_y``: ``μ/σ`` of each side.
+    The returned centers quantize ``(x − μ_X)/σ_X`` and ``(y − μ_Y)/σ_Y``. ``bits_x ≠ bits_y`` is
+    allowed (e.g. more bits for keys than for queries).
+    """
+    model = GaussianPair(float(rho), float(mean_x), float(mean_y))
+    bx, by = _uncentered_pair(method, model, levels_for_bits(bits_x), levels_for_bits(bits_y))
+    return _center(bx, model.mean_x), _center(by, model.mean_y)
+
+
+def gaussian_centers(method: Method, bits: int, rho: float = 0.0, mean: float = 0.0) -> np.ndarray:
+    """The K = 2^bits centers (σ units, centered) of X when both factors use ``bits``.
+
+    ``mean`` is the partner's mean in its σ units (``m = μ_Y/σ_Y``); X itself is centered.
+    """
+    return gaussian_pair_codebooks(method, bits, bits, rho, 0.0, mean)[0].centers
+
+
+# ---------------------------------------------------------------------------------------
+# From samples: the same steps, with bins at quantiles of the samples.
+# ---------------------------------------------------------------------------------------
+
+
+def _sample_bins(x: np.ndarray, y: np.ndarray, w: np.ndarray, y_hat: np.ndarray, n_bins: int) -> _SideBins:
+    order_edges = np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1])
+    edges = np.unique(order_edges)
+    idx = np.searchsorted(edges, x, side="right")
+    n = len(edges) + 1
+    return _SideBins(
+        edges,
+        np.bincount(idx, w * (x * y) ** 2, minlength=n),
+        np.bincount(idx, w * x * y * y_hat, minlength=n),
+        np.bincount(idx, w * y_hat * y_hat, minlength=n),
+    )
+
+
+def sample_pair_error(book_x: Codebook, book_y: Codebook, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
+    """``Σ w (xy − x̂ŷ)² / Σ w (xy)²`` on paired samples (same units as the codebooks)."""
+    w = np.ones_like(x) if w is None else w
+    err = x * y - book_x(x) * book_y(y)
+    return float(np.sum(w * err * err) / np.sum(w * (x * y) ** 2))
+
+
+def pair_lloyd_samples(
+    book_x: Codebook,
+    book_y: Codebook,
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray | None = None,
+    *,
+    iters: int = 100,
+    n_bins: int = 4096,
+    tol: float = 1e-7,
+) -> tuple[Codebook, Codebook]:
+    """Pair-aware Lloyd on samples ``(x_n, y_n)`` (weights ``w_n``), started from the given books.
+
+    Cells are unions of ``n_bins`` quantile bins of each side. Returns the iterate with the
+    lowest sample pair error, so the result is never worse than the start on these samples.
+    """
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.shape != y.shape or x.size == 0:
+        raise ValueError(f"x and y must be non-empty and paired, got {x.shape} and {y.shape}")
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
+    n_bins = max(8, min(n_bins, x.size // 8))
+    best, best_err = (book_x, book_y), sample_pair_error(book_x, book_y, x, y, w)
+    prev = best_err
+    for _ in range(iters):
+        book_x, _ = _lloyd_side(_sample_bins(x, y, w, book_y(y), n_bins), book_x.centers)
+        book_y, _ = _lloyd_side(_sample_bins(y, x, w, book_x(x), n_bins), book_y.centers)
+        err = sample_pair_error(book_x, book_y, x, y, w)
+        if err < best_err:
+            best, best_err = (book_x, book_y), err
+        if prev - err <= tol * prev:
+            break
+        prev = err
+    return best
+
+
+def sample_pair_codebooks(
+    method: Method, bits_x: int, bits_y: int, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None
+) -> tuple[Codebook, Codebook]:
+    """Codebooks for the factors of samples ``(x_n, y_n)`` already in σ units (not centered).
+
+    The Gaussian methods are built from the samples' ρ and means (in σ units); ``lambda-lloyd``
+    then refines on the samples themselves.
+    """
+    _check_method(method)
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    w_ = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
+    mx, my = np.average(x, weights=w_), np.average(y, weights=w_)
+    sx = math.sqrt(np.average((x - mx) ** 2, weights=w_))
+    sy = math.sqrt(np.average((y - my) ** 2, weights=w_))
+    rho = float(np.clip(np.average((x - mx) * (y - my), weights=w_) / (sx * sy), -1.0, 1.0))
+    model = GaussianPair(rho, mx / sx, my / sy)
+    seed = "lambda" if method == "lambda-lloyd" else method
+    bx, by = _uncentered_pair(seed, model, levels_for_bits(bits_x), levels_for_bits(bits_y))
+    # back from the model's units (σ = 1) to the samples' units
+    bx, by = Codebook(bx.centers * sx, bx.boundaries * sx), Codebook(by.centers * sy, by.boundaries * sy)
+    if method != "lambda-lloyd":
+        return bx, by
+    return pair_lloyd_samples(bx, by, x, y, w_)
+
+
+# ---------------------------------------------------------------------------------------
+# Torch: quantize / dequantize batched over heads, one codebook per head.
+# ---------------------------------------------------------------------------------------
+
+
+def quantize(x: torch.Tensor, boundaries: torch.Tensor, dim: int) -> torch.Tensor:
+    """Integer codes of ``x`` with one codebook per index of ``dim``.
+
+    ``x``: any shape, already normalised (σ units); ``boundaries``: ``(H, K−1)`` sorted, with
+    ``H = x.shape[dim]``. Returns uint8 codes of ``x``'s shape, ``code = #{boundaries ≤ x}``.
+    Raises on NaN/inf input rather than mapping it to an arbitrary code.
+    """
+    if boundaries.ndim != 2 or boundaries.shape[0] != x.shape[dim]:
+        raise ValueError(f"boundaries must be (H={x.shape[dim]}, K-1), got {tuple(boundaries.shape)}")
+    if boundaries.shape[1] + 1 > 256:
+        raise ValueError("at most 256 levels (8 bits) per codebook")
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize NaN or infinite values")
+    xh = x.movedim(dim, 0)
+    shape = xh.shape
+    flat = xh.reshape(shape[0], -1).to(boundaries.dtype).contiguous()
+    codes = torch.searchsorted(boundaries.contiguous(), flat, right=True)
+    return codes.to(torch.uint8).reshape(shape).movedim(0, dim)
+
+
+def dequantize(codes: torch.Tensor, centers: torch.Tensor, dim: int) -> torch.Tensor:
+    """Centers selected by ``codes``; ``centers``: ``(H, K)``, H along ``dim`` of ``codes``."""
+    if centers.ndim != 2 or centers.shape[0] != codes.shape[dim]:
+        raise ValueError(f"centers must be (H={codes.shape[dim]}, K), got {tuple(centers.shape)}")
+    ch = codes.movedim(dim, 0)
+    shape = ch.shape
+    out = torch.gather(centers, 1, ch.reshape(shape[0], -1).long())
+    return out.reshape(shape).movedim(0, dim)
+
+
+def fake_quantize(x: torch.Tensor, centers: torch.Tensor, boundaries: torch.Tensor, dim: int) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype."""
+    return dequantize(quantize(x, boundaries, dim), centers, dim).to(x.dtype)
