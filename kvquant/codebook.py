@@ -7,7 +7,8 @@ Nearest-centre codebooks have midpoint boundaries; pair-aware Lloyd moves them.
 
 Methods (one builder, :func:`gaussian_pair_codebooks` / :func:`sample_pair_codebooks`):
 
-``uniform``       K evenly spaced centers on [−c, c], the clip c minimising the pair error.
+``uniform``       K evenly spaced centers on [−c, c], the clip c minimising the pair error
+                  to first order (partner exact).
 ``lloydmax``      Lloyd–Max for the Gaussian marginal (MSE of X alone).
 ``lambda``        companded closed-form density λ*(u; ρ, m): ``c_i = F⁻¹((i − ½)/K)``.
 ``lambda-lloyd``  pair-aware Lloyd started from ``lambda``: for X's cell i
@@ -288,7 +289,8 @@ def _uniform_book(levels: int, clip: float, mean: float) -> Codebook:
     return Codebook.nearest(mean + np.linspace(-clip, clip, levels))
 
 
-def _golden_min(f, lo: float, hi: float, iters: int = 60) -> float:
+def _golden_min(f, lo: float, hi: float, iters: int = 48) -> float:
+    """Minimiser of a unimodal ``f`` on [lo, hi] by golden-section search."""
     g = (math.sqrt(5) - 1) / 2
     a, b = lo, hi
     c, d = b - g * (b - a), a + g * (b - a)
@@ -305,15 +307,19 @@ def _golden_min(f, lo: float, hi: float, iters: int = 60) -> float:
     return 0.5 * (a + b)
 
 
-def _uniform_pair(model: GaussianPair, kx: int, ky: int) -> tuple[Codebook, Codebook]:
-    """Uniform codebooks with clips minimising the pair error (coordinate search on each clip)."""
-    cx = cy = 2.5
-    for _ in range(3):
-        cx = _golden_min(lambda c: model.pair_error(_uniform_book(kx, c, model.mean_x), _uniform_book(ky, cy, model.mean_y)), 0.05, 8.0)
-        cy = _golden_min(lambda c: model.pair_error(_uniform_book(kx, cx, model.mean_x), _uniform_book(ky, c, model.mean_y)), 0.05, 8.0)
-        if kx == ky and model.mean_x == model.mean_y:
-            break
-    return _uniform_book(kx, cx, model.mean_x), _uniform_book(ky, cy, model.mean_y)
+def _uniform_book(levels: int, rho: float, own_mean: float, partner_mean: float) -> Codebook:
+    """K evenly spaced centers on ``own_mean + [−c, c]``, c minimising the pair error to first
+    order: ``E[(X − X̂)² E[Y² | X]]`` with the partner exact (a weighted MSE, by quadrature)."""
+    u = np.linspace(-_MODEL_HALF_WIDTH, _MODEL_HALF_WIDTH, _grid_points(levels))
+    fw = dens.gaussian_pdf(u) * dens.pair_weight(u, rho, partner_mean)
+
+    def cost(clip: float) -> float:
+        step = 2 * clip / (levels - 1)
+        e = u - np.clip(np.round((u + clip) / step), 0, levels - 1) * step + clip
+        return float(np.sum(fw * e * e))
+
+    clip = _golden_min(cost, 0.05, _MODEL_HALF_WIDTH)
+    return Codebook.nearest(own_mean + np.linspace(-clip, clip, levels))
 
 
 def _lambda_book(levels: int, rho: float, partner_mean: float, own_mean: float) -> Codebook:
@@ -324,7 +330,10 @@ def _lambda_book(levels: int, rho: float, partner_mean: float, own_mean: float) 
 def _uncentered_pair(method: str, model: GaussianPair, kx: int, ky: int) -> tuple[Codebook, Codebook]:
     _check_method(method)
     if method == "uniform":
-        return _uniform_pair(model, kx, ky)
+        return (
+            _uniform_book(kx, model.rho, model.mean_x, model.mean_y),
+            _uniform_book(ky, model.rho, model.mean_y, model.mean_x),
+        )
     if method == "lloydmax":
         pd = dens.lambda_star_density(0.0)
         return (
