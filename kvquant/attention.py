@@ -1,0 +1,100 @@
+"""kvquant's attention function, registered with ``transformers.AttentionInterface``.
+
+One function serves every model family that routes attention through the interface (Llama,
+Qwen2, Mistral, Gemma3, GPT-2, GPT-NeoX, …). It receives post-RoPE ``query`` (B, H, T, D) and
+``key``/``value`` (B, H_kv, S, D) — keys not repeated for GQA, cached past tokens included —
+and, depending on the :class:`Controller` attached to the attention module by ``wrap``:
+
+``off``       calls transformers' SDPA attention unchanged (bit-identical logits to ``sdpa``);
+``capture``   hands q, k and the mask of allowed (query, key) pairs to an observer
+              (e.g. :meth:`kvquant.stats.PairStats.update`), then attends unchanged;
+``quantize``  replaces q and k by their quantized values, then attends with SDPA.
+
+A mask function is registered under the same name (transformers' ``sdpa_mask``); without it
+every call would receive ``attention_mask=None`` and padding and sliding windows would be lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_NAME = "kvquant"
+Mode = Literal["off", "capture", "quantize"]
+#: ``quantizer(x, layer, side)`` returns dequantized ``x`` (same shape/dtype); side is "q" or "k".
+Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
+#: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Controller:
+    """What the attention function does; one per wrapped model, shared by its layers."""
+
+    mode: Mode = "off"
+    quantizer: Quantizer | None = None
+    observer: Observer | None = None
+    calls: set[int] = field(default_factory=set)  # layers that ran through this function
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode not in ("off", "capture", "quantize"):
+            raise ValueError(f"mode must be 'off', 'capture' or 'quantize', got {mode!r}")
+        if mode == "quantize" and self.quantizer is None:
+            raise ValueError("quantize mode needs a quantizer (codebooks or a baseline)")
+        if mode == "capture" and self.observer is None:
+            raise ValueError("capture mode needs an observer (e.g. PairStats.update)")
+        self.mode = mode
+
+
+def pair_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, device) -> torch.Tensor:
+    """Boolean (B|1, 1, T, S) mask of the allowed pairs.
+
+    ``attention_mask`` from ``sdpa_mask`` is already that (True = attend) or ``None`` when it
+    could be skipped: then the pattern is causal, aligned so that the last query sees every key.
+    """
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(f"kvquant expects boolean SDPA masks, got {attention_mask.dtype}")
+        return attention_mask
+    if not is_causal or q_len == 1:
+        return torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    t = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    s = torch.arange(kv_len, device=device)[None, :]
+    return (s <= t)[None, None]
+
+
+def kvquant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with transformers' exact signature; see the module docstring for modes."""
+    ctl: Controller | None = getattr(module, "kvquant", None)
+    if ctl is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs kvquant attention but is not wrapped; "
+            "use kvquant.wrap(model, ...) rather than selecting attn_implementation='kvquant' by hand"
+        )
+    layer = module.layer_idx
+    ctl.calls.add(layer)
+    if ctl.mode == "capture":
+        mask = pair_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", True), query.device)
+        ctl.observer(layer, query, key, mask)
+    elif ctl.mode == "quantize":
+        query = ctl.quantizer(query, layer, "q")
+        key = ctl.quantizer(key, layer, "k")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"kvquant"`` (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, kvquant_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)

@@ -1,0 +1,111 @@
+"""Wrap a Hugging Face causal LM so that its attention runs through kvquant, and unwrap it.
+
+``wrap`` selects the ``"kvquant"`` attention implementation (registered with
+``transformers.AttentionInterface``) and attaches one :class:`~kvquant.attention.Controller`
+to every attention module; no modeling code is patched. ``unwrap`` restores the previous
+implementation exactly.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from kvquant.attention import ATTN_NAME, Controller, Quantizer, register
+from kvquant.codebooks import Codebooks
+
+_ORIGINAL = "_kvquant_original_attn"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention does not route through ``transformers.AttentionInterface``."""
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of a decoder: modules named ``*Attention`` that carry ``layer_idx``."""
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return mods
+
+
+def controller(model: torch.nn.Module) -> Controller:
+    """The controller of a wrapped model (raises if the model is not wrapped)."""
+    mods = attention_modules(model)
+    ctl = getattr(mods[0], "kvquant", None) if mods else None
+    if ctl is None:
+        raise ValueError("model is not wrapped; call kvquant.wrap(model, ...) first")
+    return ctl
+
+
+def is_wrapped(model: torch.nn.Module) -> bool:
+    return hasattr(model, _ORIGINAL)
+
+
+def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None) -> torch.nn.Module:
+    """Route ``model``'s attention through kvquant; returns the same model object.
+
+    ``codebooks``: a :class:`Codebooks` (checked against the model: layers, heads, head_dim,
+    architecture), any quantizer ``f(x, layer, side)`` such as a :class:`~kvquant.baselines.Baseline`,
+    or None (mode ``off``: logits identical to the ``sdpa`` implementation). With a quantizer the
+    mode is ``quantize``. Wrapping a wrapped model replaces its quantizer.
+    """
+    if isinstance(codebooks, Codebooks):
+        codebooks.check_fits(model)
+    if is_wrapped(model):
+        ctl = controller(model)
+    else:
+        mods = attention_modules(model)
+        if not mods:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: no attention modules with a layer_idx were found; kvquant supports "
+                "decoder models whose attention routes through transformers.AttentionInterface "
+                "(Llama, Qwen2, Mistral, Gemma3, GPT-2, GPT-NeoX, …)"
+            )
+        register()
+        original = model.config._attn_implementation
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except (ValueError, NotImplementedError) as e:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not accept a custom attention function ({e}); "
+                "kvquant needs a model class with AttentionInterface support"
+            ) from e
+        ctl = Controller()
+        for m in mods:
+            m.kvquant = ctl
+        setattr(model, _ORIGINAL, original)
+    ctl.quantizer = codebooks
+    ctl.set_mode("quantize" if codebooks is not None else "off")
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`wrap`: the previous attention implementation, no controllers left behind."""
+    if not is_wrapped(model):
+        return model
+    for m in attention_modules(model):
+        if hasattr(m, "kvquant"):
+            del m.kvquant
+    model.set_attn_implementation(getattr(model, _ORIGINAL))
+    delattr(model, _ORIGINAL)
+    return model
+
+
+@contextmanager
+def wrapped(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None) -> Iterator[torch.nn.Module]:
+    """``with kvquant.wrapped(model, codebooks):`` — wrapped inside, restored on exit.
+
+    If the model was already wrapped, its previous quantizer and mode come back on exit.
+    """
+    was = is_wrapped(model)
+    prev = (controller(model).quantizer, controller(model).mode) if was else None
+    wrap(model, codebooks)
+    try:
+        yield model
+    finally:
+        if was:
+            ctl = controller(model)
+            ctl.quantizer, ctl.mode = prev
+        else:
+            unwrap(model)
