@@ -246,7 +246,9 @@ class GaussianPair:
 
 
 def _grid_points(levels: int) -> int:
-    return max(4001, 32 * levels + 1)
+    """Quadrature nodes for K levels: ≥ 32 per cell, an even count so no node sits on the
+    centre (a node on a symmetric boundary would break the symmetry of the cells)."""
+    return max(4000, 32 * levels)
 
 
 def _model_lloyd(
@@ -270,23 +272,20 @@ def _model_lloyd(
     return best
 
 
-def _marginal_lloyd(mean: float, levels: int, start: np.ndarray, iters: int = 500) -> Codebook:
-    """Lloyd–Max for N(mean, 1): nearest-centre cells, centroid = conditional mean."""
-    u = np.linspace(-_MODEL_HALF_WIDTH, _MODEL_HALF_WIDTH, _grid_points(levels))
-    w = dens.gaussian_pdf(u)
-    x = mean + u
-    bins = _SideBins(0.5 * (x[1:] + x[:-1]), w * x * x, w * x, w)
-    centers = np.sort(start)
+def _marginal_lloyd(mean: float, levels: int, start: np.ndarray, iters: int = 2000) -> Codebook:
+    """Lloyd–Max for N(mean, 1), in closed form: midpoint boundaries, and each center the
+    conditional mean ``mean + (φ(a) − φ(b)) / (Φ(b) − Φ(a))`` of its cell (a, b)."""
+    c = np.sort(np.asarray(start, np.float64)) - mean
     for _ in range(iters):
-        book, _ = _lloyd_side(bins, centers)
-        if np.max(np.abs(book.centers - centers)) < 1e-10:
+        edges = np.concatenate([[-np.inf], 0.5 * (c[1:] + c[:-1]), [np.inf]])
+        pdf = np.where(np.isfinite(edges), dens.gaussian_pdf(np.where(np.isfinite(edges), edges, 0.0)), 0.0)
+        prob = np.diff(_normal_cdf(edges))
+        new = np.where(prob > 0, -np.diff(pdf) / np.where(prob > 0, prob, 1.0), c)
+        done = np.max(np.abs(new - c)) < 1e-12
+        c = new
+        if done:
             break
-        centers = book.centers
-    return Codebook.nearest(centers)
-
-
-def _uniform_book(levels: int, clip: float, mean: float) -> Codebook:
-    return Codebook.nearest(mean + np.linspace(-clip, clip, levels))
+    return Codebook.nearest(c + mean)
 
 
 def _golden_min(f, lo: float, hi: float, iters: int = 48) -> float:
@@ -418,7 +417,8 @@ def pair_lloyd_samples(
     if x.shape != y.shape or x.size == 0:
         raise ValueError(f"x and y must be non-empty and paired, got {x.shape} and {y.shape}")
     w = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
-    n_bins = max(8, min(n_bins, x.size // 8))
+    # ≥ 64 samples per bin: with fewer, noisy per-bin preferences break the interval cells
+    n_bins = max(8, min(n_bins, x.size // 64))
     best, best_err = (book_x, book_y), sample_pair_error(book_x, book_y, x, y, w)
     prev = best_err
     for _ in range(iters):
@@ -427,7 +427,7 @@ def pair_lloyd_samples(
         err = sample_pair_error(book_x, book_y, x, y, w)
         if err < best_err:
             best, best_err = (book_x, book_y), err
-        if prev - err <= tol * prev:
+        if abs(prev - err) <= tol * prev:
             break
         prev = err
     return best

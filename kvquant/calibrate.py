@@ -1,0 +1,95 @@
+"""Calibration: run windows of text through the model, capture the statistics of the (query,
+key) pairs that multiply in every layer and head, and build codebooks from them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.density import RHO_CRITICAL
+from kvquant.fingerprint import ModelFingerprint
+from kvquant.stats import PairStats
+from kvquant.wrap import UnsupportedModelError, controller, wrapped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Codebook options plus what the statistics were computed on (stored in the file)."""
+
+    codebooks: CodebookConfig = field(default_factory=CodebookConfig)
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _ids(windows) -> torch.Tensor:
+    ids = getattr(windows, "ids", windows)
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError("calibration needs token windows: a non-empty LongTensor (n_windows, seqlen)")
+    return ids
+
+
+@torch.no_grad()
+def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress: bool = True) -> PairStats:
+    """Pair statistics of every layer and query head over ``windows`` (n, seqlen) of token ids.
+
+    Raises :class:`UnsupportedModelError` if some layer never called kvquant's attention
+    function (a family that bypasses ``AttentionInterface`` must not pass silently).
+    """
+    ids = _ids(windows)
+    fp = ModelFingerprint.from_model(model)
+    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
+    device = next(model.parameters()).device
+    with wrapped(model, None):
+        ctl = controller(model)
+        ctl.observer, ctl.calls = stats.update, set()
+        ctl.set_mode("capture")
+        try:
+            for start in tqdm(range(0, len(ids), batch_size), desc="calibrate", unit="batch", disable=not progress):
+                model(ids[start : start + batch_size].to(device), use_cache=False)
+        finally:
+            ctl.observer = None
+            ctl.set_mode("off")
+        missing = sorted(set(range(fp.num_layers)) - ctl.calls)
+    if missing:
+        raise UnsupportedModelError(
+            f"layers {missing} of {type(model).__name__} never called kvquant's attention function: "
+            "this architecture bypasses transformers.AttentionInterface and cannot be calibrated"
+        )
+    return stats
+
+
+def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None = None, *,
+              source: str = "", progress: bool = True) -> Codebooks:
+    """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them."""
+    config = config or CalibrationConfig()
+    ids = _ids(windows)
+    stats = capture_stats(model, ids, config.batch_size, progress)
+    calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
+                   "seqlen": int(ids.shape[1])}
+    books = Codebooks.from_stats(stats, config.codebooks, ModelFingerprint.from_model(model), calibration)
+    for line in summary(books):
+        logger.info(line)
+    return books
+
+
+def summary(books: Codebooks) -> list[str]:
+    """One line per layer: σ_Q, σ_K and ρ ranges over heads, heads past |ρ| > 1/√3."""
+    hm = books.stats.head_moments()
+    lines = [f"{'layer':>5}  {'σ_Q range':>17}  {'σ_K range':>17}  {'ρ range':>17}  |ρ|>1/√3"]
+    for layer in range(hm.rho.shape[0]):
+        r, sq, sk = hm.rho[layer], hm.sigma_q[layer], hm.sigma_k[layer]
+        past = int((r.abs() > RHO_CRITICAL).sum())
+        lines.append(
+            f"{layer:>5}  {sq.min():8.3f}–{sq.max():8.3f}  {sk.min():8.3f}–{sk.max():8.3f}  "
+            f"{r.min():+8.3f}–{r.max():+8.3f}  {past:>3}/{len(r)}"
+        )
+    return lines

@@ -1,0 +1,189 @@
+"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``. Thin: parses, calls the library.
+
+Options may also come from a YAML file (``--config configs/default.yaml``) whose keys are the
+long option names with ``_`` for ``-``; options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+DEFAULTS = {
+    "model": "smollm2-135m",
+    "dataset": "enwiki-excerpt",
+    "seqlen": 2048,
+    "samples": 16,
+    "windows": 8,
+    "bits_q": 4,
+    "bits_k": 4,
+    "method": "lambda",
+    "norm": "head",
+    "dtype": "float32",
+    "device": "cpu",
+    "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _config_values(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"kvquant: config file {p} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"kvquant: config file {p} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
+    """Command line > config file > DEFAULTS, for every key."""
+    cfg = _config_values(getattr(args, "config", None))
+    unknown = set(cfg) - set(DEFAULTS) - {"out", "json", "text_file", "codebooks"}
+    if unknown:
+        raise SystemExit(f"kvquant: unknown option(s) in config file: {', '.join(sorted(unknown))}")
+    for k in keys:
+        if getattr(args, k, None) is None:
+            setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
+    return args
+
+
+def _load(args):
+    from kvquant.assets import load_model
+
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"kvquant: --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
+    return model.to(args.device), tok
+
+
+def cmd_assets(args) -> None:
+    from kvquant import assets
+
+    if args.list:
+        for name, desc in assets.list_assets().items():
+            print(f"{name:20s} {desc}")
+        return
+    for name, path in assets.fetch_all(args.names or None).items():
+        print(f"{name}: {path}")
+
+
+def cmd_calibrate(args) -> None:
+    from kvquant.calibrate import CalibrationConfig, calibrate, summary
+    from kvquant.codebooks import CodebookConfig
+    from kvquant.data import load_text, make_windows
+
+    _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "dtype", "device", "out"])
+    if not args.out:
+        raise SystemExit("kvquant calibrate: --out FILE is required (where to write the codebooks)")
+    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm))
+    model, tok = _load(args)
+    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
+    source = args.text_file or args.dataset
+    windows = make_windows(tok, text, args.seqlen, args.samples, from_end=True, source=source)
+    books = calibrate(model, windows, config, source=source)
+    books.save(args.out)
+    print("\n".join(summary(books)))
+    print(f"wrote {args.out}: {args.method}, q {args.bits_q} bits, k {args.bits_k} bits, "
+          f"{windows.n} windows × {args.seqlen} tokens from the end of {source}")
+
+
+def cmd_eval_ppl(args) -> None:
+    from kvquant.codebooks import Codebooks
+    from kvquant.data import load_text, make_windows
+    from kvquant.fileio import write_text
+    from kvquant.perplexity import evaluate, format_table, make_rows
+
+    _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
+    books = Codebooks.load(args.codebooks) if args.codebooks else None
+    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    if books is not None and books.config.method not in names:
+        names.append(books.config.method)
+    if books is None:
+        dropped = [n for n in names if n in ("lambda", "lambda-lloyd", "lloydmax", "uniform")]
+        if dropped:
+            print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
+            names = [n for n in names if n not in dropped]
+    rows = make_rows(names, books)
+    model, tok = _load(args)
+    if books is not None:
+        books.check_fits(model)
+    source = args.text_file or args.dataset
+    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
+    windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
+    results = evaluate(model, windows, rows)
+    header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
+              f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}"
+              + (f" · codebooks {args.codebooks} (q {books.config.bits_q}, k {books.config.bits_k} bits)" if books else ""))
+    print(header)
+    print(format_table(results))
+    if args.json:
+        payload = {
+            "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n,
+            "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
+            "codebooks": str(args.codebooks) if args.codebooks else None,
+            "rows": {k: v.to_dict() for k, v in results.items()},
+        }
+        write_text(args.json, json.dumps(payload, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("assets", help="fetch the offline default model and corpus into $KVQUANT_HOME")
+    a.add_argument("names", nargs="*", help="asset names (default: all); see --list")
+    a.add_argument("--list", action="store_true", help="list the offline asset names")
+    a.set_defaults(func=cmd_assets)
+
+    def common(p):
+        p.add_argument("--config", help="YAML file of options (e.g. configs/default.yaml)")
+        p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
+        p.add_argument("--dataset", help=f"corpus name or datasets id (default {DEFAULTS['dataset']})")
+        p.add_argument("--text-file", help="a local text file instead of --dataset")
+        p.add_argument("--seqlen", type=int, help=f"tokens per window (default {DEFAULTS['seqlen']})")
+        p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
+        p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
+
+    c = sub.add_parser("calibrate", help="capture q/k pair statistics and write codebooks")
+    common(c)
+    c.add_argument("--samples", type=int, help="calibration windows, taken from the END of the text (default 16)")
+    c.add_argument("--bits-q", type=int, help="bits per query entry (1-8, default 4)")
+    c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4)")
+    c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda)")
+    c.add_argument("--norm", choices=["head", "channel"], help="static normalisation per head or per channel (default head)")
+    c.add_argument("--out", help="codebook file to write (.safetensors)")
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval-ppl", help="perplexity: unquantized, baselines and codebooks in one run")
+    common(e)
+    e.add_argument("--windows", type=int, help="evaluation windows, the FIRST N of the text (default 8)")
+    e.add_argument("--codebooks", help="codebook file from `kvquant calibrate`")
+    e.add_argument("--baselines", help=f"comma-separated rows (default {DEFAULTS['baselines']})")
+    e.add_argument("--json", help="write the rows to this JSON file")
+    e.set_defaults(func=cmd_eval_ppl)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"kvquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

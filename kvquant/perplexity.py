@@ -1,0 +1,112 @@
+"""Perplexity of a model on token windows, with queries/keys quantized in several ways.
+
+Protocol (GPTQ/KVQuant, DESIGN.md §4): non-overlapping windows of ``seqlen`` tokens, each
+scored on its own (no context carried over); ``ppl = exp(Σ NLL / #predicted tokens)`` where every
+position but the first of a window predicts the next token. All rows run in one process on the
+same windows; the unquantized row ``fp`` uses kvquant's attention in ``off`` mode, which is
+bit-identical to the model's SDPA attention.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvquant.attention import Quantizer
+from kvquant.baselines import Baseline, is_baseline
+from kvquant.codebook import METHODS
+from kvquant.codebooks import Codebooks
+from kvquant.wrap import wrapped
+
+
+@dataclass(frozen=True)
+class PplRow:
+    """One row of a perplexity table. ``effective_bits``: per q/k entry, scales included."""
+
+    name: str
+    ppl: float
+    nll: float
+    tokens: int
+    effective_bits: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def nll_sum(model: torch.nn.Module, ids: torch.Tensor, progress: bool = True, desc: str = "ppl") -> tuple[float, int]:
+    """Σ NLL (nats, float64) and number of predicted tokens over windows ``ids`` (n, seqlen)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for row in tqdm(ids, desc=desc, unit="window", disable=not progress, leave=False):
+        x = row[None].to(device)
+        logits = model(x, use_cache=False).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, x[0, 1:], reduction="sum")
+        if not torch.isfinite(nll):
+            raise FloatingPointError(f"non-finite NLL in {desc}: the quantized model produced NaN/inf logits")
+        total += float(nll.double())
+        count += x.shape[1] - 1
+    return total, count
+
+
+def make_rows(names: list[str], codebooks: Codebooks | None) -> dict[str, Quantizer | None]:
+    """Quantizers for row names: ``fp``; baselines (``int8``, ``int4-channel``, ``fp8``, ``fp4``…);
+    codebook methods (``lambda``, ``lambda-lloyd``, ``lloydmax``, ``uniform``) rebuilt from the
+    statistics in ``codebooks`` at its bits (the file's own method is used as is)."""
+    rows: dict[str, Quantizer | None] = {}
+    for name in names:
+        if name == "fp":
+            rows[name] = None
+        elif is_baseline(name):
+            rows[name] = Baseline(name)
+        elif name in METHODS:
+            if codebooks is None:
+                raise ValueError(f"row {name!r} needs calibration statistics: pass --codebooks FILE")
+            rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
+        else:
+            raise ValueError(
+                f"unknown row {name!r}; use fp, int2..int8, int2-channel..int8-channel, fp8, fp4 "
+                f"or a codebook method ({', '.join(METHODS)})"
+            )
+    return rows
+
+
+def effective_bits(quantizer: Quantizer | None, head_dim: int, dtype: torch.dtype) -> float:
+    if quantizer is None:
+        return float(torch.finfo(dtype).bits)
+    return float(quantizer.effective_bits(head_dim))
+
+
+def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None], progress: bool = True) -> dict[str, PplRow]:
+    """Perplexity of every row on the same windows (n, seqlen), in the order given."""
+    ids = getattr(windows, "ids", windows)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise ValueError("perplexity needs at least one window of >= 2 tokens")
+    from kvquant.fingerprint import ModelFingerprint
+
+    head_dim = ModelFingerprint.from_model(model).head_dim
+    dtype = next(model.parameters()).dtype
+    out: dict[str, PplRow] = {}
+    for name, quantizer in tqdm(rows.items(), desc="rows", unit="row", disable=not progress):
+        t0 = time.perf_counter()
+        with wrapped(model, quantizer):
+            total, count = nll_sum(model, ids, progress, desc=name)
+        out[name] = PplRow(name, math.exp(total / count), total / count, count,
+                           effective_bits(quantizer, head_dim, dtype), time.perf_counter() - t0)
+    return out
+
+
+def format_table(rows: dict[str, PplRow], ref: str = "fp") -> str:
+    """Markdown table: row, effective bits, perplexity, change vs ``ref``."""
+    base = rows[ref].ppl if ref in rows else None
+    lines = ["| row | eff. bits (q,k) | ppl | Δ vs fp |", "|---|---|---|---|"]
+    for r in rows.values():
+        delta = f"{(r.ppl / base - 1):+.2%}" if base else "–"
+        lines.append(f"| {r.name} | {r.effective_bits:.2f} | {r.ppl:.3f} | {delta} |")
+    return "\n".join(lines)
