@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from kvquant.attention import Observer
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.density import RHO_CRITICAL
 from kvquant.fingerprint import ModelFingerprint
@@ -38,32 +39,41 @@ def _ids(windows) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress: bool = True) -> PairStats:
-    """Pair statistics of every layer and query head over ``windows`` (n, seqlen) of token ids.
+def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size: int = 1,
+                progress: bool = True, desc: str = "calibrate") -> None:
+    """Run ``windows`` (n, seqlen) through the model in capture mode, calling
+    ``observer(layer, q, k, pair_mask)`` in every attention call; the model's previous wrap
+    state is restored afterwards.
 
     Raises :class:`UnsupportedModelError` if some layer never called kvquant's attention
     function (a family that bypasses ``AttentionInterface`` must not pass silently).
     """
     ids = _ids(windows)
-    fp = ModelFingerprint.from_model(model)
-    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
+    layers = ModelFingerprint.from_model(model).num_layers
     device = next(model.parameters()).device
     with wrapped(model, None):
         ctl = controller(model)
-        ctl.observer, ctl.calls = stats.update, set()
+        ctl.observer, ctl.calls = observer, set()
         ctl.set_mode("capture")
         try:
-            for start in tqdm(range(0, len(ids), batch_size), desc="calibrate", unit="batch", disable=not progress):
+            for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress):
                 model(ids[start : start + batch_size].to(device), use_cache=False)
         finally:
             ctl.observer = None
             ctl.set_mode("off")
-        missing = sorted(set(range(fp.num_layers)) - ctl.calls)
+        missing = sorted(set(range(layers)) - ctl.calls)
     if missing:
         raise UnsupportedModelError(
             f"layers {missing} of {type(model).__name__} never called kvquant's attention function: "
             "this architecture bypasses transformers.AttentionInterface and cannot be calibrated"
         )
+
+
+def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress: bool = True) -> PairStats:
+    """Pair statistics of every layer and query head over ``windows`` (n, seqlen) of token ids."""
+    fp = ModelFingerprint.from_model(model)
+    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
+    run_capture(model, windows, stats.update, batch_size, progress)
     return stats
 
 
