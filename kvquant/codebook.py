@@ -11,7 +11,7 @@ Methods (one builder, :func:`gaussian_pair_codebooks` / :func:`sample_pair_codeb
                   to first order (partner exact).
 ``lloydmax``      Lloyd–Max for the Gaussian marginal (MSE of X alone).
 ``lambda``        companded closed-form density λ*(u; ρ, m): ``c_i = F⁻¹((i − ½)/K)``.
-``lambda-lloyd``  pair-aware Lloyd started from ``lambda``: for X's cell i
+``lambda-lloyd``  pair-aware Lloyd started from ``lambda`` (≤ REFINE_MAX_BITS): for X's cell i
                   ``c_i = E[X·Y·Ŷ | X ∈ i] / E[Ŷ² | X ∈ i]``, cells chosen to minimise
                   ``E[(XY − c Ŷ)² | X]``, alternating with Y (DESIGN.md §1).
 
@@ -35,6 +35,10 @@ Method = Literal["uniform", "lloydmax", "lambda", "lambda-lloyd"]
 METHODS: tuple[str, ...] = ("uniform", "lloydmax", "lambda", "lambda-lloyd")
 MIN_BITS, MAX_BITS = 1, 8
 
+#: Pair-Lloyd refines the companded λ* only up to this many bits per side: above it the
+#: high-resolution density is within 0.3% of the refined codebooks (BENCHMARKS.md, synthetic
+#: table) and refinement costs seconds per codebook.
+REFINE_MAX_BITS = 6
 #: Half-width (σ units) of the quadrature grid of the Gaussian model; φ(8) ≈ 5e-15.
 _MODEL_HALF_WIDTH = 8.0
 
@@ -252,7 +256,7 @@ def _grid_points(levels: int) -> int:
 
 
 def _model_lloyd(
-    model: GaussianPair, book_x: Codebook, book_y: Codebook, iters: int = 200, tol: float = 1e-9
+    model: GaussianPair, book_x: Codebook, book_y: Codebook, iters: int = 60, tol: float = 1e-6
 ) -> tuple[Codebook, Codebook]:
     """Pair-aware Lloyd on the Gaussian model; returns the best iterate (never worse than start)."""
     best = (book_x, book_y)
@@ -341,7 +345,7 @@ def _uncentered_pair(method: str, model: GaussianPair, kx: int, ky: int) -> tupl
         )
     bx = _lambda_book(kx, model.rho, model.mean_y, model.mean_x)
     by = _lambda_book(ky, model.rho, model.mean_x, model.mean_y)
-    if method == "lambda":
+    if method == "lambda" or min(kx, ky) > 2**REFINE_MAX_BITS:
         return bx, by
     return _model_lloyd(model, bx, by)
 

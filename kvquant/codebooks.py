@@ -92,8 +92,9 @@ def _pair(method: str, bits_q: int, bits_k: int, rho: float, m_q: float, m_k: fl
 
 
 def _r(v: float) -> float:
-    """Statistics rounded to 1e-3 before building, so near-identical heads share the work."""
-    return round(float(v), 3)
+    """Statistics rounded to 0.01 before building, so near-identical heads share the work
+    (a change of 0.01 in ρ or in μ/σ moves the pair error by well under 0.1%)."""
+    return round(float(v), 2)
 
 
 @dataclass
