@@ -91,7 +91,7 @@ class Baseline:
         m = _NAME.match(self.name)
         return int(m["bits"]) if m["bits"] else (8 if self.name == "fp8" else 4)
 
-    def effective_bits(self, head_dim: int) -> float:
+    def effective_bits(self, head_dim: int, seqlen: int | None = None) -> float:
         """Bits per entry including fp16 scales (and zero points for per-channel)."""
         if self.name.endswith("-channel"):
             return self.bits + 2 * SCALE_BITS / CHANNEL_GROUP

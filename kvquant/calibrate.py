@@ -13,6 +13,7 @@ from kvquant.attention import Observer
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.density import RHO_CRITICAL
 from kvquant.fingerprint import ModelFingerprint
+from kvquant.groupnorm import GroupHistogram
 from kvquant.stats import PairStats
 from kvquant.wrap import UnsupportedModelError, controller, wrapped
 
@@ -82,10 +83,20 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
     """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them."""
     config = config or CalibrationConfig()
     ids = _ids(windows)
-    stats = capture_stats(model, ids, config.batch_size, progress)
+    cbc = config.codebooks
+    fp = ModelFingerprint.from_model(model)
+    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
+    hist = GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, cbc.group, cbc.sink) if cbc.dynamic else None
+
+    def observe(layer, q, k, mask):
+        stats.update(layer, q, k, mask)
+        if hist is not None:
+            hist.update(layer, q, k, mask)
+
+    run_capture(model, ids, observe, config.batch_size, progress)
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
-    books = Codebooks.from_stats(stats, config.codebooks, ModelFingerprint.from_model(model), calibration)
+    books = Codebooks.from_stats(stats, cbc, fp, calibration, hist)
     for line in summary(books):
         logger.info(line)
     return books

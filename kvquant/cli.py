@@ -25,6 +25,8 @@ DEFAULTS = {
     "bits_k": 4,
     "method": "lambda",
     "norm": "head",
+    "group": 128,
+    "sink": 0,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -81,10 +83,11 @@ def cmd_calibrate(args) -> None:
     from kvquant.codebooks import CodebookConfig
     from kvquant.data import load_text, make_windows
 
-    _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "dtype", "device", "out"])
+    _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
+                    "dtype", "device", "out"])
     if not args.out:
         raise SystemExit("kvquant calibrate: --out FILE is required (where to write the codebooks)")
-    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm))
+    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group, args.sink))
     model, tok = _load(args)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
@@ -160,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits-q", type=int, help="bits per query entry (1-8, default 4)")
     c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4)")
     c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda)")
-    c.add_argument("--norm", choices=["head", "channel"], help="static normalisation per head or per channel (default head)")
+    c.add_argument("--norm", choices=["head", "channel", "channel-group"],
+                   help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens")
+    c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 128)")
+    c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 0)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

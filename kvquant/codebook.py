@@ -500,3 +500,45 @@ def dequantize(codes: torch.Tensor, centers: torch.Tensor, dim: int) -> torch.Te
 def fake_quantize(x: torch.Tensor, centers: torch.Tensor, boundaries: torch.Tensor, dim: int) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype."""
     return dequantize(quantize(x, boundaries, dim), centers, dim).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# From a weighted histogram on a grid (dynamic normalisations, e.g. x̃ ∈ [−1, 1]).
+# ---------------------------------------------------------------------------------------
+
+
+def _weighted_lloyd(nodes: np.ndarray, weight: np.ndarray, start: np.ndarray, iters: int = 300) -> Codebook:
+    """Lloyd on weighted grid points: minimises Σ_i weight_i (node_i − Q(node_i))²."""
+    bins = _SideBins(0.5 * (nodes[1:] + nodes[:-1]), weight * nodes**2, weight * nodes, weight, nodes)
+    book, err = _codebook_for(bins, np.sort(start))
+    for _ in range(iters):
+        new, new_err = _lloyd_side(bins, book.centers)
+        if new_err >= err * (1 - 1e-10):
+            return new if new_err < err else book
+        book, err = new, new_err
+    return book
+
+
+def histogram_codebook(method: Method, bits: int, nodes: np.ndarray, count: np.ndarray, weight: np.ndarray) -> Codebook:
+    """Codebook for a variable whose calibration histogram on ``nodes`` (uniform grid) has
+    ``count`` entries and product-error ``weight`` (Σ E[partner²] per entry, DESIGN.md §1).
+
+    ``uniform``: K evenly spaced centers from the first to the last node (min–max INT when the
+    grid is [−1, 1]); ``lloydmax``: Lloyd on the counts (MSE of x alone); ``lambda``: companded
+    empirical density ``(f · w)^{1/3}``; ``lambda-lloyd``: Lloyd on the weights (first-order pair
+    error), started from ``lambda``.
+    """
+    _check_method(method)
+    levels = levels_for_bits(bits)
+    nodes, count, weight = (np.asarray(a, np.float64) for a in (nodes, count, weight))
+    if weight.sum() <= 0 or count.sum() <= 0:
+        raise ValueError("empty calibration histogram: no entries were seen for this head")
+    if method == "uniform":
+        return Codebook.nearest(np.linspace(nodes[0], nodes[-1], levels))
+    if method == "lloydmax":
+        start = compand(dens.GridDensity.from_values(nodes, np.cbrt(count)), levels).centers
+        return _weighted_lloyd(nodes, count, start)
+    book = compand(dens.GridDensity.from_values(nodes, np.cbrt(weight)), levels)
+    if method == "lambda":
+        return book
+    return _weighted_lloyd(nodes, weight, book.centers)

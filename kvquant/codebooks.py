@@ -27,12 +27,13 @@ from safetensors.torch import save_file
 from kvquant import codebook as cb
 from kvquant.fileio import atomic_path
 from kvquant.fingerprint import ModelFingerprint
+from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
 FORMAT_VERSION = 1
-Norm = Literal["head", "channel"]
-NORMS = ("head", "channel")
+Norm = Literal["head", "channel", "channel-group"]
+NORMS = ("head", "channel", "channel-group")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class CodebookConfig:
     bits_q: int = 4
     bits_k: int = 4
     norm: Norm = "head"
+    group: int = 128
+    sink: int = 0
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -55,6 +58,14 @@ class CodebookConfig:
                 raise ValueError(f"{name}: {e}") from None
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
+        if self.group < 2:
+            raise ValueError(f"group (tokens per dynamic channel scale) must be >= 2, got {self.group}")
+        if self.sink < 0:
+            raise ValueError(f"sink (first tokens kept exact) must be >= 0, got {self.sink}")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.norm == "channel-group"
 
 
 @dataclass
@@ -67,19 +78,33 @@ class SideBooks:
     boundaries: torch.Tensor
     offset: torch.Tensor
     scale: torch.Tensor
+    group: int = 0  # > 0: dynamic min–max per channel over groups of this many tokens
+    sink: int = 0  # first tokens kept exact
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
+        if self.sink:
+            n = min(self.sink, x.shape[2])
+            if n == x.shape[2]:
+                return x
+            return torch.cat([x[:, :, :n], self._apply(x[:, :, n:], layer)], dim=2)
+        return self._apply(x, layer)
+
+    def _apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         if x.shape[1] != self.centers.shape[1] or x.shape[-1] != self.offset.shape[-1]:
             raise ValueError(
                 f"tensor has {x.shape[1]} heads × {x.shape[-1]} dims, codebooks are for "
                 f"{self.centers.shape[1]} × {self.offset.shape[-1]}"
             )
         dev = x.device
+        centers, bounds = self.centers[layer].to(dev), self.boundaries[layer].to(dev)
+        if self.group:
+            xt, mid, half = group_minmax(x, self.group)
+            return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc
-        xq = cb.fake_quantize(xn, self.centers[layer].to(dev), self.boundaries[layer].to(dev), dim=1)
+        xq = cb.fake_quantize(xn, centers, bounds, dim=1)
         return (xq * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -107,13 +132,18 @@ class Codebooks:
     fingerprint: ModelFingerprint
     stats: PairStats
     calibration: dict = field(default_factory=dict)
+    hist: GroupHistogram | None = None
 
     # --- building -------------------------------------------------------------------
     @classmethod
     def from_stats(
-        cls, stats: PairStats, config: CodebookConfig, fingerprint: ModelFingerprint, calibration: dict | None = None
+        cls, stats: PairStats, config: CodebookConfig, fingerprint: ModelFingerprint,
+        calibration: dict | None = None, hist: GroupHistogram | None = None,
     ) -> "Codebooks":
-        """Build every head's codebooks from pair statistics (see module docstring)."""
+        """Build every head's codebooks from pair statistics (see module docstring); the
+        dynamic ``channel-group`` normalisation builds them from ``hist`` instead."""
+        if config.dynamic:
+            return cls._from_hist(stats, config, fingerprint, calibration, hist)
         L, H, D = stats.shape
         g = H // fingerprint.num_kv_heads
         if config.norm == "head":
@@ -147,19 +177,44 @@ class Codebooks:
         eps = torch.finfo(torch.float32).tiny
         return cls(
             config=config,
-            q=SideBooks(config.bits_q, cq, bq, off_q.float().contiguous(), sc_q.float().clamp_min(eps).contiguous()),
+            q=SideBooks(config.bits_q, cq, bq, off_q.float().contiguous(), sc_q.float().clamp_min(eps).contiguous(), 0, config.sink),
             k=SideBooks(
                 config.bits_k, ck, bk, off_k[:, kv_rows].float().contiguous(),
-                sc_k[:, kv_rows].float().clamp_min(eps).contiguous(),
+                sc_k[:, kv_rows].float().clamp_min(eps).contiguous(), 0, config.sink,
             ),
             fingerprint=fingerprint,
             stats=stats,
             calibration=dict(calibration or {}),
         )
 
+    @classmethod
+    def _from_hist(cls, stats, config, fingerprint, calibration, hist) -> "Codebooks":
+        if hist is None or (hist.group, hist.sink) != (config.group, config.sink):
+            have = "none" if hist is None else f"group {hist.group}, sink {hist.sink}"
+            raise ValueError(
+                f"norm 'channel-group' with group {config.group}, sink {config.sink} needs calibration "
+                f"histograms captured with the same settings (have: {have}); re-run calibration with them"
+            )
+        nodes = hist.nodes.numpy()
+
+        def side(count: torch.Tensor, weight: torch.Tensor, bits: int) -> SideBooks:
+            L, H, _ = count.shape
+            k = 2**bits
+            centers, bounds = torch.empty(L, H, k), torch.empty(L, H, k - 1)
+            for layer in range(L):
+                for h in range(H):
+                    book = cb.histogram_codebook(config.method, bits, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
+                    centers[layer, h], bounds[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
+            unit = torch.zeros(L, H, fingerprint.head_dim)
+            return SideBooks(bits, centers, bounds, unit, unit + 1, config.group, config.sink)
+
+        return cls(config, side(hist.count_q, hist.weight_q, config.bits_q), side(hist.count_k, hist.weight_k, config.bits_k),
+                   fingerprint, stats, dict(calibration or {}), hist)
+
     def rebuilt(self, **changes) -> "Codebooks":
-        """Codebooks from the same statistics with another method/bits/norm."""
-        return Codebooks.from_stats(self.stats, replace(self.config, **changes), self.fingerprint, self.calibration)
+        """Codebooks from the same statistics with another method/bits (norm/group/sink only
+        where the stored histograms were captured with them)."""
+        return Codebooks.from_stats(self.stats, replace(self.config, **changes), self.fingerprint, self.calibration, self.hist)
 
     # --- use ------------------------------------------------------------------------
     @property
@@ -169,10 +224,21 @@ class Codebooks:
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
         return (self.q if side == "q" else self.k).apply(x, layer)
 
-    def effective_bits(self, head_dim: int | None = None) -> float:
-        """Bits per entry, averaged over queries and keys (static scales and tables are per
-        model, so they add nothing per entry)."""
-        return 0.5 * (self.config.bits_q + self.config.bits_k)
+    def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
+        """Bits per entry, averaged over queries and keys. Static scales and tables are per
+        model and add nothing per entry; ``channel-group`` adds an fp16 (mid, half) per channel
+        per group, 32/G; exact sink tokens cost 16 bits instead of b for ``sink/seqlen`` of
+        the entries (``seqlen`` required when sink > 0)."""
+        c = self.config
+        bits = 0.5 * (c.bits_q + c.bits_k)
+        if c.dynamic:
+            bits += 2 * 16 / c.group
+        if c.sink:
+            if not seqlen:
+                raise ValueError("effective bits with exact sink tokens depend on the sequence length")
+            frac = min(c.sink, seqlen) / seqlen
+            bits = bits * (1 - frac) + 16 * frac
+        return bits
 
     def check_fits(self, model: torch.nn.Module) -> None:
         """Raise ValueError listing what differs if these codebooks were made for another model."""
@@ -191,6 +257,8 @@ class Codebooks:
 
         tensors = {**self.q.tensors("q"), **self.k.tensors("k")}
         tensors.update({f"stats.{k}": v.contiguous() for k, v in self.stats.to_dict().items()})
+        if self.hist is not None:
+            tensors.update({f"hist.{k}": v.contiguous() for k, v in self.hist.to_dict().items()})
         meta = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -221,8 +289,12 @@ class Codebooks:
                 f"{FORMAT_VERSION}; re-run `kvquant calibrate`"
             )
         config = CodebookConfig(**json.loads(meta["config"]))
-        side = lambda p, bits: SideBooks(bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")))  # noqa: E731
+        group = config.group if config.dynamic else 0
+        side = lambda p, bits: SideBooks(  # noqa: E731
+            bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink
+        )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
+        hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}
         return cls(
             config=config,
             q=side("q", config.bits_q),
@@ -230,4 +302,5 @@ class Codebooks:
             fingerprint=ModelFingerprint.from_json(meta["fingerprint"]),
             stats=stats,
             calibration=json.loads(meta.get("calibration", "{}")),
+            hist=GroupHistogram.from_dict(hist_t) if hist_t else None,
         )

@@ -77,10 +77,11 @@ def make_rows(names: list[str], codebooks: Codebooks | None) -> dict[str, Quanti
     return rows
 
 
-def effective_bits(quantizer: Quantizer | None, head_dim: int, dtype: torch.dtype) -> float:
+def effective_bits(quantizer: Quantizer | None, head_dim: int, seqlen: int, dtype: torch.dtype) -> float:
+    """Bits per q/k entry: the dtype's for ``fp``, else the quantizer's own count."""
     if quantizer is None:
         return float(torch.finfo(dtype).bits)
-    return float(quantizer.effective_bits(head_dim))
+    return float(quantizer.effective_bits(head_dim=head_dim, seqlen=seqlen))
 
 
 def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None], progress: bool = True) -> dict[str, PplRow]:
@@ -98,7 +99,7 @@ def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None],
         with wrapped(model, quantizer):
             total, count = nll_sum(model, ids, progress, desc=name)
         out[name] = PplRow(name, math.exp(total / count), total / count, count,
-                           effective_bits(quantizer, head_dim, dtype), time.perf_counter() - t0)
+                           effective_bits(quantizer, head_dim, ids.shape[1], dtype), time.perf_counter() - t0)
     return out
 
 

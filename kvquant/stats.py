@@ -74,8 +74,10 @@ class PairStats:
         self.sk[layer] += k_w.repeat_interleave(g, dim=0)
         self.skk[layer] += k_ww.repeat_interleave(g, dim=0)
         self.sqk[layer] += (q64 * mk).sum(dim=(0, 2))
-        self.absmax_q[layer] = torch.maximum(self.absmax_q[layer], q64.abs().amax(dim=(0, 2)))
-        k_abs = k64.abs().amax(dim=(0, 2)).repeat_interleave(g, dim=0)
+        # ranges over the entries that take part in some pair (not padded or never-attended positions)
+        q_abs = torch.where(n_t > 0, q64.abs(), 0.0).amax(dim=(0, 2))
+        self.absmax_q[layer] = torch.maximum(self.absmax_q[layer], q_abs)
+        k_abs = torch.where(m_s > 0, k64.abs(), 0.0).amax(dim=(0, 2)).repeat_interleave(g, dim=0)
         self.absmax_k[layer] = torch.maximum(self.absmax_k[layer], k_abs)
 
     def merge(self, other: "PairStats") -> "PairStats":
