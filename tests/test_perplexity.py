@@ -1,0 +1,93 @@
+"""nll_sum / make_rows / evaluate on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SEQ, make_model, random_ids
+
+from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.codebooks import CodebookConfig
+from kvquant.perplexity import evaluate, format_table, make_rows, nll_sum
+from kvquant.wrap import is_wrapped
+
+
+@pytest.fixture
+def books(llama):
+    cfg = CalibrationConfig(CodebookConfig(method="lambda", bits_q=3, bits_k=5))
+    return calibrate(llama, random_ids(3, SEQ, seed=11), cfg, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_nll_sum_equals_model_loss(family):
+    model = make_model(family)
+    ids = random_ids(3, SEQ, seed=2)
+    total, count = nll_sum(model, ids, progress=False)
+    assert count == 3 * (SEQ - 1)
+    with torch.no_grad():
+        want = sum(float(model(row[None], labels=row[None]).loss) * (SEQ - 1) for row in ids)
+    assert total == pytest.approx(want, rel=1e-6)
+
+
+def test_nll_sum_refuses_nan(llama):
+    # (NaN q/k would not do: torch's CPU SDPA turns NaN scores into zero outputs)
+    with torch.no_grad():
+        llama.lm_head.weight[5] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        nll_sum(llama, random_ids(1, SEQ), progress=False)
+
+
+def test_evaluate_rows_in_order_with_effective_bits(llama, books):
+    ids = random_ids(2, SEQ, seed=3)
+    names = ["lambda", "fp", "int4", "int4-channel", "uniform", "int8"]
+    rows = evaluate(llama, ids, make_rows(names, books), progress=False)
+    assert list(rows) == names
+    assert not is_wrapped(llama)
+    bits = {k: r.effective_bits for k, r in rows.items()}
+    assert bits == {"lambda": 4.0, "fp": 32.0, "int4": 4 + 16 / 16, "int4-channel": 4.25, "uniform": 4.0,
+                    "int8": 8 + 16 / 16}
+    total, count = nll_sum(llama, ids, progress=False)
+    fp = rows["fp"]
+    assert fp.tokens == count == 2 * (SEQ - 1)
+    assert fp.nll == pytest.approx(total / count, rel=1e-12) and fp.ppl == pytest.approx(math.exp(total / count), rel=1e-12)
+    for r in rows.values():
+        assert math.isfinite(r.ppl) and r.ppl > 1 and r.seconds >= 0
+        assert r.to_dict()["name"] == r.name
+    assert rows["lambda"].ppl != fp.ppl and rows["int4"].ppl != fp.ppl
+    table = format_table(rows)
+    assert table.count("\n") == len(names) + 1 and "| fp | 32.00 |" in table
+
+
+def test_make_rows(books):
+    rows = make_rows(["fp", "lambda", "lloydmax", "fp8"], books)
+    assert rows["fp"] is None
+    assert rows["lambda"] is books  # the file's own method is used as is
+    assert rows["lloydmax"].config.method == "lloydmax" and rows["lloydmax"].config.bits_q == 3
+    assert rows["fp8"].effective_bits(16) == 9.0
+
+
+def test_unknown_row_lists_valid_names(books):
+    with pytest.raises(ValueError, match="unknown row 'int9'") as err:
+        make_rows(["fp", "int9"], books)
+    for valid in ("fp", "int2..int8", "fp8", "lambda", "lloydmax"):
+        assert valid in str(err.value)
+
+
+def test_codebook_row_without_codebooks():
+    with pytest.raises(ValueError, match="--codebooks"):
+        make_rows(["lambda"], None)
+
+
+def test_evaluate_needs_windows(llama):
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        evaluate(llama, random_ids(1, 1), {"fp": None}, progress=False)
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        evaluate(llama, torch.zeros(0, 8, dtype=torch.long), {"fp": None}, progress=False)
+
+
+def test_effective_bits_follow_dtype():
+    model = make_model("llama").to(torch.bfloat16)
+    rows = evaluate(model, random_ids(1, SEQ), {"fp": None}, progress=False)
+    assert rows["fp"].effective_bits == 16.0
