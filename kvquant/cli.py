@@ -39,10 +39,10 @@ def _config_values(path: str | None) -> dict:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"kvquant: config file {p} not found")
+        raise ValueError(f"config file {p} not found")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
-        raise SystemExit(f"kvquant: config file {p} must hold a mapping of option: value")
+        raise ValueError(f"config file {p} must hold a mapping of option: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -51,7 +51,7 @@ def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
     cfg = _config_values(getattr(args, "config", None))
     unknown = set(cfg) - set(DEFAULTS) - {"out", "json", "text_file", "codebooks"}
     if unknown:
-        raise SystemExit(f"kvquant: unknown option(s) in config file: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown option(s) in config file: {', '.join(sorted(unknown))}")
     for k in keys:
         if getattr(args, k, None) is None:
             setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
@@ -62,7 +62,7 @@ def _load(args):
     from kvquant.assets import load_model
 
     if args.dtype not in DTYPES:
-        raise SystemExit(f"kvquant: --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
     return model.to(args.device), tok
 
@@ -86,7 +86,7 @@ def cmd_calibrate(args) -> None:
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
                     "dtype", "device", "out"])
     if not args.out:
-        raise SystemExit("kvquant calibrate: --out FILE is required (where to write the codebooks)")
+        raise ValueError("--out FILE is required (where to write the codebooks)")
     config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group, args.sink))
     model, tok = _load(args)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")

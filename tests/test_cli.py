@@ -138,8 +138,6 @@ def test_eval_ppl_refuses_codebooks_of_another_model(model_dir, text_file, tmp_p
     _assert_refused(rc, capsys, tmp_path, "num_layers", keep=["b.safetensors", "corpus.txt", "other"])
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: a missing --out (and a bad --dtype) raise SystemExit(message), "
-                   "i.e. exit status 1, not the status 2 that main() returns for every other bad input")
 def test_calibrate_without_out_exits_2(model_dir, text_file, tmp_path, capsys):
     rc = run(["calibrate", "--model", model_dir, "--text-file", text_file, "--seqlen", 16, "--samples", 2])
     assert "--out" in capsys.readouterr().err
