@@ -88,9 +88,11 @@ def test_failed_copy_leaves_no_temp_file(home, monkeypatch):
     assert list(dest.parent.iterdir()) == []
 
     monkeypatch.setattr(assets, "_copy_stream", real_copy)
-    monkeypatch.setattr(assets.os, "replace", _failing_replace)
+    from kvquant import fileio
+
+    monkeypatch.setattr(fileio.os, "replace", _failing_replace)
     with pytest.raises(OSError, match="rename failed"):
-        assets._atomic_write_text(home / "data" / "c.txt", "text")
+        fileio.write_text(home / "data" / "c.txt", "text")
     assert list((home / "data").iterdir()) == []
 
 
