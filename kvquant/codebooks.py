@@ -100,7 +100,7 @@ class SideBooks:
         centers, bounds = self.centers[layer].to(dev), self.boundaries[layer].to(dev)
         if self.group:
             xt, mid, half = group_minmax(x, self.group)
-            return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half).to(x.dtype)
+            return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc

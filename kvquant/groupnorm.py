@@ -41,10 +41,9 @@ def group_minmax(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return xt.reshape(b, h, -1, d)[:, :, :t], mid, half
 
 
-def group_restore(xt: torch.Tensor, mid: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`group_minmax` for (quantized) x̃ (B, H, T, D)."""
+def group_restore(xt: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of :func:`group_minmax` (same ``group``) for (quantized) x̃ (B, H, T, D)."""
     b, h, t, d = xt.shape
-    group = -(-t // mid.shape[2])
     pad = mid.shape[2] * group - t
     xg = torch.nn.functional.pad(xt, (0, 0, 0, pad)).reshape(b, h, -1, group, d)
     return (xg * half + mid).reshape(b, h, -1, d)[:, :, :t]

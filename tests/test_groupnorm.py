@@ -1,0 +1,124 @@
+"""Dynamic per-channel-group normalisation, its calibration histograms and codebooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvquant import codebook as cb
+from kvquant.baselines import int_per_channel
+from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
+from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore, hist_index
+
+
+def test_group_minmax_round_trip_and_range():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, 8) * 5
+    x[:, :, 5, 2] = 40.0
+    xt, mid, half = group_minmax(x, 16)
+    assert xt.shape == x.shape and mid.shape == (2, 3, 3, 1, 8)
+    assert xt.abs().max() <= 1 + 1e-6
+    assert torch.allclose(group_restore(xt, mid, half, 16), x, rtol=1e-6, atol=1e-5)
+    # every full group reaches ±1 in every channel
+    assert torch.allclose(xt[:, :, :16].amax(2), torch.ones(2, 3, 8))
+
+
+def test_constant_channel_is_exact():
+    x = torch.ones(1, 1, 8, 4) * 3.0
+    xt, mid, half = group_minmax(x, 4)
+    assert torch.equal(xt, torch.zeros_like(x))
+    assert torch.equal(group_restore(xt, mid, half, 4), x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_uniform_codebook_is_int_per_channel(bits):
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 40, 8)
+    k = 2**bits
+    book = cb.Codebook.nearest(np.linspace(-1, 1, k))
+    c = torch.tensor(book.centers, dtype=torch.float32).expand(2, k)
+    b = torch.tensor(book.boundaries, dtype=torch.float32).expand(2, k - 1)
+    side = SideBooks(bits, c[None], b[None], torch.zeros(1, 2, 8), torch.ones(1, 2, 8), group=8)
+    assert torch.allclose(side.apply(x, 0), int_per_channel(x, bits, group=8), atol=1e-5)
+
+
+def test_sink_tokens_are_exact_and_excluded_from_groups():
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 20, 8)
+    x[:, :, 0] = 100.0  # an attention sink
+    c = torch.linspace(-1, 1, 4).expand(1, 2, 4)
+    b = (0.5 * (c[..., 1:] + c[..., :-1])).contiguous()
+    with_sink = SideBooks(2, c, b, torch.zeros(1, 2, 8), torch.ones(1, 2, 8), group=4, sink=1)
+    out = with_sink.apply(x, 0)
+    assert torch.equal(out[:, :, 0], x[:, :, 0])
+    without = SideBooks(2, c, b, torch.zeros(1, 2, 8), torch.ones(1, 2, 8), group=4)
+    err_sink = (out[:, :, 1:] - x[:, :, 1:]).norm()
+    err_plain = (without.apply(x, 0)[:, :, 1:] - x[:, :, 1:]).norm()
+    assert err_sink < 0.5 * err_plain  # the sink no longer stretches its group's range
+
+
+def test_histogram_update_matches_brute_force():
+    torch.manual_seed(3)
+    b, h, h_kv, t, d, g = 1, 4, 2, 9, 4, 3
+    q, k = torch.randn(b, h, t, d), torch.randn(b, h_kv, t, d)
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    hist = GroupHistogram.zeros(1, h, h_kv, group=g, sink=1, bins=64)
+    hist.update(0, q, k, mask)
+    assert hist.count_q[0].sum() == h * (t - 1) * d
+    assert hist.count_k[0].sum() == h_kv * (t - 1) * d
+    # brute force for the query side: weight = half² · mean_{s ≤ t} k[s, j]²
+    expect = torch.zeros(h, 65, dtype=torch.float64)
+    xt, _, half = group_minmax(q[:, :, 1:], g)
+    idx = hist_index(xt, 64)
+    for hh in range(h):
+        for tt in range(1, t):
+            for j in range(d):
+                partner = (k[0, hh // 2, : tt + 1, j] ** 2).mean()
+                hw = half[0, hh, (tt - 1) // g, 0, j]
+                expect[hh, idx[0, hh, tt - 1, j]] += float(hw**2 * partner)
+    torch.testing.assert_close(hist.weight_q[0], expect, rtol=1e-5, atol=1e-9)
+
+
+def test_histogram_codebooks_order_by_their_objectives():
+    rng = np.random.default_rng(4)
+    nodes = np.linspace(-1, 1, 513)
+    count = np.exp(-((nodes / 0.3) ** 2)) + 0.01 + rng.random(513) * 0.01
+    count[[0, -1]] += 3.0  # the group's min and max are atoms at ±1
+    weight = count * (0.5 + nodes**2)
+    err = lambda book, w: float(np.sum(w * (nodes - book(nodes)) ** 2))  # noqa: E731
+    books = {m: cb.histogram_codebook(m, 3, nodes, count, weight) for m in cb.METHODS}
+    assert err(books["lambda-lloyd"], weight) <= err(books["lambda"], weight)
+    assert err(books["lambda-lloyd"], weight) < err(books["uniform"], weight)
+    assert err(books["lloydmax"], count) < err(books["uniform"], count)
+    np.testing.assert_allclose(books["uniform"].centers, np.linspace(-1, 1, 8))
+    with pytest.raises(ValueError, match="empty"):
+        cb.histogram_codebook("lambda", 3, nodes, count * 0, weight * 0)
+
+
+def _tiny_books(tmp_path, **cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvquant.calibrate import CalibrationConfig, calibrate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    return model, ids, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)
+
+
+def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):
+    model, ids, books = _tiny_books(tmp_path, method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
+    assert books.effective_bits(seqlen=24) == pytest.approx((3 + 32 / 8) * 23 / 24 + 16 / 24)
+    with pytest.raises(ValueError, match="sequence length"):
+        books.effective_bits()
+    path = tmp_path / "cg.safetensors"
+    books.save(path)
+    again = Codebooks.load(path)
+    assert again.config == books.config and again.q.group == 8 and again.k.sink == 1
+    x = torch.randn(1, 4, 24, 8)
+    assert torch.equal(again(x, 1, "q"), books(x, 1, "q"))
+    assert again.rebuilt(method="uniform").config.method == "uniform"
+    with pytest.raises(ValueError, match="histograms"):
+        books.rebuilt(group=16)
