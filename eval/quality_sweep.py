@@ -1,6 +1,6 @@
 """Where should scale, offset and outliers come from so that the density shape wins? (issue 5)
 
-Grid on one model: normalisation {static per head, static per channel, dynamic min–max per
+Grid on one model: normalisation {static per head (the seed paper), dynamic min–max per
 channel over G tokens} × sink tokens kept exact {0, 1} × codebook {uniform, lloydmax, lambda,
 lambda-lloyd} × bits, plus the per-token INT/FP baselines. Calibration on the LAST windows of
 the corpus, evaluation on the FIRST windows; every row in one process on the same windows.
@@ -23,16 +23,17 @@ import torch
 
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.calibrate import capture
 from kvquant.codebook import METHODS
-from kvquant.codebooks import CodebookConfig
+from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import load_text, split_calib_eval
 from kvquant.fileio import atomic_path, replace_section, write_text
+from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (label, norm, sink) of the normalisations studied; group 128 for the dynamic one.
-NORMS = [("head", "head", 0), ("channel", "channel", 0), ("chgroup", "channel-group", 0), ("chgroup+sink", "channel-group", 1)]
+NORMS = [("head", "head", 0), ("chgroup", "channel-group", 0), ("chgroup+sink", "channel-group", 1)]
 GROUP = 128
 
 
@@ -43,13 +44,16 @@ def build_rows(model, calib, bits_list: list[int], progress: bool = True) -> dic
         rows[f"int{b}/channel"] = Baseline(f"int{b}-channel")
         if b in (4, 8):
             rows[f"fp{b}/token"] = Baseline(f"fp{b}")
+    group_sinks = sorted({(GROUP, sink) for _, norm, sink in NORMS if norm == "channel-group"})
+    stats, hists = capture(model, calib, group_sinks, progress=progress)  # one pass for every setting
+    fp = ModelFingerprint.from_model(model)
     for label, norm, sink in NORMS:
-        base = calibrate(model, calib, CalibrationConfig(CodebookConfig("lambda", 4, 4, norm, GROUP, sink)), progress=progress)
         for b in bits_list:
             for m in METHODS:
                 if norm != "channel-group" and m == "uniform":
                     continue  # a static σ-clipped uniform grid; the channel-group uniform is INT per channel
-                rows[f"{m}@{b}/{label}"] = base.rebuilt(method=m, bits_q=b, bits_k=b)
+                config = CodebookConfig(m, b, b, norm, GROUP, sink)
+                rows[f"{m}@{b}/{label}"] = Codebooks.from_stats(stats, config, fp, {}, hists.get((GROUP, sink)))
     return rows
 
 

@@ -78,25 +78,34 @@ def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress
     return stats
 
 
+def capture(model: torch.nn.Module, windows, group_sinks: list[tuple[int, int]] = (), batch_size: int = 1,
+            progress: bool = True) -> tuple[PairStats, dict[tuple[int, int], GroupHistogram]]:
+    """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
+    ``(group, sink)`` setting of the dynamic normalisation that is asked for."""
+    fp = ModelFingerprint.from_model(model)
+    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
+    hists = {gs: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *gs) for gs in group_sinks}
+
+    def observe(layer, q, k, mask):
+        stats.update(layer, q, k, mask)
+        for hist in hists.values():
+            hist.update(layer, q, k, mask)
+
+    run_capture(model, windows, observe, batch_size, progress)
+    return stats, hists
+
+
 def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None = None, *,
               source: str = "", progress: bool = True) -> Codebooks:
     """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them."""
     config = config or CalibrationConfig()
     ids = _ids(windows)
     cbc = config.codebooks
-    fp = ModelFingerprint.from_model(model)
-    stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
-    hist = GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, cbc.group, cbc.sink) if cbc.dynamic else None
-
-    def observe(layer, q, k, mask):
-        stats.update(layer, q, k, mask)
-        if hist is not None:
-            hist.update(layer, q, k, mask)
-
-    run_capture(model, ids, observe, config.batch_size, progress)
+    gs = (cbc.group, cbc.sink)
+    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress)
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
-    books = Codebooks.from_stats(stats, cbc, fp, calibration, hist)
+    books = Codebooks.from_stats(stats, cbc, ModelFingerprint.from_model(model), calibration, hists.get(gs))
     for line in summary(books):
         logger.info(line)
     return books
