@@ -1,0 +1,625 @@
+"""A quantized KV cache for ``generate()``: keys as packed codes of the model's calibrated key
+codebooks, values as packed codes of the ρ = 0 codebook with one fp16 scale per token.
+
+    books = kvquant.calibrate(model, windows)
+    cache = make_cache(model, books)                       # keys: the books' bits; values: same
+    kvquant.wrap(model, query_quantizer(books, cache))     # optional: quantized queries too
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    cache.bytes_per_token(), cache.memory_bytes()
+
+**Keys, static normalisation** (``norm`` ``head``/``channel``). Layer ``l``, KV head ``h``:
+``x̃ = (k − offset[l,h]) / scale[l,h]`` per channel, ``code = #{boundaries[l,h] ≤ x̃}`` (exactly
+:meth:`kvquant.codebooks.SideBooks.apply`), packed along head_dim with :mod:`kvquant.packing`.
+The dequantized keys ``centers[code]·scale + offset`` are bit-identical to the simulated path.
+
+**Keys, dynamic ``channel-group`` normalisation** (``SideBooks.group = G > 0``): every complete
+group of G consecutive tokens (counted after the sinks) gets a per-channel ``mid = (max+min)/2``
+and ``half = (max−min)/2`` (stored in ``group_dtype``, fp16 by default, counted), ``x̃ = (k − mid)
+/ half``. A group is quantized once complete (KIVI's layout): until then its tokens stay exact,
+so between ``residual`` and ``residual + G − 1`` recent tokens are exact. With
+``group_dtype=torch.float32`` complete groups are bit-identical to the simulated path (which
+also quantizes the incomplete last group with its partial min/max, reading tokens that later
+queries would not have seen yet).
+
+**Values.** Per token and KV head, ``r = RMS over head_dim`` stored as fp16 (counted), ``ṽ = v / r``
+quantized with ``compand(λ*(u; ρ=0), 2^bits_v)``, i.e. the density ``exp(−u²/6)`` (Panter–Dite
+for a unit Gaussian). ``quantize_values=False`` keeps values exact (in the model's dtype).
+
+**Exact tokens.** ``sink`` (default: the codebooks' own ``sink``): the first tokens a full-attention
+layer sees stay exact (with left padding these are pad tokens); ``residual``: the most recent
+tokens stay exact. Sliding-window layers (Mistral, Gemma3, Qwen2 ``max_window_layers``) keep
+the last ``window − 1`` tokens (in group mode also the rest of a partly expired group and the
+incomplete group, so at most ``window − 1 + 2G − 2 + residual``), and
+return what transformers' ``DynamicSlidingWindowLayer`` returns; their sinks expire with the
+window.
+
+**Re-quantization.** A model wrapped with full codebooks (``kvquant.wrap(model, books)``)
+quantizes the keys its attention receives again. For static nearest-centre codebooks
+(``lambda``, ``lloydmax``, ``uniform``) a dequantized key maps back to the same center, so this
+is a no-op (exact sink/residual keys would be quantized, though); in ``channel-group`` mode it
+is not (the group's min/max change). :func:`query_quantizer` quantizes only the queries: use it
+with this cache.
+
+Memory: :meth:`KVQuantCache.memory_bytes` sums the storage of every tensor the layers hold
+(key codes, group mid/half, value codes and scales, exact sink/residual tokens); the static
+tables (centers, boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Callable
+
+import torch
+from transformers.cache_utils import (
+    Cache,
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
+
+from kvquant import codebook as cb
+from kvquant import density as dens
+from kvquant.codebooks import Codebooks
+from kvquant.decode import dequantize_keys, dequantize_values, lookup, pack, unpack
+from kvquant.packing import packed_size
+
+__all__ = [
+    "CacheOptions",
+    "KVQuantCache",
+    "KVQuantLayer",
+    "KVQuantSlidingLayer",
+    "LayerTables",
+    "QueryQuantizer",
+    "make_cache",
+    "query_quantizer",
+    "value_codebook",
+]
+
+#: dtype of the per-token value scales (16 bits, counted in the memory).
+SCALE_DTYPE = torch.float16
+_SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+@lru_cache(maxsize=16)
+def value_codebook(bits: int) -> cb.Codebook:
+    """The values' codebook: ``compand(λ*(u; ρ = 0), 2^bits)``, in units of the token's RMS."""
+    return cb.compand(dens.lambda_star_density(0.0), cb.levels_for_bits(bits))
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """What a :class:`KVQuantCache` stores (see the module docstring)."""
+
+    bits_k: int = 4
+    bits_v: int = 4
+    quantize_values: bool = True
+    residual: int = 0
+    sink: int = 0
+    group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
+    group_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("bits_k", "bits_v"):
+            cb.levels_for_bits(getattr(self, name))
+        if self.residual < 0 or self.sink < 0 or self.group < 0:
+            raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
+        if not self.group_dtype.is_floating_point:
+            raise ValueError(f"group_dtype must be a floating dtype, got {self.group_dtype}")
+
+
+_TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries")
+
+
+@dataclass
+class LayerTables:
+    """One layer's static tables: key codebooks ``(H_kv, K)``/``(H_kv, K−1)``, key offset/scale
+    ``(H_kv, D)`` (unused in group mode) and the value codebook ``(K_v,)``/``(K_v−1,)`` (float32)."""
+
+    k_centers: torch.Tensor
+    k_boundaries: torch.Tensor
+    k_offset: torch.Tensor
+    k_scale: torch.Tensor
+    v_centers: torch.Tensor
+    v_boundaries: torch.Tensor
+
+    @classmethod
+    def from_codebooks(cls, books: Codebooks, layer: int, bits_v: int) -> "LayerTables":
+        vb, k = value_codebook(bits_v), books.k
+        return cls(
+            k.centers[layer].float().contiguous(),
+            k.boundaries[layer].float().contiguous(),
+            k.offset[layer].float().contiguous(),
+            k.scale[layer].float().contiguous(),
+            torch.from_numpy(vb.centers).float(),
+            torch.from_numpy(vb.boundaries).float(),
+        )
+
+    def to(self, device) -> "LayerTables":
+        return LayerTables(*(getattr(self, f).to(device) for f in _TABLES))
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _TABLES)
+
+
+# Per-layer storage, in token order: [sink (exact) | quantized | residual (exact)]; k_mid/k_half
+# hold one row per quantized group (group mode only).
+_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "res_k", "res_v")
+_PER_TOKEN_Q = ("k_codes", "v_codes", "v_scale")
+
+
+def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
+    """``t[:, :, start:stop]`` as a fresh tensor, so the dropped part's storage is freed."""
+    return None if t is None else t[:, :, start:stop].clone()
+
+
+class _QuantKV:
+    """Storage and operations shared by the full-attention and sliding-window layers."""
+
+    def _setup(self, tables: LayerTables, options: CacheOptions, sink: int) -> None:
+        self.tables = tables
+        self.options = options
+        self.sink_cap = sink
+        self.group = options.group
+        self._dev_tables: LayerTables | None = None
+        self._seen = 0  # tokens appended so far (absolute position of the next one), for the sinks
+        self._clear()
+        # A rollback cannot give exact recent tokens (or a split group's) their precision back.
+        self.is_croppable = options.residual == 0 and options.group == 0
+
+    # --- storage --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
+        super().lazy_initialization(key_states, value_states)  # dtype, device, empty keys/values
+        b, h, _, d = key_states.shape
+        if h != self.tables.k_centers.shape[0] or d != self.tables.k_offset.shape[-1]:
+            raise ValueError(
+                f"layer gets {h} KV heads × {d} dims, the codebooks are for "
+                f"{self.tables.k_centers.shape[0]} × {self.tables.k_offset.shape[-1]}"
+            )
+        self.head_dim = d
+        dev, dt, o = key_states.device, key_states.dtype, self.options
+        e = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)  # noqa: E731
+        self.sink_k, self.sink_v = e(b, h, 0, d), e(b, h, 0, d)
+        self.k_codes = e(b, h, 0, packed_size(d, o.bits_k), dtype=torch.uint8)
+        if self.group:
+            self.k_mid, self.k_half = e(b, h, 0, d, dtype=o.group_dtype), e(b, h, 0, d, dtype=o.group_dtype)
+        if o.quantize_values:
+            self.v_codes = e(b, h, 0, packed_size(d, o.bits_v), dtype=torch.uint8)
+            self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE)
+        else:
+            self.v_codes, self.v_scale = e(b, h, 0, d), None
+        self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
+        self._dev_tables = self.tables.to(dev)
+
+    @property
+    def held_tokens(self) -> int:
+        if not self.is_initialized or self.k_codes is None:
+            return 0
+        return self.sink_k.shape[2] + self.k_codes.shape[2] + self.res_k.shape[2]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, n) for n in _STORE) if t is not None]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for name in _STORE:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def _clear(self) -> None:
+        for name in _STORE:
+            setattr(self, name, None)
+
+    # --- quantization ---------------------------------------------------------------
+    def _quantize_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Packed codes (and per-group mid/half in group mode) of keys ``k`` (B, H, n, D);
+        in group mode n is a multiple of the group size."""
+        t = self._dev_tables
+        if not self.group:
+            off, sc = t.k_offset[None, :, None, :], t.k_scale[None, :, None, :]
+            return pack(cb.quantize((k.float() - off) / sc, t.k_boundaries, dim=1), self.options.bits_k), None, None
+        b, h, n, d = k.shape
+        gd = self.options.group_dtype
+        big = torch.finfo(gd).max
+        xg = k.float().reshape(b, h, n // self.group, self.group, d)
+        lo, hi = xg.amin(3, keepdim=True), xg.amax(3, keepdim=True)
+        # the same ops as kvquant.groupnorm.group_minmax, with mid/half rounded to their storage dtype
+        mid = ((hi + lo) / 2).clamp(-big, big).to(gd).float()
+        half = ((hi - lo) / 2).clamp(0, big).to(gd).float()
+        xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0).reshape(b, h, n, d)
+        codes = pack(cb.quantize(xt, t.k_boundaries, dim=1), self.options.bits_k)
+        return codes, mid.squeeze(3).to(gd), half.squeeze(3).to(gd)
+
+    def _dequantize_keys(self, codes: torch.Tensor, mid: torch.Tensor | None,
+                         half: torch.Tensor | None) -> torch.Tensor:
+        t, d = self._dev_tables, self.head_dim
+        if not self.group:
+            return dequantize_keys(codes, t.k_centers, t.k_offset, t.k_scale, self.options.bits_k, d)
+        c = lookup(unpack(codes, self.options.bits_k, d), t.k_centers)
+        b, h, n, _ = c.shape
+        cg = c.reshape(b, h, n // self.group, self.group, d)
+        return (cg * half.float().unsqueeze(3) + mid.float().unsqueeze(3)).reshape(b, h, n, d)
+
+    def _quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._dev_tables
+        vf = v.float()
+        scale = vf.square().mean(-1).sqrt().clamp(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
+        vn = vf / scale.float().unsqueeze(-1)
+        codes = cb.quantize(vn, t.v_boundaries.expand(v.shape[1], -1), dim=1)
+        return pack(codes, self.options.bits_v), scale
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized segment, dequantized to the model's dtype."""
+        t, o = self._dev_tables, self.options
+        k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half).to(self.dtype)
+        if o.quantize_values:
+            v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
+        else:
+            v = self.v_codes
+        return k, v
+
+    # --- token operations -------------------------------------------------------------
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        take = min(max(self.sink_cap - self._seen, 0), k.shape[2])
+        self._seen += k.shape[2]
+        if take:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :take]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
+            k, v = k[:, :, take:], v[:, :, take:]
+        if k.shape[2] == 0:
+            return
+        res_k = torch.cat([self.res_k, k], dim=2)
+        res_v = torch.cat([self.res_v, v], dim=2)
+        over = res_k.shape[2] - self.options.residual
+        if self.group:
+            over = over // self.group * self.group  # whole groups only
+        if over > 0:
+            codes, mid, half = self._quantize_keys(res_k[:, :, :over])
+            self.k_codes = torch.cat([self.k_codes, codes], dim=2)
+            if self.group:
+                self.k_mid = torch.cat([self.k_mid, mid], dim=2)
+                self.k_half = torch.cat([self.k_half, half], dim=2)
+            if self.options.quantize_values:
+                vcodes, scale = self._quantize_values(res_v[:, :, :over])
+                self.v_codes = torch.cat([self.v_codes, vcodes], dim=2)
+                self.v_scale = torch.cat([self.v_scale, scale], dim=2)
+            else:
+                self.v_codes = torch.cat([self.v_codes, res_v[:, :, :over]], dim=2)
+            res_k, res_v = _slice(res_k, over, None), _slice(res_v, over, None)
+        self.res_k, self.res_v = res_k, res_v
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
+        ks, vs = [self.sink_k], [self.sink_v]
+        if self.k_codes.shape[2]:
+            k, v = self._dequantized()
+            ks.append(k)
+            vs.append(v)
+        ks.append(self.res_k)
+        vs.append(self.res_v)
+        ks = [t for t in ks if t.shape[2]] or [self.res_k]
+        vs = [t for t in vs if t.shape[2]] or [self.res_v]
+        return (torch.cat(ks, dim=2), torch.cat(vs, dim=2)) if len(ks) > 1 else (ks[0], vs[0])
+
+    def _drop_quantized_front(self, m: int) -> None:
+        for name in _PER_TOKEN_Q:
+            setattr(self, name, _slice(getattr(self, name), m, None))
+        if self.group:
+            g = m // self.group
+            self.k_mid, self.k_half = _slice(self.k_mid, g, None), _slice(self.k_half, g, None)
+
+    def _drop_front(self, n: int) -> None:
+        """Drop the ``n`` oldest tokens (in group mode only sinks and whole quantized groups, so
+        groups stay aligned with the token stream: fewer may go)."""
+        m = min(n, self.sink_k.shape[2])
+        if m:
+            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
+            n -= m
+        have = self.k_codes.shape[2]
+        m = min(n, have)
+        if self.group:
+            m = m // self.group * self.group
+        if m:
+            self._drop_quantized_front(m)
+            n -= m
+        if n <= 0 or self.k_codes.shape[2] or self.group:  # group mode: the residual is the next group
+            return
+        m = min(n, self.res_k.shape[2])
+        if m:
+            self.res_k, self.res_v = _slice(self.res_k, m, None), _slice(self.res_v, m, None)
+
+    def _drop_back(self, n: int) -> None:
+        """Drop the ``n`` newest tokens. In group mode, the kept part of a split group goes back
+        to the exact residual as its dequantized values."""
+        self._seen -= min(n, self.held_tokens)
+        m = min(n, self.res_k.shape[2])
+        if m:
+            keep = self.res_k.shape[2] - m
+            self.res_k, self.res_v = _slice(self.res_k, None, keep), _slice(self.res_v, None, keep)
+            n -= m
+        have = self.k_codes.shape[2]
+        m = min(n, have)
+        if m:
+            keep = have - m
+            partial = keep % self.group if self.group else 0
+            if partial:
+                k, v = self._dequantized()
+                self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
+                self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
+            whole = keep - partial
+            for name in _PER_TOKEN_Q:
+                setattr(self, name, _slice(getattr(self, name), None, whole))
+            if self.group:
+                g = whole // self.group
+                self.k_mid, self.k_half = _slice(self.k_mid, None, g), _slice(self.k_half, None, g)
+            n -= m
+        m = min(n, self.sink_k.shape[2])
+        if m:
+            keep = self.sink_k.shape[2] - m
+            self.sink_k, self.sink_v = _slice(self.sink_k, None, keep), _slice(self.sink_v, None, keep)
+
+    def _keep_last(self, n: int) -> None:
+        extra = self.held_tokens - max(n, 0)
+        if extra > 0:
+            self._drop_front(extra)
+
+    # --- Cache-layer API --------------------------------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
+        if self.is_initialized and self.k_codes is not None:
+            idx = beam_idx.to(self.device)
+            self._map(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
+        if self.is_initialized and self.k_codes is not None:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
+        if self.is_initialized and self.k_codes is not None:
+            self._map(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self, *args, **kwargs) -> None:
+        self._clear()
+        self._seen = 0
+        self._dev_tables = None
+        super().reset()
+
+    def offload(self, *args, **kwargs) -> None:
+        if self.is_initialized and self.k_codes is not None:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self, *args, **kwargs) -> None:
+        if self.is_initialized and self.k_codes is not None and self.k_codes.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    # --- memory -----------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of storage held by this layer's tensors (each storage counted once)."""
+        seen, total = set(), 0
+        for t in self._tensors():
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+        return total
+
+    def bytes_per_token(self) -> float:
+        """:meth:`memory_bytes` per held token and batch row (0 when empty)."""
+        n = self.held_tokens
+        return self.memory_bytes() / (n * self.k_codes.shape[0]) if n else 0.0
+
+    def quantized_bytes_per_token(self) -> float:
+        """Bytes per token of the quantized segment: key codes (+ group mid/half / G) + value
+        codes + value scale (or exact values)."""
+        h, d, o = self.tables.k_centers.shape[0], self.tables.k_offset.shape[-1], self.options
+        per_head = packed_size(d, o.bits_k)
+        if self.group:
+            per_head += 2 * d * torch.finfo(o.group_dtype).bits / 8 / self.group
+        if o.quantize_values:
+            per_head += packed_size(d, o.bits_v) + torch.finfo(SCALE_DTYPE).bits // 8
+        else:
+            per_head += d * torch.finfo(getattr(self, "dtype", torch.float16)).bits // 8
+        return h * per_head
+
+    def fp16_bytes_per_token(self) -> int:
+        """Bytes per token of the same layer's keys and values in fp16."""
+        return 2 * self.tables.k_centers.shape[0] * self.tables.k_offset.shape[-1] * 2
+
+    def quantized_state(self) -> dict:
+        """The quantized segment in :func:`kvquant.decode.decode_attention_reference`'s layout."""
+        t, o = self._dev_tables, self.options
+        if not o.quantize_values or self.group:
+            raise ValueError("decode attention from codes needs quantized values and static key normalisation")
+        return dict(k_codes=self.k_codes, k_centers=t.k_centers, k_offset=t.k_offset, k_scale=t.k_scale,
+                    v_codes=self.v_codes, v_centers=t.v_centers, v_scale=self.v_scale, bits=o.bits_k, bits_v=o.bits_v)
+
+
+class KVQuantLayer(_QuantKV, DynamicLayer):
+    """Full-attention layer: holds every token ([sink | quantized | residual])."""
+
+    def __init__(self, tables: LayerTables, options: CacheOptions, **kwargs):
+        DynamicLayer.__init__(self)
+        self._setup(tables, options, options.sink)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        return self._materialize()
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.held_tokens
+
+    def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
+        """Remove ``-tokens_to_remove`` (a negative int) tokens from the end, as DynamicLayer."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized or self.k_codes is None:
+            return
+        self._drop_back(-tokens_to_remove)
+
+
+class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
+    """Sliding-window layer: keeps the last ``sliding_window − 1`` tokens (group mode: plus the
+    rest of a partly expired group) and returns, like ``DynamicSlidingWindowLayer``, at most the
+    last ``sliding_window − 1`` past tokens plus the new ones (past recording included)."""
+
+    def __init__(self, sliding_window: int, tables: LayerTables, options: CacheOptions, **kwargs):
+        DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window)
+        self._setup(tables, options, options.sink)  # sinks stay exact while inside the window
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        self.cumulative_length += n
+        self._append(key_states, value_states)
+        k, v = self._materialize()
+        if not self.record_past:
+            self._keep_last(self.sliding_window - 1)
+        visible = self.sliding_window - 1 + n
+        if k.shape[2] > visible:
+            k, v = k[:, :, -visible:], v[:, :, -visible:]
+        return k, v
+
+    def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
+        if not self.is_initialized or self.k_codes is None:
+            return
+        if self.get_seq_length() >= self.sliding_window:
+            if not self.record_past:
+                raise RuntimeError(
+                    "`crop` was called, but the current layer does not track past states, and the sliding window "
+                    "size was already reached. Call `activate_past_recording` before `crop` to be able to rollback."
+                )
+            if tokens_to_remove > 0:
+                raise RuntimeError("once the sliding window is reached, crop only with a negative number of tokens")
+            if tokens_to_remove < 0:
+                self._drop_back(-tokens_to_remove)
+                self.cumulative_length += tokens_to_remove
+            self._keep_last(self.sliding_window - 1)
+        else:
+            if tokens_to_remove > 0:
+                raise ValueError("crop with a negative number of tokens to remove")
+            self._drop_back(-tokens_to_remove)
+            self.cumulative_length = self.held_tokens
+
+
+class KVQuantCache(Cache):
+    """A transformers ``Cache`` of :class:`KVQuantLayer` / :class:`KVQuantSlidingLayer` (build it
+    with :func:`make_cache`)."""
+
+    def __init__(self, layers: list, options: CacheOptions):
+        super().__init__(layers=layers)
+        self.options = options
+
+    def _quant_layers(self) -> list[_QuantKV]:
+        return [layer for layer in self.layers if isinstance(layer, _QuantKV)]
+
+    def memory_bytes(self) -> int:
+        """Bytes held by all layers' tensors (codes, scales, exact sink/residual tokens)."""
+        return sum(layer.memory_bytes() for layer in self._quant_layers())
+
+    def bytes_per_token(self) -> float:
+        """Bytes per token of context (all layers, per batch row): Σ over layers of the layer's
+        held bytes / (batch × held tokens)."""
+        return sum(layer.bytes_per_token() for layer in self._quant_layers())
+
+    def quantized_bytes_per_token(self) -> float:
+        """Steady-state bytes per quantized token, all layers (codes + their scales)."""
+        return sum(layer.quantized_bytes_per_token() for layer in self._quant_layers())
+
+    def fp16_bytes_per_token(self) -> int:
+        """Bytes per token of an fp16 KV cache of the same model (all layers)."""
+        return sum(layer.fp16_bytes_per_token() for layer in self._quant_layers())
+
+    def table_bytes(self) -> int:
+        """Static tables (per model, not per token): key codebooks, offsets, scales, value codebook."""
+        return sum(layer.tables.nbytes() for layer in self._quant_layers())
+
+
+def make_cache(
+    model: torch.nn.Module,
+    codebooks: Codebooks,
+    *,
+    bits_v: int | None = None,
+    quantize_values: bool = True,
+    residual: int = 0,
+    sink: int | None = None,
+    group_dtype: torch.dtype = torch.float16,
+) -> KVQuantCache:
+    """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
+    codebooks' key bits and normalisation, values at ``bits_v`` (default: the key bits); ``sink``
+    defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
+    past_key_values=cache)`` or ``model(..., past_key_values=cache)``; one cache per generation."""
+    codebooks.check_fits(model)
+    k = codebooks.k
+    options = CacheOptions(
+        k.bits, k.bits if bits_v is None else bits_v, quantize_values, residual,
+        getattr(k, "sink", 0) if sink is None else sink, getattr(k, "group", 0), group_dtype,
+    )
+    config = model.config.get_text_config(decoder=True)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    if len(layer_types) != k.centers.shape[0]:
+        raise ValueError(f"model has {len(layer_types)} layers, codebooks {k.centers.shape[0]}")
+    layers = []
+    for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+        if kind == "dummy":
+            layers.append(DummyLayer())
+            continue
+        tables = LayerTables.from_codebooks(codebooks, i, options.bits_v)
+        if kind == "full_attention":
+            layers.append(KVQuantLayer(tables, options))
+        elif kind in _SLIDING_TYPES:
+            layers.append(KVQuantSlidingLayer(kw["sliding_window"], tables, options))
+        else:
+            raise NotImplementedError(f"layer {i} has type {kind!r}; KVQuantCache supports full and sliding attention")
+    return KVQuantCache(layers, options)
+
+
+class QueryQuantizer:
+    """A quantizer for :func:`kvquant.wrap` that quantizes queries only (side ``"q"``) and passes
+    keys through: use it with a :class:`KVQuantCache`, which already holds quantized keys.
+
+    With codebooks that keep the first ``sink`` tokens exact, ``SideBooks.apply`` treats the
+    first positions *of the tensor it gets* as sinks, which in decoding is the new token; given
+    the ``cache``, this quantizer finds the queries' absolute positions (the cache already holds
+    the step's keys when attention runs) and keeps exactly those below ``sink`` exact.
+    """
+
+    def __init__(self, codebooks: Codebooks, cache: Cache | None = None):
+        self.codebooks = codebooks
+        self.cache = cache
+        self.sink = getattr(codebooks.q, "sink", 0)
+        self._no_sink = replace(codebooks.q, sink=0) if self.sink else codebooks.q
+
+    def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
+        if side != "q":
+            return x
+        if not self.sink:
+            return self.codebooks.q.apply(x, layer)
+        if self.cache is None:
+            raise ValueError(
+                f"these codebooks keep the first {self.sink} tokens exact: pass the cache, "
+                "query_quantizer(books, cache), so queries know their positions"
+            )
+        start = self.cache.layers[layer].get_seq_length() - x.shape[2]
+        n = min(max(self.sink - start, 0), x.shape[2])
+        if n == 0:
+            return self._no_sink.apply(x, layer)
+        if n == x.shape[2]:
+            return x
+        return torch.cat([x[:, :, :n], self._no_sink.apply(x[:, :, n:], layer)], dim=2)
+
+    def effective_bits(self, *args, **kwargs) -> float:
+        """Bits per query entry (static tables add nothing per entry; sinks not counted)."""
+        return float(self.codebooks.config.bits_q)
+
+
+def query_quantizer(codebooks: Codebooks, cache: Cache | None = None) -> QueryQuantizer:
+    """:class:`QueryQuantizer` of ``codebooks``: ``kvquant.wrap(model, query_quantizer(books, cache))``."""
+    return QueryQuantizer(codebooks, cache)

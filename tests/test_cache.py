@@ -1,0 +1,522 @@
+"""KVQuantCache: decoding with the quantized cache gives the simulated path's logits; generate()
+(greedy, sampling, beam search, left padding), sliding windows, memory accounting, crop/reorder.
+
+Tiny random models (2 layers, 4 query / 2 KV heads, head_dim 16 unless stated), codebooks from
+statistics captured on them (method ``lambda``, 4 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+import kvquant
+from kvquant import codebook as cb
+from kvquant import density as dens
+from kvquant.cache import (
+    KVQuantCache,
+    KVQuantSlidingLayer,
+    make_cache,
+    query_quantizer,
+    value_codebook,
+)
+from kvquant.calibrate import capture_stats
+from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.fingerprint import ModelFingerprint
+
+transformers.logging.set_verbosity_error()
+
+VOCAB, SEQ, WINDOW = 128, 12, 4
+_BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, initializer_range=0.2,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+_SPECS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
+               dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+}
+SLIDING = {"llama": [False, False], "mistral": [True, True], "gemma3": [True, False]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    cfg_cls, model_cls, extra = _SPECS[family]
+    torch.manual_seed(seed)
+    return model_cls(cfg_cls(**{**_BASE, **extra, **overrides})).eval().float()
+
+
+def ids_of(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def books_for(model: torch.nn.Module, method: str = "lambda", bits: int = 4) -> Codebooks:
+    stats = capture_stats(model, ids_of(2, 16, seed=7), progress=False)
+    return Codebooks.from_stats(stats, CodebookConfig(method, bits, bits), ModelFingerprint.from_model(model))
+
+
+def setup(family: str, **overrides) -> tuple[torch.nn.Module, Codebooks]:
+    model = make_model(family, **overrides)
+    return model, books_for(model)
+
+
+@torch.no_grad()
+def stepwise_logits(model, ids, cache, prefill: int = 1, attention_mask=None) -> torch.Tensor:
+    """Logits of every position: ``prefill`` tokens in one call, then one token per call."""
+    outs = [model(ids[:, :prefill], past_key_values=cache, use_cache=True,
+                  attention_mask=None if attention_mask is None else attention_mask[:, :prefill]).logits]
+    for t in range(prefill, ids.shape[1]):
+        am = None if attention_mask is None else attention_mask[:, : t + 1]
+        outs.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True, attention_mask=am).logits)
+    return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def full_logits(model, ids, attention_mask=None) -> torch.Tensor:
+    return model(ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+# --- the value codebook ---------------------------------------------------------------------
+
+
+def test_value_codebook_is_companded_rho0_density():
+    book = value_codebook(4)
+    ref = cb.compand(dens.lambda_star_density(0.0), 16)
+    assert np.array_equal(book.centers, ref.centers) and np.array_equal(book.boundaries, ref.boundaries)
+    assert np.allclose(book.centers, -book.centers[::-1], atol=1e-9)  # symmetric
+    # exp(-u²/6) is the N(0, 3) shape: the median of |u| sits near 3^½·0.674
+    assert 0.9 < float(np.median(np.abs(cb.compand(dens.lambda_star_density(0.0), 256).centers))) < 1.5
+
+
+# --- consistency with the simulated path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+@pytest.mark.parametrize("prefill", [1, 7])
+def test_decoding_matches_simulated_forward(family, prefill):
+    """Values exact: the cache only changes what the attention function would have done anyway."""
+    model, books = setup(family)
+    ids = ids_of()
+    kvquant.wrap(model, books)
+    ref = full_logits(model, ids)
+    cache = make_cache(model, books, quantize_values=False)
+    assert cache.is_sliding == SLIDING[family]
+    got = stepwise_logits(model, ids, cache, prefill)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # sliding layers keep only window-1 tokens, full layers all of them
+    held = [layer.held_tokens for layer in cache.layers]
+    assert held == [WINDOW - 1 if s else SEQ for s in SLIDING[family]]
+    assert cache.get_seq_length() == SEQ
+
+    # the same with queries-only quantization in the model (keys come quantized from the cache)
+    kvquant.wrap(model, query_quantizer(books))
+    got_q = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False), prefill)
+    torch.testing.assert_close(got_q, ref, atol=1e-4, rtol=0)
+
+
+def test_requantizing_cached_keys_is_identity():
+    """Nearest-centre codebooks map a dequantized key (a center) back to the same center."""
+    model, books = setup("llama")
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids_of(), past_key_values=cache, use_cache=True)
+    for layer_idx, layer in enumerate(cache.layers):
+        k, _ = layer._dequantized()
+        assert torch.equal(books.k.apply(k, layer_idx), k)
+
+
+def test_cached_keys_are_bit_identical_to_simulated_keys():
+    model, books = setup("llama")
+    cache = make_cache(model, books)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 9, 16, generator=g) * 3
+    v = torch.randn(2, 2, 9, 16, generator=g)
+    for layer_idx, layer in enumerate(cache.layers):
+        kk, _ = layer.update(k[:, :, :5], v[:, :, :5])
+        kk, _ = layer.update(k[:, :, 5:], v[:, :, 5:])
+        assert torch.equal(kk, books.k.apply(k, layer_idx))
+
+
+def _expected_values(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token RMS scale in fp16, numpy codebook encode/decode (independent of the cache)."""
+    book = value_codebook(bits)
+    scale = v.float().pow(2).mean(-1).sqrt().half().float()
+    x = (v.float() / scale[..., None]).numpy()
+    return torch.from_numpy(book.decode(book.encode(x))).float() * scale[..., None]
+
+
+@pytest.mark.parametrize("sink,residual", [(0, 0), (2, 0), (0, 3), (2, 3)])
+def test_layer_holds_sink_quantized_residual(sink, residual):
+    model, books = setup("llama")
+    cache = make_cache(model, books, sink=sink, residual=residual)
+    layer = cache.layers[1]
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 2, 11, 16, generator=g) * 2 + 0.5
+    v = torch.randn(2, 2, 11, 16, generator=g)
+    for lo, hi in [(0, 4), (4, 5), (5, 9), (9, 10), (10, 11)]:
+        kk, vv = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        n = hi
+        exact = torch.zeros(n, dtype=torch.bool)
+        exact[: min(sink, n)] = True
+        exact[max(n - residual, min(sink, n)) :] = True
+        kq, vq = books.k.apply(k[:, :, :n], 1), _expected_values(v[:, :, :n], 4)
+        ek = torch.where(exact[None, None, :, None], k[:, :, :n], kq)
+        ev = torch.where(exact[None, None, :, None], v[:, :, :n], vq)
+        assert torch.equal(kk, ek)
+        torch.testing.assert_close(vv, ev, atol=1e-6, rtol=1e-6)
+        assert layer.get_seq_length() == n
+        assert layer.k_codes.shape[2] == int((~exact).sum())
+
+
+def test_residual_and_sink_tokens_are_exact_in_the_model():
+    """With every token exact (sink or residual ≥ length), the cached model equals the model
+    with quantized queries and exact keys and values."""
+    model, books = setup("llama")
+    ids = ids_of()
+    kvquant.wrap(model, query_quantizer(books))
+    ref = full_logits(model, ids)
+    for opts in (dict(residual=SEQ), dict(sink=SEQ), dict(sink=5, residual=SEQ - 5)):
+        got = stepwise_logits(model, ids, make_cache(model, books, **opts), prefill=3)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # and fewer exact tokens change the result
+    got = stepwise_logits(model, ids, make_cache(model, books, residual=2), prefill=3)
+    assert (got - ref).abs().max() > 1e-3
+
+
+# --- generate() -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_generate_greedy_sampling_beam_match_simulated(family):
+    model, books = setup(family)
+    kvquant.wrap(model, books)
+    prompt = ids_of(2, 6)
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+
+    def run(cache, **gen):
+        torch.manual_seed(11)
+        if cache is None:
+            return model.generate(prompt, use_cache=False, **kw, **gen)
+        return model.generate(prompt, past_key_values=cache, **kw, **gen)
+
+    for gen in (dict(do_sample=False), dict(do_sample=True, top_k=0), dict(num_beams=3, do_sample=False)):
+        ref = run(None, **gen)
+        got = run(make_cache(model, books, quantize_values=False), **gen)
+        assert got.shape == (2, 14)
+        assert torch.equal(got, ref), gen
+    # with quantized values too: runs, and the prompt comes back
+    for gen in (dict(do_sample=False), dict(do_sample=True), dict(num_beams=3, num_return_sequences=2)):
+        out = run(make_cache(model, books, sink=1, residual=2), **gen)
+        assert torch.equal(out[:: out.shape[0] // 2, :6], prompt)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batch_with_left_padding(family):
+    model, books = setup(family)
+    kvquant.wrap(model, books)
+    ids = ids_of(2, 9)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    # step by step with padding == simulated full forward (padded query rows aside)
+    ref = full_logits(model, ids, mask)
+    got = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False), prefill=5, attention_mask=mask)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1, 3:], ref[1, 3:], atol=1e-4, rtol=0)
+    # generate(): padded row == the same prompt alone, unpadded
+    kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask)
+    g_ref = model.generate(ids, use_cache=False, **kw)
+    g = model.generate(ids, past_key_values=make_cache(model, books, quantize_values=False), **kw)
+    assert torch.equal(g, g_ref)
+    alone = model.generate(ids[1:, 3:], past_key_values=make_cache(model, books, quantize_values=False),
+                           max_new_tokens=6, do_sample=False)
+    assert torch.equal(alone[0, 6:], g[1, 9:])
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def _held_nbytes(layer) -> int:
+    """Bytes of every tensor attribute of a layer except its static tables (found by walking
+    the object, independently of the layer's own accounting)."""
+    total = 0
+    for name, t in vars(layer).items():
+        if isinstance(t, torch.Tensor) and name not in ("keys", "values", "_sliding_window_tensor"):
+            total += t.untyped_storage().nbytes()
+    return total + sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+
+def test_memory_per_token_head_dim_64():
+    model, books = setup("llama", hidden_size=128, head_dim=64)
+    b, s, layers, hkv, d = 2, 20, 2, 2, 64
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+    per_head = d * 4 // 8 + d * 4 // 8 + 2  # key codes + value codes + fp16 value scale = 66 bytes
+    assert cache.memory_bytes() == layers * b * hkv * s * per_head
+    assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
+    assert cache.bytes_per_token() == layers * hkv * per_head == cache.quantized_bytes_per_token()
+    fp16 = layers * hkv * d * 2 * 2
+    assert cache.fp16_bytes_per_token() == fp16
+    ratio = cache.bytes_per_token() / fp16
+    assert ratio == pytest.approx(66 / 256) and ratio <= 0.30  # 25.8 % of fp16, metadata included
+    assert cache.table_bytes() > 0  # static, per model
+
+    # exact sink/residual tokens are counted in the model's dtype (float32 here)
+    cache = make_cache(model, books, sink=2, residual=5)
+    with torch.no_grad():
+        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+    exact = 2 * d * 4  # key + value, float32
+    expect = layers * b * hkv * ((s - 7) * per_head + 7 * exact)
+    assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
+    assert cache.bytes_per_token() == pytest.approx(expect / (b * s))
+
+
+def test_memory_counts_sliding_layers_window_only():
+    model, books = setup("mistral")
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids_of(1, SEQ), past_key_values=cache, use_cache=True)
+    per_head = 8 + 8 + 2
+    assert cache.memory_bytes() == 2 * 1 * 2 * (WINDOW - 1) * per_head
+    assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
+
+
+# --- crop / reorder / batch ops ---------------------------------------------------------------
+
+
+def test_crop_then_continue_equals_fresh_cache():
+    model, books = setup("llama")
+    kvquant.wrap(model, books)
+    ids = ids_of()
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids[:, :10], past_key_values=cache, use_cache=True)
+        before = [layer._materialize() for layer in cache.layers]
+        cache.crop(-3)
+        assert cache.get_seq_length() == 7
+        for (k, v), layer in zip(before, cache.layers):
+            k2, v2 = layer._materialize()
+            assert torch.equal(k2, k[:, :, :7]) and torch.equal(v2, v[:, :, :7])
+        after = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+        fresh = make_cache(model, books)
+        model(ids[:, :7], past_key_values=fresh, use_cache=True)
+        ref = model(ids[:, 7:], past_key_values=fresh, use_cache=True).logits
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=0)
+    assert cache.memory_bytes() == fresh.memory_bytes()
+    with pytest.raises(ValueError):
+        cache.crop(2)
+    assert cache.is_croppable and not make_cache(model, books, residual=2).is_croppable
+
+
+def test_sliding_crop_with_past_recording():
+    model, books = setup("mistral")
+    cache = make_cache(model, books)
+    cache.activate_past_recording()
+    with torch.no_grad():
+        model(ids_of(1, 10), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert isinstance(layer, KVQuantSlidingLayer) and layer.held_tokens == 10
+    k_all, _ = layer._materialize()
+    cache.crop(-2)
+    assert cache.get_seq_length() == 8 and layer.held_tokens == WINDOW - 1
+    k, _ = layer._materialize()
+    assert torch.equal(k, k_all[:, :, 8 - (WINDOW - 1) : 8])
+    # without past recording, cropping past the window is refused, as in transformers
+    plain = make_cache(model, books)
+    with torch.no_grad():
+        model(ids_of(1, 10), past_key_values=plain, use_cache=True)
+    with pytest.raises(RuntimeError):
+        plain.crop(-2)
+
+
+def test_reorder_and_batch_ops():
+    model, books = setup("llama")
+    cache = make_cache(model, books, sink=1, residual=2)
+    with torch.no_grad():
+        model(ids_of(3, 8), past_key_values=cache, use_cache=True)
+    before = [layer._materialize() for layer in cache.layers]
+    idx = torch.tensor([2, 0, 0])
+    cache.reorder_cache(idx)
+    for (k, v), layer in zip(before, cache.layers):
+        k2, v2 = layer._materialize()
+        assert torch.equal(k2, k[idx]) and torch.equal(v2, v[idx])
+    cache.batch_select_indices(torch.tensor([0, 1]))
+    cache.batch_repeat_interleave(2)
+    for (k, v), layer in zip(before, cache.layers):
+        k2, _ = layer._materialize()
+        assert torch.equal(k2, k[torch.tensor([2, 2, 0, 0])])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
+    with torch.no_grad():  # usable again after reset
+        model(ids_of(1, 4), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 4
+
+
+def test_make_cache_checks_the_codebooks():
+    model, books = setup("llama")
+    other = make_model("llama", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="do not fit"):
+        make_cache(other, books)
+    cache = make_cache(model, books, bits_v=2)
+    assert isinstance(cache, KVQuantCache)
+    assert cache.options.bits_k == 4 and cache.options.bits_v == 2
+    assert cache.quantized_bytes_per_token() == 2 * 2 * (8 + 4 + 2)
+
+
+# --- codebooks with exact sinks, and the dynamic channel-group normalisation ----------------
+
+
+def calibrated(model, **config) -> Codebooks:
+    from kvquant.calibrate import CalibrationConfig, calibrate
+
+    return calibrate(model, ids_of(2, 16, seed=7), CalibrationConfig(CodebookConfig("lambda", 4, 4, **config)),
+                     progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_codebook_sinks_with_query_quantizer_match_simulated(family):
+    """Books with sink=2: the cache keeps 2 exact sinks by default, and the query quantizer
+    finds the queries' absolute positions from the cache (a decoding step's single query
+    token is not a sink)."""
+    model = make_model(family)
+    books = calibrated(model, sink=2)
+    ids = ids_of()
+    kvquant.wrap(model, books)
+    ref = full_logits(model, ids)
+    cache = make_cache(model, books, quantize_values=False)
+    assert cache.options.sink == 2
+    kvquant.wrap(model, query_quantizer(books, cache))
+    got = stepwise_logits(model, ids, cache, prefill=1)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="pass the cache"):
+        query_quantizer(books)(torch.zeros(1, 4, 1, 16), 0, "q")
+
+
+def test_group_mode_layer_holds_whole_groups():
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    assert books.k.group == 4 and books.k.sink == 1
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 2, 15, 16, generator=g) * 2 + 0.5
+    v = torch.randn(2, 2, 15, 16, generator=g)
+    for residual in (0, 2):
+        cache = make_cache(model, books, residual=residual, group_dtype=torch.float32)
+        assert cache.options.group == 4 and cache.options.sink == 1 and not cache.is_croppable
+        layer = cache.layers[0]
+        for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 15)]:
+            kk, _ = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
+            quantized = max(hi - 1 - residual, 0) // 4 * 4  # whole groups after the sink
+            assert layer.k_codes.shape[2] == quantized and layer.k_mid.shape[2] == quantized // 4
+            end = 1 + quantized
+            # sink exact, complete groups exactly as the simulated path, the rest exact
+            torch.testing.assert_close(kk[:, :, :end], books.k.apply(k[:, :, :end], 0), atol=0, rtol=0)
+            assert torch.equal(kk[:, :, end:], k[:, :, end:hi])
+    # fp16 mid/half (the default): within fp16 rounding of the float32 result
+    cache = make_cache(model, books)
+    kk, _ = cache.layers[0].update(k, v)
+    torch.testing.assert_close(kk[:, :, :13], books.k.apply(k[:, :, :13], 0), atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="static key normalisation"):
+        cache.layers[0].quantized_state()
+
+
+def test_group_mode_decoding_matches_causal_reference():
+    """Group mode: the cache == transformers' fp DynamicCache with an attention that, at every
+    step, quantizes the sink + complete groups of the keys it gets (what a causal cache can
+    know; the simulated full forward instead also quantizes the incomplete last group with its
+    partial min/max). Queries and values exact."""
+    from transformers import DynamicCache
+
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    ids = ids_of(2, 13)
+
+    def causal_keys(x, layer, side):
+        if side == "q":
+            return x
+        n = 1 + max(x.shape[2] - 1, 0) // 4 * 4
+        return torch.cat([books.k.apply(x[:, :, :n], layer), x[:, :, n:]], dim=2)
+
+    got = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False, group_dtype=torch.float32), 2)
+    with kvquant.wrapped(model, causal_keys):
+        ref = stepwise_logits(model, ids, DynamicCache(config=model.config), 2)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # generate() runs (greedy, beam) with quantized values and queries-only quantization
+    for gen in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        cache = make_cache(model, books)
+        with kvquant.wrapped(model, query_quantizer(books, cache)):
+            out = model.generate(ids[:, :5], past_key_values=cache, max_new_tokens=6, min_new_tokens=6, **gen)
+        assert out.shape == (2, 11)
+
+
+@pytest.mark.parametrize("norm,sink", [("head", 0), ("head", 2), ("channel-group", 1)])
+@pytest.mark.parametrize("window", [4, 6])
+def test_sliding_layer_returns_the_window_of_the_full_layer(norm, sink, window):
+    """Fed the same stream, a sliding layer returns the last (window − 1 + new) keys and values
+    of a full layer, and holds only about the window."""
+    from kvquant.cache import KVQuantLayer, LayerTables
+
+    model = make_model("llama")
+    books = calibrated(model, norm=norm, sink=sink, **({"group": 4} if norm == "channel-group" else {}))
+    full, sliding = make_cache(model, books, residual=1).layers[0], None
+    sliding = KVQuantSlidingLayer(window, LayerTables.from_codebooks(books, 0, 4), full.options)
+    assert isinstance(full, KVQuantLayer)
+    g = torch.Generator().manual_seed(window)
+    k = torch.randn(1, 2, 20, 16, generator=g)
+    v = torch.randn(1, 2, 20, 16, generator=g)
+    past = 0
+    for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 11), (11, 12), (12, 20)]:
+        kf, vf = full.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        ks, vs = sliding.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        visible = min(past, window - 1) + hi - lo
+        assert torch.equal(ks, kf[:, :, -visible:]) and torch.equal(vs, vf[:, :, -visible:])
+        assert sliding.get_seq_length() == hi
+        assert min(hi, window - 1) <= sliding.held_tokens <= window - 1 + (2 * 4 - 2 + 1 if norm != "head" else 0)
+        past = hi
+
+
+def test_group_mode_memory():
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    cache = make_cache(model, books)
+    b, s, d = 2, 15, 16
+    with torch.no_grad():
+        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+    per_head_q = 8 + 8 + 2 + 2 * d * 2 / 4  # key codes, value codes + scale, fp16 mid/half per group of 4
+    quantized = (s - 1) // 4 * 4
+    exact = s - quantized
+    expect = 2 * b * 2 * (quantized * per_head_q + exact * 2 * d * 4)
+    assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
+    assert cache.quantized_bytes_per_token() == 2 * 2 * per_head_q
+
+
+def test_group_mode_crop_keeps_split_group_exact():
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids_of(1, 13), past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    k_all, v_all = layer._materialize()
+    cache.crop(-6)  # 13 -> 7 tokens: sink + group [1, 5) + 2 tokens of the split group [5, 9)
+    assert cache.get_seq_length() == 7 and layer.k_codes.shape[2] == 4 and layer.res_k.shape[2] == 2
+    k, v = layer._materialize()
+    assert torch.equal(k, k_all[:, :, :7]) and torch.equal(v, v_all[:, :, :7])
