@@ -9,6 +9,10 @@
 __version__ = "0.1.0"
 
 from kvquant.codebooks import CodebookConfig, Codebooks  # noqa: E402
+from kvquant.cache import KVQuantCache, make_cache, query_quantizer  # noqa: E402
 from kvquant.wrap import UnsupportedModelError, unwrap, wrap, wrapped  # noqa: E402
 
-__all__ = ["CodebookConfig", "Codebooks", "UnsupportedModelError", "wrap", "unwrap", "wrapped", "__version__"]
+__all__ = [
+    "CodebookConfig", "Codebooks", "KVQuantCache", "UnsupportedModelError", "make_cache", "query_quantizer",
+    "unwrap", "wrap", "wrapped", "__version__",
+]
