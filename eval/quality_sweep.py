@@ -59,6 +59,7 @@ def build_rows(model, calib, bits_list: list[int], progress: bool = True) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report-only", action="store_true", help="redo the table and plot from out/sweep_<name>.json")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--name", default="smollm2")
     ap.add_argument("--dataset", default="enwiki-excerpt")
@@ -67,11 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--bits", default="4,3,2")
     args = ap.parse_args(argv)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    png = ROOT / "docs" / f"sweep_{args.name}.png"
+    if args.report_only:
+        report(json.loads((ROOT / "out" / f"sweep_{args.name}.json").read_text()), bits_list, png, args.name)
+        return
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
-    bits_list = [int(b) for b in args.bits.split(",")]
     results = evaluate(model, evals, build_rows(model, calib, bits_list))
     command = ("python eval/quality_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {
@@ -81,11 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         "rows": {k: v.to_dict() for k, v in results.items()},
     }
     write_text(ROOT / "out" / f"sweep_{args.name}.json", json.dumps(payload, indent=1))
-    png = ROOT / "docs" / f"sweep_{args.name}.png"
+    report(payload, bits_list, png, args.name)
+
+
+def report(payload: dict, bits_list: list[int], png: Path, name: str) -> None:
     plot(payload, png)
     md = markdown(payload, bits_list, png.relative_to(ROOT))
     print(md)
-    replace_section(ROOT / "BENCHMARKS.md", f"sweep-{args.name}", md)
+    replace_section(ROOT / "BENCHMARKS.md", f"sweep-{name}", md)
 
 
 def family(name: str) -> str:
@@ -108,9 +116,9 @@ def plot(p: dict, path: Path) -> None:
         if name != "fp":
             series.setdefault(family(name), []).append((r["effective_bits"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(9, 6))
-    for label, pts in sorted(series.items()):
+    for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if ("INT" in label or "FP" in label) else "-")
+        ax.plot(*zip(*pts), marker="o", label=label, color=plt.cm.tab20(i % 20), linestyle="--" if ("INT" in label or "FP" in label) else "-")
     ax.axhline(fp, color="k", linewidth=0.8, label=f"unquantized {fp:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per q/k entry (scales, zero points, sinks counted)")
@@ -131,8 +139,8 @@ def markdown(p: dict, bits_list: list[int], png: Path) -> str:
         "",
         f"Command: `{p['command']}` — {p['eval_windows']} evaluation windows (first of the corpus), "
         f"{p['calib_windows']} calibration windows (last), {p['dtype']}, Q and K both quantized post-RoPE. "
-        f"Unquantized perplexity **{fp:.3f}**. Cells: ppl (Δ) [effective bits]. Normalisations: `head`/`channel` = "
-        f"static μ, σ from calibration; `chgroup` = dynamic min–max per channel over {p['group']} tokens "
+        f"Unquantized perplexity **{fp:.3f}**. Cells: ppl (Δ) [effective bits]. Normalisations: `head` = "
+        f"static μ, σ per head from calibration (the seed paper); `chgroup` = dynamic min–max per channel over {p['group']} tokens "
         f"(+32/{p['group']} bits), codebook on [−1, 1] from the calibration histogram of x̃; `+sink` = first token "
         "exact (16 bits). `uniform / chgroup` is exactly INT per channel. Plot: "
         f"[{png}]({png}).",
@@ -145,6 +153,18 @@ def markdown(p: dict, bits_list: list[int], png: Path) -> str:
         base = [f"int{b}/token", f"int{b}/channel"] + ([f"fp{b}/token"] if f"fp{b}/token" in rows else [])
         out.append("| baselines | " + " · ".join(f"{n}: {cell(rows[n])}" for n in base) + " | | | |")
         out.append("")
+    out += ["### What each ingredient buys (Δ perplexity vs unquantized)", "",
+            "| step | " + " | ".join(f"{b} bits" for b in bits_list) + " |", "|" + "---|" * (len(bits_list) + 1)]
+    steps = [
+        ("λ* codebook, static σ per head (seed paper)", "lambda@{b}/head"),
+        ("→ dynamic min–max per channel, uniform (= INT per channel)", "uniform@{b}/chgroup"),
+        ("→ + first token exact", "uniform@{b}/chgroup+sink"),
+        ("→ + empirical density (f·w)^{1/3} (lambda)", "lambda@{b}/chgroup+sink"),
+        ("→ + Lloyd on the pair-weighted histogram (lambda-lloyd)", "lambda-lloyd@{b}/chgroup+sink"),
+    ]
+    for label, key in steps:
+        vals = [rows.get(key.format(b=b)) for b in bits_list]
+        out.append(f"| {label} | " + " | ".join("–" if r is None else f"{r['ppl'] / fp - 1:+.1%}" for r in vals) + " |")
     return "\n".join(out)
 
 
