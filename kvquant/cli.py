@@ -19,14 +19,14 @@ DEFAULTS = {
     "model": "smollm2-135m",
     "dataset": "enwiki-excerpt",
     "seqlen": 2048,
-    "samples": 16,
+    "samples": 8,
     "windows": 8,
     "bits_q": 4,
     "bits_k": 4,
-    "method": "lambda",
-    "norm": "head",
+    "method": "lambda-lloyd",
+    "norm": "channel-group",
     "group": 128,
-    "sink": 0,
+    "sink": 1,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -159,14 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="capture q/k pair statistics and write codebooks")
     common(c)
-    c.add_argument("--samples", type=int, help="calibration windows, taken from the END of the text (default 16)")
+    c.add_argument("--samples", type=int, help="calibration windows, taken from the END of the text (default 8)")
     c.add_argument("--bits-q", type=int, help="bits per query entry (1-8, default 4)")
     c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4)")
-    c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda)")
+    c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda-lloyd)")
     c.add_argument("--norm", choices=["head", "channel", "channel-group"],
-                   help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens")
+                   help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens "
+                        "(default channel-group)")
     c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 128)")
-    c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 0)")
+    c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 1)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

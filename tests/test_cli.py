@@ -49,7 +49,8 @@ def eval_args(model_dir, text_file, *extra):
 
 def test_calibrate_then_eval_ppl(model_dir, text_file, tmp_path, capsys):
     books_path = tmp_path / "out" / "books.safetensors"
-    assert run(calibrate_args(model_dir, text_file, books_path, "--bits-q", 3, "--bits-k", 5)) == 0
+    args = ("--bits-q", 3, "--bits-k", 5, "--method", "lambda", "--norm", "head", "--sink", 0)
+    assert run(calibrate_args(model_dir, text_file, books_path, *args)) == 0
     assert "wrote" in capsys.readouterr().out
     books = Codebooks.load(books_path)
     assert (books.config.method, books.config.bits_q, books.config.bits_k) == ("lambda", 3, 5)
@@ -150,3 +151,10 @@ def test_calibrate_without_out_exits_2(model_dir, text_file, tmp_path, capsys):
 def test_argparse_errors_exit_2(capsys):
     assert run(["calibrate", "--method", "kmeans"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_file, tmp_path):
+    books_path = tmp_path / "default.safetensors"
+    assert run(calibrate_args(model_dir, text_file, books_path)) == 0
+    c = Codebooks.load(books_path).config
+    assert (c.method, c.norm, c.group, c.sink, c.bits_q, c.bits_k) == ("lambda-lloyd", "channel-group", 128, 1, 4, 4)
