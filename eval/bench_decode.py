@@ -24,12 +24,14 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kvquant.cache import make_cache, query_quantizer
 from kvquant.decode import dequantize_keys, dequantize_values, pack
+from kvquant.fileio import replace_section
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,17 +366,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-gpu", action="store_true")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    print("## Decode with the quantized KV cache\n")
-    print("`python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+    parts = ["## Decode with the quantized KV cache (issue 6)\n",
+             "Command: `python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n"]
     if not args.skip_gpu:
-        print(gpu_section([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")]))
+        parts.append(gpu_section([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")]))
     if not args.skip_cpu:
-        print(cpu_section(args))
-    print(f"_total {time.perf_counter() - t0:.0f} s_")
+        parts.append(cpu_section(args))
+    parts.append(f"_total {time.perf_counter() - t0:.0f} s_")
+    md = "\n".join(parts)
+    print(md)
+    if not args.no_markdown:
+        replace_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "decode", md)
 
 
 if __name__ == "__main__":
