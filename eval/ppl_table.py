@@ -2,8 +2,10 @@
 
 One process, one model, the same evaluation windows for every row. Calibration statistics are
 captured once on windows from the END of the corpus; every codebook method and bit width is
-built from them. Evaluation uses the FIRST windows of the corpus (disjoint). Also computes
-the per-head attention-logit error on one evaluation window.
+built from them. Evaluation uses the FIRST windows of the corpus (disjoint). Codebook rows come
+twice: with the seed paper's static per-head normalisation (μ, σ from calibration) and with
+kvquant's default normalisation (``kvquant.cli.DEFAULTS``: dynamic min–max per channel group,
+sink tokens exact). Also computes the per-head attention-logit error on one evaluation window.
 
 Usage:  python eval/ppl_table.py [--model smollm2-135m] [--seqlen 2048] [--calib 16] [--windows 8]
                                  [--bits 8,4,3,2] [--name smollm2]
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.cli import DEFAULTS
 from kvquant.codebook import METHODS
 from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
@@ -33,12 +37,26 @@ from kvquant.perplexity import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: codebook methods shown with the default (dynamic) normalisation
+DEFAULT_NORM_METHODS = ("lambda", "lambda-lloyd")
+
+
+def default_config() -> CodebookConfig:
+    """The CLI's default codebook configuration (configs/default.yaml)."""
+    names = [f.name for f in fields(CodebookConfig) if f.name in DEFAULTS]
+    return CodebookConfig(**{n: DEFAULTS[n] for n in names})
+
+
 def rows_for_bits(bits: int, books) -> dict:
+    """Baselines, every method with static per-head σ (``name@bits``), and the default
+    normalisation's density codebooks (``name@bits/default``); ``books`` has the default config."""
     rows = {f"int{bits}": Baseline(f"int{bits}"), f"int{bits}-channel": Baseline(f"int{bits}-channel")}
     if bits in (8, 4):
         rows[f"fp{bits}"] = Baseline(f"fp{bits}")
     for m in METHODS:
-        rows[f"{m}@{bits}"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits)
+        rows[f"{m}@{bits}"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits, norm="head", sink=0)
+    for m in DEFAULT_NORM_METHODS:
+        rows[f"{m}@{bits}/default"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits)
     return rows
 
 
@@ -51,25 +69,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration windows (end of corpus)")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows (start of corpus)")
     ap.add_argument("--bits", default="8,4,3,2")
-    ap.add_argument("--norm", default="head", choices=["head", "channel"])
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
-    books = calibrate(model, calib, CalibrationConfig(CodebookConfig("lambda", 4, 4, args.norm)))
+    books = calibrate(model, calib, CalibrationConfig(default_config()))
     bits_list = [int(b) for b in args.bits.split(",")]
-    rows = {"fp": None}
-    for b in bits_list:
-        rows.update(rows_for_bits(b, books))
+    by_bits = {b: rows_for_bits(b, books) for b in bits_list}
+    rows = {"fp": None} | {n: q for r in by_bits.values() for n, q in r.items()}
     results = evaluate(model, evals, rows)
-    err_quant = {n: q for n, q in rows.items() if q is not None and (n.endswith("@8") or n in ("int8", "fp8", "int4", "fp4", "int4-channel") or n.endswith("@4"))}
+    err_quant = {n: q for b in (8, 4) for n, q in by_bits.get(b, {}).items()}
     errors = logit_errors(model, evals.ids[:1], err_quant)
     command = "python eval/ppl_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {
         "command": command.strip(), "model": args.model, "dataset": args.dataset, "seqlen": args.seqlen,
         "calib_windows": calib.n, "eval_windows": evals.n, "bos_prepended": evals.bos_prepended,
-        "dtype": "float32", "norm": args.norm, "seconds": time.perf_counter() - t0,
+        "dtype": "float32", "default_config": asdict(books.config), "seconds": time.perf_counter() - t0,
         "rows": {k: v.to_dict() for k, v in results.items()},
         "logit_error_mean": {k: float(v.mean()) for k, v in errors.items()},
         "logit_error_per_head": {k: v.tolist() for k, v in errors.items()},
@@ -83,17 +99,22 @@ def main(argv: list[str] | None = None) -> None:
 def markdown(p: dict, bits_list: list[int], errors: dict) -> str:
     rows = p["rows"]
     fp = rows["fp"]["ppl"]
-    cols = ["int{b}", "int{b}-channel", "fp{b}"] + [f"{m}@{{b}}" for m in METHODS]
-    heads = ["INT per token", "INT per channel (G=128)", "FP per token"] + list(METHODS)
+    d = p["default_config"]
+    cols = ["int{b}", "int{b}-channel", "fp{b}"] + [f"{m}@{{b}}" for m in METHODS] + [f"{m}@{{b}}/default" for m in DEFAULT_NORM_METHODS]
+    heads = (["INT per token", "INT per channel (G=128)", "FP per token"] + [f"{m} (static/head)" for m in METHODS]
+             + [f"{m} (default norm)" for m in DEFAULT_NORM_METHODS])
     out = [
         f"## Perplexity: {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
         "",
         f"Command: `{p['command']}` — {p['eval_windows']} evaluation windows (first of the corpus), "
         f"{p['calib_windows']} calibration windows (last of the corpus), {p['dtype']}, Q and K both quantized "
-        f"post-RoPE, codebook normalisation: static per {p['norm']} (μ, σ from calibration). "
-        f"BOS prepended: {p['bos_prepended']}. Unquantized perplexity **{fp:.3f}**. Cells: ppl (Δ vs unquantized); "
-        "effective bits per entry in the header row (INT/FP per token add a fp16 scale per token of 64 dims = "
-        "+0.25; per channel add fp16 scale + zero per 128 tokens = +0.25; static codebooks add 0).",
+        f"post-RoPE. BOS prepended: {p['bos_prepended']}. Unquantized perplexity **{fp:.3f}**. "
+        "Cells: ppl (Δ vs unquantized) [effective bits per entry]. INT/FP per token add a fp16 scale per token; "
+        "INT per channel an fp16 scale and zero per channel and 128 tokens. `static/head`: codebook on x̃ = (x − μ)/σ "
+        "with μ, σ per head from calibration (the seed paper; nothing added per entry). `default norm`: "
+        f"kvquant's default normalisation — norm `{d['norm']}`, group {d['group']}, first {d['sink']} token(s) exact"
+        + (f", {d.get('outliers', 0):g} of the entries kept exact as outliers" if d.get("outliers") else "")
+        + " — with the codebook shaped by the calibration histogram; every scale and exact entry counted.",
         "",
         "| bits | " + " | ".join(heads) + " |",
         "|" + "---|" * (len(heads) + 1),
@@ -104,13 +125,14 @@ def markdown(p: dict, bits_list: list[int], errors: dict) -> str:
             r = rows.get(c.format(b=b))
             cells.append("–" if r is None else f"{r['ppl']:.3f} ({r['ppl'] / fp - 1:+.1%}) [{r['effective_bits']:.2f}b]")
         out.append(f"| {b} | " + " | ".join(cells) + " |")
-    out += ["", "Attention-logit error ‖Q̂K̂ᵀ−QKᵀ‖/‖QKᵀ‖ over allowed pairs, mean over heads (first evaluation window):", ""]
-    out.append("| quantizer | mean rel. error | heads where lambda@8 is lower |")
-    out.append("|---|---|---|")
-    lam8 = errors.get("lambda@8")
+    out += ["", ("Attention-logit error ‖Q̂K̂ᵀ−QKᵀ‖/‖QKᵀ‖ over allowed pairs (first evaluation window): mean over "
+                "heads, and the fraction of heads where each density codebook's error is lower than this quantizer's:"), ""]
+    dens = [n for n in errors if n.startswith("lambda@") or n.endswith("/default")]
+    out.append("| quantizer | mean rel. error | " + " | ".join(f"heads where {n} is lower" for n in dens) + " |")
+    out.append("|" + "---|" * (len(dens) + 2))
     for name, e in errors.items():
-        frac = f"{float((lam8 < e).double().mean()):.0%}" if lam8 is not None and name != "lambda@8" else ""
-        out.append(f"| {name} | {float(e.mean()):.4f} | {frac} |")
+        fr = ["" if n == name else f"{float((errors[n] < e).double().mean()):.0%}" for n in dens]
+        out.append(f"| {name} | {float(e.mean()):.4f} | " + " | ".join(fr) + " |")
     return "\n".join(out)
 
 
