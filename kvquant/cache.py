@@ -558,6 +558,11 @@ def make_cache(
     past_key_values=cache)`` or ``model(..., past_key_values=cache)``; one cache per generation."""
     codebooks.check_fits(model)
     k = codebooks.k
+    if getattr(k, "outliers", 0):
+        raise NotImplementedError(
+            f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
+            "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
+        )
     options = CacheOptions(
         k.bits, k.bits if bits_v is None else bits_v, quantize_values, residual,
         getattr(k, "sink", 0) if sink is None else sink, getattr(k, "group", 0), group_dtype,

@@ -78,13 +78,15 @@ def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress
     return stats
 
 
-def capture(model: torch.nn.Module, windows, group_sinks: list[tuple[int, int]] = (), batch_size: int = 1,
-            progress: bool = True) -> tuple[PairStats, dict[tuple[int, int], GroupHistogram]]:
+def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batch_size: int = 1,
+            progress: bool = True) -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
     """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
-    ``(group, sink)`` setting of the dynamic normalisation that is asked for."""
+    ``(group, sink[, outliers])`` setting of the dynamic normalisation that is asked for, keyed
+    by ``(group, sink, outliers)`` (outliers 0.0 where not given)."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
-    hists = {gs: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *gs) for gs in group_sinks}
+    keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0) for gs in group_sinks}
+    hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *key) for key in sorted(keys)}
 
     def observe(layer, q, k, mask):
         stats.update(layer, q, k, mask)
@@ -101,7 +103,7 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
     config = config or CalibrationConfig()
     ids = _ids(windows)
     cbc = config.codebooks
-    gs = (cbc.group, cbc.sink)
+    gs = (cbc.group, cbc.sink, float(cbc.outliers))
     stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress)
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}

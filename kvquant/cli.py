@@ -27,6 +27,7 @@ DEFAULTS = {
     "norm": "channel-group",
     "group": 128,
     "sink": 1,
+    "outliers": 0.0,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -84,10 +85,11 @@ def cmd_calibrate(args) -> None:
     from kvquant.data import load_text, make_windows
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "dtype", "device", "out"])
+                    "outliers", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
-    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group, args.sink))
+    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group,
+                                              args.sink, args.outliers))
     model, tok = _load(args)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default channel-group)")
     c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 128)")
     c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 1)")
+    c.add_argument("--outliers", type=float,
+                   help="fraction of the entries of each (head, group) block kept exact with their positions "
+                        "(dense-and-sparse; --norm channel-group only; default 0)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

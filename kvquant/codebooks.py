@@ -15,6 +15,7 @@ pooled ``ρ_eff² = Σ σ_Q,g² ρ_g² / Σ σ_Q,g²`` (DESIGN.md §1, GQA).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,14 @@ from safetensors.torch import save_file
 from kvquant import codebook as cb
 from kvquant.fileio import atomic_path
 from kvquant.fingerprint import ModelFingerprint
-from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore
+from kvquant.groupnorm import (
+    GroupHistogram,
+    check_finite,
+    group_minmax,
+    group_restore,
+    group_split,
+    outlier_count,
+)
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
@@ -46,6 +54,7 @@ class CodebookConfig:
     norm: Norm = "head"
     group: int = 128
     sink: int = 0
+    outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -62,6 +71,12 @@ class CodebookConfig:
             raise ValueError(f"group (tokens per dynamic channel scale) must be >= 2, got {self.group}")
         if self.sink < 0:
             raise ValueError(f"sink (first tokens kept exact) must be >= 0, got {self.sink}")
+        if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
+            raise ValueError(
+                f"outliers (fraction of entries per head and group kept exact) must be in [0, 0.5), got {self.outliers!r}"
+            )
+        if self.outliers and self.norm != "channel-group":
+            raise ValueError(f"outliers > 0 needs norm 'channel-group' (they are found per group); got norm {self.norm!r}")
 
     @property
     def dynamic(self) -> bool:
@@ -80,6 +95,7 @@ class SideBooks:
     scale: torch.Tensor
     group: int = 0  # > 0: dynamic min–max per channel over groups of this many tokens
     sink: int = 0  # first tokens kept exact
+    outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
@@ -99,6 +115,11 @@ class SideBooks:
         dev = x.device
         centers, bounds = self.centers[layer].to(dev), self.boundaries[layer].to(dev)
         if self.group:
+            if self.outliers:
+                xt, mid, half, exact = group_split(x, self.group, self.outliers)
+                out = group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group)
+                return torch.where(exact, x.float(), out).to(x.dtype)
+            check_finite(x)
             xt, mid, half = group_minmax(x, self.group)
             return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
@@ -189,11 +210,13 @@ class Codebooks:
 
     @classmethod
     def _from_hist(cls, stats, config, fingerprint, calibration, hist) -> "Codebooks":
-        if hist is None or (hist.group, hist.sink) != (config.group, config.sink):
-            have = "none" if hist is None else f"group {hist.group}, sink {hist.sink}"
+        want = (config.group, config.sink, float(config.outliers))
+        if hist is None or hist.key != want:
+            have = "none" if hist is None else f"group {hist.group}, sink {hist.sink}, outliers {hist.outliers:g}"
             raise ValueError(
-                f"norm 'channel-group' with group {config.group}, sink {config.sink} needs calibration "
-                f"histograms captured with the same settings (have: {have}); re-run calibration with them"
+                f"norm 'channel-group' with group {config.group}, sink {config.sink}, outliers {config.outliers:g} "
+                f"needs calibration histograms captured with the same settings (have: {have}); "
+                "re-run calibration with them"
             )
         nodes = hist.nodes.numpy()
 
@@ -206,7 +229,7 @@ class Codebooks:
                     book = cb.histogram_codebook(config.method, bits, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
                     centers[layer, h], bounds[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
             unit = torch.zeros(L, H, fingerprint.head_dim)
-            return SideBooks(bits, centers, bounds, unit, unit + 1, config.group, config.sink)
+            return SideBooks(bits, centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers)
 
         return cls(config, side(hist.count_q, hist.weight_q, config.bits_q), side(hist.count_k, hist.weight_k, config.bits_k),
                    fingerprint, stats, dict(calibration or {}), hist)
@@ -228,11 +251,24 @@ class Codebooks:
         """Bits per entry, averaged over queries and keys. Static scales and tables are per
         model and add nothing per entry; ``channel-group`` adds an fp16 (mid, half) per channel
         per group, 32/G; exact sink tokens cost 16 bits instead of b for ``sink/seqlen`` of
-        the entries (``seqlen`` required when sink > 0)."""
+        the entries (``seqlen`` required when sink > 0).
+
+        Outliers (dense-and-sparse, ``outliers = p``): each (group × D) block keeps
+        ``n = ⌈p·G·D⌉`` entries exact, each costing an fp16 value plus its position in the
+        block, ``⌈log2(G·D)⌉`` bits (13 for 128 × 64), *on top of* the dense b-bit code (a packed
+        dense layout keeps a code at every position). So, for the non-sink entries,
+
+            bits = (b_q + b_k)/2 + 32/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
+
+        (full groups; ``head_dim`` defaults to the model's). p = 0.5 % at G = 128, D = 64:
+        n = 41, +0.145 bits."""
         c = self.config
         bits = 0.5 * (c.bits_q + c.bits_k)
         if c.dynamic:
             bits += 2 * 16 / c.group
+        if c.outliers:
+            block = c.group * (head_dim or self.fingerprint.head_dim)
+            bits += outlier_count(c.outliers, block) / block * (16 + math.ceil(math.log2(block)))
         if c.sink:
             if not seqlen:
                 raise ValueError("effective bits with exact sink tokens depend on the sequence length")
@@ -291,7 +327,8 @@ class Codebooks:
         config = CodebookConfig(**json.loads(meta["config"]))
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
-            bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink
+            bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
+            config.outliers,
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

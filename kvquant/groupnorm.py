@@ -7,6 +7,11 @@ and ``x̃ = (x − mid) / half ∈ [−1, 1]``. The first ``sink`` tokens (atten
 exact and excluded from the groups. A codebook on [−1, 1] then quantizes x̃; with K evenly
 spaced centers including ±1 this is exactly asymmetric min–max INT per channel (KIVI's keys).
 
+**Dense-and-sparse outliers** (``outliers = p > 0``, :func:`group_split`): in every (batch, head,
+group) block of G×D entries the ``⌈p·G·D⌉`` entries that stick out most from their own channel
+are kept exact (fp16 value + position) and the min–max of each channel is taken over the rest
+only, so one huge entry no longer stretches its channel's grid for the other G−1 tokens.
+
 The shape of the codebook comes from calibration: :class:`GroupHistogram` accumulates, per
 layer and head, the distribution of x̃ on a fine grid, weighted by what an error in x costs in
 ``Q·Kᵀ`` (first order): ``half² · E[Y² | this entry]``, where Y runs over the entry's partners
@@ -16,6 +21,7 @@ query heads of a KV head). The optimal density on the grid is then ``λ ∝ (f �
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -41,6 +47,72 @@ def group_minmax(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return xt.reshape(b, h, -1, d)[:, :, :t], mid, half
 
 
+def outlier_count(p: float, entries: int) -> int:
+    """``⌈p · entries⌉``: entries kept exact in a block (rounded first, so 0.25·16 is 4, not 5)."""
+    return math.ceil(round(p * entries, 9)) if p > 0 else 0
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Raise ValueError on NaN/inf, as :func:`kvquant.codebook.quantize` does for static scales."""
+    if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN propagates to min/max
+        raise ValueError("cannot quantize NaN or infinite values")
+
+
+def group_split(
+    x: torch.Tensor, group: int, outliers: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense-and-sparse :func:`group_minmax`: ``(x̃, mid, half, exact)``, ``exact`` a bool mask
+    like x of the entries kept exact (x̃ = 0 there); mid/half are the min–max of the others.
+
+    Blocks are (batch, head, group of ``group`` tokens) × all D channels; a block of n tokens (the
+    last one may be partial) keeps ``⌈outliers · n · D⌉`` entries exact. **Score** of an entry:
+    ``|x − median| / MAD`` over its channel in its group (∞ where MAD = 0 and x ≠ median). Why
+    relative to the channel: with min–max per channel, a channel's grid step — hence the error of
+    all its G entries — is set by its own range, so what an entry costs is how far it stretches
+    that range beyond the channel's bulk, in units of the channel's spread; the median and MAD
+    are not moved by the outliers themselves (mean/σ would be), and scoring by |x̃| after a first
+    min–max would not work: every channel has entries at exactly ±1 (its min and max), so the
+    ordinary extremes of 2·D channels would tie with real outliers. ``outliers = 0`` is
+    :func:`group_minmax` (plus an all-False mask). Non-finite x: ValueError.
+    """
+    check_finite(x)
+    b, h, t, d = x.shape
+    if outliers <= 0:
+        xt, mid, half = group_minmax(x, group)
+        return xt, mid, half, torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    pad = (-t) % group
+    xf = x.float()
+    if pad:  # padding is NaN: ignored by the medians, never an outlier, not in the min–max
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=float("nan"))
+    n = xf.shape[2] // group
+    xg = xf.reshape(b, h, n, group, d)
+    padded = torch.isnan(xg)
+    xc = xg.transpose(3, 4).contiguous()  # (B, H, n, D, G): medians along the last dim are faster
+    dev = (xc - xc.nanmedian(-1, keepdim=True).values).abs()
+    mad = dev.nanmedian(-1, keepdim=True).values
+    dev, mad = dev.transpose(3, 4), mad.transpose(3, 4)
+    inf = torch.tensor(float("inf"), device=x.device)
+    score = torch.where(mad > 0, dev / torch.where(mad > 0, mad, 1.0), torch.where(dev > 0, inf, 0.0))
+    score = torch.where(padded, -inf, score).reshape(b, h, n, group * d)
+    k = outlier_count(outliers, group * d)
+    top = score.topk(k, dim=-1).indices  # sorted by score, largest first
+    keep = torch.full((n, k), True, device=x.device)
+    if pad:  # the partial last block keeps fewer
+        keep[-1, outlier_count(outliers, (group - pad) * d):] = False
+    exact = torch.zeros(b, h, n, group * d, dtype=torch.bool, device=x.device)
+    exact.scatter_(-1, top, keep.expand(b, h, n, k))
+    exact = exact.reshape(b, h, n, group, d)
+    out = exact | padded
+    lo = torch.where(out, inf, xg).amin(3, keepdim=True)
+    hi = torch.where(out, -inf, xg).amax(3, keepdim=True)
+    empty = lo > hi  # every entry of the channel is exact in this group
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
+    xt = torch.where(out, 0.0, xt)
+    return xt.reshape(b, h, -1, d)[:, :, :t], mid, half, exact.reshape(b, h, -1, d)[:, :, :t]
+
+
 def group_restore(xt: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, group: int) -> torch.Tensor:
     """Inverse of :func:`group_minmax` (same ``group``) for (quantized) x̃ (B, H, T, D)."""
     b, h, t, d = xt.shape
@@ -57,7 +129,11 @@ def hist_index(xt: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
 @dataclass
 class GroupHistogram:
     """Float64 histograms of x̃ per (layer, head): ``count`` (entries) and ``weight``
-    (Σ half² · E[partner² | entry]), for queries (L, H, N+1) and keys (L, H_kv, N+1)."""
+    (Σ half² · E[partner² | entry]), for queries (L, H, N+1) and keys (L, H_kv, N+1).
+
+    Captured with the quantizer's own settings: ``group`` tokens per scale, the first ``sink``
+    tokens left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
+    out too (x̃ and half of the others are those of the reduced min–max)."""
 
     count_q: torch.Tensor
     weight_q: torch.Tensor
@@ -65,12 +141,19 @@ class GroupHistogram:
     weight_k: torch.Tensor
     group: int
     sink: int
+    outliers: float = 0.0
 
     @classmethod
-    def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, bins: int = HIST_BINS):
+    def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, outliers: float = 0.0,
+              bins: int = HIST_BINS):
         zq = lambda: torch.zeros(layers, heads, bins + 1, dtype=torch.float64)  # noqa: E731
         zk = lambda: torch.zeros(layers, kv_heads, bins + 1, dtype=torch.float64)  # noqa: E731
-        return cls(zq(), zq(), zk(), zk(), group, sink)
+        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers))
+
+    @property
+    def key(self) -> tuple[int, int, float]:
+        """``(group, sink, outliers)``: the settings a codebook built from it must have."""
+        return self.group, self.sink, self.outliers
 
     @property
     def nodes(self) -> torch.Tensor:
@@ -94,22 +177,34 @@ class GroupHistogram:
             x, partner = x[:, :, ns:], partner[:, :, ns:]
             if x.shape[2] == 0:
                 continue
-            xt, _, half = group_minmax(x, self.group)
+            if self.outliers:
+                xt, _, half, exact = group_split(x, self.group, self.outliers)
+            else:
+                xt, _, half = group_minmax(x, self.group)
             half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, : x.shape[2]]
             w = (half_full**2 * partner).double()
             nb = self.count_q.shape[-1]
             idx = hist_index(xt, nb - 1) + nb * torch.arange(heads, device=x.device)[None, :, None, None]
-            cnt = torch.bincount(idx.flatten(), minlength=heads * nb).reshape(heads, nb).double().cpu()
+            if self.outliers:  # exact entries are not quantized: not in the histogram
+                dense = (~exact).double()
+                cnt = torch.bincount(idx.flatten(), weights=dense.flatten(), minlength=heads * nb)
+                cnt = cnt.reshape(heads, nb).cpu()
+                w = w * dense
+            else:
+                cnt = torch.bincount(idx.flatten(), minlength=heads * nb).reshape(heads, nb).double().cpu()
             wsum = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=heads * nb).reshape(heads, nb).cpu()
             getattr(self, f"count_{name}")[layer] += cnt
             getattr(self, f"weight_{name}")[layer] += wsum
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("group", "sink")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("group", "sink", "outliers")}
         out["group_sink"] = torch.tensor([self.group, self.sink])
+        out["outliers"] = torch.tensor([self.outliers], dtype=torch.float64)
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> "GroupHistogram":
+        """Inverse of :meth:`to_dict`; files from before outliers existed load with outliers = 0."""
         group, sink = (int(v) for v in d["group_sink"])
-        return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink)
+        outliers = float(d["outliers"][0]) if "outliers" in d else 0.0
+        return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers)
