@@ -12,6 +12,12 @@ and, depending on the :class:`Controller` attached to the attention module by ``
 
 A mask function is registered under the same name (transformers' ``sdpa_mask``); without it
 every call would receive ``attention_mask=None`` and padding and sliding windows would be lost.
+
+Frame: with ``Controller.rope == "pre"`` the observer and the quantizer see q and k with the
+rotary embedding undone (:mod:`kvquant.rope`; the tables are the ``position_embeddings`` the
+attention module was called with, stashed by a forward pre-hook that ``wrap`` installs), and
+quantized entries are rotated back. Keys then must be those of the same positions as the
+queries (a forward pass without a cache); keys of earlier positions from a cache raise.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvquant.rope import derotate, rotate
+
 ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
+Rope = Literal["post", "pre"]
 #: ``quantizer(x, layer, side)`` returns dequantized ``x`` (same shape/dtype); side is "q" or "k".
 Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
 #: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
@@ -40,6 +49,7 @@ class Controller:
     quantizer: Quantizer | None = None
     observer: Observer | None = None
     calls: set[int] = field(default_factory=set)  # layers that ran through this function
+    rope: Rope = "post"  # frame in which the observer / quantizer see q and k
 
     def set_mode(self, mode: Mode) -> None:
         if mode not in ("off", "capture", "quantize"):
@@ -85,13 +95,39 @@ def kvquant_attention(
         )
     layer = module.layer_idx
     ctl.calls.add(layer)
+    if ctl.mode == "off":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    tables = _rotary_tables(module, query, key) if ctl.rope == "pre" else None
+    q_in, k_in = (query, key) if tables is None else (derotate(query, *tables), derotate(key, *tables))
     if ctl.mode == "capture":
         mask = pair_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", True), query.device)
-        ctl.observer(layer, query, key, mask)
-    elif ctl.mode == "quantize":
-        query = ctl.quantizer(query, layer, "q")
-        key = ctl.quantizer(key, layer, "k")
+        ctl.observer(layer, q_in, k_in, mask)
+    else:
+        q_hat, k_hat = ctl.quantizer(q_in, layer, "q"), ctl.quantizer(k_in, layer, "k")
+        if tables is not None:
+            q_hat, k_hat = rotate(q_hat, *tables).to(query.dtype), rotate(k_hat, *tables).to(key.dtype)
+        query, key = q_hat, k_hat
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def stash_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: keep the ``position_embeddings`` (cos, sin) an attention module is called with."""
+    module.kvquant_rotary = kwargs.get("position_embeddings")
+
+
+def _rotary_tables(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor):
+    tables = getattr(module, "kvquant_rotary", None)
+    if tables is None:
+        raise ValueError(
+            f"{type(module).__name__} received no rotary position embeddings: pre-RoPE quantization needs a "
+            "rotary model (Llama, Qwen2, Mistral, Gemma3, GPT-NeoX, …); use rope='post'"
+        )
+    if key.shape[2] != query.shape[2]:
+        raise NotImplementedError(
+            f"pre-RoPE quantization sees {key.shape[2]} keys for {query.shape[2]} queries: keys of earlier "
+            "positions (a KV cache) cannot be derotated here; run without a cache (use_cache=False) or use rope='post'"
+        )
+    return tables
 
 
 def register() -> None:

@@ -74,9 +74,11 @@ def fp_per_token(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Baseline:
-    """A named classic quantizer, the same for queries and keys and for every layer."""
+    """A named classic quantizer, the same for queries and keys and for every layer, applied to
+    post-RoPE entries or (``rope="pre"``) to the entries before the rotary embedding."""
 
     name: str
+    rope: str = "post"
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -85,6 +87,8 @@ class Baseline:
                 "int2-channel..int8-channel (per-channel min-max over groups of "
                 f"{CHANNEL_GROUP} tokens), fp8 or fp4"
             )
+        if self.rope not in ("post", "pre"):
+            raise ValueError(f"rope must be 'post' or 'pre', got {self.rope!r}")
 
     @property
     def bits(self) -> int:

@@ -557,6 +557,10 @@ def make_cache(
     defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
     past_key_values=cache)`` or ``model(..., past_key_values=cache)``; one cache per generation."""
     codebooks.check_fits(model)
+    if codebooks.config.rope != "post":
+        raise NotImplementedError(
+            "these codebooks quantize pre-RoPE keys; KVQuantCache stores post-RoPE keys: calibrate with rope='post' for the cache"
+        )
     k = codebooks.k
     if getattr(k, "outliers", 0):
         raise NotImplementedError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.attention import Observer
+from kvquant.attention import Observer, Rope
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.density import RHO_CRITICAL
 from kvquant.fingerprint import ModelFingerprint
@@ -41,10 +41,11 @@ def _ids(windows) -> torch.Tensor:
 
 @torch.no_grad()
 def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size: int = 1,
-                progress: bool = True, desc: str = "calibrate") -> None:
+                progress: bool = True, desc: str = "calibrate", rope: Rope = "post") -> None:
     """Run ``windows`` (n, seqlen) through the model in capture mode, calling
-    ``observer(layer, q, k, pair_mask)`` in every attention call; the model's previous wrap
-    state is restored afterwards.
+    ``observer(layer, q, k, pair_mask)`` in every attention call with q and k post-RoPE, or
+    with the rotary embedding undone (``rope="pre"``); the model's previous wrap state is
+    restored afterwards.
 
     Raises :class:`UnsupportedModelError` if some layer never called kvquant's attention
     function (a family that bypasses ``AttentionInterface`` must not pass silently).
@@ -54,7 +55,7 @@ def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size:
     device = next(model.parameters()).device
     with wrapped(model, None):
         ctl = controller(model)
-        ctl.observer, ctl.calls = observer, set()
+        ctl.observer, ctl.calls, ctl.rope = observer, set(), rope
         ctl.set_mode("capture")
         try:
             for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress):
@@ -79,10 +80,10 @@ def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress
 
 
 def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batch_size: int = 1,
-            progress: bool = True) -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
+            progress: bool = True, rope: Rope = "post") -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
     """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
     ``(group, sink[, outliers])`` setting of the dynamic normalisation that is asked for, keyed
-    by ``(group, sink, outliers)`` (outliers 0.0 where not given)."""
+    by ``(group, sink, outliers)`` (outliers 0.0 where not given); q and k in the ``rope`` frame."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
     keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0) for gs in group_sinks}
@@ -93,7 +94,7 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
         for hist in hists.values():
             hist.update(layer, q, k, mask)
 
-    run_capture(model, windows, observe, batch_size, progress)
+    run_capture(model, windows, observe, batch_size, progress, rope=rope)
     return stats, hists
 
 
@@ -104,7 +105,7 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
     ids = _ids(windows)
     cbc = config.codebooks
     gs = (cbc.group, cbc.sink, float(cbc.outliers))
-    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress)
+    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress, cbc.rope)
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
     books = Codebooks.from_stats(stats, cbc, ModelFingerprint.from_model(model), calibration, hists.get(gs))

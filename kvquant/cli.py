@@ -28,6 +28,7 @@ DEFAULTS = {
     "group": 128,
     "sink": 1,
     "outliers": 0.0,
+    "rope": "post",
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -85,11 +86,11 @@ def cmd_calibrate(args) -> None:
     from kvquant.data import load_text, make_windows
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "outliers", "dtype", "device", "out"])
+                    "outliers", "rope", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
     config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group,
-                                              args.sink, args.outliers))
+                                              args.sink, args.outliers, args.rope))
     model, tok = _load(args)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--outliers", type=float,
                    help="fraction of the entries of each (head, group) block kept exact with their positions "
                         "(dense-and-sparse; --norm channel-group only; default 0)")
+    c.add_argument("--rope", choices=["post", "pre"],
+                   help="quantize q and k after the rotary embedding, or before it (undone and redone inside "
+                        "attention; forward passes without a KV cache only; default post)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

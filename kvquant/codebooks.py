@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvquant import codebook as cb
+from kvquant.attention import Rope
 from kvquant.fileio import atomic_path
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.groupnorm import (
@@ -55,6 +56,7 @@ class CodebookConfig:
     group: int = 128
     sink: int = 0
     outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
+    rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.rope)
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class CodebookConfig:
             raise ValueError(
                 f"outliers (fraction of entries per head and group kept exact) must be in [0, 0.5), got {self.outliers!r}"
             )
+        if self.rope not in ("post", "pre"):
+            raise ValueError(f"rope must be 'post' or 'pre' (quantize after or before the rotary embedding); got {self.rope!r}")
         if self.outliers and self.norm != "channel-group":
             raise ValueError(f"outliers > 0 needs norm 'channel-group' (they are found per group); got norm {self.norm!r}")
 
@@ -236,13 +240,22 @@ class Codebooks:
 
     def rebuilt(self, **changes) -> "Codebooks":
         """Codebooks from the same statistics with another method/bits (norm/group/sink only
-        where the stored histograms were captured with them)."""
+        where the stored histograms were captured with them; never another ``rope`` frame)."""
+        if changes.get("rope", self.config.rope) != self.config.rope:
+            raise ValueError(
+                f"these statistics were captured {self.config.rope}-RoPE; calibrate again with rope={changes['rope']!r}"
+            )
         return Codebooks.from_stats(self.stats, replace(self.config, **changes), self.fingerprint, self.calibration, self.hist)
 
     # --- use ------------------------------------------------------------------------
     @property
     def name(self) -> str:
         return self.config.method
+
+    @property
+    def rope(self) -> Rope:
+        """Frame of the entries these codebooks quantize (read by :func:`kvquant.wrap`)."""
+        return self.config.rope
 
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
         return (self.q if side == "q" else self.k).apply(x, layer)

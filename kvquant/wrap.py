@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from kvquant.attention import ATTN_NAME, Controller, Quantizer, register
+from kvquant.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
 from kvquant.codebooks import Codebooks
 
 _ORIGINAL = "_kvquant_original_attn"
@@ -46,9 +46,10 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
     """Route ``model``'s attention through kvquant; returns the same model object.
 
     ``codebooks``: a :class:`Codebooks` (checked against the model: layers, heads, head_dim,
-    architecture), any quantizer ``f(x, layer, side)`` such as a :class:`~kvquant.baselines.Baseline`,
-    or None (mode ``off``: logits identical to the ``sdpa`` implementation). With a quantizer the
-    mode is ``quantize``. Wrapping a wrapped model replaces its quantizer.
+    architecture), any quantizer ``f(x, layer, side)`` such as a :class:`~kvquant.baselines.Baseline`
+    (its attribute ``rope``, ``"post"`` if absent, says whether it quantizes post- or pre-RoPE
+    entries; see :mod:`kvquant.attention`), or None (mode ``off``: logits identical to the
+    ``sdpa`` implementation). With a quantizer the mode is ``quantize``. Wrapping a wrapped model replaces its quantizer.
     """
     if isinstance(codebooks, Codebooks):
         codebooks.check_fits(model)
@@ -74,8 +75,10 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
         ctl = Controller()
         for m in mods:
             m.kvquant = ctl
+            m.kvquant_hook = m.register_forward_pre_hook(stash_rotary, with_kwargs=True)
         setattr(model, _ORIGINAL, original)
     ctl.quantizer = codebooks
+    ctl.rope = getattr(codebooks, "rope", "post")
     ctl.set_mode("quantize" if codebooks is not None else "off")
     return model
 
@@ -86,7 +89,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for m in attention_modules(model):
         if hasattr(m, "kvquant"):
-            del m.kvquant
+            m.kvquant_hook.remove()
+            del m.kvquant, m.kvquant_hook
+        if hasattr(m, "kvquant_rotary"):
+            del m.kvquant_rotary
     model.set_attn_implementation(getattr(model, _ORIGINAL))
     delattr(model, _ORIGINAL)
     return model
@@ -99,13 +105,13 @@ def wrapped(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = No
     If the model was already wrapped, its previous quantizer and mode come back on exit.
     """
     was = is_wrapped(model)
-    prev = (controller(model).quantizer, controller(model).mode) if was else None
+    ctl = controller(model) if was else None
+    prev = (ctl.quantizer, ctl.mode, ctl.rope) if was else None
     wrap(model, codebooks)
     try:
         yield model
     finally:
         if was:
-            ctl = controller(model)
-            ctl.quantizer, ctl.mode = prev
+            ctl.quantizer, ctl.mode, ctl.rope = prev
         else:
             unwrap(model)
