@@ -18,6 +18,9 @@ from kvquant.calibrate import run_capture
 @torch.no_grad()
 def logit_errors(model: torch.nn.Module, windows, quantizers: dict[str, Quantizer], progress: bool = True) -> dict[str, torch.Tensor]:
     """Relative Frobenius error (L, H) of the attention logits for every named quantizer."""
+    pre = [name for name, quant in quantizers.items() if getattr(quant, "rope", "post") != "post"]
+    if pre:
+        raise ValueError(f"logit errors are measured on post-RoPE quantizers only; {pre} quantize pre-RoPE")
     ids = getattr(windows, "ids", windows)
     fp = ModelFingerprint.from_model(model)
     g = fp.num_heads // fp.num_kv_heads
