@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     by_bits = {b: rows_for_bits(b, books) for b in bits_list}
     rows = {"fp": None} | {n: q for r in by_bits.values() for n, q in r.items()}
     results = evaluate(model, evals, rows)
-    err_quant = {n: q for b in (8, 4) for n, q in by_bits.get(b, {}).items()}
+    err_quant = {n: q for b in (8, 4) for n, q in by_bits.get(b, {}).items()
+                 if getattr(q, "rope", "post") == "post"}  # logit errors are measured post-RoPE
     errors = logit_errors(model, evals.ids[:1], err_quant)
     command = "python eval/ppl_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {
