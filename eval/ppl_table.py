@@ -115,7 +115,8 @@ def markdown(p: dict, bits_list: list[int], errors: dict) -> str:
         "with μ, σ per head from calibration (the seed paper; nothing added per entry). `default norm`: "
         f"kvquant's default normalisation — norm `{d['norm']}`, group {d['group']}, first {d['sink']} token(s) exact"
         + (f", {d.get('outliers', 0):g} of the entries kept exact as outliers" if d.get("outliers") else "")
-        + " — with the codebook shaped by the calibration histogram; every scale and exact entry counted.",
+        + f", {d.get('rope', 'post')}-RoPE — with the codebook shaped by the calibration histogram; every scale and "
+        "exact entry counted. Logit errors are listed for post-RoPE quantizers only.",
         "",
         "| bits | " + " | ".join(heads) + " |",
         "|" + "---|" * (len(heads) + 1),

@@ -28,7 +28,7 @@ DEFAULTS = {
     "group": 128,
     "sink": 1,
     "outliers": 0.0,
-    "rope": "post",
+    "rope": "pre",
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dense-and-sparse; --norm channel-group only; default 0)")
     c.add_argument("--rope", choices=["post", "pre"],
                    help="quantize q and k after the rotary embedding, or before it (undone and redone inside "
-                        "attention; forward passes without a KV cache only; default post)")
+                        "attention; forward passes without a KV cache only; default pre)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 
