@@ -15,7 +15,7 @@ and generation-mode perplexity against the simulated path.
 
 Usage:  python eval/bench_decode.py [--model smollm2-135m] [--prompt 512] [--new 64] [--ppl-len 256]
                                     [--threads 1] [--skip-gpu] [--skip-cpu]
-Prints markdown tables (nothing is written).
+Prints markdown tables and writes them into the ``decode`` section of BENCHMARKS.md (``--no-markdown``: print only).
 """
 
 from __future__ import annotations
