@@ -128,7 +128,8 @@ def cmd_eval_ppl(args) -> None:
     results = evaluate(model, windows, rows)
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
               f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}"
-              + (f" · codebooks {args.codebooks} (q {books.config.bits_q}, k {books.config.bits_k} bits)" if books else ""))
+              + (f" · codebooks {args.codebooks} (q {books.config.bits_q}, k {books.config.bits_k} bits, norm "
+                 f"{books.config.norm}, {books.config.rope}-RoPE; baselines post-RoPE)" if books else ""))
     print(header)
     print(format_table(results))
     if args.json:
