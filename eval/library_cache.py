@@ -361,11 +361,12 @@ def markdown(p: dict) -> str:
         "(the incomplete group of up to G − 1 tokens stays exact); its static-normalisation rows quantize every "
         "token at once. "
         + (f"HQQ with axis 1 (groups along head_dim, per token and head like quanto) fails here in generation mode: "
-           f"`{p['hqq_axis1']}` (its 4-bit packing halves the number of group rows, and one token of 3 KV heads is "
-           "3 rows), so HQQ runs with its default axis 0. " if p.get("hqq_axis1") else "")
-        + "kvquant codebooks: "
-        + "; ".join(f"{k}: `{v['method']}`, norm `{v['norm']}`, group {v['group']}, sink {v['sink']}"
-                    for k, v in p["kvquant_configs"].items()) + ".",
+           f"`{p['hqq_axis1']}` (its 4-bit packing pairs group rows, and one token of "
+           f"{p['kv_heads']} KV heads is {p['kv_heads']} rows), so HQQ runs with its default axis 0. " if p.get("hqq_axis1") else "")
+        + ("kvquant codebooks: " + "; ".join(f"{k}: `{v['method']}`, norm `{v['norm']}`, group {v['group']}, "
+                                             f"sink {v['sink']}" for k, v in p["kvquant_configs"].items()) + ". "
+           if p["kvquant_configs"] else "")
+        + "s: wall seconds of the row over all windows (check not included), on a shared 2-core machine.",
     ]
     if p.get("note"):
         out += ["", p["note"]]
@@ -435,10 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         "check_tokens": min(args.check, args.seqlen), "hqq_axis1": hqq_axis1, "kvquant_configs": configs, "note": args.note,
         "rows": results, "seconds": time.perf_counter() - t0,
     }
+    if not args.no_markdown:
+        write_text(ROOT / "out" / "library_cache.json", json.dumps(payload, indent=1))
     md = markdown(payload)
     print(md)
     if not args.no_markdown:
-        write_text(ROOT / "out" / "library_cache.json", json.dumps(payload, indent=1))
         replace_section(ROOT / "BENCHMARKS.md", "library-cache", md)
 
 
