@@ -30,7 +30,7 @@ first window (codes, scales/zero points, exact residual or sink tokens), over th
 
 Usage:  python eval/library_cache.py [--model smollm2-135m] [--seqlen 2048] [--calib 8] [--windows 4]
                                      [--backends quanto,hqq,fp8] [--threads 2] [--check 300]
-                                     [--stepwise] [--rows ...]
+                                     [--stepwise] [--rows ...] [--render]
 Needs the ``compare`` extra (``pip install -e ".[compare]"``: optimum-quanto, hqq).
 Writes out/library_cache.json and the ``library-cache`` section of BENCHMARKS.md.
 """
@@ -364,7 +364,9 @@ def markdown(p: dict) -> str:
            f"`{p['hqq_axis1']}` (its 4-bit packing pairs group rows, and one token of "
            f"{p['kv_heads']} KV heads is {p['kv_heads']} rows), so HQQ runs with its default axis 0. " if p.get("hqq_axis1") else "")
         + ("kvquant codebooks: " + "; ".join(f"{k}: `{v['method']}`, norm `{v['norm']}`, group {v['group']}, "
-                                             f"sink {v['sink']}" for k, v in p["kvquant_configs"].items()) + ". "
+                                             f"sink {v['sink']}, rope {v.get('rope', 'post')}"
+                                             for k, v in p["kvquant_configs"].items())
+           + " (KVQuantCache stores post-RoPE keys, so a preset's `rope: pre` is not used here). "
            if p["kvquant_configs"] else "")
         + "s: wall seconds of the row over all windows (check not included), on a shared 2-core machine.",
     ]
@@ -390,7 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows (+ the reference)")
     ap.add_argument("--note", default="", help="a sentence added to the markdown (e.g. why fewer windows)")
     ap.add_argument("--no-markdown", action="store_true", help="do not write out/ or BENCHMARKS.md")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the BENCHMARKS.md section from out/library_cache.json (no measurement)")
     args = ap.parse_args(argv)
+    if args.render:
+        md = markdown(json.loads((ROOT / "out" / "library_cache.json").read_text()))
+        print(md)
+        replace_section(ROOT / "BENCHMARKS.md", "library-cache", md)
+        return
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - set(BACKENDS)
     if unknown:
