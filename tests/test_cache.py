@@ -10,15 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-)
+from conftest import SEQ, WINDOW, make_model, random_ids
 
 import kvquant
 from kvquant import codebook as cb
@@ -34,43 +26,11 @@ from kvquant.calibrate import capture_stats
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.fingerprint import ModelFingerprint
 
-transformers.logging.set_verbosity_error()
-
-VOCAB, SEQ, WINDOW = 128, 12, 4
-_BASE = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, initializer_range=0.2,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)
-_SPECS = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
-               dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
-}
 SLIDING = {"llama": [False, False], "mistral": [True, True], "gemma3": [True, False]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    cfg_cls, model_cls, extra = _SPECS[family]
-    torch.manual_seed(seed)
-    return model_cls(cfg_cls(**{**_BASE, **extra, **overrides})).eval().float()
-
-
-def ids_of(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 def books_for(model: torch.nn.Module, method: str = "lambda", bits: int = 4) -> Codebooks:
-    stats = capture_stats(model, ids_of(2, 16, seed=7), progress=False)
+    stats = capture_stats(model, random_ids(2, 16, seed=7), progress=False)
     return Codebooks.from_stats(stats, CodebookConfig(method, bits, bits), ModelFingerprint.from_model(model))
 
 
@@ -115,7 +75,7 @@ def test_value_codebook_is_companded_rho0_density():
 def test_decoding_matches_simulated_forward(family, prefill):
     """Values exact: the cache only changes what the attention function would have done anyway."""
     model, books = setup(family)
-    ids = ids_of()
+    ids = random_ids()
     kvquant.wrap(model, books)
     ref = full_logits(model, ids)
     cache = make_cache(model, books, quantize_values=False)
@@ -138,7 +98,7 @@ def test_requantizing_cached_keys_is_identity():
     model, books = setup("llama")
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids_of(), past_key_values=cache, use_cache=True)
+        model(random_ids(), past_key_values=cache, use_cache=True)
     for layer_idx, layer in enumerate(cache.layers):
         k, _ = layer._dequantized()
         assert torch.equal(books.k.apply(k, layer_idx), k)
@@ -191,7 +151,7 @@ def test_residual_and_sink_tokens_are_exact_in_the_model():
     """With every token exact (sink or residual ≥ length), the cached model equals the model
     with quantized queries and exact keys and values."""
     model, books = setup("llama")
-    ids = ids_of()
+    ids = random_ids()
     kvquant.wrap(model, query_quantizer(books))
     ref = full_logits(model, ids)
     for opts in (dict(residual=SEQ), dict(sink=SEQ), dict(sink=5, residual=SEQ - 5)):
@@ -209,7 +169,7 @@ def test_residual_and_sink_tokens_are_exact_in_the_model():
 def test_generate_greedy_sampling_beam_match_simulated(family):
     model, books = setup(family)
     kvquant.wrap(model, books)
-    prompt = ids_of(2, 6)
+    prompt = random_ids(2, 6)
     kw = dict(max_new_tokens=8, min_new_tokens=8)
 
     def run(cache, **gen):
@@ -233,7 +193,7 @@ def test_generate_greedy_sampling_beam_match_simulated(family):
 def test_batch_with_left_padding(family):
     model, books = setup(family)
     kvquant.wrap(model, books)
-    ids = ids_of(2, 9)
+    ids = random_ids(2, 9)
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
     # step by step with padding == simulated full forward (padded query rows aside)
@@ -269,7 +229,7 @@ def test_memory_per_token_head_dim_64():
     b, s, layers, hkv, d = 2, 20, 2, 2, 64
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), past_key_values=cache, use_cache=True)
     per_head = d * 4 // 8 + d * 4 // 8 + 2  # key codes + value codes + fp16 value scale = 66 bytes
     assert cache.memory_bytes() == layers * b * hkv * s * per_head
     assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -283,7 +243,7 @@ def test_memory_per_token_head_dim_64():
     # exact sink/residual tokens are counted in the model's dtype (float32 here)
     cache = make_cache(model, books, sink=2, residual=5)
     with torch.no_grad():
-        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), past_key_values=cache, use_cache=True)
     exact = 2 * d * 4  # key + value, float32
     expect = layers * b * hkv * ((s - 7) * per_head + 7 * exact)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -294,7 +254,7 @@ def test_memory_counts_sliding_layers_window_only():
     model, books = setup("mistral")
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids_of(1, SEQ), past_key_values=cache, use_cache=True)
+        model(random_ids(1, SEQ), past_key_values=cache, use_cache=True)
     per_head = 8 + 8 + 2
     assert cache.memory_bytes() == 2 * 1 * 2 * (WINDOW - 1) * per_head
     assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -306,7 +266,7 @@ def test_memory_counts_sliding_layers_window_only():
 def test_crop_then_continue_equals_fresh_cache():
     model, books = setup("llama")
     kvquant.wrap(model, books)
-    ids = ids_of()
+    ids = random_ids()
     cache = make_cache(model, books)
     with torch.no_grad():
         model(ids[:, :10], past_key_values=cache, use_cache=True)
@@ -332,7 +292,7 @@ def test_sliding_crop_with_past_recording():
     cache = make_cache(model, books)
     cache.activate_past_recording()
     with torch.no_grad():
-        model(ids_of(1, 10), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 10), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
     assert isinstance(layer, KVQuantSlidingLayer) and layer.held_tokens == 10
     k_all, _ = layer._materialize()
@@ -343,7 +303,7 @@ def test_sliding_crop_with_past_recording():
     # without past recording, cropping past the window is refused, as in transformers
     plain = make_cache(model, books)
     with torch.no_grad():
-        model(ids_of(1, 10), past_key_values=plain, use_cache=True)
+        model(random_ids(1, 10), past_key_values=plain, use_cache=True)
     with pytest.raises(RuntimeError):
         plain.crop(-2)
 
@@ -352,7 +312,7 @@ def test_reorder_and_batch_ops():
     model, books = setup("llama")
     cache = make_cache(model, books, sink=1, residual=2)
     with torch.no_grad():
-        model(ids_of(3, 8), past_key_values=cache, use_cache=True)
+        model(random_ids(3, 8), past_key_values=cache, use_cache=True)
     before = [layer._materialize() for layer in cache.layers]
     idx = torch.tensor([2, 0, 0])
     cache.reorder_cache(idx)
@@ -367,7 +327,7 @@ def test_reorder_and_batch_ops():
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
     with torch.no_grad():  # usable again after reset
-        model(ids_of(1, 4), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 4), past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 4
 
 
@@ -388,7 +348,7 @@ def test_make_cache_checks_the_codebooks():
 def calibrated(model, **config) -> Codebooks:
     from kvquant.calibrate import CalibrationConfig, calibrate
 
-    return calibrate(model, ids_of(2, 16, seed=7), CalibrationConfig(CodebookConfig("lambda", 4, 4, **config)),
+    return calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig("lambda", 4, 4, **config)),
                      progress=False)
 
 
@@ -399,7 +359,7 @@ def test_codebook_sinks_with_query_quantizer_match_simulated(family):
     token is not a sink)."""
     model = make_model(family)
     books = calibrated(model, sink=2)
-    ids = ids_of()
+    ids = random_ids()
     kvquant.wrap(model, books)
     ref = full_logits(model, ids)
     cache = make_cache(model, books, quantize_values=False)
@@ -447,7 +407,7 @@ def test_group_mode_decoding_matches_causal_reference():
 
     model = make_model("llama")
     books = calibrated(model, norm="channel-group", group=4, sink=1)
-    ids = ids_of(2, 13)
+    ids = random_ids(2, 13)
 
     def causal_keys(x, layer, side):
         if side == "q":
@@ -499,7 +459,7 @@ def test_group_mode_memory():
     cache = make_cache(model, books)
     b, s, d = 2, 15, 16
     with torch.no_grad():
-        model(ids_of(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), past_key_values=cache, use_cache=True)
     per_head_q = 8 + 8 + 2 + 2 * d * 2 / 4  # key codes, value codes + scale, fp16 mid/half per group of 4
     quantized = (s - 1) // 4 * 4
     exact = s - quantized
@@ -513,7 +473,7 @@ def test_group_mode_crop_keeps_split_group_exact():
     books = calibrated(model, norm="channel-group", group=4, sink=1)
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids_of(1, 13), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 13), past_key_values=cache, use_cache=True)
     layer = cache.layers[1]
     k_all, v_all = layer._materialize()
     cache.crop(-6)  # 13 -> 7 tokens: sink + group [1, 5) + 2 tokens of the split group [5, 9)

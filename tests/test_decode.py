@@ -20,14 +20,6 @@ from kvquant.decode import (
 from kvquant.packing import pack_codes, packed_size, unpack_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _codes(shape, bits, g):
     return torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
 
