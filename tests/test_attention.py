@@ -39,6 +39,17 @@ class Recorder:
         self.calls.append((layer, q.clone(), k.clone(), mask.clone()))
 
 
+def capture_calls(model, ids, mask=None) -> tuple[Recorder, torch.Tensor]:
+    """Run ``model`` wrapped in capture mode; what the observer received, and the logits."""
+    rec = Recorder()
+    with kvquant.wrapped(model):
+        ctl = controller(model)
+        ctl.observer = rec
+        ctl.set_mode("capture")
+        out = logits(model, ids, mask)
+    return rec, out
+
+
 # --- off mode --------------------------------------------------------------------------------
 
 
@@ -74,12 +85,7 @@ def test_sliding_window_reaches_function(family):
     """With the window (4) smaller than the sequence (12), the pair mask the function receives
     is the windowed pattern on sliding layers and the causal one elsewhere."""
     model = make_model(family)
-    rec = Recorder()
-    with kvquant.wrapped(model):
-        ctl = controller(model)
-        ctl.observer = rec
-        ctl.set_mode("capture")
-        logits(model, random_ids(1, SEQ))
+    rec, _ = capture_calls(model, random_ids(1, SEQ))
     assert [c[0] for c in rec.calls] == [0, 1]
     for layer, _, _, mask in rec.calls:
         want = expected_pairs(EXPECTED_WINDOWS[family][layer], None, 0)
@@ -90,12 +96,7 @@ def test_sliding_window_reaches_function(family):
 def test_capture_mask_excludes_padding(family):
     model = make_model(family)
     ids, am = left_padded(pads=(0, 3))
-    rec = Recorder()
-    with kvquant.wrapped(model):
-        ctl = controller(model)
-        ctl.observer = rec
-        ctl.set_mode("capture")
-        out = logits(model, ids, am)
+    rec, out = capture_calls(model, ids, am)
     ref = logits(model, ids, am)
     assert torch.equal(out, ref), "capture mode must not change the result"
     for layer, q, k, mask in rec.calls:
@@ -131,12 +132,7 @@ def test_quantize_identity_quantizer_matches_off_and_sees_only_q_and_k(tiny_mode
     ids = random_ids(2, SEQ)
     ref = logits(tiny_model, ids)
     # post-RoPE q/k as capture mode sees them, to compare with what the quantizer receives
-    rec = Recorder()
-    with kvquant.wrapped(tiny_model):
-        ctl = controller(tiny_model)
-        ctl.observer = rec
-        ctl.set_mode("capture")
-        logits(tiny_model, ids)
+    rec, _ = capture_calls(tiny_model, ids)
     quant = RecordingQuantizer()
     with kvquant.wrapped(tiny_model, quant):
         assert controller(tiny_model).mode == "quantize"
@@ -231,12 +227,7 @@ def test_selecting_kvquant_by_hand_without_wrap_is_refused(llama):
 @pytest.mark.parametrize("family", GQA_FAMILIES)
 def test_gqa_keys_are_not_repeated(family):
     model = make_model(family)
-    rec = Recorder()
-    with kvquant.wrapped(model):
-        ctl = controller(model)
-        ctl.observer = rec
-        ctl.set_mode("capture")
-        logits(model, random_ids(1, SEQ))
+    rec, _ = capture_calls(model, random_ids(1, SEQ))
     for _, q, k, _ in rec.calls:
         assert q.shape[1] == 4 and k.shape[1] == 2
 
