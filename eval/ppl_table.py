@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,9 +26,8 @@ import torch
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
-from kvquant.cli import DEFAULTS
+from kvquant.cli import DEFAULTS, codebook_config
 from kvquant.codebook import METHODS
-from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
 from kvquant.diagnostics import logit_errors
 from kvquant.fileio import replace_section, write_text
@@ -39,12 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: codebook methods shown with the default (dynamic) normalisation
 DEFAULT_NORM_METHODS = ("lambda", "lambda-lloyd")
-
-
-def default_config() -> CodebookConfig:
-    """The CLI's default codebook configuration (configs/default.yaml)."""
-    names = [f.name for f in fields(CodebookConfig) if f.name in DEFAULTS]
-    return CodebookConfig(**{n: DEFAULTS[n] for n in names})
 
 
 def rows_for_bits(bits: int, books) -> dict:
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
-    books = calibrate(model, calib, CalibrationConfig(default_config()))
+    books = calibrate(model, calib, CalibrationConfig(codebook_config(DEFAULTS)))
     bits_list = [int(b) for b in args.bits.split(",")]
     by_bits = {b: rows_for_bits(b, books) for b in bits_list}
     rows = {"fp": None} | {n: q for r in by_bits.values() for n, q in r.items()}

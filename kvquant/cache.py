@@ -562,14 +562,14 @@ def make_cache(
             "these codebooks quantize pre-RoPE keys; KVQuantCache stores post-RoPE keys: calibrate with rope='post' for the cache"
         )
     k = codebooks.k
-    if getattr(k, "outliers", 0):
+    if k.outliers:
         raise NotImplementedError(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
             "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
         )
     options = CacheOptions(
         k.bits, k.bits if bits_v is None else bits_v, quantize_values, residual,
-        getattr(k, "sink", 0) if sink is None else sink, getattr(k, "group", 0), group_dtype,
+        k.sink if sink is None else sink, k.group, group_dtype,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
@@ -603,7 +603,7 @@ class QueryQuantizer:
     def __init__(self, codebooks: Codebooks, cache: Cache | None = None):
         self.codebooks = codebooks
         self.cache = cache
-        self.sink = getattr(codebooks.q, "sink", 0)
+        self.sink = codebooks.q.sink
         self._no_sink = replace(codebooks.q, sink=0) if self.sink else codebooks.q
 
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -80,17 +81,22 @@ def cmd_assets(args) -> None:
         print(f"{name}: {path}")
 
 
+def codebook_config(options: dict):
+    """The :class:`CodebookConfig` named by command-line/config-file ``options`` (e.g. ``DEFAULTS``)."""
+    from kvquant.codebooks import CodebookConfig
+
+    return CodebookConfig(**{f.name: options[f.name] for f in fields(CodebookConfig) if f.name in options})
+
+
 def cmd_calibrate(args) -> None:
     from kvquant.calibrate import CalibrationConfig, calibrate, summary
-    from kvquant.codebooks import CodebookConfig
     from kvquant.data import load_text, make_windows
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
                     "outliers", "rope", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
-    config = CalibrationConfig(CodebookConfig(args.method, args.bits_q, args.bits_k, args.norm, args.group,
-                                              args.sink, args.outliers, args.rope))
+    config = CalibrationConfig(codebook_config(vars(args)))
     model, tok = _load(args)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
