@@ -28,6 +28,7 @@ from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
 from kvquant.cli import DEFAULTS, codebook_config
 from kvquant.codebook import METHODS
+from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
 from kvquant.diagnostics import logit_errors
 from kvquant.fileio import replace_section, write_text
@@ -40,14 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NORM_METHODS = ("lambda", "lambda-lloyd")
 
 
-def rows_for_bits(bits: int, books) -> dict:
-    """Baselines, every method with static per-head σ (``name@bits``), and the default
-    normalisation's density codebooks (``name@bits/default``); ``books`` has the default config."""
+def rows_for_bits(bits: int, static, books) -> dict:
+    """Baselines, every method with static per-head σ, post-RoPE (``name@bits``, rebuilt from
+    ``static``), and the default configuration's density codebooks (``name@bits/default``,
+    rebuilt from ``books``)."""
     rows = {f"int{bits}": Baseline(f"int{bits}"), f"int{bits}-channel": Baseline(f"int{bits}-channel")}
     if bits in (8, 4):
         rows[f"fp{bits}"] = Baseline(f"fp{bits}")
     for m in METHODS:
-        rows[f"{m}@{bits}"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits, norm="head", sink=0)
+        rows[f"{m}@{bits}"] = static.rebuilt(method=m, bits_q=bits, bits_k=bits)
     for m in DEFAULT_NORM_METHODS:
         rows[f"{m}@{bits}/default"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits)
     return rows
@@ -68,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
     books = calibrate(model, calib, CalibrationConfig(codebook_config(DEFAULTS)))
+    static = calibrate(model, calib, CalibrationConfig(CodebookConfig("lambda", 4, 4, "head")))  # post-RoPE
     bits_list = [int(b) for b in args.bits.split(",")]
-    by_bits = {b: rows_for_bits(b, books) for b in bits_list}
+    by_bits = {b: rows_for_bits(b, static, books) for b in bits_list}
     rows = {"fp": None} | {n: q for r in by_bits.values() for n, q in r.items()}
     results = evaluate(model, evals, rows)
     err_quant = {n: q for b in (8, 4) for n, q in by_bits.get(b, {}).items()
