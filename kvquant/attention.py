@@ -7,7 +7,9 @@ and, depending on the :class:`Controller` attached to the attention module by ``
 
 ``off``       calls transformers' SDPA attention unchanged (bit-identical logits to ``sdpa``);
 ``capture``   hands q, k and the mask of allowed (query, key) pairs to an observer
-              (e.g. :meth:`kvquant.stats.PairStats.update`), then attends unchanged;
+              (e.g. :meth:`kvquant.stats.PairStats.update`), then attends unchanged; in a
+              forward that records gradients, a ``grad_observer`` also gets ∂loss/∂q and
+              ∂loss/∂k during backward (Fisher weights, :meth:`GroupHistogram.update_grad`);
 ``quantize``  replaces q and k by their quantized values, then attends with SDPA.
 
 A mask function is registered under the same name (transformers' ``sdpa_mask``); without it
@@ -30,7 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvquant.rope import derotate, rotate
+from kvquant.rope import derotate, pullback, rotate
 
 ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
@@ -39,6 +41,9 @@ Rope = Literal["post", "pre"]
 Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
 #: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: ``grad_observer(layer, side, x, grad)``: entries x (q or k, in the controller's frame) and the
+#: gradient of the loss with respect to them, called during backward of a capture-mode forward.
+GradObserver = Callable[[int, str, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Controller:
     mode: Mode = "off"
     quantizer: Quantizer | None = None
     observer: Observer | None = None
+    grad_observer: GradObserver | None = None  # capture mode, when the forward records gradients
     calls: set[int] = field(default_factory=set)  # layers that ran through this function
     rope: Rope = "post"  # frame in which the observer / quantizer see q and k
 
@@ -102,12 +108,24 @@ def kvquant_attention(
     if ctl.mode == "capture":
         mask = pair_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", True), query.device)
         ctl.observer(layer, q_in, k_in, mask)
+        if ctl.grad_observer is not None and query.requires_grad:
+            _observe_grads(ctl.grad_observer, layer, (("q", query, q_in), ("k", key, k_in)), tables)
     else:
         q_hat, k_hat = ctl.quantizer(q_in, layer, "q"), ctl.quantizer(k_in, layer, "k")
         if tables is not None:
             q_hat, k_hat = rotate(q_hat, *tables).to(query.dtype), rotate(k_hat, *tables).to(key.dtype)
         query, key = q_hat, k_hat
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _observe_grads(observer: GradObserver, layer: int, sides, tables) -> None:
+    """Hooks handing ``∂loss/∂x`` to ``observer`` in the frame of x (pre-RoPE: pulled back through
+    the rotation, :func:`kvquant.rope.pullback`) when backward reaches the attention inputs."""
+    for side, t, x in sides:
+        def hook(g: torch.Tensor, side: str = side, x: torch.Tensor = x.detach()) -> None:
+            observer(layer, side, x, g if tables is None else pullback(g, *tables))
+
+        t.register_hook(hook)
 
 
 def stash_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -567,6 +567,11 @@ def make_cache(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
             "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
         )
+    if k.head_bits is not None:
+        raise NotImplementedError(
+            "these codebooks allocate different bits to different key heads (budget > 0); KVQuantCache packs one "
+            "width per cache: calibrate with budget=0 for the cache"
+        )
     options = CacheOptions(
         k.bits, k.bits if bits_v is None else bits_v, quantize_values, residual,
         k.sink if sink is None else sink, k.group, group_dtype,

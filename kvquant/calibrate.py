@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.attention import Observer, Rope
+from kvquant.attention import GradObserver, Observer, Rope
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.density import RHO_CRITICAL
 from kvquant.fingerprint import ModelFingerprint
@@ -39,13 +39,17 @@ def _ids(windows) -> torch.Tensor:
     return ids
 
 
-@torch.no_grad()
 def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size: int = 1,
-                progress: bool = True, desc: str = "calibrate", rope: Rope = "post") -> None:
+                progress: bool = True, desc: str = "calibrate", rope: Rope = "post",
+                grad_observer: GradObserver | None = None) -> None:
     """Run ``windows`` (n, seqlen) through the model in capture mode, calling
     ``observer(layer, q, k, pair_mask)`` in every attention call with q and k post-RoPE, or
     with the rotary embedding undone (``rope="pre"``); the model's previous wrap state is
     restored afterwards.
+
+    With ``grad_observer``, every batch also runs backward of its next-token loss (mean NLL over
+    the batch's tokens) and ``grad_observer(layer, side, x, ∂loss/∂x)`` gets the gradients of q
+    and k in the same frame; the weights are frozen meanwhile (no parameter gradients are kept).
 
     Raises :class:`UnsupportedModelError` if some layer never called kvquant's attention
     function (a family that bypasses ``AttentionInterface`` must not pass silently).
@@ -53,16 +57,26 @@ def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size:
     ids = _ids(windows)
     layers = ModelFingerprint.from_model(model).num_layers
     device = next(model.parameters()).device
-    with wrapped(model, None):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    embed = model.get_input_embeddings()
+    with wrapped(model, None), torch.set_grad_enabled(grad_observer is not None):
         ctl = controller(model)
-        ctl.observer, ctl.calls, ctl.rope = observer, set(), rope
+        ctl.observer, ctl.grad_observer, ctl.calls, ctl.rope = observer, grad_observer, set(), rope
         ctl.set_mode("capture")
+        model.requires_grad_(False)
         try:
             for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress):
-                model(ids[start : start + batch_size].to(device), use_cache=False)
+                batch = ids[start : start + batch_size].to(device)
+                if grad_observer is None:
+                    model(batch, use_cache=False)
+                else:  # gradients flow from the loss to the activations only
+                    x = embed(batch).detach().requires_grad_(True)
+                    model(inputs_embeds=x, labels=batch, use_cache=False).loss.backward()
         finally:
-            ctl.observer = None
+            ctl.observer = ctl.grad_observer = None
             ctl.set_mode("off")
+            for p in trainable:
+                p.requires_grad_(True)
         missing = sorted(set(range(layers)) - ctl.calls)
     if missing:
         raise UnsupportedModelError(
@@ -80,21 +94,29 @@ def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress
 
 
 def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batch_size: int = 1,
-            progress: bool = True, rope: Rope = "post") -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
+            progress: bool = True, rope: Rope = "post",
+            fisher: bool = False) -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
     """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
     ``(group, sink[, outliers])`` setting of the dynamic normalisation that is asked for, keyed
-    by ``(group, sink, outliers)`` (outliers 0.0 where not given); q and k in the ``rope`` frame."""
+    by ``(group, sink, outliers)`` (outliers 0.0 where not given); q and k in the ``rope`` frame.
+    ``fisher``: the histograms also get Fisher weights (a backward pass per batch), which bit
+    allocation (``CodebookConfig.budget``) needs."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
     keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0) for gs in group_sinks}
-    hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *key) for key in sorted(keys)}
+    hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *key, fisher=fisher)
+             for key in sorted(keys)}
 
     def observe(layer, q, k, mask):
-        stats.update(layer, q, k, mask)
+        stats.update(layer, q.detach(), k.detach(), mask)
         for hist in hists.values():
-            hist.update(layer, q, k, mask)
+            hist.update(layer, q.detach(), k.detach(), mask)
 
-    run_capture(model, windows, observe, batch_size, progress, rope=rope)
+    def observe_grad(layer, side, x, grad):
+        for hist in hists.values():
+            hist.update_grad(layer, side, x, grad)
+
+    run_capture(model, windows, observe, batch_size, progress, rope=rope, grad_observer=observe_grad if fisher else None)
     return stats, hists
 
 
@@ -105,7 +127,8 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
     ids = _ids(windows)
     cbc = config.codebooks
     gs = (cbc.group, cbc.sink, float(cbc.outliers))
-    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress, cbc.rope)
+    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress, cbc.rope,
+                           fisher=bool(cbc.budget))
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
     books = Codebooks.from_stats(stats, cbc, ModelFingerprint.from_model(model), calibration, hists.get(gs))

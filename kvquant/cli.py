@@ -30,6 +30,7 @@ DEFAULTS = {
     "sink": 1,
     "outliers": 0.0,
     "rope": "pre",
+    "budget": 0.0,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -93,7 +94,7 @@ def cmd_calibrate(args) -> None:
     from kvquant.data import load_text, make_windows
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "outliers", "rope", "dtype", "device", "out"])
+                    "outliers", "rope", "budget", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
     config = CalibrationConfig(codebook_config(vars(args)))
@@ -104,7 +105,10 @@ def cmd_calibrate(args) -> None:
     books = calibrate(model, windows, config, source=source)
     books.save(args.out)
     print("\n".join(summary(books)))
-    print(f"wrote {args.out}: {args.method}, q {args.bits_q} bits, k {args.bits_k} bits, "
+    bits = (f"q {args.bits_q} bits, k {args.bits_k} bits" if not args.budget else
+            f"q {books.q.mean_bits:.3f} / k {books.k.mean_bits:.3f} mean bits (budget {args.budget:g}, caps "
+            f"{args.bits_q}/{args.bits_k})")
+    print(f"wrote {args.out}: {args.method}, {bits}, "
           f"{windows.n} windows × {args.seqlen} tokens from the end of {source}")
 
 
@@ -184,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rope", choices=["post", "pre"],
                    help="quantize q and k after the rotary embedding, or before it (undone and redone inside "
                         "attention; forward passes without a KV cache only; default pre)")
+    c.add_argument("--budget", type=float,
+                   help="average code bits per query/key entry, spread over (layer, head) by reverse water-filling on "
+                        "the calibrated logit error; each head gets 1 … --bits-q/--bits-k bits "
+                        "(--norm channel-group only; default 0 = every head --bits-q/--bits-k)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

@@ -519,6 +519,15 @@ def _weighted_lloyd(nodes: np.ndarray, weight: np.ndarray, start: np.ndarray, it
     return book
 
 
+def histogram_distortion(book: Codebook, nodes: np.ndarray, weight: np.ndarray) -> float:
+    """``Σ_i weight_i (node_i − Q(node_i))²``: the codebook's error on a weighted grid histogram
+    (with the product-error weights of :func:`histogram_codebook`, the first-order squared error
+    of the products that the histogram's entries take part in)."""
+    nodes = np.asarray(nodes, np.float64)
+    err = nodes - book.centers[book.encode(nodes)]
+    return float(np.asarray(weight, np.float64) @ (err * err))
+
+
 def histogram_codebook(method: Method, bits: int, nodes: np.ndarray, count: np.ndarray, weight: np.ndarray) -> Codebook:
     """Codebook for a variable whose calibration histogram on ``nodes`` (uniform grid) has
     ``count`` entries and product-error ``weight`` (Σ E[partner²] per entry, DESIGN.md §1).

@@ -21,11 +21,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvquant import codebook as cb
+from kvquant.allocate import water_fill
 from kvquant.attention import Rope
 from kvquant.fileio import atomic_path
 from kvquant.fingerprint import ModelFingerprint
@@ -57,6 +59,9 @@ class CodebookConfig:
     sink: int = 0
     outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
     rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.rope)
+    # > 0: average code bits per entry over query and key codebooks, spread over (layer, head, side)
+    # by reverse water-filling (kvquant.allocate); each head gets 1 … bits_q (queries) / bits_k (keys)
+    budget: float = 0.0
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -79,6 +84,16 @@ class CodebookConfig:
             )
         if self.rope not in ("post", "pre"):
             raise ValueError(f"rope must be 'post' or 'pre' (quantize after or before the rotary embedding); got {self.rope!r}")
+        if self.budget and not (isinstance(self.budget, (int, float)) and cb.MIN_BITS <= self.budget <= max(self.bits_q, self.bits_k)):
+            raise ValueError(
+                f"budget (average bits per entry) must be in [{cb.MIN_BITS}, max(bits_q, bits_k) = "
+                f"{max(self.bits_q, self.bits_k)}] — bits_q/bits_k are the most one head may get; got {self.budget!r}"
+            )
+        if self.budget and self.norm != "channel-group":
+            raise ValueError(
+                f"budget (bit allocation) needs norm 'channel-group' (its error curves come from the calibration "
+                f"histograms); got norm {self.norm!r}"
+            )
         if self.outliers and self.norm != "channel-group":
             raise ValueError(f"outliers > 0 needs norm 'channel-group' (they are found per group); got norm {self.norm!r}")
 
@@ -86,11 +101,47 @@ class CodebookConfig:
     def dynamic(self) -> bool:
         return self.norm == "channel-group"
 
+    def effective_bits(self, code_bits: float, head_dim: int, seqlen: int | None = None) -> float:
+        """Bits per entry for ``code_bits`` bits of codes per entry (averaged over queries and
+        keys). Static scales and tables are per model and add nothing per entry; ``channel-group``
+        adds an fp16 (mid, half) per channel per group, 32/G; exact sink tokens cost 16 bits
+        instead of b for ``sink/seqlen`` of the entries (``seqlen`` required when sink > 0).
+
+        Outliers (dense-and-sparse, ``outliers = p``): each (group × D) block keeps
+        ``n = ⌈p·G·D⌉`` entries exact, each costing an fp16 value plus its position in the
+        block, ``⌈log2(G·D)⌉`` bits (13 for 128 × 64), *on top of* the dense b-bit code (a packed
+        dense layout keeps a code at every position). So, for the non-sink entries,
+
+            bits = code_bits + 32/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
+
+        (full groups). p = 0.5 % at G = 128, D = 64: n = 41, +0.145 bits."""
+        bits = code_bits
+        if self.dynamic:
+            bits += 2 * 16 / self.group
+        if self.outliers:
+            block = self.group * head_dim
+            bits += outlier_count(self.outliers, block) / block * (16 + math.ceil(math.log2(block)))
+        if self.sink:
+            if not seqlen:
+                raise ValueError("effective bits with exact sink tokens depend on the sequence length")
+            frac = min(self.sink, seqlen) / seqlen
+            bits = bits * (1 - frac) + 16 * frac
+        return bits
+
+    def code_bits(self, effective_bits: float, head_dim: int, seqlen: int | None = None) -> float:
+        """Inverse of :meth:`effective_bits`: the code ``budget`` that makes ``effective_bits``."""
+        at0, at1 = self.effective_bits(0.0, head_dim, seqlen), self.effective_bits(1.0, head_dim, seqlen)
+        return (effective_bits - at0) / (at1 - at0)
+
 
 @dataclass
 class SideBooks:
     """Codebooks of one side (queries or keys): centers (L, H, K), boundaries (L, H, K−1),
-    offset and scale (L, H, D) in the activations' units."""
+    offset and scale (L, H, D) in the activations' units.
+
+    With bit allocation, ``head_bits`` (L, H) gives each head's bits (≤ ``bits``, K = 2^bits):
+    a head with fewer levels has its boundaries padded with +inf (codes never reach the padding)
+    and its centers padded with its last center."""
 
     bits: int
     centers: torch.Tensor
@@ -100,6 +151,12 @@ class SideBooks:
     group: int = 0  # > 0: dynamic min–max per channel over groups of this many tokens
     sink: int = 0  # first tokens kept exact
     outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
+    head_bits: torch.Tensor | None = None  # (L, H) int: allocated bits per head (None: all heads `bits`)
+
+    @property
+    def mean_bits(self) -> float:
+        """Code bits per entry averaged over this side's heads and layers."""
+        return self.bits if self.head_bits is None else float(self.head_bits.double().mean())
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
@@ -133,7 +190,8 @@ class SideBooks:
         return (xq * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in ("centers", "boundaries", "offset", "scale")}
+        names = ("centers", "boundaries", "offset", "scale") + (("head_bits",) if self.head_bits is not None else ())
+        return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
 
 
 @lru_cache(maxsize=4096)
@@ -145,6 +203,39 @@ def _r(v: float) -> float:
     """Statistics rounded to 0.01 before building, so near-identical heads share the work
     (a change of 0.01 in ρ or in μ/σ moves the pair error by well under 0.1%)."""
     return round(float(v), 2)
+
+
+def allocate_bits(book, fisher: dict[str, np.ndarray], caps: dict[str, int], budget: float,
+                  nodes: np.ndarray) -> dict[str, np.ndarray]:
+    """Bits per (layer, head) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
+
+    Unit: one codebook, ``book(side, layer, head, bits)``. Its distortion at b bits is its error
+    on the Fisher histogram ``fisher[side][layer, head]`` (Σ half² · (∂loss/∂x)² per x̃ bin):
+    ``D(b) = ½ Σ_i fisher_i (node_i − Q_b(node_i))²``, the diagonal-Fisher (second-order) estimate
+    of the calibration loss increase — in the same units for every layer, head and side, unlike
+    the error of the logits, whose effect on the loss differs from layer to layer.
+    Cost of a bit: ``1 / (2 · L · H_side)`` of the average ``½(mean_q bits + mean_k bits)``.
+    Every head gets between 1 and its side's cap bits.
+    """
+    curves, costs, his, shapes = [], [], [], {}
+    width = max(caps.values()) + 1
+    for side, weight in fisher.items():
+        L, H, _ = weight.shape
+        shapes[side] = (L, H)
+        for layer in range(L):
+            for h in range(H):
+                row = np.zeros(width)
+                for b in range(cb.MIN_BITS, caps[side] + 1):
+                    row[b] = 0.5 * cb.histogram_distortion(book(side, layer, h, b), nodes, weight[layer, h])
+                curves.append(row)
+                costs.append(1 / (2 * L * H))
+                his.append(caps[side])
+    bits = water_fill(np.stack(curves), np.array(costs), budget, cb.MIN_BITS, np.array(his))
+    out, start = {}, 0
+    for side, (L, H) in shapes.items():
+        out[side] = bits[start : start + L * H].reshape(L, H)
+        start += L * H
+    return out
 
 
 @dataclass
@@ -223,20 +314,41 @@ class Codebooks:
                 "re-run calibration with them"
             )
         nodes = hist.nodes.numpy()
+        hists = {"q": (hist.count_q.numpy(), hist.weight_q.numpy()), "k": (hist.count_k.numpy(), hist.weight_k.numpy())}
+        caps = {"q": config.bits_q, "k": config.bits_k}
 
-        def side(count: torch.Tensor, weight: torch.Tensor, bits: int) -> SideBooks:
-            L, H, _ = count.shape
-            k = 2**bits
-            centers, bounds = torch.empty(L, H, k), torch.empty(L, H, k - 1)
+        @lru_cache(maxsize=None)
+        def book(side: str, layer: int, h: int, bits: int) -> cb.Codebook:
+            count, weight = hists[side]
+            return cb.histogram_codebook(config.method, bits, nodes, count[layer, h], weight[layer, h])
+
+        if config.budget:
+            if hist.fisher_q is None:
+                raise ValueError(
+                    "budget (bit allocation) needs calibration histograms with Fisher weights; re-run calibration "
+                    "with budget > 0 (or capture(..., fisher=True))"
+                )
+            fisher = {"q": hist.fisher_q.numpy(), "k": hist.fisher_k.numpy()}
+            head_bits = allocate_bits(book, fisher, caps, config.budget, nodes)
+        else:
+            head_bits = {s: np.full(hists[s][0].shape[:2], caps[s]) for s in hists}
+
+        def side_books(side: str) -> SideBooks:
+            bits_lh = head_bits[side]
+            L, H = bits_lh.shape
+            k = 2 ** int(bits_lh.max())
+            centers, bounds = torch.empty(L, H, k), torch.full((L, H, k - 1), math.inf)
             for layer in range(L):
                 for h in range(H):
-                    book = cb.histogram_codebook(config.method, bits, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
-                    centers[layer, h], bounds[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
+                    b = book(side, layer, h, int(bits_lh[layer, h]))
+                    n = b.levels
+                    centers[layer, h, :n], centers[layer, h, n:] = torch.from_numpy(b.centers), float(b.centers[-1])
+                    bounds[layer, h, : n - 1] = torch.from_numpy(b.boundaries)
             unit = torch.zeros(L, H, fingerprint.head_dim)
-            return SideBooks(bits, centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers)
+            return SideBooks(int(bits_lh.max()), centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
+                             torch.from_numpy(bits_lh).to(torch.int8) if config.budget else None)
 
-        return cls(config, side(hist.count_q, hist.weight_q, config.bits_q), side(hist.count_k, hist.weight_k, config.bits_k),
-                   fingerprint, stats, dict(calibration or {}), hist)
+        return cls(config, side_books("q"), side_books("k"), fingerprint, stats, dict(calibration or {}), hist)
 
     def rebuilt(self, **changes) -> "Codebooks":
         """Codebooks from the same statistics with another method/bits (norm/group/sink only
@@ -261,33 +373,10 @@ class Codebooks:
         return (self.q if side == "q" else self.k).apply(x, layer)
 
     def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
-        """Bits per entry, averaged over queries and keys. Static scales and tables are per
-        model and add nothing per entry; ``channel-group`` adds an fp16 (mid, half) per channel
-        per group, 32/G; exact sink tokens cost 16 bits instead of b for ``sink/seqlen`` of
-        the entries (``seqlen`` required when sink > 0).
-
-        Outliers (dense-and-sparse, ``outliers = p``): each (group × D) block keeps
-        ``n = ⌈p·G·D⌉`` entries exact, each costing an fp16 value plus its position in the
-        block, ``⌈log2(G·D)⌉`` bits (13 for 128 × 64), *on top of* the dense b-bit code (a packed
-        dense layout keeps a code at every position). So, for the non-sink entries,
-
-            bits = (b_q + b_k)/2 + 32/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
-
-        (full groups; ``head_dim`` defaults to the model's). p = 0.5 % at G = 128, D = 64:
-        n = 41, +0.145 bits."""
-        c = self.config
-        bits = 0.5 * (c.bits_q + c.bits_k)
-        if c.dynamic:
-            bits += 2 * 16 / c.group
-        if c.outliers:
-            block = c.group * (head_dim or self.fingerprint.head_dim)
-            bits += outlier_count(c.outliers, block) / block * (16 + math.ceil(math.log2(block)))
-        if c.sink:
-            if not seqlen:
-                raise ValueError("effective bits with exact sink tokens depend on the sequence length")
-            frac = min(c.sink, seqlen) / seqlen
-            bits = bits * (1 - frac) + 16 * frac
-        return bits
+        """Bits per entry, averaged over queries and keys (:meth:`CodebookConfig.effective_bits`
+        of the code bits ``½(mean_q + mean_k)``; ``head_dim`` defaults to the model's)."""
+        code = 0.5 * (self.q.mean_bits + self.k.mean_bits)
+        return self.config.effective_bits(code, head_dim or self.fingerprint.head_dim, seqlen)
 
     def check_fits(self, model: torch.nn.Module) -> None:
         """Raise ValueError listing what differs if these codebooks were made for another model."""
@@ -341,14 +430,14 @@ class Codebooks:
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
-            config.outliers,
+            config.outliers, t.get(f"{p}.head_bits"),
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}
         return cls(
             config=config,
-            q=side("q", config.bits_q),
-            k=side("k", config.bits_k),
+            q=side("q", int(t["q.centers"].shape[-1]).bit_length() - 1),
+            k=side("k", int(t["k.centers"].shape[-1]).bit_length() - 1),
             fingerprint=ModelFingerprint.from_json(meta["fingerprint"]),
             stats=stats,
             calibration=json.loads(meta.get("calibration", "{}")),

@@ -131,6 +131,11 @@ class GroupHistogram:
     """Float64 histograms of x̃ per (layer, head): ``count`` (entries) and ``weight``
     (Σ half² · E[partner² | entry]), for queries (L, H, N+1) and keys (L, H_kv, N+1).
 
+    Optionally ``fisher`` (Σ half² · (∂loss/∂x)²; :meth:`update_grad`): the diagonal-Fisher
+    weight of an entry, so that ``½ Σ fisher · (x̃ − Q(x̃))²`` estimates the increase of the
+    calibration loss (nats per token) that the codebook's error causes — one scale for every
+    layer, head and side, which is what bit allocation compares.
+
     Captured with the quantizer's own settings: ``group`` tokens per scale, the first ``sink``
     tokens left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
     out too (x̃ and half of the others are those of the reduced min–max)."""
@@ -142,13 +147,15 @@ class GroupHistogram:
     group: int
     sink: int
     outliers: float = 0.0
+    fisher_q: torch.Tensor | None = None
+    fisher_k: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, outliers: float = 0.0,
-              bins: int = HIST_BINS):
+              bins: int = HIST_BINS, fisher: bool = False):
         zq = lambda: torch.zeros(layers, heads, bins + 1, dtype=torch.float64)  # noqa: E731
         zk = lambda: torch.zeros(layers, kv_heads, bins + 1, dtype=torch.float64)  # noqa: E731
-        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers))
+        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers), *((zq(), zk()) if fisher else (None, None)))
 
     @property
     def key(self) -> tuple[int, int, float]:
@@ -172,32 +179,46 @@ class GroupHistogram:
         partner_q = (m @ (k32 * k32)).repeat_interleave(g, 1) / n_t  # E[k² | query entry]
         q2 = (q32 * q32).unflatten(1, (h_kv, g)).sum(2)  # Σ over the KV head's queries
         partner_k = m.transpose(-1, -2) @ q2 / m_s  # E[Σ_g q² | key entry]
+        for name, x, partner in (("q", q32, partner_q), ("k", k32, partner_k)):
+            self._add(layer, x, partner, (f"count_{name}", f"weight_{name}"))
+
+    def update_grad(self, layer: int, side: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add Fisher weights ``half² · grad²`` of one attention input: ``side`` "q" or "k", x and
+        ``grad = ∂loss/∂x`` (B, H, T, D) (a :data:`kvquant.attention.GradObserver`)."""
+        if self.fisher_q is None:
+            raise ValueError("this histogram was made without Fisher weights (GroupHistogram.zeros(fisher=True))")
+        self._add(layer, x.float(), grad.float() ** 2, (f"fisher_{side}",))
+
+    def _add(self, layer: int, x: torch.Tensor, per_entry: torch.Tensor, names: tuple[str, ...]) -> None:
+        """Bin x (B, H, T, D) by x̃ and add ``half² · per_entry`` (and, with two names, the entry
+        count first) to the named (L, H, N+1) histograms; sinks and exact outliers left out."""
         ns = self.sink
-        for name, x, partner, heads in (("q", q32, partner_q, h), ("k", k32, partner_k, h_kv)):
-            x, partner = x[:, :, ns:], partner[:, :, ns:]
-            if x.shape[2] == 0:
-                continue
-            if self.outliers:
-                xt, _, half, exact = group_split(x, self.group, self.outliers)
-            else:
-                xt, _, half = group_minmax(x, self.group)
-            half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, : x.shape[2]]
-            w = (half_full**2 * partner).double()
-            nb = self.count_q.shape[-1]
-            idx = hist_index(xt, nb - 1) + nb * torch.arange(heads, device=x.device)[None, :, None, None]
-            if self.outliers:  # exact entries are not quantized: not in the histogram
-                dense = (~exact).double()
-                cnt = torch.bincount(idx.flatten(), weights=dense.flatten(), minlength=heads * nb)
-                cnt = cnt.reshape(heads, nb).cpu()
-                w = w * dense
-            else:
-                cnt = torch.bincount(idx.flatten(), minlength=heads * nb).reshape(heads, nb).double().cpu()
-            wsum = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=heads * nb).reshape(heads, nb).cpu()
-            getattr(self, f"count_{name}")[layer] += cnt
-            getattr(self, f"weight_{name}")[layer] += wsum
+        x, per_entry = x[:, :, ns:], per_entry[:, :, ns:]
+        if x.shape[2] == 0:
+            return
+        b, heads, t, d = x.shape
+        if self.outliers:
+            xt, _, half, exact = group_split(x, self.group, self.outliers)
+        else:
+            xt, _, half = group_minmax(x, self.group)
+        half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, :t]
+        w = (half_full**2 * per_entry).double()
+        nb = self.count_q.shape[-1]
+        idx = (hist_index(xt, nb - 1) + nb * torch.arange(heads, device=x.device)[None, :, None, None]).flatten()
+        dense = None if not self.outliers else (~exact).double().flatten()  # exact entries are not quantized
+        if dense is not None:
+            w = w.flatten() * dense
+        sums = []
+        if len(names) == 2:
+            cnt = torch.bincount(idx, weights=dense, minlength=heads * nb)
+            sums.append(cnt.double())
+        sums.append(torch.bincount(idx, weights=w.flatten(), minlength=heads * nb))
+        for name, total in zip(names, sums):
+            getattr(self, name)[layer] += total.reshape(heads, nb).cpu()
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("group", "sink", "outliers")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("group", "sink", "outliers") and getattr(self, f.name) is not None}
         out["group_sink"] = torch.tensor([self.group, self.sink])
         out["outliers"] = torch.tensor([self.outliers], dtype=torch.float64)
         return out
@@ -207,4 +228,5 @@ class GroupHistogram:
         """Inverse of :meth:`to_dict`; files from before outliers existed load with outliers = 0."""
         group, sink = (int(v) for v in d["group_sink"])
         outliers = float(d["outliers"][0]) if "outliers" in d else 0.0
-        return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers)
+        return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers,
+                   d.get("fisher_q"), d.get("fisher_k"))

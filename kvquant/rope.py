@@ -9,6 +9,10 @@ rotation by ``−pθ`` divided by ``a²``: ``x = (x_rot·cos − rotate_half(x_r
 Pre-RoPE, a channel's value does not spin with the position, so the per-channel statistics and
 ranges that scales and codebooks are fitted to are those of the projection itself (the outlier
 channels of keys stay put). ``x̂ = rotate(Q(derotate(x)))``.
+
+Gradients: RoPE is the linear map ``A x = x·cos + rotate_half(x)·sin``, so a gradient ``g`` with
+respect to the rotated entries is ``Aᵀ g = g·cos − rotate_half(g)·sin`` with respect to the
+pre-RoPE ones (:func:`pullback`; cos and sin are the same on both halves of a pair).
 """
 
 from __future__ import annotations
@@ -41,3 +45,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE of ``x`` (B, H, T, D) as transformers applies it; float32."""
     xr, xp, c, s = _split(x, cos, sin)
     return torch.cat((xr * c + _rotate_half(xr) * s, xp.float()), dim=-1)
+
+
+def pullback(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the pre-RoPE entries from ``g`` (B, H, T, D) w.r.t. the rotated ones; float32."""
+    gr, gp, c, s = _split(g, cos, sin)
+    return torch.cat((gr * c - _rotate_half(gr) * s, gp.float()), dim=-1)

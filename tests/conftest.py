@@ -148,3 +148,16 @@ def text_of(n_words: int, seed: int = 0) -> str:
     idx = torch.randint(0, VOCAB - 4, (n_words,), generator=g).tolist()
     lines = [" ".join(f"w{i}" for i in idx[j : j + 16]) for j in range(0, n_words, 16)]
     return "\n".join(lines) + "\n"
+
+
+def tiny_books(**cfg):
+    """(model, ids, codebooks): a 2-layer Llama (4 query heads, 2 KV heads, head_dim 8) calibrated
+    on random ids (2 × 24) with ``CodebookConfig(**cfg)``."""
+    from kvquant.calibrate import CalibrationConfig, calibrate
+    from kvquant.codebooks import CodebookConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    return model, ids, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_books
 
 from kvquant import codebook as cb
 from kvquant.baselines import int_per_channel
-from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
+from kvquant.codebooks import Codebooks, SideBooks
 from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore, hist_index
 
 
@@ -96,20 +97,8 @@ def test_histogram_codebooks_order_by_their_objectives():
         cb.histogram_codebook("lambda", 3, nodes, count * 0, weight * 0)
 
 
-def _tiny_books(tmp_path, **cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvquant.calibrate import CalibrationConfig, calibrate
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
-    ids = torch.randint(0, 64, (2, 24))
-    return model, ids, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)
-
-
 def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):
-    model, ids, books = _tiny_books(tmp_path, method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
+    model, ids, books = tiny_books(method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
     assert books.effective_bits(seqlen=24) == pytest.approx((3 + 32 / 8) * 23 / 24 + 16 / 24)
     with pytest.raises(ValueError, match="sequence length"):
         books.effective_bits()

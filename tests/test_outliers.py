@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_books
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -130,32 +132,20 @@ def test_histogram_leaves_exact_entries_out():
     assert hist.key == (g, 1, p) and GroupHistogram.from_dict(hist.to_dict()).key == (g, 1, p)
 
 
-def _tiny(tmp_path, **cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvquant.calibrate import CalibrationConfig, calibrate
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
-    ids = torch.randint(0, 64, (2, 24))
-    return model, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)
-
-
 def test_effective_bits_formula(tmp_path):
-    _, books = _tiny(tmp_path, method="lambda", bits_q=2, bits_k=3, norm="channel-group", group=8, sink=1,
+    _, _, books = tiny_books(method="lambda", bits_q=2, bits_k=3, norm="channel-group", group=8, sink=1,
                      outliers=0.05)
     n = math.ceil(0.05 * 8 * 8)  # 4 entries per 8 × 8 block, each fp16 + a 6-bit position
     per_entry = 2.5 + 32 / 8 + n / 64 * (16 + 6)
     assert books.effective_bits(seqlen=24) == pytest.approx(per_entry * 23 / 24 + 16 / 24)
     # the G = 128, D = 64 numbers quoted in the docstring and the sweep
     cfg = CodebookConfig("lambda", 4, 4, "channel-group", 128, 0, 0.005)
-    fake = Codebooks(cfg, books.q, books.k, books.fingerprint, books.stats)
+    fake = Codebooks(cfg, replace(books.q, bits=4), replace(books.k, bits=4), books.fingerprint, books.stats)
     assert fake.effective_bits(head_dim=64) == pytest.approx(4 + 0.25 + 41 / 8192 * (16 + 13))
 
 
 def test_save_load_round_trip_and_old_files(tmp_path):
-    model, books = _tiny(tmp_path, method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1,
+    model, _, books = tiny_books(method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1,
                          outliers=0.05)
     assert books.q.outliers == 0.05 and books.k.outliers == 0.05
     path = tmp_path / "out.safetensors"
@@ -173,7 +163,7 @@ def test_save_load_round_trip_and_old_files(tmp_path):
         make_cache(model, books)
 
     # a file written before the field existed: no "outliers" in the config nor in the histogram
-    _, plain = _tiny(tmp_path, method="lambda", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
+    _, _, plain = tiny_books(method="lambda", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
     plain.save(path)
     with safe_open(str(path), framework="pt") as f:
         meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
@@ -190,7 +180,7 @@ def test_save_load_round_trip_and_old_files(tmp_path):
 def test_one_capture_pass_for_several_outlier_settings(tmp_path):
     from kvquant.calibrate import capture
 
-    model, books = _tiny(tmp_path, method="lambda", norm="channel-group", group=8, sink=1, outliers=0.05)
+    model, _, books = tiny_books(method="lambda", norm="channel-group", group=8, sink=1, outliers=0.05)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     _, hists = capture(model, ids, [(8, 1), (8, 1, 0.05)], progress=False)
     assert sorted(hists) == [(8, 1, 0.0), (8, 1, 0.05)]

@@ -1,0 +1,157 @@
+"""Bit allocation: greedy reverse water-filling, and codebooks with per-head bits."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_books
+
+from kvquant import codebook as cb
+from kvquant.allocate import water_fill
+from kvquant.codebooks import CodebookConfig, Codebooks
+
+
+def test_high_rate_curves_get_the_reverse_water_filling_bits():
+    # D_u(b) = a_u 4^{-b}: b_u = B + ½ log2(a_u / ā), ā the geometric mean (16 here) → B − 2, B, B + 2
+    a = np.array([1.0, 16.0, 256.0])
+    curves = a[:, None] * 4.0 ** -np.arange(10)
+    bits = water_fill(curves, np.full(3, 1 / 3), 4.0, 1, 9)
+    assert bits.tolist() == [2, 4, 6]
+
+
+def test_greedy_matches_brute_force_on_convex_curves():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, hi = 4, 5
+        # convex decreasing: cumulative sums of decreasing positive drops
+        drops = np.sort(rng.random((n, hi)) * rng.random((n, 1)) * 10, axis=1)[:, ::-1]
+        curves = np.concatenate([np.full((n, 1), drops.sum(1, keepdims=True)), drops.sum(1, keepdims=True)
+                                 - np.cumsum(drops, axis=1)], axis=1)
+        costs = np.array([0.1, 0.1, 0.3, 0.5])
+        budget = float(rng.uniform(1.2, 4.5))
+        bits = water_fill(curves, costs, budget, 1, hi)
+        assert costs @ bits <= budget + 1e-9 and bits.min() >= 1 and bits.max() <= hi
+        best = min(
+            (curves[np.arange(n), list(b)].sum() for b in itertools.product(range(1, hi + 1), repeat=n)
+             if costs @ np.array(b) <= budget + 1e-9),
+        )
+        # greedy on convex curves is optimal up to the last unit that did not fit
+        assert curves[np.arange(n), bits].sum() <= best + (drops.max() + 1e-12)
+        assert curves[np.arange(n), bits].sum() >= best - 1e-12
+
+
+def test_water_fill_rejects_bad_input():
+    curves = np.ones((2, 5))
+    with pytest.raises(ValueError, match="below the minimum"):
+        water_fill(curves, np.array([0.5, 0.5]), 1.5, 2, 4)
+    with pytest.raises(ValueError, match="positive"):
+        water_fill(curves, np.array([0.5, 0.0]), 3, 1, 4)
+    with pytest.raises(ValueError, match="columns"):
+        water_fill(curves, np.array([0.5, 0.5]), 3, 1, 5)
+    bad = curves.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        water_fill(bad, np.array([0.5, 0.5]), 3, 1, 4)
+
+
+def test_budget_config_is_validated():
+    with pytest.raises(ValueError, match="budget"):
+        CodebookConfig(bits_q=4, bits_k=4, norm="channel-group", budget=4.5)
+    with pytest.raises(ValueError, match="budget"):
+        CodebookConfig(bits_q=4, bits_k=4, norm="channel-group", budget=0.5)
+    with pytest.raises(ValueError, match="channel-group"):
+        CodebookConfig(bits_q=4, bits_k=4, norm="head", budget=3)
+
+
+def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
+    cfg = dict(method="lambda-lloyd", bits_q=5, bits_k=5, norm="channel-group", group=8, sink=1)
+    model, ids, books = tiny_books(**cfg, budget=3.0)
+    # one query head whose errors cost the loss 10⁴× more and one KV head 10⁴× less
+    assert books.hist.fisher_q.sum() > 0 and books.hist.fisher_k.sum() > 0
+    books.hist.fisher_q[1, 2] *= 1e4
+    books.hist.fisher_k[0, 1] *= 1e-4
+    books = books.rebuilt()
+    hb_q, hb_k = books.q.head_bits, books.k.head_bits
+    assert hb_q[1, 2] == 5 and hb_k[0, 1] < hb_k.max()
+    assert hb_q.shape == (2, 4) and hb_k.shape == (2, 2)
+    assert hb_q.min() >= 1 and hb_q.max() <= 5 and hb_k.max() <= 5
+    mean = 0.5 * (books.q.mean_bits + books.k.mean_bits)
+    assert 3.0 - 1 / 8 <= mean <= 3.0  # a query-head bit is 1/16 of the average, a key-head bit 1/8
+    assert books.effective_bits(seqlen=24) == pytest.approx((mean + 32 / 8) * 23 / 24 + 16 / 24)
+    assert books.config.code_bits(books.effective_bits(seqlen=24), 8, 24) == pytest.approx(mean)
+
+    # each head's codebook uses exactly its allocated number of levels on [−1, 1], no padding level
+    grid = torch.linspace(-1, 1, 4001)
+    for side in (books.q, books.k):
+        for layer in range(2):
+            heads = side.head_bits.shape[1]
+            codes = cb.quantize(grid.expand(heads, -1), side.boundaries[layer], dim=0)
+            used = torch.tensor([codes[h].unique().numel() for h in range(heads)])
+            assert torch.equal(used, 2 ** side.head_bits[layer].long())
+    x = torch.randn(1, 4, 200, 8) * 3
+
+    # allocation lowers the Fisher estimate of the loss increase vs every head at the same 3 bits
+    equal = books.rebuilt(budget=0.0, bits_q=3, bits_k=3)
+    nodes = books.hist.nodes.numpy()
+
+    def objective(bk: Codebooks) -> float:
+        total = 0.0
+        for side, weight in (("q", bk.hist.fisher_q), ("k", bk.hist.fisher_k)):
+            sb = getattr(bk, side)
+            for layer, h in itertools.product(range(weight.shape[0]), range(weight.shape[1])):
+                n = 2 ** (sb.bits if sb.head_bits is None else int(sb.head_bits[layer, h]))
+                book = cb.Codebook(sb.centers[layer, h, :n].double().numpy(), sb.boundaries[layer, h, : n - 1].double().numpy())
+                total += cb.histogram_distortion(book, nodes, weight[layer, h].numpy())
+        return total
+
+    assert objective(books) < objective(equal)
+
+    path = tmp_path / "alloc.safetensors"
+    books.save(path)
+    again = Codebooks.load(path)
+    assert again.config == books.config and torch.equal(again.q.head_bits, hb_q) and again.k.bits == books.k.bits
+    assert torch.equal(again(x[:, :2], 1, "k"), books(x[:, :2], 1, "k"))
+    assert again.effective_bits(seqlen=24) == books.effective_bits(seqlen=24)
+
+
+def test_cache_refuses_allocated_key_bits():
+    from kvquant.cache import make_cache
+
+    model, _, books = tiny_books(method="lambda", bits_q=4, bits_k=4, norm="channel-group", group=8, budget=2.5)
+    with pytest.raises(NotImplementedError, match="budget"):
+        make_cache(model, books)
+
+
+@pytest.mark.parametrize("rope", ["pre", "post"])
+def test_grad_observer_gets_the_loss_gradients_of_q_and_k(rope):
+    """Pre-RoPE, ∂loss/∂q and ∂loss/∂k are the gradients of the q_proj / k_proj outputs (pulled back
+    through the rotation); post-RoPE they are not (the rotation mixes the pairs)."""
+    from kvquant.calibrate import run_capture
+
+    model, ids, _ = tiny_books(norm="channel-group", group=8)
+    outs = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            out.retain_grad()
+            outs[name] = out
+        return hook
+
+    attn = model.model.layers[1].self_attn
+    handles = [attn.q_proj.register_forward_hook(keep("q")), attn.k_proj.register_forward_hook(keep("k"))]
+    grads = {}
+    try:
+        run_capture(model, ids[:1], lambda *a: None, progress=False, rope=rope,
+                    grad_observer=lambda layer, side, x, g: grads.__setitem__((layer, side), g))
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # weights untouched
+    for side, heads in (("q", 4), ("k", 2)):
+        proj = outs[side].grad.view(1, 24, heads, 8).transpose(1, 2)
+        assert grads[(1, side)].shape == proj.shape and proj.abs().max() > 0
+        close = torch.allclose(grads[(1, side)], proj, atol=1e-6 * float(proj.abs().max()), rtol=1e-4)
+        assert close == (rope == "pre")
