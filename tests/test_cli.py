@@ -158,3 +158,15 @@ def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_
     assert run(calibrate_args(model_dir, text_file, books_path)) == 0
     c = Codebooks.load(books_path).config
     assert (c.method, c.norm, c.group, c.sink, c.bits_q, c.bits_k) == ("lambda-lloyd", "channel-group", 128, 1, 4, 4)
+
+
+def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
+    books_path = tmp_path / "alloc.safetensors"
+    args = ("--bits-q", 4, "--bits-k", 4, "--budget", 2.5, "--group", 4, "--sink", 1)
+    assert run(calibrate_args(model_dir, text_file, books_path, *args)) == 0
+    assert "budget 2.5" in capsys.readouterr().out
+    books = Codebooks.load(books_path)
+    assert books.config.budget == 2.5 and books.hist.fisher_q is not None
+    assert 2.5 - 0.25 <= 0.5 * (books.q.mean_bits + books.k.mean_bits) <= 2.5
+    assert run(calibrate_args(model_dir, text_file, books_path, "--budget", 5, "--bits-q", 4)) == 2
+    assert "budget" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""At exactly b effective bits: sink tokens, group size and bit allocation (issue 5, items 2, 5, 6).
+
+Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the fp16
+(mid, half) per channel and group (32/G), exact sink tokens (16 bits each). Bit allocation
+(``CodebookConfig.budget``, :mod:`kvquant.allocate`) spreads a fractional code budget over the
+(layer, head, side) codebooks by reverse water-filling on the diagonal-Fisher estimate of the
+calibration loss increase, so configurations with different overheads can be compared at the
+same effective bits: ``budget = code_bits(b)`` makes the effective bits exactly b (up to the
+granularity of one head's bit).
+
+Protocol (nothing is chosen on the evaluation windows):
+1. Calibrate once on the LAST ``--calib`` windows: statistics and Fisher-weighted histograms for
+   every (G, sink) candidate (one forward + backward per window).
+2. Select, per bit width, the (G, sink, method) with the lowest perplexity at exactly b effective
+   bits on ``--dev`` development windows: the windows right after the evaluation windows
+   (disjoint from both calibration and evaluation).
+3. Evaluate on the FIRST ``--windows`` windows: the selected configuration at exactly b bits and
+   with every head at b code bits (effective b + overhead), the same for the uniform (min–max
+   INT) codebook on the selected normalisation, and the previous default (G 128, sink 1,
+   lambda-lloyd, b code bits) for reference.
+
+Usage:  python eval/budget.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
+Writes out/budget_smollm2.json and the ``budget-smollm2`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvquant.assets import load_model
+from kvquant.calibrate import capture
+from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.data import load_text, split_calib_eval
+from kvquant.fileio import replace_section, write_text
+from kvquant.fingerprint import ModelFingerprint
+from kvquant.perplexity import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+#: (group, sink) candidates; methods selected among these.
+CANDIDATES = [(128, 1), (128, 4), (128, 16), (64, 4), (64, 16)]
+METHODS = ("lambda", "lambda-lloyd")
+PREVIOUS = (128, 1, "lambda-lloyd")  # the default before this study
+
+
+def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, seqlen: int,
+             exact: bool) -> Codebooks:
+    """Codebooks of (group, sink, method): at exactly ``bits`` effective bits by allocation, or
+    with every head at ``bits`` code bits."""
+    config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre")
+    if exact:
+        budget = config.code_bits(bits, fp.head_dim, seqlen)
+        cap = min(8, math.ceil(budget) + 2)
+        config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget)
+    return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--dev", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--bits", default="4,3,2")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tok = load_model("smollm2-135m")
+    text = load_text("enwiki-excerpt")
+    calib, evals = split_calib_eval(tok, text, args.seqlen, args.calib, args.windows + args.dev, source="enwiki-excerpt")
+    dev, evals = evals.ids[args.windows:], evals.ids[: args.windows]
+    fp = ModelFingerprint.from_model(model)
+    stats, hists = capture(model, calib, CANDIDATES, rope="pre", fisher=True)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    selection, rows = {}, {"fp": None}
+    for b in bits_list:
+        reachable = [(g, s) for g, s in CANDIDATES  # the scales and sinks alone may cost more than b
+                     if CodebookConfig("lambda", 8, 8, "channel-group", g, s).code_bits(b, fp.head_dim, args.seqlen) >= 1]
+        cands = {f"G{g}/sink{s}/{m}": books_at(stats, hists, fp, g, s, m, b, args.seqlen, True)
+                 for g, s in reachable for m in METHODS}
+        dev_rows = evaluate(model, dev, cands)
+        best = min(dev_rows, key=lambda k: dev_rows[k].ppl)
+        selection[str(b)] = {"best": best, "dev": {k: v.to_dict() for k, v in dev_rows.items()}}
+        g, s, m = best.split("/")
+        g, s = int(g[1:]), int(s[4:])
+        rows[f"{b}/selected/exact"] = books_at(stats, hists, fp, g, s, m, b, args.seqlen, True)
+        rows[f"{b}/selected/equal"] = books_at(stats, hists, fp, g, s, m, b, args.seqlen, False)
+        rows[f"{b}/uniform/exact"] = books_at(stats, hists, fp, g, s, "uniform", b, args.seqlen, True)
+        rows[f"{b}/uniform/equal"] = books_at(stats, hists, fp, g, s, "uniform", b, args.seqlen, False)
+        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, False)
+    results = evaluate(model, evals, rows)
+    command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
+               "calib_windows": calib.n, "dev_windows": int(dev.shape[0]), "eval_windows": int(evals.shape[0]),
+               "dtype": "float32", "seconds": time.perf_counter() - t0, "selection": selection,
+               "rows": {k: v.to_dict() for k, v in results.items()}}
+    write_text(ROOT / "out" / "budget_smollm2.json", json.dumps(payload, indent=1))
+    md = markdown(payload, bits_list)
+    print(md)
+    replace_section(ROOT / "BENCHMARKS.md", "budget-smollm2", md)
+
+
+def markdown(p: dict, bits_list: list[int]) -> str:
+    rows, fp = p["rows"], p["rows"]["fp"]["ppl"]
+
+    def cell(r: dict) -> str:
+        return f"{r['ppl']:.3f} ({r['ppl'] / fp - 1:+.1%}) [{r['effective_bits']:.3f}b]"
+
+    out = [
+        f"## At exactly b effective bits: sinks, group size, bit allocation (issue 5): {p['model']}, "
+        f"{p['dataset']}, seqlen {p['seqlen']}",
+        "",
+        (f"Command: `{p['command']}` — pre-RoPE channel-group codebooks, Q and K both quantized, {p['dtype']}. "
+         f"Calibration (statistics + Fisher-weighted histograms): last {p['calib_windows']} windows; selection of "
+         f"(G, sink, method) at exactly b effective bits on {p['dev_windows']} development windows (right after the "
+         f"evaluation windows); evaluation on the first {p['eval_windows']} windows. Unquantized perplexity "
+         f"**{fp:.3f}**. `exact b`: code budget spread over (layer, head, side) by water-filling so that the effective "
+         "bits are b; `b code bits`: every head at b bits (effective b + scales + sinks). Cells: ppl (Δ) [effective "
+         "bits]."),
+        "",
+        "| row | " + " | ".join(f"{b} bits" for b in bits_list) + " |",
+        "|---|" + "---|" * len(bits_list),
+    ]
+    labels = [("selected, exact b", "selected/exact"), ("selected, b code bits", "selected/equal"),
+              ("uniform (INT), selected normalisation, exact b", "uniform/exact"),
+              ("uniform (INT), selected normalisation, b code bits", "uniform/equal"),
+              ("previous default (G128, sink 1, lambda-lloyd), b code bits", "previous/equal")]
+    out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
+    for label, key in labels:
+        out.append(f"| {label} | " + " | ".join(cell(rows[f"{b}/{key}"]) for b in bits_list) + " |")
+    out += ["", "Development windows, every candidate at exactly b effective bits (ppl):", "",
+            "| candidate | " + " | ".join(f"{b} bits" for b in bits_list) + " |", "|---|" + "---|" * len(bits_list)]
+    cands = dict.fromkeys(c for b in bits_list for c in p["selection"][str(b)]["dev"])
+    for cand in cands:
+        dev = [p["selection"][str(b)]["dev"].get(cand) for b in bits_list]
+        out.append(f"| {cand} | " + " | ".join(f"{r['ppl']:.3f}" if r else "n/a" for r in dev) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
