@@ -11,8 +11,9 @@ Rows (bits 4, 3, 2): INT per channel (G=128) and the channel-group codebooks wit
 token exact (uniform, lambda, lambda-lloyd), each post- and pre-RoPE, on the perplexity
 protocol's forward passes (no KV cache — pre-RoPE keys from a cache are not supported).
 
-Usage:  python eval/prerope.py [--seqlen 2048] [--calib 8] [--windows 4] [--bits 4,3,2]
-Writes out/prerope_smollm2.json and the ``prerope-smollm2`` section of BENCHMARKS.md.
+Usage:  python eval/prerope.py [--model smollm2-135m] [--name smollm2] [--seqlen 2048] [--calib 8]
+                              [--windows 4] [--bits 4,3,2]
+Writes out/prerope_<name>.json and the ``prerope-<name>`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ METHODS = ("uniform", "lambda", "lambda-lloyd")
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--name", default="smollm2", help="suffix of the output files and BENCHMARKS.md section")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--windows", type=int, default=4)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text("enwiki-excerpt"), args.seqlen, args.calib, args.windows,
                                     source="enwiki-excerpt")
     fp = ModelFingerprint.from_model(model)
@@ -63,13 +66,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows[f"{m}@{b}/{frame}"] = Codebooks.from_stats(stats, config, fp, {}, hists[(GROUP, SINK, 0.0)])
     results = evaluate(model, evals, rows)
     command = ("python eval/prerope.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
+    payload = {"command": command, "model": args.model, "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
                "calib_windows": calib.n, "eval_windows": evals.n, "dtype": "float32",
                "seconds": time.perf_counter() - t0, "rows": {k: v.to_dict() for k, v in results.items()}}
-    write_text(ROOT / "out" / "prerope_smollm2.json", json.dumps(payload, indent=1))
+    write_text(ROOT / "out" / f"prerope_{args.name}.json", json.dumps(payload, indent=1))
     md = markdown(payload, bits_list)
     print(md)
-    replace_section(ROOT / "BENCHMARKS.md", "prerope-smollm2", md)
+    replace_section(ROOT / "BENCHMARKS.md", f"prerope-{args.name}", md)
 
 
 def markdown(p: dict, bits_list: list[int]) -> str:
