@@ -13,7 +13,8 @@ protocol's forward passes (no KV cache — pre-RoPE keys from a cache are not su
 
 Usage:  python eval/prerope.py [--model smollm2-135m] [--name smollm2] [--seqlen 2048] [--calib 8]
                               [--windows 4] [--bits 4,3,2]
-Writes out/prerope_<name>.json and the ``prerope-<name>`` section of BENCHMARKS.md.
+Writes out/prerope_<name>.json, docs/prerope_<name>.png (perplexity vs effective bits) and the
+``prerope-<name>`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kvquant.baselines import Baseline
 from kvquant.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import replace_section, write_text
+from kvquant.fileio import atomic_path, replace_section, write_text
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
@@ -70,9 +71,38 @@ def main(argv: list[str] | None = None) -> None:
                "calib_windows": calib.n, "eval_windows": evals.n, "dtype": "float32",
                "seconds": time.perf_counter() - t0, "rows": {k: v.to_dict() for k, v in results.items()}}
     write_text(ROOT / "out" / f"prerope_{args.name}.json", json.dumps(payload, indent=1))
+    plot(payload, ROOT / "docs" / f"prerope_{args.name}.png")
     md = markdown(payload, bits_list)
     print(md)
     replace_section(ROOT / "BENCHMARKS.md", f"prerope-{args.name}", md)
+
+
+def plot(p: dict, path: Path) -> None:
+    """Perplexity (log) vs effective bits: one line per quantizer, solid pre-RoPE, dashed post-RoPE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, fp = p["rows"], p["rows"]["fp"]["ppl"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (label, prefix) in enumerate([("INT per channel", "int")] + [(f"{m} / chgroup+sink", f"{m}@") for m in METHODS]):
+        for frame in ("post", "pre"):
+            pts = sorted((r["effective_bits"], r["ppl"]) for k, r in rows.items()
+                         if k.startswith(prefix) and k.endswith(f"/{frame}") and (prefix != "int" or "-channel" in k))
+            ax.plot(*zip(*pts), marker="o", markersize=4, color=plt.cm.tab10(i), label=f"{label}, {frame}-RoPE",
+                    linestyle="-" if frame == "pre" else "--")
+    ax.axhline(fp, color="k", linewidth=0.8, label=f"unquantized {fp:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per q/k entry (group scales and exact sink tokens counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{p['model']} · {p['dataset']} · seqlen {p['seqlen']} · {p['eval_windows']} windows · "
+                 "Q and K quantized", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def markdown(p: dict, bits_list: list[int]) -> str:
