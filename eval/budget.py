@@ -14,10 +14,11 @@ Protocol (nothing is chosen on the evaluation windows):
 2. Select, per bit width, the (G, sink, method) with the lowest perplexity at exactly b effective
    bits on ``--dev`` development windows: the windows right after the evaluation windows
    (disjoint from both calibration and evaluation).
-3. Evaluate on the FIRST ``--windows`` windows: the selected configuration at exactly b bits and
-   with every head at b code bits (effective b + overhead), the same for the uniform (min–max
-   INT) codebook on the selected normalisation, and the previous default (G 128, sink 1,
-   lambda-lloyd, b code bits) for reference.
+3. Evaluate on the FIRST ``--windows`` windows: the selected configuration at exactly b bits,
+   at b code bits on average allocated, and with every head at b code bits (the last two at the
+   same effective bits, b + overhead: what allocation alone buys), the same three for the
+   uniform (min–max INT) codebook on the selected normalisation, and the previous default
+   (G 128, sink 1, lambda-lloyd, b code bits) for reference.
 
 Usage:  python eval/budget.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
 Writes out/budget_smollm2.json and the ``budget-smollm2`` section of BENCHMARKS.md.
@@ -50,12 +51,13 @@ PREVIOUS = (128, 1, "lambda-lloyd")  # the default before this study
 
 
 def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, seqlen: int,
-             exact: bool) -> Codebooks:
-    """Codebooks of (group, sink, method): at exactly ``bits`` effective bits by allocation, or
-    with every head at ``bits`` code bits."""
+             exact: bool, allocate: bool = True) -> Codebooks:
+    """Codebooks of (group, sink, method): at exactly ``bits`` effective bits by allocation
+    (``exact``), with every head at ``bits`` code bits, or (``exact=False, allocate=True``)
+    ``bits`` code bits on average, allocated."""
     config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre")
-    if exact:
-        budget = config.code_bits(bits, fp.head_dim, seqlen)
+    if exact or allocate:
+        budget = config.code_bits(bits, fp.head_dim, seqlen) if exact else bits
         cap = min(8, math.ceil(budget) + 2)
         config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget)
     return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0)])
@@ -82,18 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     for b in bits_list:
         reachable = [(g, s) for g, s in CANDIDATES  # the scales and sinks alone may cost more than b
                      if CodebookConfig("lambda", 8, 8, "channel-group", g, s).code_bits(b, fp.head_dim, args.seqlen) >= 1]
-        cands = {f"G{g}/sink{s}/{m}": books_at(stats, hists, fp, g, s, m, b, args.seqlen, True)
+        cands = {f"G{g}/sink{s}/{m}": books_at(stats, hists, fp, g, s, m, b, args.seqlen, exact=True)
                  for g, s in reachable for m in METHODS}
         dev_rows = evaluate(model, dev, cands)
         best = min(dev_rows, key=lambda k: dev_rows[k].ppl)
         selection[str(b)] = {"best": best, "dev": {k: v.to_dict() for k, v in dev_rows.items()}}
         g, s, m = best.split("/")
         g, s = int(g[1:]), int(s[4:])
-        rows[f"{b}/selected/exact"] = books_at(stats, hists, fp, g, s, m, b, args.seqlen, True)
-        rows[f"{b}/selected/equal"] = books_at(stats, hists, fp, g, s, m, b, args.seqlen, False)
-        rows[f"{b}/uniform/exact"] = books_at(stats, hists, fp, g, s, "uniform", b, args.seqlen, True)
-        rows[f"{b}/uniform/equal"] = books_at(stats, hists, fp, g, s, "uniform", b, args.seqlen, False)
-        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, False)
+        for name, method in (("selected", m), ("uniform", "uniform")):
+            rows[f"{b}/{name}/exact"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=True)
+            rows[f"{b}/{name}/alloc"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=False)
+            rows[f"{b}/{name}/equal"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=False,
+                                                 allocate=False)
+        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, exact=False,
+                                               allocate=False)
     results = evaluate(model, evals, rows)
     command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
@@ -121,15 +125,18 @@ def markdown(p: dict, bits_list: list[int]) -> str:
          f"(G, sink, method) at exactly b effective bits on {p['dev_windows']} development windows (right after the "
          f"evaluation windows); evaluation on the first {p['eval_windows']} windows. Unquantized perplexity "
          f"**{fp:.3f}**. `exact b`: code budget spread over (layer, head, side) by water-filling so that the effective "
-         "bits are b; `b code bits`: every head at b bits (effective b + scales + sinks). Cells: ppl (Δ) [effective "
-         "bits]."),
+         "bits are b; `allocated`: the same with b code bits on average (effective b + scales + sinks); `every head`: "
+         "every codebook at b bits (same effective bits). Cells: ppl (Δ) [effective bits]."),
         "",
         "| row | " + " | ".join(f"{b} bits" for b in bits_list) + " |",
         "|---|" + "---|" * len(bits_list),
     ]
-    labels = [("selected, exact b", "selected/exact"), ("selected, b code bits", "selected/equal"),
+    labels = [("selected, exact b", "selected/exact"),
+              ("selected, b code bits on average, allocated", "selected/alloc"),
+              ("selected, b code bits every head", "selected/equal"),
               ("uniform (INT), selected normalisation, exact b", "uniform/exact"),
-              ("uniform (INT), selected normalisation, b code bits", "uniform/equal"),
+              ("uniform (INT), selected normalisation, b code bits on average, allocated", "uniform/alloc"),
+              ("uniform (INT), selected normalisation, b code bits every head", "uniform/equal"),
               ("previous default (G128, sink 1, lambda-lloyd), b code bits", "previous/equal")]
     out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
     for label, key in labels:
