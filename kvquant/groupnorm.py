@@ -131,10 +131,11 @@ class GroupHistogram:
     """Float64 histograms of x̃ per (layer, head): ``count`` (entries) and ``weight``
     (Σ half² · E[partner² | entry]), for queries (L, H, N+1) and keys (L, H_kv, N+1).
 
-    Optionally ``fisher`` (Σ half² · (∂loss/∂x)²; :meth:`update_grad`): the diagonal-Fisher
-    weight of an entry, so that ``½ Σ fisher · (x̃ − Q(x̃))²`` estimates the increase of the
-    calibration loss (nats per token) that the codebook's error causes — one scale for every
-    layer, head and side, which is what bit allocation compares.
+    Optionally ``fisher`` (Σ half² · (∂loss/∂x)²; :meth:`update_grad`): the empirical
+    diagonal-Fisher weight of an entry, so that ``½ Σ fisher · (x̃ − Q(x̃))²`` is the second-order
+    estimate of the increase of the calibration loss (each batch's mean next-token NLL, summed
+    over the batches) that the codebook's error causes — one scale for every layer, head and
+    side, which is what bit allocation compares.
 
     Captured with the quantizer's own settings: ``group`` tokens per scale, the first ``sink``
     tokens left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
