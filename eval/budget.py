@@ -60,7 +60,7 @@ def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, se
         budget = config.code_bits(bits, fp.head_dim, seqlen) if exact else bits
         cap = min(8, math.ceil(budget) + 2)
         config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget)
-    return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0)])
+    return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0, 16)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[f"int{b}-channel/{frame}"] = Baseline(f"int{b}-channel", rope=frame)
             for m in METHODS:
                 config = CodebookConfig(m, b, b, "channel-group", GROUP, SINK, rope=frame)
-                rows[f"{m}@{b}/{frame}"] = Codebooks.from_stats(stats, config, fp, {}, hists[(GROUP, SINK, 0.0)])
+                rows[f"{m}@{b}/{frame}"] = Codebooks.from_stats(stats, config, fp, {}, hists[(GROUP, SINK, 0.0, 16)])
     results = evaluate(model, evals, rows)
     command = ("python eval/prerope.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": args.model, "dataset": "enwiki-excerpt", "seqlen": args.seqlen,

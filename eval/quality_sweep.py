@@ -99,7 +99,7 @@ def build_rows(model, calib, bits_list: list[float], progress: bool = True) -> d
 
     def add(method, key, bq, bk, label, norm, sink, p):
         config = CodebookConfig(method, bq, bk, norm, GROUP, sink, p)
-        rows[f"{method}@{key}/{label}"] = Codebooks.from_stats(stats, config, fp, {}, hists.get((GROUP, sink, p)))
+        rows[f"{method}@{key}/{label}"] = Codebooks.from_stats(stats, config, fp, {}, hists.get((GROUP, sink, p, 16)))
 
     for label, norm, sink, p in NORMS:
         for b in bits_list:

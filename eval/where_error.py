@@ -6,7 +6,8 @@ the perplexity protocol's windows. Rows quantize only part of the model:
 - both sides in one band of layers only (3 bits): is the error concentrated (then bit
   allocation can move it) or spread (then every head's quantizer has to get better)?
 - the group size G ∈ {128, 64, 32} with the first token exact, 3 bits, lambda-lloyd and
-  uniform: how much finer dynamic ranges buy, before their scale cost (32/G bits).
+  uniform: how much finer dynamic ranges buy, before their scale cost (32/G bits); and G 64 / 32
+  with the scales stored in 8 bits each (``scale_bits=8``, 16/G bits; 3 and 2 bits).
 
 Usage:  python eval/where_error.py [--seqlen 2048] [--calib 8] [--windows 4]
 Writes out/where_error_smollm2.json and the ``where-error-smollm2`` section of BENCHMARKS.md.
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     calib, evals = split_calib_eval(tok, load_text("enwiki-excerpt"), args.seqlen, args.calib, args.windows,
                                     source="enwiki-excerpt")
     fp = ModelFingerprint.from_model(model)
-    stats, hists = capture(model, calib, [(g, 1) for g in GROUPS], rope="pre")
+    settings = [(g, 1, 0.0, 16) for g in GROUPS] + [(g, 1, 0.0, 8) for g in GROUPS[1:]]
+    stats, hists = capture(model, calib, settings, rope="pre")
 
-    def books(method: str, bits: int, group: int = 128) -> Codebooks:
-        config = CodebookConfig(method, bits, bits, "channel-group", group, 1, rope="pre")
-        return Codebooks.from_stats(stats, config, fp, {}, hists[(group, 1, 0.0)])
+    def books(method: str, bits: int, group: int = 128, scale_bits: int = 16) -> Codebooks:
+        config = CodebookConfig(method, bits, bits, "channel-group", group, 1, rope="pre", scale_bits=scale_bits)
+        return Codebooks.from_stats(stats, config, fp, {}, hists[(group, 1, 0.0, scale_bits)])
 
     n = fp.num_layers
     bands = [range(0, 1), range(1, n // 3), range(n // 3, 2 * n // 3), range(2 * n // 3, n)]
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     for g in GROUPS:
         for m in ("lambda-lloyd", "uniform"):
             rows[f"G{g} {m} @3"] = books(m, 3, g)
+    for g in GROUPS[1:]:
+        for b in (3, 2):
+            rows[f"G{g} 8-bit scales lambda-lloyd @{b}"] = books("lambda-lloyd", b, g, 8)
     results = evaluate(model, evals, rows)
     command = ("python eval/where_error.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,

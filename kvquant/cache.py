@@ -567,6 +567,11 @@ def make_cache(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
             "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
         )
+    if k.scale_bits != 16:
+        raise NotImplementedError(
+            f"these codebooks store group scales in {k.scale_bits} bits; KVQuantCache keeps them in group_dtype: "
+            "calibrate with scale_bits=16 for the cache"
+        )
     if k.head_bits is not None:
         raise NotImplementedError(
             "these codebooks allocate different bits to different key heads (budget > 0); KVQuantCache packs one "

@@ -97,14 +97,17 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
             progress: bool = True, rope: Rope = "post",
             fisher: bool = False) -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
     """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
-    ``(group, sink[, outliers])`` setting of the dynamic normalisation that is asked for, keyed
-    by ``(group, sink, outliers)`` (outliers 0.0 where not given); q and k in the ``rope`` frame.
+    ``(group, sink[, outliers[, scale_bits]])`` setting of the dynamic normalisation that is asked
+    for, keyed by ``(group, sink, outliers, scale_bits)`` (0.0 and 16 where not given); q and k in
+    the ``rope`` frame.
     ``fisher``: the histograms also get Fisher weights (a backward pass per batch), which bit
     allocation (``CodebookConfig.budget``) needs."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
-    keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0) for gs in group_sinks}
-    hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, *key, fisher=fisher)
+    keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0, int(gs[3]) if len(gs) > 3 else 16)
+            for gs in group_sinks}
+    hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, group=key[0], sink=key[1],
+                                       outliers=key[2], fisher=fisher, scale_bits=key[3])
              for key in sorted(keys)}
 
     def observe(layer, q, k, mask):
@@ -126,7 +129,7 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
     config = config or CalibrationConfig()
     ids = _ids(windows)
     cbc = config.codebooks
-    gs = (cbc.group, cbc.sink, float(cbc.outliers))
+    gs = (cbc.group, cbc.sink, float(cbc.outliers), cbc.scale_bits)
     stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress, cbc.rope,
                            fisher=bool(cbc.budget))
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),

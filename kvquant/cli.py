@@ -31,6 +31,7 @@ DEFAULTS = {
     "outliers": 0.0,
     "rope": "pre",
     "budget": 0.0,
+    "scale_bits": 16,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -94,7 +95,7 @@ def cmd_calibrate(args) -> None:
     from kvquant.data import load_text, make_windows
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "outliers", "rope", "budget", "dtype", "device", "out"])
+                    "outliers", "rope", "budget", "scale_bits", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
     config = CalibrationConfig(codebook_config(vars(args)))
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average code bits per query/key entry, spread over (layer, head) by reverse water-filling on "
                         "the calibrated logit error; each head gets 1 … --bits-q/--bits-k bits "
                         "(--norm channel-group only; default 0 = every head --bits-q/--bits-k)")
+    c.add_argument("--scale-bits", type=int, choices=[16, 8],
+                   help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
+                        "8 = log-coded half-range and offset in its 16ths (default 16)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

@@ -32,6 +32,7 @@ from kvquant.attention import Rope
 from kvquant.fileio import atomic_path
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.groupnorm import (
+    SCALE_BITS,
     GroupHistogram,
     check_finite,
     group_minmax,
@@ -62,6 +63,7 @@ class CodebookConfig:
     # > 0: average code bits per entry over query and key codebooks, spread over (layer, head, side)
     # by reverse water-filling (kvquant.allocate); each head gets 1 … bits_q (queries) / bits_k (keys)
     budget: float = 0.0
+    scale_bits: int = 16  # channel-group: bits of each stored (mid, half) value, 16 (fp16) or 8 (groupnorm.code_scales)
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -94,6 +96,10 @@ class CodebookConfig:
                 f"budget (bit allocation) needs norm 'channel-group' (its error curves come from the calibration "
                 f"histograms); got norm {self.norm!r}"
             )
+        if self.scale_bits not in SCALE_BITS:
+            raise ValueError(f"scale_bits (bits per stored group mid/half) must be one of {SCALE_BITS}, got {self.scale_bits!r}")
+        if self.scale_bits != 16 and self.norm != "channel-group":
+            raise ValueError(f"scale_bits {self.scale_bits} needs norm 'channel-group' (static scales are per model); got {self.norm!r}")
         if self.outliers and self.norm != "channel-group":
             raise ValueError(f"outliers > 0 needs norm 'channel-group' (they are found per group); got norm {self.norm!r}")
 
@@ -104,7 +110,7 @@ class CodebookConfig:
     def effective_bits(self, code_bits: float, head_dim: int, seqlen: int | None = None) -> float:
         """Bits per entry for ``code_bits`` bits of codes per entry (averaged over queries and
         keys). Static scales and tables are per model and add nothing per entry; ``channel-group``
-        adds an fp16 (mid, half) per channel per group, 32/G; exact sink tokens cost 16 bits
+        adds a (mid, half) per channel per group, 2·scale_bits/G (32/G in fp16, 16/G in 8 bits); exact sink tokens cost 16 bits
         instead of b for ``sink/seqlen`` of the entries (``seqlen`` required when sink > 0).
 
         Outliers (dense-and-sparse, ``outliers = p``): each (group × D) block keeps
@@ -112,12 +118,12 @@ class CodebookConfig:
         block, ``⌈log2(G·D)⌉`` bits (13 for 128 × 64), *on top of* the dense b-bit code (a packed
         dense layout keeps a code at every position). So, for the non-sink entries,
 
-            bits = code_bits + 32/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
+            bits = code_bits + 2·scale_bits/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
 
         (full groups). p = 0.5 % at G = 128, D = 64: n = 41, +0.145 bits."""
         bits = code_bits
         if self.dynamic:
-            bits += 2 * 16 / self.group
+            bits += 2 * self.scale_bits / self.group
         if self.outliers:
             block = self.group * head_dim
             bits += outlier_count(self.outliers, block) / block * (16 + math.ceil(math.log2(block)))
@@ -152,6 +158,7 @@ class SideBooks:
     sink: int = 0  # first tokens kept exact
     outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
     head_bits: torch.Tensor | None = None  # (L, H) int: allocated bits per head (None: all heads `bits`)
+    scale_bits: int = 16  # group mode: bits of each stored mid / half
 
     @property
     def mean_bits(self) -> float:
@@ -177,11 +184,11 @@ class SideBooks:
         centers, bounds = self.centers[layer].to(dev), self.boundaries[layer].to(dev)
         if self.group:
             if self.outliers:
-                xt, mid, half, exact = group_split(x, self.group, self.outliers)
+                xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
                 out = group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group)
                 return torch.where(exact, x.float(), out).to(x.dtype)
             check_finite(x)
-            xt, mid, half = group_minmax(x, self.group)
+            xt, mid, half = group_minmax(x, self.group, self.scale_bits)
             return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
@@ -305,11 +312,13 @@ class Codebooks:
 
     @classmethod
     def _from_hist(cls, stats, config, fingerprint, calibration, hist) -> "Codebooks":
-        want = (config.group, config.sink, float(config.outliers))
+        want = (config.group, config.sink, float(config.outliers), config.scale_bits)
         if hist is None or hist.key != want:
-            have = "none" if hist is None else f"group {hist.group}, sink {hist.sink}, outliers {hist.outliers:g}"
+            have = "none" if hist is None else (f"group {hist.group}, sink {hist.sink}, outliers {hist.outliers:g}, "
+                                                f"scale_bits {hist.scale_bits}")
             raise ValueError(
-                f"norm 'channel-group' with group {config.group}, sink {config.sink}, outliers {config.outliers:g} "
+                f"norm 'channel-group' with group {config.group}, sink {config.sink}, outliers {config.outliers:g}, "
+                f"scale_bits {config.scale_bits} "
                 f"needs calibration histograms captured with the same settings (have: {have}); "
                 "re-run calibration with them"
             )
@@ -346,7 +355,7 @@ class Codebooks:
                     bounds[layer, h, : n - 1] = torch.from_numpy(b.boundaries)
             unit = torch.zeros(L, H, fingerprint.head_dim)
             return SideBooks(int(bits_lh.max()), centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
-                             torch.from_numpy(bits_lh).to(torch.int8) if config.budget else None)
+                             torch.from_numpy(bits_lh).to(torch.int8) if config.budget else None, config.scale_bits)
 
         return cls(config, side_books("q"), side_books("k"), fingerprint, stats, dict(calibration or {}), hist)
 
@@ -430,7 +439,7 @@ class Codebooks:
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
-            config.outliers, t.get(f"{p}.head_bits"),
+            config.outliers, t.get(f"{p}.head_bits"), config.scale_bits,
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

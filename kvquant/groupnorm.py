@@ -30,10 +30,42 @@ import torch
 HIST_BINS = 1024
 
 
-def group_minmax(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+#: Bits per stored group scale value (mid and half each): fp16, or the 8-bit code of :func:`code_scales`.
+SCALE_BITS = (16, 8)
+
+
+def code_scales(mid: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mid, half)`` as stored in 8 bits each (``scale_bits=8``), no reference needed.
+
+    ``half → 2^(e/8)`` with ``e = ⌈8·log2 max(half, 16·|mid|/127)⌉`` (int8: never below half, steps
+    of 9 %); ``mid → m · half_q/16`` with ``m = round(16 · mid / half_q)`` (int8, |m| ≤ 127 by the
+    choice of e, error ≤ half_q/32). A channel whose offset exceeds 127/16 of its half-range
+    (≈0.01–0.03 % of the channel-groups of SmolLM2's pre-RoPE q and k at G = 64) gets a wider
+    half-range instead of a wrong offset. Zero (mid, half) stays zero.
+    """
+    need = torch.maximum(half, mid.abs() * (16 / 127))
+    e = torch.ceil(8 * torch.log2(need.clamp_min(2.0**-16))).clamp(-128, 127)
+    half_q = torch.where(need > 0, torch.exp2(e / 8), 0.0)
+    step = torch.where(half_q > 0, half_q / 16, 1.0)
+    mid_q = torch.round(mid / step).clamp(-127, 127) * step
+    return torch.where(half_q > 0, mid_q, 0.0), half_q
+
+
+def _normalise(xg: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, scale_bits: int):
+    """``(x̃, mid, half)`` for grouped x (B, H, n, G, D) and its min–max (mid, half) in fp16 or 8-bit scales."""
+    if scale_bits not in SCALE_BITS:
+        raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {scale_bits!r}")
+    if scale_bits == 8:
+        mid, half = code_scales(mid, half)
+    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
+    return xt, mid, half
+
+
+def group_minmax(x: torch.Tensor, group: int, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x̃, mid, half)``: x̃ like x (float32) in [−1, 1]; mid/half (B, H, ⌈T/G⌉, 1, D).
 
     A channel constant over its group (half = 0) maps to x̃ = 0 and is reconstructed exactly.
+    ``scale_bits=8``: mid and half as :func:`code_scales` stores them (x̃ may then reach ±(1 + 1/32)).
     """
     b, h, t, d = x.shape
     pad = (-t) % group
@@ -42,8 +74,7 @@ def group_minmax(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
         xf = torch.nn.functional.pad(xf, (0, 0, 0, pad), mode="replicate")
     xg = xf.reshape(b, h, -1, group, d)
     lo, hi = xg.amin(3, keepdim=True), xg.amax(3, keepdim=True)
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
-    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
+    xt, mid, half = _normalise(xg, (hi + lo) / 2, (hi - lo) / 2, scale_bits)
     return xt.reshape(b, h, -1, d)[:, :, :t], mid, half
 
 
@@ -59,7 +90,7 @@ def check_finite(x: torch.Tensor) -> None:
 
 
 def group_split(
-    x: torch.Tensor, group: int, outliers: float
+    x: torch.Tensor, group: int, outliers: float, scale_bits: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense-and-sparse :func:`group_minmax`: ``(x̃, mid, half, exact)``, ``exact`` a bool mask
     like x of the entries kept exact (x̃ = 0 there); mid/half are the min–max of the others.
@@ -78,7 +109,7 @@ def group_split(
     check_finite(x)
     b, h, t, d = x.shape
     if outliers <= 0:
-        xt, mid, half = group_minmax(x, group)
+        xt, mid, half = group_minmax(x, group, scale_bits)
         return xt, mid, half, torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     pad = (-t) % group
     xf = x.float()
@@ -107,8 +138,7 @@ def group_split(
     hi = torch.where(out, -inf, xg).amax(3, keepdim=True)
     empty = lo > hi  # every entry of the channel is exact in this group
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
-    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
+    xt, mid, half = _normalise(xg, (hi + lo) / 2, (hi - lo) / 2, scale_bits)
     xt = torch.where(out, 0.0, xt)
     return xt.reshape(b, h, -1, d)[:, :, :t], mid, half, exact.reshape(b, h, -1, d)[:, :, :t]
 
@@ -150,18 +180,20 @@ class GroupHistogram:
     outliers: float = 0.0
     fisher_q: torch.Tensor | None = None
     fisher_k: torch.Tensor | None = None
+    scale_bits: int = 16
 
     @classmethod
     def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, outliers: float = 0.0,
-              bins: int = HIST_BINS, fisher: bool = False):
+              bins: int = HIST_BINS, fisher: bool = False, scale_bits: int = 16):
         zq = lambda: torch.zeros(layers, heads, bins + 1, dtype=torch.float64)  # noqa: E731
         zk = lambda: torch.zeros(layers, kv_heads, bins + 1, dtype=torch.float64)  # noqa: E731
-        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers), *((zq(), zk()) if fisher else (None, None)))
+        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers), *((zq(), zk()) if fisher else (None, None)),
+                   int(scale_bits))
 
     @property
-    def key(self) -> tuple[int, int, float]:
-        """``(group, sink, outliers)``: the settings a codebook built from it must have."""
-        return self.group, self.sink, self.outliers
+    def key(self) -> tuple[int, int, float, int]:
+        """``(group, sink, outliers, scale_bits)``: the settings a codebook built from it must have."""
+        return self.group, self.sink, self.outliers, self.scale_bits
 
     @property
     def nodes(self) -> torch.Tensor:
@@ -199,9 +231,9 @@ class GroupHistogram:
             return
         b, heads, t, d = x.shape
         if self.outliers:
-            xt, _, half, exact = group_split(x, self.group, self.outliers)
+            xt, _, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
         else:
-            xt, _, half = group_minmax(x, self.group)
+            xt, _, half = group_minmax(x, self.group, self.scale_bits)
         half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, :t]
         w = (half_full**2 * per_entry).double()
         nb = self.count_q.shape[-1]
@@ -219,9 +251,10 @@ class GroupHistogram:
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("group", "sink", "outliers") and getattr(self, f.name) is not None}
+               if f.name not in ("group", "sink", "outliers", "scale_bits") and getattr(self, f.name) is not None}
         out["group_sink"] = torch.tensor([self.group, self.sink])
         out["outliers"] = torch.tensor([self.outliers], dtype=torch.float64)
+        out["scale_bits"] = torch.tensor([self.scale_bits])
         return out
 
     @classmethod
@@ -229,5 +262,6 @@ class GroupHistogram:
         """Inverse of :meth:`to_dict`; files from before outliers existed load with outliers = 0."""
         group, sink = (int(v) for v in d["group_sink"])
         outliers = float(d["outliers"][0]) if "outliers" in d else 0.0
+        scale_bits = int(d["scale_bits"][0]) if "scale_bits" in d else 16
         return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers,
-                   d.get("fisher_q"), d.get("fisher_k"))
+                   d.get("fisher_q"), d.get("fisher_k"), scale_bits)

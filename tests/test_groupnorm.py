@@ -9,7 +9,7 @@ from conftest import tiny_books
 
 from kvquant import codebook as cb
 from kvquant.baselines import int_per_channel
-from kvquant.codebooks import Codebooks, SideBooks
+from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
 from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore, hist_index
 
 
@@ -134,3 +134,44 @@ def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):
     assert again.rebuilt(method="uniform").config.method == "uniform"
     with pytest.raises(ValueError, match="histograms"):
         books.rebuilt(group=16)
+
+
+def test_eight_bit_scales_cover_the_range_and_count_16_over_g(tmp_path):
+    from kvquant.groupnorm import code_scales
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 64, 8) * torch.logspace(-3, 2, 8)  # channels from 1e-3 to 1e2
+    x[:, :, :, 2] += 500.0  # an offset far beyond the channel's spread: |mid| ≫ 127/16 · half
+    x[0, 0, :, 5] = 0.0  # an all-zero channel
+    xt, mid, half = group_minmax(x, 16, scale_bits=8)
+    _, mid16, half16 = group_minmax(x, 16)
+    assert (half >= half16 * (1 - 1e-6)).all() and (half <= torch.maximum(half16, mid16.abs() * 16 / 127) * 2**0.125 + 1e-9).all()
+    e = 8 * torch.log2(half[half > 0])
+    assert torch.allclose(e, e.round(), atol=1e-3) and e.min() >= -128 and e.max() <= 127  # 8-bit exponents
+    m = mid[half > 0] / (half[half > 0] / 16)
+    assert torch.allclose(m, m.round(), atol=1e-3) and m.abs().max() <= 127  # 8-bit offsets
+    assert xt.abs().max() <= 1 + 1 / 32 + 1e-5
+    torch.testing.assert_close(group_restore(xt, mid, half, 16), x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(code_scales(torch.zeros(3), torch.zeros(3))[1], torch.zeros(3))
+    # the wide offset channel: half-range widened to |mid|·16/127, never a wrong offset
+    assert (half[..., 2] >= mid16[..., 2].abs() * 16 / 127 * (1 - 1e-6)).all()
+    # codebooks with 8-bit scales: histograms keyed by them, 16/G bits, file round trip, no cache
+    model, ids, books = tiny_books(method="lambda", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1,
+                                   scale_bits=8)
+    assert books.hist.key == (8, 1, 0.0, 8) and books.q.scale_bits == 8
+    assert books.effective_bits(seqlen=24) == pytest.approx((3 + 16 / 8) * 23 / 24 + 16 / 24)
+    path = tmp_path / "s8.safetensors"
+    books.save(path)
+    again = Codebooks.load(path)
+    y = torch.randn(1, 4, 24, 8)
+    assert again.config.scale_bits == 8 and torch.equal(again(y, 0, "q"), books(y, 0, "q"))
+    with pytest.raises(ValueError, match="scale_bits 16"):
+        books.rebuilt(scale_bits=16)
+    with pytest.raises(ValueError, match="scale_bits"):
+        CodebookConfig(norm="head", scale_bits=8)
+    with pytest.raises(ValueError, match="scale_bits"):
+        CodebookConfig(norm="channel-group", scale_bits=4)
+    from kvquant.cache import make_cache
+
+    with pytest.raises(NotImplementedError, match="scale_bits"):
+        make_cache(model, books)

@@ -129,7 +129,7 @@ def test_histogram_leaves_exact_entries_out():
     plain.update(0, q, k, mask)
     # the planted entry widened its channel in the plain histogram: its group's weight drops
     assert hist.weight_q[0, 1].sum() < 0.5 * plain.weight_q[0, 1].sum()
-    assert hist.key == (g, 1, p) and GroupHistogram.from_dict(hist.to_dict()).key == (g, 1, p)
+    assert hist.key == (g, 1, p, 16) and GroupHistogram.from_dict(hist.to_dict()).key == (g, 1, p, 16)
 
 
 def test_effective_bits_formula(tmp_path):
@@ -151,7 +151,7 @@ def test_save_load_round_trip_and_old_files(tmp_path):
     path = tmp_path / "out.safetensors"
     books.save(path)
     again = Codebooks.load(path)
-    assert again.config == books.config and again.k.outliers == 0.05 and again.hist.key == (8, 1, 0.05)
+    assert again.config == books.config and again.k.outliers == 0.05 and again.hist.key == (8, 1, 0.05, 16)
     x = torch.randn(1, 4, 24, 8)
     assert torch.equal(again(x, 1, "q"), books(x, 1, "q"))
     assert again.rebuilt(method="uniform").config.outliers == 0.05
@@ -183,10 +183,10 @@ def test_one_capture_pass_for_several_outlier_settings(tmp_path):
     model, _, books = tiny_books(method="lambda", norm="channel-group", group=8, sink=1, outliers=0.05)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     _, hists = capture(model, ids, [(8, 1), (8, 1, 0.05)], progress=False)
-    assert sorted(hists) == [(8, 1, 0.0), (8, 1, 0.05)]
-    assert hists[(8, 1, 0.05)].count_q.sum() < hists[(8, 1, 0.0)].count_q.sum()
+    assert sorted(hists) == [(8, 1, 0.0, 16), (8, 1, 0.05, 16)]
+    assert hists[(8, 1, 0.05, 16)].count_q.sum() < hists[(8, 1, 0.0, 16)].count_q.sum()
     cfg = books.config
-    again = Codebooks.from_stats(books.stats, cfg, books.fingerprint, {}, hists[(8, 1, 0.05)])
+    again = Codebooks.from_stats(books.stats, cfg, books.fingerprint, {}, hists[(8, 1, 0.05, 16)])
     assert again.config.outliers == 0.05
     with pytest.raises(ValueError, match="outliers 0.05"):
-        Codebooks.from_stats(books.stats, cfg, books.fingerprint, {}, hists[(8, 1, 0.0)])
+        Codebooks.from_stats(books.stats, cfg, books.fingerprint, {}, hists[(8, 1, 0.0, 16)])
