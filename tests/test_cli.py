@@ -170,3 +170,17 @@ def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
     assert 2.5 - 0.25 <= 0.5 * (books.q.mean_bits + books.k.mean_bits) <= 2.5
     assert run(calibrate_args(model_dir, text_file, books_path, "--budget", 5, "--bits-q", 4)) == 2
     assert "budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["default", "paper", "3bit"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from kvquant.cli import DEFAULTS, _config_values, codebook_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    values = _config_values(str(path))
+    assert set(values) <= set(DEFAULTS), f"unknown keys in {path.name}: {set(values) - set(DEFAULTS)}"
+    config = codebook_config({**DEFAULTS, **values})
+    if name == "default":
+        assert codebook_config(DEFAULTS) == config  # the file and the CLI defaults agree
