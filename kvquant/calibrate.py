@@ -95,7 +95,7 @@ def capture_stats(model: torch.nn.Module, windows, batch_size: int = 1, progress
 
 def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batch_size: int = 1,
             progress: bool = True, rope: Rope = "post",
-            fisher: bool = False) -> tuple[PairStats, dict[tuple[int, int, float], GroupHistogram]]:
+            fisher: bool = False) -> tuple[PairStats, dict[tuple[int, int, float, int], GroupHistogram]]:
     """One calibration pass: pair statistics, plus a :class:`GroupHistogram` for every
     ``(group, sink[, outliers[, scale_bits]])`` setting of the dynamic normalisation that is asked
     for, keyed by ``(group, sink, outliers, scale_bits)`` (0.0 and 16 where not given); q and k in

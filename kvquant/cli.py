@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention; forward passes without a KV cache only; default pre)")
     c.add_argument("--budget", type=float,
                    help="average code bits per query/key entry, spread over (layer, head) by reverse water-filling on "
-                        "the calibrated logit error; each head gets 1 … --bits-q/--bits-k bits "
+                        "the calibrated diagonal-Fisher loss estimate; each head gets 1 … --bits-q/--bits-k bits "
                         "(--norm channel-group only; default 0 = every head --bits-q/--bits-k)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "

@@ -39,9 +39,8 @@ def code_scales(mid: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, to
 
     ``half → 2^(e/8)`` with ``e = ⌈8·log2 max(half, 16·|mid|/127)⌉`` (int8: never below half, steps
     of 9 %); ``mid → m · half_q/16`` with ``m = round(16 · mid / half_q)`` (int8, |m| ≤ 127 by the
-    choice of e, error ≤ half_q/32). A channel whose offset exceeds 127/16 of its half-range
-    (≈0.01–0.03 % of the channel-groups of SmolLM2's pre-RoPE q and k at G = 64) gets a wider
-    half-range instead of a wrong offset. Zero (mid, half) stays zero.
+    choice of e, error ≤ half_q/32). A channel whose offset exceeds 127/16 of its half-range (rare
+    in real q and k) gets a wider half-range instead of a wrong offset. Zero (mid, half) stays zero.
     """
     need = torch.maximum(half, mid.abs() * (16 / 127))
     e = torch.ceil(8 * torch.log2(need.clamp_min(2.0**-16))).clamp(-128, 127)
@@ -213,18 +212,18 @@ class GroupHistogram:
         q2 = (q32 * q32).unflatten(1, (h_kv, g)).sum(2)  # Σ over the KV head's queries
         partner_k = m.transpose(-1, -2) @ q2 / m_s  # E[Σ_g q² | key entry]
         for name, x, partner in (("q", q32, partner_q), ("k", k32, partner_k)):
-            self._add(layer, x, partner, (f"count_{name}", f"weight_{name}"))
+            self._add(layer, x, partner, f"weight_{name}", f"count_{name}")
 
     def update_grad(self, layer: int, side: str, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Add Fisher weights ``half² · grad²`` of one attention input: ``side`` "q" or "k", x and
         ``grad = ∂loss/∂x`` (B, H, T, D) (a :data:`kvquant.attention.GradObserver`)."""
         if self.fisher_q is None:
             raise ValueError("this histogram was made without Fisher weights (GroupHistogram.zeros(fisher=True))")
-        self._add(layer, x.float(), grad.float() ** 2, (f"fisher_{side}",))
+        self._add(layer, x.float(), grad.float() ** 2, f"fisher_{side}")
 
-    def _add(self, layer: int, x: torch.Tensor, per_entry: torch.Tensor, names: tuple[str, ...]) -> None:
-        """Bin x (B, H, T, D) by x̃ and add ``half² · per_entry`` (and, with two names, the entry
-        count first) to the named (L, H, N+1) histograms; sinks and exact outliers left out."""
+    def _add(self, layer: int, x: torch.Tensor, per_entry: torch.Tensor, weight: str, count: str | None = None) -> None:
+        """Bin x (B, H, T, D) by x̃ and add ``half² · per_entry`` to histogram ``weight`` (and the
+        number of entries to ``count``), both (L, H, N+1); sinks and exact outliers left out."""
         ns = self.sink
         x, per_entry = x[:, :, ns:], per_entry[:, :, ns:]
         if x.shape[2] == 0:
@@ -241,13 +240,13 @@ class GroupHistogram:
         dense = None if not self.outliers else (~exact).double().flatten()  # exact entries are not quantized
         if dense is not None:
             w = w.flatten() * dense
-        sums = []
-        if len(names) == 2:
-            cnt = torch.bincount(idx, weights=dense, minlength=heads * nb)
-            sums.append(cnt.double())
-        sums.append(torch.bincount(idx, weights=w.flatten(), minlength=heads * nb))
-        for name, total in zip(names, sums):
+        def add(name: str, weights: torch.Tensor | None) -> None:
+            total = torch.bincount(idx, weights=weights, minlength=heads * nb).double()
             getattr(self, name)[layer] += total.reshape(heads, nb).cpu()
+
+        if count is not None:
+            add(count, dense)
+        add(weight, w.flatten())
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
