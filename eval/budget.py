@@ -50,14 +50,13 @@ METHODS = ("lambda", "lambda-lloyd")
 PREVIOUS = (128, 1, "lambda-lloyd")  # the default before this study
 
 
-def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, seqlen: int,
-             exact: bool, allocate: bool = True) -> Codebooks:
-    """Codebooks of (group, sink, method): at exactly ``bits`` effective bits by allocation
-    (``exact``), with every head at ``bits`` code bits, or (``exact=False, allocate=True``)
-    ``bits`` code bits on average, allocated."""
+def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, seqlen: int, mode: str) -> Codebooks:
+    """Codebooks of (group, sink, method) at ``bits``: ``mode`` "exact" — allocated so that the
+    effective bits are exactly ``bits``; "alloc" — ``bits`` code bits on average, allocated;
+    "equal" — every head at ``bits`` code bits."""
     config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre")
-    if exact or allocate:
-        budget = config.code_bits(bits, fp.head_dim, seqlen) if exact else bits
+    if mode != "equal":
+        budget = config.code_bits(bits, fp.head_dim, seqlen) if mode == "exact" else bits
         cap = min(8, math.ceil(budget) + 2)
         config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget)
     return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0, 16)])
@@ -84,20 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     for b in bits_list:
         reachable = [(g, s) for g, s in CANDIDATES  # the scales and sinks alone may cost more than b
                      if CodebookConfig("lambda", 8, 8, "channel-group", g, s).code_bits(b, fp.head_dim, args.seqlen) >= 1]
-        cands = {f"G{g}/sink{s}/{m}": books_at(stats, hists, fp, g, s, m, b, args.seqlen, exact=True)
-                 for g, s in reachable for m in METHODS}
-        dev_rows = evaluate(model, dev, cands)
+        specs = {f"G{g}/sink{s}/{m}": (g, s, m) for g, s in reachable for m in METHODS}
+        dev_rows = evaluate(model, dev, {name: books_at(stats, hists, fp, *spec, b, args.seqlen, "exact")
+                                         for name, spec in specs.items()})
         best = min(dev_rows, key=lambda k: dev_rows[k].ppl)
         selection[str(b)] = {"best": best, "dev": {k: v.to_dict() for k, v in dev_rows.items()}}
-        g, s, m = best.split("/")
-        g, s = int(g[1:]), int(s[4:])
+        g, s, m = specs[best]
         for name, method in (("selected", m), ("uniform", "uniform")):
-            rows[f"{b}/{name}/exact"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=True)
-            rows[f"{b}/{name}/alloc"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=False)
-            rows[f"{b}/{name}/equal"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, exact=False,
-                                                 allocate=False)
-        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, exact=False,
-                                               allocate=False)
+            for mode in ("exact", "alloc", "equal"):
+                rows[f"{b}/{name}/{mode}"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, mode)
+        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, "equal")
     results = evaluate(model, evals, rows)
     command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
