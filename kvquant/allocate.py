@@ -1,10 +1,10 @@
 """Bit allocation at a fixed average budget: discrete reverse water-filling (pure numpy).
 
-Units u (here: one codebook — a (layer, query head) or a (layer, KV head)) each have a
+Units u (here: one channel of a (layer, query head) or a (layer, KV head)) each have a
 distortion curve ``D_u(b)``, the error their quantizer adds at ``b`` bits, all in the same units
-(for kvquant: first-order squared error of the logits ``Q·Kᵀ`` summed over the calibration
-pairs), and a cost ``c_u`` per bit in units of the average budget (a unit holding a fraction
-``c_u`` of the entries that the average runs over).
+(for kvquant: the diagonal-Fisher estimate of the calibration loss increase,
+:func:`kvquant.codebooks.allocate_bits`), and a cost ``c_u`` per bit in units of the average
+budget (a unit holding a fraction ``c_u`` of the entries that the average runs over).
 
 Minimise ``Σ_u D_u(b_u)`` subject to ``Σ_u c_u b_u ≤ B`` with integer ``b_u ∈ [lo_u, hi_u]``.
 At high rate ``D_u(b) = a_u 2^{−2b}`` and the solution is reverse water-filling,

@@ -107,7 +107,8 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
     keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0, int(gs[3]) if len(gs) > 3 else 16)
             for gs in group_sinks}
     hists = {key: GroupHistogram.zeros(fp.num_layers, fp.num_heads, fp.num_kv_heads, group=key[0], sink=key[1],
-                                       outliers=key[2], fisher=fisher, scale_bits=key[3])
+                                       outliers=key[2], fisher=fisher, scale_bits=key[3],
+                                       head_dim=fp.head_dim)
              for key in sorted(keys)}
 
     def observe(layer, q, k, mask):

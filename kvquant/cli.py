@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize q and k after the rotary embedding, or before it (undone and redone inside "
                         "attention; forward passes without a KV cache only; default pre)")
     c.add_argument("--budget", type=float,
-                   help="average code bits per query/key entry, spread over (layer, head) by reverse water-filling on "
-                        "the calibrated diagonal-Fisher loss estimate; each head gets 1 … --bits-q/--bits-k bits "
-                        "(--norm channel-group only; default 0 = every head --bits-q/--bits-k)")
+                   help="average code bits per query/key entry, spread over (layer, head, channel) by reverse "
+                        "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 1 … "
+                        "--bits-q/--bits-k bits (--norm channel-group only; default 0 = every channel --bits-q/--bits-k)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
                         "8 = log-coded half-range and offset in its 16ths (default 16)")

@@ -14,6 +14,7 @@ pooled ``ρ_eff² = Σ σ_Q,g² ρ_g² / Σ σ_Q,g²`` (DESIGN.md §1, GQA).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -60,8 +61,8 @@ class CodebookConfig:
     sink: int = 0
     outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
     rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.rope)
-    # > 0: average code bits per entry over query and key codebooks, spread over (layer, head, side)
-    # by reverse water-filling (kvquant.allocate); each head gets 1 … bits_q (queries) / bits_k (keys)
+    # > 0: average code bits per entry over queries and keys, spread over (layer, head, channel, side)
+    # by reverse water-filling (kvquant.allocate); each channel gets 1 … bits_q (queries) / bits_k (keys)
     budget: float = 0.0
     scale_bits: int = 16  # channel-group: bits of each stored (mid, half) value, 16 (fp16) or 8 (groupnorm.code_scales)
     version: int = FORMAT_VERSION
@@ -145,9 +146,10 @@ class SideBooks:
     """Codebooks of one side (queries or keys): centers (L, H, K), boundaries (L, H, K−1),
     offset and scale (L, H, D) in the activations' units.
 
-    With bit allocation, ``head_bits`` (L, H) gives each head's bits (≤ ``bits``, K = 2^bits):
-    a head with fewer levels has its boundaries padded with +inf (codes never reach the padding)
-    and its centers padded with its last center."""
+    With bit allocation, ``channel_bits`` (L, H, D) gives each channel its bits (≤ ``bits``) and
+    every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1), K = 2^bits;
+    a channel at b bits uses its head's b-bit codebook, its boundaries padded with +inf (codes
+    never reach the padding) and its centers with its last center."""
 
     bits: int
     centers: torch.Tensor
@@ -157,13 +159,13 @@ class SideBooks:
     group: int = 0  # > 0: dynamic min–max per channel over groups of this many tokens
     sink: int = 0  # first tokens kept exact
     outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
-    head_bits: torch.Tensor | None = None  # (L, H) int: allocated bits per head (None: all heads `bits`)
+    channel_bits: torch.Tensor | None = None  # (L, H, D) int: allocated bits per channel (None: all `bits`)
     scale_bits: int = 16  # group mode: bits of each stored mid / half
 
     @property
     def mean_bits(self) -> float:
         """Code bits per entry averaged over this side's heads and layers."""
-        return self.bits if self.head_bits is None else float(self.head_bits.double().mean())
+        return self.bits if self.channel_bits is None else float(self.channel_bits.double().mean())
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
@@ -185,11 +187,11 @@ class SideBooks:
         if self.group:
             if self.outliers:
                 xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
-                out = group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group)
+                out = group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group)
                 return torch.where(exact, x.float(), out).to(x.dtype)
             check_finite(x)
             xt, mid, half = group_minmax(x, self.group, self.scale_bits)
-            return group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, self.group).to(x.dtype)
+            return group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc
@@ -197,8 +199,18 @@ class SideBooks:
         return (xq * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        names = ("centers", "boundaries", "offset", "scale") + (("head_bits",) if self.head_bits is not None else ())
+        names = ("centers", "boundaries", "offset", "scale") + (("channel_bits",) if self.channel_bits is not None else ())
         return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
+
+
+def _fake_quantize(xt: torch.Tensor, centers: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """x̃ (B, H, T, D) through one layer's tables: per head (H, K) or per channel (H, D, K)."""
+    if centers.ndim == 2:
+        return cb.fake_quantize(xt, centers, bounds, dim=1)
+    b, h, t, d = xt.shape
+    rows = xt.permute(1, 3, 0, 2).reshape(h * d, b * t)
+    out = cb.fake_quantize(rows, centers.reshape(h * d, -1), bounds.reshape(h * d, -1), dim=0)
+    return out.reshape(h, d, b, t).permute(2, 0, 3, 1)
 
 
 @lru_cache(maxsize=4096)
@@ -212,36 +224,45 @@ def _r(v: float) -> float:
     return round(float(v), 2)
 
 
-def allocate_bits(book, fisher: dict[str, np.ndarray], caps: dict[str, int], budget: float,
-                  nodes: np.ndarray) -> dict[str, np.ndarray]:
-    """Bits per (layer, head) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
+def allocate_bits(book, fisher: dict[str, np.ndarray], channel_fisher: dict[str, np.ndarray], caps: dict[str, int],
+                  budget: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
+    """Bits per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
 
-    Unit: one codebook, ``book(side, layer, head, bits)``. Its distortion at b bits is its error
-    on the Fisher histogram ``fisher[side][layer, head]`` (Σ half² · (∂loss/∂x)² per x̃ bin):
-    ``D(b) = ½ Σ_i fisher_i (node_i − Q_b(node_i))²``, the diagonal-Fisher (second-order) estimate
-    of the calibration loss increase — in the same units for every layer, head and side, unlike
-    the error of the logits, whose effect on the loss differs from layer to layer.
-    Cost of a bit: ``1 / (2 · L · H_side)`` of the average ``½(mean_q bits + mean_k bits)``.
-    Every head gets between 1 and its side's cap bits.
+    Unit: one channel of one head, quantized with its head's codebook ``book(side, layer, head,
+    bits)``. Its distortion at b bits is the diagonal-Fisher (second-order) estimate of the
+    calibration loss increase, ``D(b) = ½ F_c · ε(b)``: ``F_c = channel_fisher[side][layer, head, c]``
+    (Σ half² · (∂loss/∂x)² over the channel's entries) times the head's Fisher-weighted mean
+    squared error in x̃ units, ``ε(b) = Σ_i f_i (node_i − Q_b(node_i))² / Σ_i f_i`` with
+    ``f = fisher[side][layer, head]`` (the channels of a head share its x̃ histogram). Summed over
+    a head's channels this is the head's own estimate ``½ Σ_i f_i (node_i − Q_b(node_i))²``; the
+    loss is one scale for every layer, head and side. Channels differ a lot — a channel's error is
+    multiplied by its partners' values, and its range by the group's — so the budget moves to
+    where it lowers the loss most. Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average
+    ``½(mean_q bits + mean_k bits)``. Every channel gets between 1 and its side's cap bits.
     """
     curves, costs, his, shapes = [], [], [], {}
     width = max(caps.values()) + 1
     for side, weight in fisher.items():
         L, H, _ = weight.shape
-        shapes[side] = (L, H)
+        chan = channel_fisher[side]
+        D = chan.shape[-1]
+        shapes[side] = (L, H, D)
+        eps = np.zeros((L, H, width))
         for layer in range(L):
             for h in range(H):
-                row = np.zeros(width)
+                total = weight[layer, h].sum()
                 for b in range(cb.MIN_BITS, caps[side] + 1):
-                    row[b] = 0.5 * cb.histogram_distortion(book(side, layer, h, b), nodes, weight[layer, h])
-                curves.append(row)
-                costs.append(1 / (2 * L * H))
-                his.append(caps[side])
-    bits = water_fill(np.stack(curves), np.array(costs), budget, cb.MIN_BITS, np.array(his))
+                    err = cb.histogram_distortion(book(side, layer, h, b), nodes, weight[layer, h])
+                    eps[layer, h, b] = err / total if total > 0 else 0.0
+        curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, width))
+        costs.append(np.full(L * H * D, 1 / (2 * L * H * D)))
+        his.append(np.full(L * H * D, caps[side]))
+    bits = water_fill(np.concatenate(curves), np.concatenate(costs), budget, cb.MIN_BITS, np.concatenate(his))
     out, start = {}, 0
-    for side, (L, H) in shapes.items():
-        out[side] = bits[start : start + L * H].reshape(L, H)
-        start += L * H
+    for side, shape in shapes.items():
+        n = int(np.prod(shape))
+        out[side] = bits[start : start + n].reshape(shape)
+        start += n
     return out
 
 
@@ -332,30 +353,43 @@ class Codebooks:
             return cb.histogram_codebook(config.method, bits, nodes, count[layer, h], weight[layer, h])
 
         if config.budget:
-            if hist.fisher_q is None:
+            if hist.fisher_q is None or hist.channel_fisher_q is None:
                 raise ValueError(
                     "budget (bit allocation) needs calibration histograms with Fisher weights; re-run calibration "
                     "with budget > 0 (or capture(..., fisher=True))"
                 )
             fisher = {"q": hist.fisher_q.numpy(), "k": hist.fisher_k.numpy()}
-            head_bits = allocate_bits(book, fisher, caps, config.budget, nodes)
+            channel_fisher = {"q": hist.channel_fisher_q.numpy(), "k": hist.channel_fisher_k.numpy()}
+            channel_bits = allocate_bits(book, fisher, channel_fisher, caps, config.budget, nodes)
         else:
-            head_bits = {s: np.full(hists[s][0].shape[:2], caps[s]) for s in hists}
+            channel_bits = None
 
         def side_books(side: str) -> SideBooks:
-            bits_lh = head_bits[side]
-            L, H = bits_lh.shape
-            k = 2 ** int(bits_lh.max())
-            centers, bounds = torch.empty(L, H, k), torch.full((L, H, k - 1), math.inf)
-            for layer in range(L):
-                for h in range(H):
-                    b = book(side, layer, h, int(bits_lh[layer, h]))
-                    n = b.levels
-                    centers[layer, h, :n], centers[layer, h, n:] = torch.from_numpy(b.centers), float(b.centers[-1])
-                    bounds[layer, h, : n - 1] = torch.from_numpy(b.boundaries)
-            unit = torch.zeros(L, H, fingerprint.head_dim)
-            return SideBooks(int(bits_lh.max()), centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
-                             torch.from_numpy(bits_lh).to(torch.int8) if config.budget else None, config.scale_bits)
+            L, H = hists[side][0].shape[:2]
+            D = fingerprint.head_dim
+            unit = torch.zeros(L, H, D)
+            if channel_bits is None:
+                k = 2 ** caps[side]
+                centers, bounds = torch.empty(L, H, k), torch.empty(L, H, k - 1)
+                for layer, h in itertools.product(range(L), range(H)):
+                    b = book(side, layer, h, caps[side])
+                    centers[layer, h], bounds[layer, h] = torch.from_numpy(b.centers), torch.from_numpy(b.boundaries)
+                return SideBooks(caps[side], centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
+                                 None, config.scale_bits)
+            bits = torch.from_numpy(channel_bits[side])
+            top = int(bits.max())
+            k = 2**top
+            centers, bounds = torch.empty(L, H, D, k), torch.full((L, H, D, k - 1), math.inf)
+            for layer, h in itertools.product(range(L), range(H)):
+                table_c, table_b = torch.empty(top + 1, k), torch.full((top + 1, k - 1), math.inf)
+                for b in bits[layer, h].unique().tolist():
+                    book_b = book(side, layer, h, b)
+                    n = book_b.levels
+                    table_c[b, :n], table_c[b, n:] = torch.from_numpy(book_b.centers), float(book_b.centers[-1])
+                    table_b[b, : n - 1] = torch.from_numpy(book_b.boundaries)
+                centers[layer, h], bounds[layer, h] = table_c[bits[layer, h].long()], table_b[bits[layer, h].long()]
+            return SideBooks(top, centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
+                             bits.to(torch.int8), config.scale_bits)
 
         return cls(config, side_books("q"), side_books("k"), fingerprint, stats, dict(calibration or {}), hist)
 
@@ -439,7 +473,7 @@ class Codebooks:
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
-            config.outliers, t.get(f"{p}.head_bits"), config.scale_bits,
+            config.outliers, t.get(f"{p}.channel_bits"), config.scale_bits,
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

@@ -164,7 +164,10 @@ class GroupHistogram:
     diagonal-Fisher weight of an entry, so that ``½ Σ fisher · (x̃ − Q(x̃))²`` is the second-order
     estimate of the increase of the calibration loss (each batch's mean next-token NLL, summed
     over the batches) that the codebook's error causes — one scale for every layer, head and
-    side, which is what bit allocation compares.
+    side, which is what bit allocation compares. ``channel_fisher`` (L, H, D) holds the same
+    weights summed per channel instead of per x̃ bin: bit allocation gives levels channel by
+    channel, and a channel's loss increase at b bits is estimated as its Fisher total times its
+    head's Fisher-weighted mean (x̃ − Q_b(x̃))².
 
     Captured with the quantizer's own settings: ``group`` tokens per scale, the first ``sink``
     tokens left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
@@ -180,14 +183,22 @@ class GroupHistogram:
     fisher_q: torch.Tensor | None = None
     fisher_k: torch.Tensor | None = None
     scale_bits: int = 16
+    channel_fisher_q: torch.Tensor | None = None
+    channel_fisher_k: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, outliers: float = 0.0,
-              bins: int = HIST_BINS, fisher: bool = False, scale_bits: int = 16):
-        zq = lambda: torch.zeros(layers, heads, bins + 1, dtype=torch.float64)  # noqa: E731
-        zk = lambda: torch.zeros(layers, kv_heads, bins + 1, dtype=torch.float64)  # noqa: E731
-        return cls(zq(), zq(), zk(), zk(), group, sink, float(outliers), *((zq(), zk()) if fisher else (None, None)),
-                   int(scale_bits))
+              bins: int = HIST_BINS, fisher: bool = False, scale_bits: int = 16, head_dim: int = 0):
+        """Empty histograms; ``fisher=True`` (Fisher weights, for bit allocation) needs ``head_dim``."""
+        z = lambda *shape: torch.zeros(layers, *shape, dtype=torch.float64)  # noqa: E731
+        out = cls(z(heads, bins + 1), z(heads, bins + 1), z(kv_heads, bins + 1), z(kv_heads, bins + 1), group, sink,
+                  float(outliers), scale_bits=int(scale_bits))
+        if fisher:
+            if head_dim < 1:
+                raise ValueError("Fisher weights are also kept per channel: GroupHistogram.zeros(fisher=True) needs head_dim")
+            out.fisher_q, out.fisher_k = z(heads, bins + 1), z(kv_heads, bins + 1)
+            out.channel_fisher_q, out.channel_fisher_k = z(heads, head_dim), z(kv_heads, head_dim)
+        return out
 
     @property
     def key(self) -> tuple[int, int, float, int]:
@@ -219,11 +230,13 @@ class GroupHistogram:
         ``grad = ∂loss/∂x`` (B, H, T, D) (a :data:`kvquant.attention.GradObserver`)."""
         if self.fisher_q is None:
             raise ValueError("this histogram was made without Fisher weights (GroupHistogram.zeros(fisher=True))")
-        self._add(layer, x.float(), grad.float() ** 2, f"fisher_{side}")
+        self._add(layer, x.float(), grad.float() ** 2, f"fisher_{side}", channel=f"channel_fisher_{side}")
 
-    def _add(self, layer: int, x: torch.Tensor, per_entry: torch.Tensor, weight: str, count: str | None = None) -> None:
+    def _add(self, layer: int, x: torch.Tensor, per_entry: torch.Tensor, weight: str, count: str | None = None,
+             channel: str | None = None) -> None:
         """Bin x (B, H, T, D) by x̃ and add ``half² · per_entry`` to histogram ``weight`` (and the
-        number of entries to ``count``), both (L, H, N+1); sinks and exact outliers left out."""
+        number of entries to ``count``), both (L, H, N+1), and summed per channel to ``channel``
+        (L, H, D); sinks and exact outliers left out."""
         ns = self.sink
         x, per_entry = x[:, :, ns:], per_entry[:, :, ns:]
         if x.shape[2] == 0:
@@ -235,11 +248,13 @@ class GroupHistogram:
             xt, _, half = group_minmax(x, self.group, self.scale_bits)
         half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, :t]
         w = (half_full**2 * per_entry).double()
+        if self.outliers:  # exact entries are not quantized
+            w = w * (~exact)
+        if channel is not None:
+            getattr(self, channel)[layer] += w.sum((0, 2)).cpu()
         nb = self.count_q.shape[-1]
         idx = (hist_index(xt, nb - 1) + nb * torch.arange(heads, device=x.device)[None, :, None, None]).flatten()
-        dense = None if not self.outliers else (~exact).double().flatten()  # exact entries are not quantized
-        if dense is not None:
-            w = w.flatten() * dense
+        dense = None if not self.outliers else (~exact).double().flatten()
         def add(name: str, weights: torch.Tensor | None) -> None:
             total = torch.bincount(idx, weights=weights, minlength=heads * nb).double()
             getattr(self, name)[layer] += total.reshape(heads, nb).cpu()
@@ -263,4 +278,4 @@ class GroupHistogram:
         outliers = float(d["outliers"][0]) if "outliers" in d else 0.0
         scale_bits = int(d["scale_bits"][0]) if "scale_bits" in d else 16
         return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers,
-                   d.get("fisher_q"), d.get("fisher_k"), scale_bits)
+                   d.get("fisher_q"), d.get("fisher_k"), scale_bits, d.get("channel_fisher_q"), d.get("channel_fisher_k"))

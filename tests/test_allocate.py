@@ -1,4 +1,4 @@
-"""Bit allocation: greedy reverse water-filling, and codebooks with per-head bits."""
+"""Bit allocation: greedy reverse water-filling, and codebooks with per-channel bits."""
 
 from __future__ import annotations
 
@@ -69,50 +69,70 @@ def test_budget_config_is_validated():
 def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
     cfg = dict(method="lambda-lloyd", bits_q=5, bits_k=5, norm="channel-group", group=8, sink=1)
     model, ids, books = tiny_books(**cfg, budget=3.0)
-    # one query head whose errors cost the loss 10⁴× more and one KV head 10⁴× less
-    assert books.hist.fisher_q.sum() > 0 and books.hist.fisher_k.sum() > 0
-    books.hist.fisher_q[1, 2] *= 1e4
-    books.hist.fisher_k[0, 1] *= 1e-4
+    hist = books.hist
+    assert hist.channel_fisher_q.shape == (2, 4, 8) and hist.channel_fisher_k.shape == (2, 2, 8)
+    # per-channel Fisher totals add up to the head histograms' totals
+    torch.testing.assert_close(hist.channel_fisher_q.sum(-1), hist.fisher_q.sum(-1))
+    # one query channel whose errors cost the loss 10⁴× more and one KV head's channels 10⁴× less
+    hist.channel_fisher_q[1, 2, 3] *= 1e4
+    hist.channel_fisher_k[0, 1] *= 1e-4
     books = books.rebuilt()
-    hb_q, hb_k = books.q.head_bits, books.k.head_bits
-    assert hb_q[1, 2] == 5 and hb_k[0, 1] < hb_k.max()
-    assert hb_q.shape == (2, 4) and hb_k.shape == (2, 2)
-    assert hb_q.min() >= 1 and hb_q.max() <= 5 and hb_k.max() <= 5
+    cb_q, cb_k = books.q.channel_bits, books.k.channel_bits
+    assert cb_q.shape == (2, 4, 8) and cb_k.shape == (2, 2, 8)
+    assert cb_q[1, 2, 3] == 5 and cb_k[0, 1].max() < cb_k.max()
+    assert cb_q.min() >= 1 and cb_q.max() <= 5 and cb_k.max() <= 5
+    assert len(cb_q.unique()) > 1  # channels of one model do differ
     mean = 0.5 * (books.q.mean_bits + books.k.mean_bits)
-    assert 3.0 - 1 / 8 <= mean <= 3.0  # a query-head bit is 1/16 of the average, a key-head bit 1/8
+    assert 3.0 - 1 / 64 <= mean <= 3.0  # a query-channel bit is 1/128 of the average, a key-channel bit 1/64
     assert books.effective_bits(seqlen=24) == pytest.approx((mean + 32 / 8) * 23 / 24 + 16 / 24)
     assert books.config.code_bits(books.effective_bits(seqlen=24), 8, 24) == pytest.approx(mean)
 
-    # each head's codebook uses exactly its allocated number of levels on [−1, 1], no padding level
+    # each channel's table uses exactly its allocated number of levels on [−1, 1], no padding level
     grid = torch.linspace(-1, 1, 4001)
     for side in (books.q, books.k):
         for layer in range(2):
-            heads = side.head_bits.shape[1]
-            codes = cb.quantize(grid.expand(heads, -1), side.boundaries[layer], dim=0)
-            used = torch.tensor([codes[h].unique().numel() for h in range(heads)])
-            assert torch.equal(used, 2 ** side.head_bits[layer].long())
-    x = torch.randn(1, 4, 200, 8) * 3
+            bounds = side.boundaries[layer].flatten(0, 1)
+            codes = cb.quantize(grid.expand(bounds.shape[0], -1), bounds, dim=0)
+            used = torch.tensor([row.unique().numel() for row in codes])
+            assert torch.equal(used, 2 ** side.channel_bits[layer].flatten().long())
 
-    # allocation lowers the Fisher estimate of the loss increase vs every head at the same 3 bits
+    # a channel at b bits is quantized exactly as every channel is by the head's b-bit codebooks
+    x = torch.randn(1, 4, 200, 8) * 3
+    for side, xs in (("q", x), ("k", x[:, :2])):
+        got = books(xs, 1, side)
+        bits = getattr(books, side).channel_bits[1]
+        for b in bits.unique().tolist():
+            same = books.rebuilt(budget=0.0, bits_q=b, bits_k=b)(xs, 1, side)
+            mask = (bits == b)[None, :, None, :].expand_as(xs)
+            assert torch.equal(got[mask], same[mask])
+
+    # allocation lowers the Fisher estimate of the loss increase vs every channel at the same 3 bits
     equal = books.rebuilt(budget=0.0, bits_q=3, bits_k=3)
-    nodes = books.hist.nodes.numpy()
+    nodes = hist.nodes.numpy()
 
     def objective(bk: Codebooks) -> float:
         total = 0.0
-        for side, weight in (("q", bk.hist.fisher_q), ("k", bk.hist.fisher_k)):
-            sb = getattr(bk, side)
+        for side in ("q", "k"):
+            sb, weight = getattr(bk, side), getattr(hist, f"fisher_{side}")
+            chan = getattr(hist, f"channel_fisher_{side}")
             for layer, h in itertools.product(range(weight.shape[0]), range(weight.shape[1])):
-                n = 2 ** (sb.bits if sb.head_bits is None else int(sb.head_bits[layer, h]))
-                book = cb.Codebook(sb.centers[layer, h, :n].double().numpy(), sb.boundaries[layer, h, : n - 1].double().numpy())
-                total += cb.histogram_distortion(book, nodes, weight[layer, h].numpy())
+                for c in range(chan.shape[-1]):
+                    if sb.channel_bits is None:
+                        cen, bnd = sb.centers[layer, h], sb.boundaries[layer, h]
+                    else:
+                        n = 2 ** int(sb.channel_bits[layer, h, c])
+                        cen, bnd = sb.centers[layer, h, c, :n], sb.boundaries[layer, h, c, : n - 1]
+                    book = cb.Codebook(cen.double().numpy(), bnd.double().numpy())
+                    eps = cb.histogram_distortion(book, nodes, weight[layer, h].numpy()) / float(weight[layer, h].sum())
+                    total += float(chan[layer, h, c]) * eps
         return total
 
-    assert objective(books) < objective(equal)
+    assert objective(books) < 0.9 * objective(equal)
 
     path = tmp_path / "alloc.safetensors"
     books.save(path)
     again = Codebooks.load(path)
-    assert again.config == books.config and torch.equal(again.q.head_bits, hb_q) and again.k.bits == books.k.bits
+    assert again.config == books.config and torch.equal(again.q.channel_bits, cb_q) and again.k.bits == books.k.bits
     assert torch.equal(again(x[:, :2], 1, "k"), books(x[:, :2], 1, "k"))
     assert again.effective_bits(seqlen=24) == books.effective_bits(seqlen=24)
 

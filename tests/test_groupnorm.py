@@ -85,19 +85,26 @@ def test_fisher_histogram_matches_brute_force():
     torch.manual_seed(4)
     h, t, d, g = 2, 9, 4, 3
     x, grad = torch.randn(1, h, t, d), torch.randn(1, h, t, d)
-    hist = GroupHistogram.zeros(2, h, 1, group=g, sink=1, bins=64, fisher=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        GroupHistogram.zeros(2, h, 1, group=g, sink=1, bins=64, fisher=True)
+    hist = GroupHistogram.zeros(2, h, 1, group=g, sink=1, bins=64, fisher=True, head_dim=d)
     hist.update_grad(1, "q", x, grad)
     expect = torch.zeros(h, 65, dtype=torch.float64)
+    per_channel = torch.zeros(h, d, dtype=torch.float64)
     xt, _, half = group_minmax(x[:, :, 1:], g)
     idx = hist_index(xt, 64)
     for hh in range(h):
         for tt in range(t - 1):
             for j in range(d):
-                expect[hh, idx[0, hh, tt, j]] += float(half[0, hh, tt // g, 0, j] ** 2 * grad[0, hh, tt + 1, j] ** 2)
+                w = float(half[0, hh, tt // g, 0, j] ** 2 * grad[0, hh, tt + 1, j] ** 2)
+                expect[hh, idx[0, hh, tt, j]] += w
+                per_channel[hh, j] += w
     torch.testing.assert_close(hist.fisher_q[1], expect, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(hist.channel_fisher_q[1], per_channel, rtol=1e-5, atol=1e-9)
+    assert hist.channel_fisher_q[0].sum() == 0 and hist.channel_fisher_k.shape == (2, 1, d)
     assert hist.fisher_q[0].sum() == 0 and hist.fisher_k.sum() == 0 and hist.count_q.sum() == 0
     again = GroupHistogram.from_dict(hist.to_dict())
-    assert torch.equal(again.fisher_q, hist.fisher_q)
+    assert torch.equal(again.fisher_q, hist.fisher_q) and torch.equal(again.channel_fisher_q, hist.channel_fisher_q)
     plain = GroupHistogram.zeros(1, h, 1, group=g, sink=1)
     assert plain.fisher_q is None and GroupHistogram.from_dict(plain.to_dict()).fisher_q is None
     with pytest.raises(ValueError, match="Fisher"):
