@@ -1,24 +1,24 @@
 """At exactly b effective bits: sink tokens, group size and bit allocation (issue 5, items 2, 5, 6).
 
-Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the fp16
-(mid, half) per channel and group (32/G), exact sink tokens (16 bits each). Bit allocation
-(``CodebookConfig.budget``, :mod:`kvquant.allocate`) spreads a fractional code budget over the
-(layer, head, side) codebooks by reverse water-filling on the diagonal-Fisher estimate of the
-calibration loss increase, so configurations with different overheads can be compared at the
-same effective bits: ``budget = code_bits(b)`` makes the effective bits exactly b (up to the
-granularity of one head's bit).
+Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the
+(mid, half) per channel and group (32/G in fp16, 16/G with 8-bit scales), exact sink tokens
+(16 bits each). Bit allocation (``CodebookConfig.budget``, :mod:`kvquant.allocate`) spreads a
+fractional code budget over the (layer, head, channel, side) units by reverse water-filling on
+the diagonal-Fisher estimate of the calibration loss increase, so configurations with different
+overheads can be compared at the same effective bits: ``budget = code_bits(b)`` makes the
+effective bits exactly b (up to the granularity of one channel's bit).
 
 Protocol (nothing is chosen on the evaluation windows):
 1. Calibrate once on the LAST ``--calib`` windows: statistics and Fisher-weighted histograms for
-   every (G, sink) candidate (one forward + backward per window).
-2. Select, per bit width, the (G, sink, method) with the lowest perplexity at exactly b effective
+   every (G, sink, scale bits) candidate (one forward + backward per window).
+2. Select, per bit width, the (G, sink, scale bits, method) with the lowest perplexity at exactly b effective
    bits on ``--dev`` development windows: the windows right after the evaluation windows
    (disjoint from both calibration and evaluation).
 3. Evaluate on the FIRST ``--windows`` windows: the selected configuration at exactly b bits,
-   at b code bits on average allocated, and with every head at b code bits (the last two at the
+   at b code bits on average allocated, and with every channel at b code bits (the last two at the
    same effective bits, b + overhead: what allocation alone buys), the same three for the
    uniform (min–max INT) codebook on the selected normalisation, and the previous default
-   (G 128, sink 1, lambda-lloyd, b code bits) for reference.
+   (G 128, sink 1, fp16 scales, lambda-lloyd, b code bits) for reference.
 
 Usage:  python eval/budget.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
 Writes out/budget_smollm2.json and the ``budget-smollm2`` section of BENCHMARKS.md.
@@ -44,22 +44,24 @@ from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-#: (group, sink) candidates; methods selected among these.
-CANDIDATES = [(128, 1), (128, 4), (128, 16), (64, 4), (64, 16)]
+#: (group, sink, scale bits) candidates; methods selected among these.
+CANDIDATES = [(128, 1, 16), (128, 4, 16), (64, 1, 8), (64, 4, 8), (32, 1, 8)]
 METHODS = ("lambda", "lambda-lloyd")
-PREVIOUS = (128, 1, "lambda-lloyd")  # the default before this study
+PREVIOUS = (128, 1, 16, "lambda-lloyd")  # the default (every channel at b code bits)
 
 
-def books_at(stats, hists, fp, group: int, sink: int, method: str, bits: int, seqlen: int, mode: str) -> Codebooks:
-    """Codebooks of (group, sink, method) at ``bits``: ``mode`` "exact" — allocated so that the
-    effective bits are exactly ``bits``; "alloc" — ``bits`` code bits on average, allocated;
-    "equal" — every head at ``bits`` code bits."""
-    config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre")
+def books_at(stats, hists, fp, group: int, sink: int, scale_bits: int, method: str, bits: int, seqlen: int,
+             mode: str) -> Codebooks:
+    """Codebooks of (group, sink, scale_bits, method) at ``bits``: ``mode`` "exact" — allocated so
+    that the effective bits are exactly ``bits``; "alloc" — ``bits`` code bits on average,
+    allocated; "equal" — every channel at ``bits`` code bits."""
+    config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre", scale_bits=scale_bits)
     if mode != "equal":
         budget = config.code_bits(bits, fp.head_dim, seqlen) if mode == "exact" else bits
         cap = min(8, math.ceil(budget) + 2)
-        config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget)
-    return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0, 16)])
+        config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget,
+                                scale_bits=scale_bits)
+    return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0, scale_bits)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,21 +79,22 @@ def main(argv: list[str] | None = None) -> None:
     calib, evals = split_calib_eval(tok, text, args.seqlen, args.calib, args.windows + args.dev, source="enwiki-excerpt")
     dev, evals = evals.ids[args.windows:], evals.ids[: args.windows]
     fp = ModelFingerprint.from_model(model)
-    stats, hists = capture(model, calib, CANDIDATES, rope="pre", fisher=True)
+    stats, hists = capture(model, calib, [(g, s, 0.0, sb) for g, s, sb in CANDIDATES], rope="pre", fisher=True)
     bits_list = [int(b) for b in args.bits.split(",")]
     selection, rows = {}, {"fp": None}
     for b in bits_list:
-        reachable = [(g, s) for g, s in CANDIDATES  # the scales and sinks alone may cost more than b
-                     if CodebookConfig("lambda", 8, 8, "channel-group", g, s).code_bits(b, fp.head_dim, args.seqlen) >= 1]
-        specs = {f"G{g}/sink{s}/{m}": (g, s, m) for g, s in reachable for m in METHODS}
+        reachable = [c for c in CANDIDATES  # the scales and sinks alone may cost more than b
+                     if CodebookConfig("lambda", 8, 8, "channel-group", c[0], c[1], scale_bits=c[2])
+                     .code_bits(b, fp.head_dim, args.seqlen) >= 1]
+        specs = {f"G{g}/sink{s}/{sb}-bit scales/{m}": (g, s, sb, m) for g, s, sb in reachable for m in METHODS}
         dev_rows = evaluate(model, dev, {name: books_at(stats, hists, fp, *spec, b, args.seqlen, "exact")
                                          for name, spec in specs.items()})
         best = min(dev_rows, key=lambda k: dev_rows[k].ppl)
         selection[str(b)] = {"best": best, "dev": {k: v.to_dict() for k, v in dev_rows.items()}}
-        g, s, m = specs[best]
+        g, s, sb, m = specs[best]
         for name, method in (("selected", m), ("uniform", "uniform")):
             for mode in ("exact", "alloc", "equal"):
-                rows[f"{b}/{name}/{mode}"] = books_at(stats, hists, fp, g, s, method, b, args.seqlen, mode)
+                rows[f"{b}/{name}/{mode}"] = books_at(stats, hists, fp, g, s, sb, method, b, args.seqlen, mode)
         rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, "equal")
     results = evaluate(model, evals, rows)
     command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -117,22 +120,22 @@ def markdown(p: dict, bits_list: list[int]) -> str:
         "",
         (f"Command: `{p['command']}` — pre-RoPE channel-group codebooks, Q and K both quantized, {p['dtype']}. "
          f"Calibration (statistics + Fisher-weighted histograms): last {p['calib_windows']} windows; selection of "
-         f"(G, sink, method) at exactly b effective bits on {p['dev_windows']} development windows (right after the "
+         f"(G, sink, scale bits, method) at exactly b effective bits on {p['dev_windows']} development windows (right after the "
          f"evaluation windows); evaluation on the first {p['eval_windows']} windows. Unquantized perplexity "
-         f"**{fp:.3f}**. `exact b`: code budget spread over (layer, head, side) by water-filling so that the effective "
-         "bits are b; `allocated`: the same with b code bits on average (effective b + scales + sinks); `every head`: "
-         "every codebook at b bits (same effective bits). Cells: ppl (Δ) [effective bits]."),
+         f"**{fp:.3f}**. `exact b`: code budget spread over (layer, head, channel, side) by water-filling so that the "
+         "effective bits are b; `allocated`: the same with b code bits on average (effective b + scales + sinks); "
+         "`every channel`: every channel at b bits (same effective bits). Cells: ppl (Δ) [effective bits]."),
         "",
         "| row | " + " | ".join(f"{b} bits" for b in bits_list) + " |",
         "|---|" + "---|" * len(bits_list),
     ]
     labels = [("selected, exact b", "selected/exact"),
               ("selected, b code bits on average, allocated", "selected/alloc"),
-              ("selected, b code bits every head", "selected/equal"),
+              ("selected, b code bits every channel", "selected/equal"),
               ("uniform (INT), selected normalisation, exact b", "uniform/exact"),
               ("uniform (INT), selected normalisation, b code bits on average, allocated", "uniform/alloc"),
-              ("uniform (INT), selected normalisation, b code bits every head", "uniform/equal"),
-              ("previous default (G128, sink 1, lambda-lloyd), b code bits", "previous/equal")]
+              ("uniform (INT), selected normalisation, b code bits every channel", "uniform/equal"),
+              ("default (G128, sink 1, fp16 scales, lambda-lloyd), b code bits", "previous/equal")]
     out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
     for label, key in labels:
         out.append(f"| {label} | " + " | ".join(cell(rows[f"{b}/{key}"]) for b in bits_list) + " |")

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ DEFAULTS = {
     "outliers": 0.0,
     "rope": "pre",
     "budget": 0.0,
+    "effective_bits": 0.0,
     "scale_bits": 16,
     "dtype": "float32",
     "device": "cpu",
@@ -93,13 +94,25 @@ def codebook_config(options: dict):
 def cmd_calibrate(args) -> None:
     from kvquant.calibrate import CalibrationConfig, calibrate, summary
     from kvquant.data import load_text, make_windows
+    from kvquant.fingerprint import ModelFingerprint
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "outliers", "rope", "budget", "scale_bits", "dtype", "device", "out"])
+                    "outliers", "rope", "budget", "effective_bits", "scale_bits", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
-    config = CalibrationConfig(codebook_config(vars(args)))
+    if args.effective_bits and args.budget:
+        raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
+    config = codebook_config(vars(args))
     model, tok = _load(args)
+    if args.effective_bits:
+        budget = config.code_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim, args.seqlen)
+        try:
+            config = replace(config, budget=round(budget, 6))
+        except ValueError as e:
+            raise ValueError(f"--effective-bits {args.effective_bits:g} leaves {budget:.3f} code bits per entry "
+                             f"after scales and sinks: {e}") from None
+        args.budget = config.budget
+    config = CalibrationConfig(config)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
     windows = make_windows(tok, text, args.seqlen, args.samples, from_end=True, source=source)
@@ -109,7 +122,7 @@ def cmd_calibrate(args) -> None:
     bits = (f"q {args.bits_q} bits, k {args.bits_k} bits" if not args.budget else
             f"q {books.q.mean_bits:.3f} / k {books.k.mean_bits:.3f} mean bits (budget {args.budget:g}, caps "
             f"{args.bits_q}/{args.bits_k})")
-    print(f"wrote {args.out}: {args.method}, {bits}, "
+    print(f"wrote {args.out}: {args.method}, {bits}, {books.effective_bits(seqlen=args.seqlen):.3f} effective bits, "
           f"{windows.n} windows × {args.seqlen} tokens from the end of {source}")
 
 
@@ -193,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average code bits per query/key entry, spread over (layer, head, channel) by reverse "
                         "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 1 … "
                         "--bits-q/--bits-k bits (--norm channel-group only; default 0 = every channel --bits-q/--bits-k)")
+    c.add_argument("--effective-bits", type=float,
+                   help="like --budget, but counting every bit: codes, group scales and exact sink tokens at --seqlen "
+                        "(sets --budget to the code bits that make exactly this many; e.g. 3 with --group 64 "
+                        "--scale-bits 8 --sink 1 at seqlen 2048 is a budget of 2.744)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
                         "8 = log-coded half-range and offset in its 16ths (default 16)")

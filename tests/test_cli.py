@@ -172,6 +172,23 @@ def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
     assert "budget" in capsys.readouterr().err
 
 
+def test_calibrate_at_exact_effective_bits(model_dir, text_file, tmp_path, capsys):
+    books_path = tmp_path / "exact.safetensors"
+    args = ("--bits-q", 4, "--bits-k", 4, "--group", 8, "--scale-bits", 8, "--sink", 1)
+    assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 4.5)) == 0
+    out = capsys.readouterr().out
+    books = Codebooks.load(books_path)
+    assert f"{books.effective_bits(seqlen=16):.3f} effective bits" in out
+    # seqlen 16: (code + 16/8) · 15/16 + 16 · 1/16 = 4.5 → 1.733 code bits on average
+    assert books.config.budget == pytest.approx((4.5 - 1) * 16 / 15 - 2, abs=1e-6)
+    assert 4.5 - 0.1 <= books.effective_bits(seqlen=16) <= 4.5 + 1e-6
+    # 3 bits: the scales and the exact first token alone cost more than 2 of them
+    assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 3)) == 2
+    assert "--effective-bits 3 leaves 0.133 code bits" in capsys.readouterr().err
+    assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 4, "--budget", 2)) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["default", "paper", "3bit"])
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
