@@ -572,9 +572,9 @@ def make_cache(
             f"these codebooks store group scales in {k.scale_bits} bits; KVQuantCache keeps them in group_dtype: "
             "calibrate with scale_bits=16 for the cache"
         )
-    if k.channel_bits is not None:
+    if k.channel_levels is not None:
         raise NotImplementedError(
-            "these codebooks allocate different bits to different key channels (budget > 0); KVQuantCache packs one "
+            "these codebooks allocate different level counts to different key channels (budget > 0); KVQuantCache packs one "
             "width per cache: calibrate with budget=0 for the cache"
         )
     options = CacheOptions(

@@ -528,8 +528,9 @@ def histogram_distortion(book: Codebook, nodes: np.ndarray, weight: np.ndarray) 
     return float(np.asarray(weight, np.float64) @ (err * err))
 
 
-def histogram_codebook(method: Method, bits: int, nodes: np.ndarray, count: np.ndarray, weight: np.ndarray) -> Codebook:
-    """Codebook for a variable whose calibration histogram on ``nodes`` (uniform grid) has
+def histogram_codebook(method: Method, levels: int, nodes: np.ndarray, count: np.ndarray, weight: np.ndarray) -> Codebook:
+    """``levels``-level codebook (2 … 256; any count, e.g. 3 or 5 for bit allocation) for a
+    variable whose calibration histogram on ``nodes`` (uniform grid) has
     ``count`` entries and product-error ``weight`` (Σ E[partner²] per entry, DESIGN.md §1).
 
     ``uniform``: K evenly spaced centers from the first to the last node (min–max INT when the
@@ -538,7 +539,9 @@ def histogram_codebook(method: Method, bits: int, nodes: np.ndarray, count: np.n
     error), started from ``lambda``.
     """
     _check_method(method)
-    levels = levels_for_bits(bits)
+    if int(levels) != levels or not 2 <= levels <= 2**MAX_BITS:
+        raise ValueError(f"levels must be an integer in [2, {2**MAX_BITS}], got {levels!r}")
+    levels = int(levels)
     nodes, count, weight = (np.asarray(a, np.float64) for a in (nodes, count, weight))
     if weight.sum() <= 0 or count.sum() <= 0:
         raise ValueError("empty calibration histogram: no entries were seen for this head")

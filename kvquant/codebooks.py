@@ -41,6 +41,7 @@ from kvquant.groupnorm import (
     group_split,
     outlier_count,
 )
+from kvquant.packing import LEVEL_PACKING, level_bits
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
@@ -146,10 +147,11 @@ class SideBooks:
     """Codebooks of one side (queries or keys): centers (L, H, K), boundaries (L, H, K−1),
     offset and scale (L, H, D) in the activations' units.
 
-    With bit allocation, ``channel_bits`` (L, H, D) gives each channel its bits (≤ ``bits``) and
-    every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1), K = 2^bits;
-    a channel at b bits uses its head's b-bit codebook, its boundaries padded with +inf (codes
-    never reach the padding) and its centers with its last center."""
+    With bit allocation, ``channel_levels`` (L, H, D) gives each channel its number of levels
+    (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.packing.LEVEL_PACKING`)
+    and every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1),
+    K = 2^bits; a channel with n levels uses its head's n-level codebook, its boundaries padded
+    with +inf (codes never reach the padding) and its centers with its last center."""
 
     bits: int
     centers: torch.Tensor
@@ -159,13 +161,16 @@ class SideBooks:
     group: int = 0  # > 0: dynamic min–max per channel over groups of this many tokens
     sink: int = 0  # first tokens kept exact
     outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
-    channel_bits: torch.Tensor | None = None  # (L, H, D) int: allocated bits per channel (None: all `bits`)
+    channel_levels: torch.Tensor | None = None  # (L, H, D) int: allocated levels per channel (None: all 2^bits)
     scale_bits: int = 16  # group mode: bits of each stored mid / half
 
     @property
     def mean_bits(self) -> float:
-        """Code bits per entry averaged over this side's heads and layers."""
-        return self.bits if self.channel_bits is None else float(self.channel_bits.double().mean())
+        """Code bits per entry averaged over this side's channels, heads and layers (packed sizes)."""
+        if self.channel_levels is None:
+            return self.bits
+        levels, counts = self.channel_levels.unique(return_counts=True)
+        return sum(level_bits(int(n)) * int(c) for n, c in zip(levels, counts)) / self.channel_levels.numel()
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
@@ -199,7 +204,7 @@ class SideBooks:
         return (xq * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        names = ("centers", "boundaries", "offset", "scale") + (("channel_bits",) if self.channel_bits is not None else ())
+        names = ("centers", "boundaries", "offset", "scale") + (("channel_levels",) if self.channel_levels is not None else ())
         return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
 
 
@@ -224,44 +229,48 @@ def _r(v: float) -> float:
     return round(float(v), 2)
 
 
-def allocate_bits(book, fisher: dict[str, np.ndarray], channel_fisher: dict[str, np.ndarray], caps: dict[str, int],
-                  budget: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
-    """Bits per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
+def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[str, np.ndarray], caps: dict[str, int],
+                    budget: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
+    """Levels per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
 
-    Unit: one channel of one head, quantized with its head's codebook ``book(side, layer, head,
-    bits)``. Its distortion at b bits is the diagonal-Fisher (second-order) estimate of the
-    calibration loss increase, ``D(b) = ½ F_c · ε(b)``: ``F_c = channel_fisher[side][layer, head, c]``
-    (Σ half² · (∂loss/∂x)² over the channel's entries) times the head's Fisher-weighted mean
-    squared error in x̃ units, ``ε(b) = Σ_i f_i (node_i − Q_b(node_i))² / Σ_i f_i`` with
-    ``f = fisher[side][layer, head]`` (the channels of a head share its x̃ histogram). Summed over
-    a head's channels this is the head's own estimate ``½ Σ_i f_i (node_i − Q_b(node_i))²``; the
-    loss is one scale for every layer, head and side. Channels differ a lot — a channel's error is
-    multiplied by its partners' values, and its range by the group's — so the budget moves to
-    where it lowers the loss most. Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average
-    ``½(mean_q bits + mean_k bits)``. Every channel gets between 1 and its side's cap bits.
+    Unit: one channel of one head, quantized with its head's n-level codebook ``book(side, layer,
+    head, n)``; options n ∈ {2, 3, 4, 5, 8, 16, …, 2^cap} at their packed bits (3 levels 1.6 bits,
+    5 levels 2.33; :data:`kvquant.packing.LEVEL_PACKING`). Its distortion with n levels is the
+    diagonal-Fisher (second-order) estimate of the calibration loss increase,
+    ``D(n) = ½ F_c · ε(n)``: ``F_c = channel_fisher[side][layer, head, c]`` (Σ half² · (∂loss/∂x)²
+    over the channel's entries) times the head's Fisher-weighted mean squared error in x̃ units,
+    ``ε(n) = Σ_i f_i (node_i − Q_n(node_i))² / Σ_i f_i`` with ``f = fisher[side][layer, head]``
+    (the channels of a head share its x̃ histogram). Summed over a head's channels this is the
+    head's own estimate ``½ Σ_i f_i (node_i − Q_n(node_i))²``; the loss is one scale for every
+    layer, head and side. Channels differ a lot — a channel's error is multiplied by its partners'
+    values, and its range by the group's — so the budget moves to where it lowers the loss most.
+    Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average ``½(mean_q bits + mean_k bits)``.
+    Every channel gets between 2 and 2^cap levels (cap = its side's bits).
     """
+    options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** max(caps.values())]
+    option_bits = np.array([level_bits(n) for n in options])
     curves, costs, his, shapes = [], [], [], {}
-    width = max(caps.values()) + 1
     for side, weight in fisher.items():
         L, H, _ = weight.shape
         chan = channel_fisher[side]
         D = chan.shape[-1]
         shapes[side] = (L, H, D)
-        eps = np.zeros((L, H, width))
-        for layer in range(L):
-            for h in range(H):
-                total = weight[layer, h].sum()
-                for b in range(cb.MIN_BITS, caps[side] + 1):
-                    err = cb.histogram_distortion(book(side, layer, h, b), nodes, weight[layer, h])
-                    eps[layer, h, b] = err / total if total > 0 else 0.0
-        curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, width))
+        top = options.index(2 ** caps[side])
+        eps = np.zeros((L, H, len(options)))
+        for layer, h in itertools.product(range(L), range(H)):
+            total = weight[layer, h].sum()
+            for i, n in enumerate(options[: top + 1]):
+                err = cb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h])
+                eps[layer, h, i] = err / total if total > 0 else 0.0
+        curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, len(options)))
         costs.append(np.full(L * H * D, 1 / (2 * L * H * D)))
-        his.append(np.full(L * H * D, caps[side]))
-    bits = water_fill(np.concatenate(curves), np.concatenate(costs), budget, cb.MIN_BITS, np.concatenate(his))
+        his.append(np.full(L * H * D, top))
+    chosen = water_fill(np.concatenate(curves), np.concatenate(costs), budget, 0, np.concatenate(his), option_bits)
+    levels = np.array(options)[chosen]
     out, start = {}, 0
     for side, shape in shapes.items():
         n = int(np.prod(shape))
-        out[side] = bits[start : start + n].reshape(shape)
+        out[side] = levels[start : start + n].reshape(shape)
         start += n
     return out
 
@@ -348,9 +357,9 @@ class Codebooks:
         caps = {"q": config.bits_q, "k": config.bits_k}
 
         @lru_cache(maxsize=None)
-        def book(side: str, layer: int, h: int, bits: int) -> cb.Codebook:
+        def book(side: str, layer: int, h: int, levels: int) -> cb.Codebook:
             count, weight = hists[side]
-            return cb.histogram_codebook(config.method, bits, nodes, count[layer, h], weight[layer, h])
+            return cb.histogram_codebook(config.method, levels, nodes, count[layer, h], weight[layer, h])
 
         if config.budget:
             if hist.fisher_q is None or hist.channel_fisher_q is None:
@@ -360,36 +369,36 @@ class Codebooks:
                 )
             fisher = {"q": hist.fisher_q.numpy(), "k": hist.fisher_k.numpy()}
             channel_fisher = {"q": hist.channel_fisher_q.numpy(), "k": hist.channel_fisher_k.numpy()}
-            channel_bits = allocate_bits(book, fisher, channel_fisher, caps, config.budget, nodes)
+            channel_levels = allocate_levels(book, fisher, channel_fisher, caps, config.budget, nodes)
         else:
-            channel_bits = None
+            channel_levels = None
 
         def side_books(side: str) -> SideBooks:
             L, H = hists[side][0].shape[:2]
             D = fingerprint.head_dim
             unit = torch.zeros(L, H, D)
-            if channel_bits is None:
+            if channel_levels is None:
                 k = 2 ** caps[side]
                 centers, bounds = torch.empty(L, H, k), torch.empty(L, H, k - 1)
                 for layer, h in itertools.product(range(L), range(H)):
-                    b = book(side, layer, h, caps[side])
+                    b = book(side, layer, h, k)
                     centers[layer, h], bounds[layer, h] = torch.from_numpy(b.centers), torch.from_numpy(b.boundaries)
                 return SideBooks(caps[side], centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
                                  None, config.scale_bits)
-            bits = torch.from_numpy(channel_bits[side])
-            top = int(bits.max())
+            levels = torch.from_numpy(channel_levels[side])
+            top = math.ceil(math.log2(int(levels.max())))
             k = 2**top
             centers, bounds = torch.empty(L, H, D, k), torch.full((L, H, D, k - 1), math.inf)
             for layer, h in itertools.product(range(L), range(H)):
-                table_c, table_b = torch.empty(top + 1, k), torch.full((top + 1, k - 1), math.inf)
-                for b in bits[layer, h].unique().tolist():
-                    book_b = book(side, layer, h, b)
-                    n = book_b.levels
-                    table_c[b, :n], table_c[b, n:] = torch.from_numpy(book_b.centers), float(book_b.centers[-1])
-                    table_b[b, : n - 1] = torch.from_numpy(book_b.boundaries)
-                centers[layer, h], bounds[layer, h] = table_c[bits[layer, h].long()], table_b[bits[layer, h].long()]
+                table_c, table_b = torch.empty(k + 1, k), torch.full((k + 1, k - 1), math.inf)  # row n: n levels
+                for n in levels[layer, h].unique().tolist():
+                    book_n = book(side, layer, h, n)
+                    table_c[n, :n], table_c[n, n:] = torch.from_numpy(book_n.centers), float(book_n.centers[-1])
+                    table_b[n, : n - 1] = torch.from_numpy(book_n.boundaries)
+                rows = levels[layer, h].long()
+                centers[layer, h], bounds[layer, h] = table_c[rows], table_b[rows]
             return SideBooks(top, centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
-                             bits.to(torch.int8), config.scale_bits)
+                             levels.to(torch.int16), config.scale_bits)
 
         return cls(config, side_books("q"), side_books("k"), fingerprint, stats, dict(calibration or {}), hist)
 
@@ -473,7 +482,7 @@ class Codebooks:
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
-            config.outliers, t.get(f"{p}.channel_bits"), config.scale_bits,
+            config.outliers, t.get(f"{p}.channel_levels"), config.scale_bits,
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

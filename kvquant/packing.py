@@ -3,6 +3,10 @@
 ``bits`` in 1..8. Groups of ``g = 8 / gcd(bits, 8)`` codes fill ``g · bits / 8`` whole bytes
 exactly (2 bits: 4 codes → 1 byte; 3 bits: 8 codes → 3 bytes; 4 bits: 2 codes → 1 byte),
 little-endian within the group: code j of a group occupies bits ``[j·bits, (j+1)·bits)``.
+
+Level counts that are not powers of two (bit allocation gives channels 3 or 5 levels) pack
+several codes into one word as base-K digits (:func:`pack_levels`), so 3 levels cost 1.6 bits
+per code and 5 levels 2.33 instead of 2 and 3.
 """
 
 from __future__ import annotations
@@ -56,3 +60,44 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per_group, device=packed.device, dtype=torch.int64) * bits
     codes = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+#: Level counts a channel may get, each with how its codes pack: ``K: (codes per word, bits per
+#: word)``. Powers of two pack one code per ``log2 K`` bits; 3 levels pack 5 codes into one byte
+#: (3^5 = 243 ≤ 256: 1.6 bits per code), 5 levels 3 codes into 7 bits (125 ≤ 128: 2.33 bits).
+LEVEL_PACKING = {2: (1, 1), 3: (5, 8), 4: (1, 2), 5: (3, 7), 8: (1, 3), 16: (1, 4), 32: (1, 5), 64: (1, 6),
+                 128: (1, 7), 256: (1, 8)}
+
+
+def level_bits(levels: int) -> float:
+    """Bits per code of ``levels``-level codes when packed (:data:`LEVEL_PACKING`)."""
+    if levels not in LEVEL_PACKING:
+        raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
+    per_word, bits = LEVEL_PACKING[levels]
+    return bits / per_word
+
+
+def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (…, n), each < ``levels``: groups of codes per word as base-``levels``
+    digits (code j of a group is digit j), words bit-packed by :func:`pack_codes`."""
+    per_word, bits = LEVEL_PACKING[levels] if levels in LEVEL_PACKING else (0, 0)
+    if not per_word:
+        raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.numel() and int(codes.max()) >= levels:
+        raise ValueError(f"a code is >= {levels}; cannot pack as {levels} levels")
+    pad = (-codes.shape[-1]) % per_word
+    c = torch.nn.functional.pad(codes, (0, pad)).to(torch.int64).reshape(*codes.shape[:-1], -1, per_word)
+    words = (c * levels ** torch.arange(per_word, device=codes.device, dtype=torch.int64)).sum(-1)
+    return pack_codes(words.to(torch.uint8), bits)
+
+
+def unpack_levels(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_levels` for ``n`` codes."""
+    if levels not in LEVEL_PACKING:
+        raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
+    per_word, bits = LEVEL_PACKING[levels]
+    words = unpack_codes(packed, bits, -(-n // per_word)).to(torch.int64)
+    digits = (words.unsqueeze(-1) // levels ** torch.arange(per_word, device=packed.device, dtype=torch.int64)) % levels
+    return digits.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)

@@ -77,13 +77,17 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
     hist.channel_fisher_q[1, 2, 3] *= 1e4
     hist.channel_fisher_k[0, 1] *= 1e-4
     books = books.rebuilt()
-    cb_q, cb_k = books.q.channel_bits, books.k.channel_bits
-    assert cb_q.shape == (2, 4, 8) and cb_k.shape == (2, 2, 8)
-    assert cb_q[1, 2, 3] == 5 and cb_k[0, 1].max() < cb_k.max()
-    assert cb_q.min() >= 1 and cb_q.max() <= 5 and cb_k.max() <= 5
-    assert len(cb_q.unique()) > 1  # channels of one model do differ
+    lv_q, lv_k = books.q.channel_levels, books.k.channel_levels
+    assert lv_q.shape == (2, 4, 8) and lv_k.shape == (2, 2, 8)
+    assert lv_q[1, 2, 3] == 32 and lv_k[0, 1].max() < lv_k.max()
+    assert lv_q.min() >= 2 and lv_q.max() <= 32 and lv_k.max() <= 32
+    used_levels = set(lv_q.unique().tolist()) | set(lv_k.unique().tolist())
+    assert used_levels <= {2, 3, 4, 5, 8, 16, 32} and used_levels & {3, 5}  # packed non-powers of two are used
     mean = 0.5 * (books.q.mean_bits + books.k.mean_bits)
-    assert 3.0 - 1 / 64 <= mean <= 3.0  # a query-channel bit is 1/128 of the average, a key-channel bit 1/64
+    packed = {2: 1, 3: 1.6, 4: 2, 5: 7 / 3, 8: 3, 16: 4, 32: 5}
+    expect = 0.5 * sum(float(sum(packed[int(n)] for n in lv.flatten())) / lv.numel() for lv in (lv_q, lv_k))
+    assert mean == pytest.approx(expect)
+    assert 3.0 - 0.05 <= mean <= 3.0  # a query-channel bit is 1/128 of the average, a key-channel bit 1/64
     assert books.effective_bits(seqlen=24) == pytest.approx((mean + 32 / 8) * 23 / 24 + 16 / 24)
     assert books.config.code_bits(books.effective_bits(seqlen=24), 8, 24) == pytest.approx(mean)
 
@@ -94,21 +98,29 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
             bounds = side.boundaries[layer].flatten(0, 1)
             codes = cb.quantize(grid.expand(bounds.shape[0], -1), bounds, dim=0)
             used = torch.tensor([row.unique().numel() for row in codes])
-            assert torch.equal(used, 2 ** side.channel_bits[layer].flatten().long())
+            assert torch.equal(used, side.channel_levels[layer].flatten().long())
 
-    # a channel at b bits is quantized exactly as every channel is by the head's b-bit codebooks
+    # a channel with n levels has its head's n-level codebook; with 2^b levels it is quantized
+    # exactly as every channel is by the head's b-bit codebooks
+    nodes = hist.nodes.numpy()
+    for name in ("q", "k"):
+        side, count, weight = getattr(books, name), getattr(hist, f"count_{name}"), getattr(hist, f"weight_{name}")
+        for layer, h, c in itertools.product(*(range(n) for n in side.channel_levels.shape)):
+            n = int(side.channel_levels[layer, h, c])
+            want = cb.histogram_codebook("lambda-lloyd", n, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
+            torch.testing.assert_close(side.centers[layer, h, c, :n], torch.from_numpy(want.centers).float())
     x = torch.randn(1, 4, 200, 8) * 3
     for side, xs in (("q", x), ("k", x[:, :2])):
         got = books(xs, 1, side)
-        bits = getattr(books, side).channel_bits[1]
-        for b in bits.unique().tolist():
-            same = books.rebuilt(budget=0.0, bits_q=b, bits_k=b)(xs, 1, side)
-            mask = (bits == b)[None, :, None, :].expand_as(xs)
-            assert torch.equal(got[mask], same[mask])
+        levels = getattr(books, side).channel_levels[1]
+        for n in (2, 4, 8, 16, 32):
+            if (levels == n).any():
+                same = books.rebuilt(budget=0.0, bits_q=n.bit_length() - 1, bits_k=n.bit_length() - 1)(xs, 1, side)
+                mask = (levels == n)[None, :, None, :].expand_as(xs)
+                assert torch.equal(got[mask], same[mask])
 
     # allocation lowers the Fisher estimate of the loss increase vs every channel at the same 3 bits
     equal = books.rebuilt(budget=0.0, bits_q=3, bits_k=3)
-    nodes = hist.nodes.numpy()
 
     def objective(bk: Codebooks) -> float:
         total = 0.0
@@ -117,10 +129,10 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
             chan = getattr(hist, f"channel_fisher_{side}")
             for layer, h in itertools.product(range(weight.shape[0]), range(weight.shape[1])):
                 for c in range(chan.shape[-1]):
-                    if sb.channel_bits is None:
+                    if sb.channel_levels is None:
                         cen, bnd = sb.centers[layer, h], sb.boundaries[layer, h]
                     else:
-                        n = 2 ** int(sb.channel_bits[layer, h, c])
+                        n = int(sb.channel_levels[layer, h, c])
                         cen, bnd = sb.centers[layer, h, c, :n], sb.boundaries[layer, h, c, : n - 1]
                     book = cb.Codebook(cen.double().numpy(), bnd.double().numpy())
                     eps = cb.histogram_distortion(book, nodes, weight[layer, h].numpy()) / float(weight[layer, h].sum())
@@ -132,7 +144,7 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
     path = tmp_path / "alloc.safetensors"
     books.save(path)
     again = Codebooks.load(path)
-    assert again.config == books.config and torch.equal(again.q.channel_bits, cb_q) and again.k.bits == books.k.bits
+    assert again.config == books.config and torch.equal(again.q.channel_levels, lv_q) and again.k.bits == books.k.bits
     assert torch.equal(again(x[:, :2], 1, "k"), books(x[:, :2], 1, "k"))
     assert again.effective_bits(seqlen=24) == books.effective_bits(seqlen=24)
 
@@ -175,3 +187,19 @@ def test_grad_observer_gets_the_loss_gradients_of_q_and_k(rope):
         assert grads[(1, side)].shape == proj.shape and proj.abs().max() > 0
         close = torch.allclose(grads[(1, side)], proj, atol=1e-6 * float(proj.abs().max()), rtol=1e-4)
         assert close == (rope == "pre")
+
+
+def test_fractional_options_follow_the_lower_convex_hull():
+    # options 1, 1.6, 2, 3 bits; unit 0's 1.6-bit option is worse than a mix of 1 and 2 bits
+    # (above the chord), unit 1's is much better (below it)
+    option_bits = np.array([1.0, 1.6, 2.0, 3.0])
+    curves = np.array([[8.0, 7.9, 2.0, 0.5], [8.0, 2.5, 2.0, 0.5]])
+    bits = water_fill(curves, np.full(2, 0.5), 1.3, 0, 3, option_bits)
+    assert bits.tolist() == [0, 1]  # 1.6 bits bought for unit 1: (8 − 2.5) / 0.6 beats every other slope
+    bits = water_fill(curves, np.full(2, 0.5), 2.0, 0, 3, option_bits)
+    # unit 0 jumps 1 → 2 bits, never stopping at its dominated 1.6; unit 1's 2 bits lie above its
+    # chord 1.6 → 3, so it would go there next, which no longer fits
+    assert bits.tolist() == [2, 1]
+    assert 0.5 * option_bits[bits].sum() == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="increasing"):
+        water_fill(curves, np.full(2, 0.5), 2.0, 0, 3, option_bits[::-1])

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from kvquant.packing import pack_codes, packed_size, unpack_codes
+from kvquant.packing import (
+    LEVEL_PACKING,
+    level_bits,
+    pack_codes,
+    pack_levels,
+    packed_size,
+    unpack_codes,
+    unpack_levels,
+)
 
 ALL_BITS = list(range(1, 9))
 
@@ -133,3 +141,26 @@ def test_unpack_wrong_byte_count_raises() -> None:
         unpack_codes(packed[:-1], 3, 9)
     with pytest.raises(ValueError):
         unpack_codes(packed, 3, 17)  # 17 codes need 9 bytes
+
+
+@pytest.mark.parametrize("levels", sorted(LEVEL_PACKING))
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 15, 16, 100])
+def test_level_packing_roundtrip_and_size(levels: int, n: int) -> None:
+    g = torch.Generator().manual_seed(levels * 1000 + n)
+    codes = torch.randint(0, levels, (3, n), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack_levels(codes, levels)
+    assert torch.equal(unpack_levels(packed, levels, n), codes)
+    per_word, bits = LEVEL_PACKING[levels]
+    assert levels**per_word <= 2**bits  # a word holds its digits
+    assert level_bits(levels) == bits / per_word
+    assert packed.shape[-1] == packed_size(-(-n // per_word), bits)
+
+
+def test_level_packing_costs_and_errors() -> None:
+    assert level_bits(3) == 1.6 and level_bits(5) == pytest.approx(7 / 3) and level_bits(16) == 4
+    with pytest.raises(ValueError, match="levels"):
+        level_bits(6)
+    with pytest.raises(ValueError, match=">= 3"):
+        pack_levels(torch.tensor([0, 3], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="levels"):
+        unpack_levels(torch.zeros(1, dtype=torch.uint8), 7, 1)
