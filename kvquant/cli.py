@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-DEFAULTS = {
+DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "model": "smollm2-135m",
     "dataset": "enwiki-excerpt",
     "seqlen": 2048,
@@ -31,8 +32,8 @@ DEFAULTS = {
     "outliers": 0.0,
     "rope": "pre",
     "budget": 0.0,
-    "effective_bits": 0.0,
-    "scale_bits": 16,
+    "effective_bits": 4.0,
+    "scale_bits": 8,
     "dtype": "float32",
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
@@ -58,8 +59,11 @@ def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
     unknown = set(cfg) - set(DEFAULTS) - {"out", "json", "text_file", "codebooks"}
     if unknown:
         raise ValueError(f"unknown option(s) in config file: {', '.join(sorted(unknown))}")
+    args.defaulted = set()  # options that no one gave: the family-specific ones may be adapted
     for k in keys:
         if getattr(args, k, None) is None:
+            if k not in cfg:
+                args.defaulted.add(k)
             setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
     return args
 
@@ -100,18 +104,26 @@ def cmd_calibrate(args) -> None:
                     "outliers", "rope", "budget", "effective_bits", "scale_bits", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
+    if args.norm != "channel-group":  # the default family's own options do not apply to static norms
+        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0)):
+            if k in args.defaulted:
+                setattr(args, k, neutral)
+    if args.budget and "effective_bits" in args.defaulted:  # a code budget given replaces the default target
+        args.effective_bits = 0.0
     if args.effective_bits and args.budget:
         raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
     config = codebook_config(vars(args))
     model, tok = _load(args)
     if args.effective_bits:
-        budget = config.code_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim, args.seqlen)
+        budget = round(config.code_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim, args.seqlen), 6)
+        caps = {k: getattr(args, k) if k not in args.defaulted else min(8, max(1, math.ceil(budget) + 2))
+                for k in ("bits_q", "bits_k")}
         try:
-            config = replace(config, budget=round(budget, 6))
+            config = replace(config, budget=budget, **caps)
         except ValueError as e:
             raise ValueError(f"--effective-bits {args.effective_bits:g} leaves {budget:.3f} code bits per entry "
                              f"after scales and sinks: {e}") from None
-        args.budget = config.budget
+        args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
@@ -152,8 +164,9 @@ def cmd_eval_ppl(args) -> None:
     results = evaluate(model, windows, rows)
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
               f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}"
-              + (f" · codebooks {args.codebooks} (q {books.config.bits_q}, k {books.config.bits_k} bits, norm "
-                 f"{books.config.norm}, {books.config.rope}-RoPE; baselines post-RoPE)" if books else ""))
+              + (f" · codebooks {args.codebooks} (q {books.q.mean_bits:.4g}, k {books.k.mean_bits:.4g} code bits"
+                 + (" on average, allocated per channel" if books.config.budget else "")
+                 + f", norm {books.config.norm}, {books.config.rope}-RoPE; baselines post-RoPE)" if books else ""))
     print(header)
     print(format_table(results))
     if args.json:
@@ -188,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="capture q/k pair statistics and write codebooks")
     common(c)
     c.add_argument("--samples", type=int, help="calibration windows, taken from the END of the text (default 8)")
-    c.add_argument("--bits-q", type=int, help="bits per query entry (1-8, default 4)")
-    c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4)")
+    c.add_argument("--bits-q", type=int, help="bits per query entry (1-8, default 4); with --budget or "
+                   "--effective-bits, the most one channel may get")
+    c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4); with --budget or "
+                   "--effective-bits, the most one channel may get")
     c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda-lloyd)")
     c.add_argument("--norm", choices=["head", "channel", "channel-group"],
                    help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens "
@@ -207,12 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 1 … "
                         "--bits-q/--bits-k bits (--norm channel-group only; default 0 = every channel --bits-q/--bits-k)")
     c.add_argument("--effective-bits", type=float,
-                   help="like --budget, but counting every bit: codes, group scales and exact sink tokens at --seqlen "
-                        "(sets --budget to the code bits that make exactly this many; e.g. 3 with --group 64 "
-                        "--scale-bits 8 --sink 1 at seqlen 2048 is a budget of 2.744)")
+                   help="bits per entry with every bit counted — codes, group scales, exact sink tokens at --seqlen: "
+                        "sets --budget to the code bits that make exactly this many (e.g. 4 with --group 128 "
+                        "--scale-bits 8 --sink 1 at seqlen 2048: 3.869); channels then get up to --bits-q/--bits-k "
+                        "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group, 0 = off)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
-                        "8 = log-coded half-range and offset in its 16ths (default 16)")
+                        "8 = log-coded half-range and offset in its 16ths (default 8 for --norm channel-group)")
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 

@@ -157,7 +157,13 @@ def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_
     books_path = tmp_path / "default.safetensors"
     assert run(calibrate_args(model_dir, text_file, books_path)) == 0
     c = Codebooks.load(books_path).config
-    assert (c.method, c.norm, c.group, c.sink, c.bits_q, c.bits_k) == ("lambda-lloyd", "channel-group", 128, 1, 4, 4)
+    assert (c.method, c.norm, c.group, c.sink, c.scale_bits, c.rope) == ("lambda-lloyd", "channel-group", 128, 1, 8, "pre")
+    # exactly 4 effective bits at seqlen 16: (code + 16/128) · 15/16 + 16/16 = 4 → 3.075 code bits, caps ⌈·⌉ + 2
+    assert c.budget == pytest.approx(3 * 16 / 15 - 0.125, abs=1e-6) and (c.bits_q, c.bits_k) == (6, 6)
+    # a static normalisation does not inherit the default family's allocation and 8-bit scales
+    assert run(calibrate_args(model_dir, text_file, books_path, "--norm", "head", "--sink", 0)) == 0
+    c = Codebooks.load(books_path).config
+    assert (c.norm, c.budget, c.scale_bits, c.bits_q) == ("head", 0.0, 16, 4)
 
 
 def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
@@ -189,7 +195,7 @@ def test_calibrate_at_exact_effective_bits(model_dir, text_file, tmp_path, capsy
     assert "not both" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "3bit"])
+@pytest.mark.parametrize("name", ["default", "paper", "3bit", "2bit"])
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
 
@@ -201,3 +207,4 @@ def test_shipped_configs_are_valid(name):
     config = codebook_config({**DEFAULTS, **values})
     if name == "default":
         assert codebook_config(DEFAULTS) == config  # the file and the CLI defaults agree
+        assert all(DEFAULTS[k] == v for k, v in values.items())
