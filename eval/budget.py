@@ -22,7 +22,8 @@ Protocol (nothing is chosen on the evaluation windows):
    (G 128, sink 1, fp16 scales, lambda-lloyd, b code bits) for reference.
 
 Usage:  python eval/budget.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
-Writes out/budget_smollm2.json and the ``budget-smollm2`` section of BENCHMARKS.md.
+        [--model smollm2-135m] [--name smollm2]
+Writes out/budget_<name>.json and the ``budget-<name>`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dev", type=int, default=2)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--name", default="smollm2")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     text = load_text("enwiki-excerpt")
     calib, evals = split_calib_eval(tok, text, args.seqlen, args.calib, args.windows + args.dev, source="enwiki-excerpt")
     dev, evals = evals.ids[args.windows:], evals.ids[: args.windows]
@@ -99,14 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, "equal")
     results = evaluate(model, evals, rows)
     command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    payload = {"command": command, "model": "smollm2-135m", "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
+    payload = {"command": command, "model": args.model, "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
                "calib_windows": calib.n, "dev_windows": int(dev.shape[0]), "eval_windows": int(evals.shape[0]),
                "dtype": "float32", "seconds": time.perf_counter() - t0, "selection": selection,
                "rows": {k: v.to_dict() for k, v in results.items()}}
-    write_text(ROOT / "out" / "budget_smollm2.json", json.dumps(payload, indent=1))
+    write_text(ROOT / "out" / f"budget_{args.name}.json", json.dumps(payload, indent=1))
     md = markdown(payload, bits_list)
     print(md)
-    replace_section(ROOT / "BENCHMARKS.md", "budget-smollm2", md)
+    replace_section(ROOT / "BENCHMARKS.md", f"budget-{args.name}", md)
 
 
 def markdown(p: dict, bits_list: list[int]) -> str:
