@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -58,11 +57,10 @@ def books_at(stats, hists, fp, group: int, sink: int, scale_bits: int, method: s
     that the effective bits are exactly ``bits``; "alloc" — ``bits`` code bits on average,
     allocated; "equal" — every channel at ``bits`` code bits."""
     config = CodebookConfig(method, bits, bits, "channel-group", group, sink, rope="pre", scale_bits=scale_bits)
-    if mode != "equal":
-        budget = config.code_bits(bits, fp.head_dim, seqlen) if mode == "exact" else bits
-        cap = min(8, math.ceil(budget) + 2)
-        config = CodebookConfig(method, cap, cap, "channel-group", group, sink, rope="pre", budget=budget,
-                                scale_bits=scale_bits)
+    if mode == "exact":
+        config = config.at_effective_bits(bits, fp.head_dim, seqlen)
+    elif mode == "alloc":  # b code bits on average: the effective bits of b code bits everywhere
+        config = config.at_effective_bits(config.effective_bits(bits, fp.head_dim, seqlen), fp.head_dim, seqlen)
     return Codebooks.from_stats(stats, config, fp, {}, hists[(group, sink, 0.0, scale_bits)])
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -115,14 +114,9 @@ def cmd_calibrate(args) -> None:
     config = codebook_config(vars(args))
     model, tok = _load(args)
     if args.effective_bits:
-        budget = round(config.code_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim, args.seqlen), 6)
-        caps = {k: getattr(args, k) if k not in args.defaulted else min(8, max(1, math.ceil(budget) + 2))
-                for k in ("bits_q", "bits_k")}
-        try:
-            config = replace(config, budget=budget, **caps)
-        except ValueError as e:
-            raise ValueError(f"--effective-bits {args.effective_bits:g} leaves {budget:.3f} code bits per entry "
-                             f"after scales and sinks: {e}") from None
+        given = not {"bits_q", "bits_k"} & args.defaulted  # caps given: kept, else ⌈budget⌉ + 2
+        config = config.at_effective_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim,
+                                          args.seqlen, (args.bits_q, args.bits_k) if given else None)
         args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")

@@ -141,6 +141,21 @@ class CodebookConfig:
         at0, at1 = self.effective_bits(0.0, head_dim, seqlen), self.effective_bits(1.0, head_dim, seqlen)
         return (effective_bits - at0) / (at1 - at0)
 
+    def at_effective_bits(self, effective_bits: float, head_dim: int, seqlen: int | None = None,
+                          caps: tuple[int, int] | None = None) -> "CodebookConfig":
+        """This configuration with the code ``budget`` that makes exactly ``effective_bits`` (codes,
+        scales, exact sinks; :meth:`code_bits`) and per-channel caps ``(bits_q, bits_k)`` —
+        by default ``⌈budget⌉ + 2`` bits (at most 8). ValueError (naming the effective bits) if the
+        overheads alone leave less than 1 code bit."""
+        budget = round(self.code_bits(effective_bits, head_dim, seqlen), 6)
+        cap = min(cb.MAX_BITS, max(cb.MIN_BITS, math.ceil(budget) + 2))
+        bits_q, bits_k = caps or (cap, cap)
+        try:
+            return replace(self, budget=budget, bits_q=bits_q, bits_k=bits_k)
+        except ValueError as e:
+            raise ValueError(f"{effective_bits:g} effective bits leave {budget:.3f} code bits per entry after scales "
+                             f"and sinks: {e}") from None
+
 
 @dataclass
 class SideBooks:

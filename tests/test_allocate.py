@@ -203,3 +203,15 @@ def test_fractional_options_follow_the_lower_convex_hull():
     assert 0.5 * option_bits[bits].sum() == pytest.approx(1.8)
     with pytest.raises(ValueError, match="increasing"):
         water_fill(curves, np.full(2, 0.5), 2.0, 0, 3, option_bits[::-1])
+
+
+def test_config_at_exact_effective_bits():
+    base = CodebookConfig("lambda", 4, 4, "channel-group", group=128, sink=1, scale_bits=8)
+    cfg = base.at_effective_bits(3.0, head_dim=64, seqlen=2048)
+    # (code + 16/128) · 2047/2048 + 16/2048 = 3
+    assert cfg.budget == pytest.approx((3 - 16 / 2048) * 2048 / 2047 - 0.125, abs=1e-6)
+    assert (cfg.bits_q, cfg.bits_k) == (5, 5)  # ⌈2.87⌉ + 2
+    assert cfg.effective_bits(cfg.budget, 64, 2048) == pytest.approx(3.0, abs=1e-5)
+    assert base.at_effective_bits(3.0, 64, 2048, caps=(3, 4)).bits_q == 3
+    with pytest.raises(ValueError, match="1.1 effective bits leave"):
+        base.at_effective_bits(1.1, 64, 2048)

@@ -190,7 +190,7 @@ def test_calibrate_at_exact_effective_bits(model_dir, text_file, tmp_path, capsy
     assert 4.5 - 0.1 <= books.effective_bits(seqlen=16) <= 4.5 + 1e-6
     # 3 bits: the scales and the exact first token alone cost more than 2 of them
     assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 3)) == 2
-    assert "--effective-bits 3 leaves 0.133 code bits" in capsys.readouterr().err
+    assert "3 effective bits leave 0.133 code bits" in capsys.readouterr().err
     assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 4, "--budget", 2)) == 2
     assert "not both" in capsys.readouterr().err
 
