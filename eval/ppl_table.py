@@ -3,9 +3,10 @@
 One process, one model, the same evaluation windows for every row. Calibration statistics are
 captured once on windows from the END of the corpus; every codebook method and bit width is
 built from them. Evaluation uses the FIRST windows of the corpus (disjoint). Codebook rows come
-twice: with the seed paper's static per-head normalisation (μ, σ from calibration) and with
-kvquant's default normalisation (``kvquant.cli.DEFAULTS``: dynamic min–max per channel group,
-sink tokens exact). Also computes the per-head attention-logit error on one evaluation window.
+twice: with the seed paper's static per-head normalisation (μ, σ from calibration) and as
+kvquant's default (``kvquant.cli.DEFAULTS``: dynamic min–max per channel group, sink tokens
+exact, pre-RoPE, code bits allocated per channel so that every row has exactly b effective bits).
+Also computes the per-head attention-logit error on one evaluation window (post-RoPE rows).
 
 Usage:  python eval/ppl_table.py [--model smollm2-135m] [--seqlen 2048] [--calib 16] [--windows 8]
                                  [--bits 8,4,3,2] [--name smollm2]
@@ -32,6 +33,7 @@ from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
 from kvquant.diagnostics import logit_errors
 from kvquant.fileio import replace_section, write_text
+from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NORM_METHODS = ("lambda", "lambda-lloyd")
 
 
-def rows_for_bits(bits: int, static, books) -> dict:
+def rows_for_bits(bits: int, static, books, seqlen: int) -> dict:
     """Baselines, every method with static per-head σ, post-RoPE (``name@bits``, rebuilt from
-    ``static``), and the default configuration's density codebooks (``name@bits/default``,
-    rebuilt from ``books``)."""
+    ``static``), and the default configuration's density codebooks at exactly ``bits`` effective
+    bits (``name@bits/default``, rebuilt from ``books``)."""
     rows = {f"int{bits}": Baseline(f"int{bits}"), f"int{bits}-channel": Baseline(f"int{bits}-channel")}
     if bits in (8, 4):
         rows[f"fp{bits}"] = Baseline(f"fp{bits}")
     for m in METHODS:
         rows[f"{m}@{bits}"] = static.rebuilt(method=m, bits_q=bits, bits_k=bits)
     for m in DEFAULT_NORM_METHODS:
-        rows[f"{m}@{bits}/default"] = books.rebuilt(method=m, bits_q=bits, bits_k=bits)
+        c = books.config.at_effective_bits(bits, books.fingerprint.head_dim, seqlen)
+        rows[f"{m}@{bits}/default"] = books.rebuilt(method=m, bits_q=c.bits_q, bits_k=c.bits_k, budget=c.budget)
     return rows
 
 
@@ -69,10 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
-    books = calibrate(model, calib, CalibrationConfig(codebook_config(DEFAULTS)))
+    head_dim = ModelFingerprint.from_model(model).head_dim
+    default = codebook_config(DEFAULTS).at_effective_bits(DEFAULTS["effective_bits"], head_dim, args.seqlen)
+    books = calibrate(model, calib, CalibrationConfig(default))  # with Fisher weights (allocation)
     static = calibrate(model, calib, CalibrationConfig(CodebookConfig("lambda", 4, 4, "head")))  # post-RoPE
     bits_list = [int(b) for b in args.bits.split(",")]
-    by_bits = {b: rows_for_bits(b, static, books) for b in bits_list}
+    by_bits = {b: rows_for_bits(b, static, books, args.seqlen) for b in bits_list}
     rows = {"fp": None} | {n: q for r in by_bits.values() for n, q in r.items()}
     results = evaluate(model, evals, rows)
     err_quant = {n: q for b in (8, 4) for n, q in by_bits.get(b, {}).items()
@@ -105,14 +110,16 @@ def markdown(p: dict, bits_list: list[int], errors: dict) -> str:
         "",
         f"Command: `{p['command']}` — {p['eval_windows']} evaluation windows (first of the corpus), "
         f"{p['calib_windows']} calibration windows (last of the corpus), {p['dtype']}, Q and K both quantized "
-        f"post-RoPE. BOS prepended: {p['bos_prepended']}. Unquantized perplexity **{fp:.3f}**. "
+        f"(post-RoPE but for the default rows). BOS prepended: {p['bos_prepended']}. Unquantized perplexity **{fp:.3f}**. "
         "Cells: ppl (Δ vs unquantized) [effective bits per entry]. INT/FP per token add a fp16 scale per token; "
         "INT per channel an fp16 scale and zero per channel and 128 tokens. `static/head`: codebook on x̃ = (x − μ)/σ "
         "with μ, σ per head from calibration (the seed paper; nothing added per entry). `default norm`: "
-        f"kvquant's default normalisation — norm `{d['norm']}`, group {d['group']}, first {d['sink']} token(s) exact"
+        f"kvquant's default — norm `{d['norm']}`, group {d['group']} with {d.get('scale_bits', 16)}-bit scales, "
+        f"first {d['sink']} token(s) exact"
         + (f", {d.get('outliers', 0):g} of the entries kept exact as outliers" if d.get("outliers") else "")
-        + f", {d.get('rope', 'post')}-RoPE — with the codebook shaped by the calibration histogram; every scale and "
-        "exact entry counted. Logit errors are listed for post-RoPE quantizers only.",
+        + f", {d.get('rope', 'post')}-RoPE — with the codebook shaped by the calibration histogram"
+        + (", code bits allocated per channel so that the row has exactly b effective bits" if d.get("budget") else "")
+        + "; every scale and exact entry counted. Logit errors are listed for post-RoPE quantizers only.",
         "",
         "| bits | " + " | ".join(heads) + " |",
         "|" + "---|" * (len(heads) + 1),
