@@ -63,7 +63,8 @@ class CodebookConfig:
     outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
     rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.rope)
     # > 0: average code bits per entry over queries and keys, spread over (layer, head, channel, side)
-    # by reverse water-filling (kvquant.allocate); each channel gets 1 … bits_q (queries) / bits_k (keys)
+    # by reverse water-filling (kvquant.allocate); each channel gets 2, 3, 4, 5, 8, … up to 2^bits_q
+    # (queries) / 2^bits_k (keys) levels (at_effective_bits: the budget for exactly b bits in all)
     budget: float = 0.0
     scale_bits: int = 16  # channel-group: bits of each stored (mid, half) value, 16 (fp16) or 8 (groupnorm.code_scales)
     version: int = FORMAT_VERSION
