@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     stats, hists = capture(model, calib, [(g, s, 0.0, sb) for g, s, sb in CANDIDATES], rope="pre", fisher=True)
     bits_list = [int(b) for b in args.bits.split(",")]
     selection, rows = {}, {"fp": None}
+    dev_fp = evaluate(model, dev, {"fp": None}, progress=False)["fp"].ppl
     for b in bits_list:
         reachable = [c for c in CANDIDATES  # the scales and sinks alone may cost more than b
                      if CodebookConfig("lambda", 8, 8, "channel-group", c[0], c[1], scale_bits=c[2])
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": args.model, "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
                "calib_windows": calib.n, "dev_windows": int(dev.shape[0]), "eval_windows": int(evals.shape[0]),
-               "dtype": "float32", "seconds": time.perf_counter() - t0, "selection": selection,
+               "dtype": "float32", "seconds": time.perf_counter() - t0, "dev_fp_ppl": dev_fp, "selection": selection,
                "rows": {k: v.to_dict() for k, v in results.items()}}
     write_text(ROOT / "out" / f"budget_{args.name}.json", json.dumps(payload, indent=1))
     md = markdown(payload, bits_list)
@@ -141,12 +142,15 @@ def markdown(p: dict, bits_list: list[int]) -> str:
     out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
     for label, key in labels:
         out.append(f"| {label} | " + " | ".join(cell(rows[f"{b}/{key}"]) for b in bits_list) + " |")
-    out += ["", "Development windows, every candidate at exactly b effective bits (ppl):", "",
+    dev_fp = p.get("dev_fp_ppl")
+    out += ["", "Development windows, every candidate at exactly b effective bits: ppl"
+            + (f" (Δ vs unquantized {dev_fp:.3f} there):" if dev_fp else ":"), "",
             "| candidate | " + " | ".join(f"{b} bits" for b in bits_list) + " |", "|---|" + "---|" * len(bits_list)]
     cands = dict.fromkeys(c for b in bits_list for c in p["selection"][str(b)]["dev"])
     for cand in cands:
         dev = [p["selection"][str(b)]["dev"].get(cand) for b in bits_list]
-        out.append(f"| {cand} | " + " | ".join(f"{r['ppl']:.3f}" if r else "n/a" for r in dev) + " |")
+        out.append(f"| {cand} | " + " | ".join(
+            "n/a" if not r else f"{r['ppl']:.3f}" + (f" ({r['ppl'] / dev_fp - 1:+.1%})" if dev_fp else "") for r in dev) + " |")
     return "\n".join(out)
 
 
