@@ -495,6 +495,9 @@ class Codebooks:
                 f"{FORMAT_VERSION}; re-run `kvquant calibrate`"
             )
         config = CodebookConfig(**json.loads(meta["config"]))
+        if "q.head_bits" in t:
+            raise ValueError(f"{path} allocates bits per head (an earlier kvquant); this one allocates per channel: "
+                             "re-run `kvquant calibrate`")
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,

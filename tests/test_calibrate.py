@@ -258,6 +258,19 @@ def test_load_other_format_version(llama, tmp_path, monkeypatch):
         Codebooks.load(tmp_path / "b.safetensors")
 
 
+def test_load_refuses_per_head_allocation_files(llama, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    calib(llama).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**t, "q.head_bits": torch.zeros(2, 4, dtype=torch.int8)}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="per head.*re-run `kvquant calibrate`"):
+        Codebooks.load(path)
+
+
 def test_failed_save_leaves_no_partial_file(llama, tmp_path, monkeypatch):
     books = calib(llama)
     target = tmp_path / "books.safetensors"
