@@ -213,13 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention; forward passes without a KV cache only; default pre)")
     c.add_argument("--budget", type=float,
                    help="average code bits per query/key entry, spread over (layer, head, channel) by reverse "
-                        "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 1 … "
-                        "--bits-q/--bits-k bits (--norm channel-group only; default 0 = every channel --bits-q/--bits-k)")
+                        "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 2, 3, 4, 5, 8, … "
+                        "levels (3 and 5 packed at 1.6 and 2.33 bits), at most 2^--bits-q / 2^--bits-k (--norm "
+                        "channel-group only; replaces the default --effective-bits)")
     c.add_argument("--effective-bits", type=float,
                    help="bits per entry with every bit counted — codes, group scales, exact sink tokens at --seqlen: "
                         "sets --budget to the code bits that make exactly this many (e.g. 4 with --group 128 "
                         "--scale-bits 8 --sink 1 at seqlen 2048: 3.869); channels then get up to --bits-q/--bits-k "
-                        "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group, 0 = off)")
+                        "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group; 0 = off, every channel at --bits-q/--bits-k)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
                         "8 = log-coded half-range and offset in its 16ths (default 8 for --norm channel-group)")
