@@ -3,16 +3,18 @@
 Units u (here: one channel of a (layer, query head) or a (layer, KV head)) each have a
 distortion curve ``D_u(b)``, the error their quantizer adds at ``b`` bits, all in the same units
 (for kvquant: the diagonal-Fisher estimate of the calibration loss increase,
-:func:`kvquant.codebooks.allocate_bits`), and a cost ``c_u`` per bit in units of the average
+:func:`kvquant.codebooks.allocate_levels`), and a cost ``c_u`` per bit in units of the average
 budget (a unit holding a fraction ``c_u`` of the entries that the average runs over).
 
-Minimise ``Σ_u D_u(b_u)`` subject to ``Σ_u c_u b_u ≤ B`` with integer ``b_u ∈ [lo_u, hi_u]``.
+Minimise ``Σ_u D_u(b_u)`` subject to ``Σ_u c_u b_u ≤ B``, each ``b_u`` one of the allowed options
+(whole bits, or the packed bits of a level count such as 1.6 for 3 levels).
 At high rate ``D_u(b) = a_u 2^{−2b}`` and the solution is reverse water-filling,
 ``b_u = B + ½ log2(a_u / ā)`` (ā the cost-weighted geometric mean of the ``a``): units whose
 errors cost more get more bits. The discrete version used here is the greedy marginal-return
-rule — start every unit at ``lo_u`` and keep giving one bit to the unit with the largest
-``(D_u(b_u) − D_u(b_u + 1)) / c_u`` that still fits the budget — which is optimal when every
-curve is convex and decreasing (Fox, 1966) and a close approximation otherwise.
+rule — start every unit at ``lo_u`` and keep moving the unit with the largest
+``(D_u(b_u) − D_u(b'_u)) / (c_u (b'_u − b_u))`` to its next option ``b'_u`` while it fits the
+budget — which is optimal when every curve is convex and decreasing (Fox, 1966; options off a
+unit's lower convex hull are skipped, :func:`water_fill`) and a close approximation otherwise.
 """
 
 from __future__ import annotations
