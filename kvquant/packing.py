@@ -69,20 +69,23 @@ LEVEL_PACKING = {2: (1, 1), 3: (5, 8), 4: (1, 2), 5: (3, 7), 8: (1, 3), 16: (1, 
                  128: (1, 7), 256: (1, 8)}
 
 
-def level_bits(levels: int) -> float:
-    """Bits per code of ``levels``-level codes when packed (:data:`LEVEL_PACKING`)."""
+def _level_word(levels: int) -> tuple[int, int]:
+    """``(codes per word, bits per word)`` of ``levels``-level codes; ValueError for other counts."""
     if levels not in LEVEL_PACKING:
         raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
-    per_word, bits = LEVEL_PACKING[levels]
+    return LEVEL_PACKING[levels]
+
+
+def level_bits(levels: int) -> float:
+    """Bits per code of ``levels``-level codes when packed (:data:`LEVEL_PACKING`)."""
+    per_word, bits = _level_word(levels)
     return bits / per_word
 
 
 def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
     """Pack uint8 ``codes`` (…, n), each < ``levels``: groups of codes per word as base-``levels``
     digits (code j of a group is digit j), words bit-packed by :func:`pack_codes`."""
-    per_word, bits = LEVEL_PACKING[levels] if levels in LEVEL_PACKING else (0, 0)
-    if not per_word:
-        raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
+    per_word, bits = _level_word(levels)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if codes.numel() and int(codes.max()) >= levels:
@@ -95,9 +98,7 @@ def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
 
 def unpack_levels(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_levels` for ``n`` codes."""
-    if levels not in LEVEL_PACKING:
-        raise ValueError(f"levels must be one of {sorted(LEVEL_PACKING)}, got {levels!r}")
-    per_word, bits = LEVEL_PACKING[levels]
+    per_word, bits = _level_word(levels)
     words = unpack_codes(packed, bits, -(-n // per_word)).to(torch.int64)
     digits = (words.unsqueeze(-1) // levels ** torch.arange(per_word, device=packed.device, dtype=torch.int64)) % levels
     return digits.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
