@@ -248,19 +248,20 @@ class GroupHistogram:
             xt, _, half = group_minmax(x, self.group, self.scale_bits)
         half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, :t]
         w = (half_full**2 * per_entry).double()
-        if self.outliers:  # exact entries are not quantized
-            w = w * (~exact)
+        dense = (~exact).double() if self.outliers else None  # exact entries are not quantized
+        if dense is not None:
+            w = w * dense
         if channel is not None:
             getattr(self, channel)[layer] += w.sum((0, 2)).cpu()
         nb = self.count_q.shape[-1]
         idx = (hist_index(xt, nb - 1) + nb * torch.arange(heads, device=x.device)[None, :, None, None]).flatten()
-        dense = None if not self.outliers else (~exact).double().flatten()
+
         def add(name: str, weights: torch.Tensor | None) -> None:
             total = torch.bincount(idx, weights=weights, minlength=heads * nb).double()
             getattr(self, name)[layer] += total.reshape(heads, nb).cpu()
 
         if count is not None:
-            add(count, dense)
+            add(count, None if dense is None else dense.flatten())
         add(weight, w.flatten())
 
     def to_dict(self) -> dict[str, torch.Tensor]:
