@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (group, sink, scale bits) candidates; methods selected among these.
 CANDIDATES = [(128, 1, 16), (128, 1, 8), (64, 1, 8), (64, 4, 8), (32, 1, 8)]
 METHODS = ("lambda", "lambda-lloyd")
-PREVIOUS = (128, 1, 16, "lambda-lloyd")  # the default (every channel at b code bits)
+PREVIOUS = (128, 1, 16, "lambda-lloyd")  # the default before per-channel allocation (every channel at b code bits)
 
 
 def books_at(stats, hists, fp, group: int, sink: int, scale_bits: int, method: str, bits: int, seqlen: int,
@@ -138,13 +138,13 @@ def markdown(p: dict, bits_list: list[int]) -> str:
               ("uniform (INT), selected normalisation, exact b", "uniform/exact"),
               ("uniform (INT), selected normalisation, b code bits on average, allocated", "uniform/alloc"),
               ("uniform (INT), selected normalisation, b code bits every channel", "uniform/equal"),
-              ("default (G128, sink 1, fp16 scales, lambda-lloyd), b code bits", "previous/equal")]
+              ("previous default (G128, sink 1, fp16 scales, lambda-lloyd), b code bits", "previous/equal")]
     out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
     for label, key in labels:
         out.append(f"| {label} | " + " | ".join(cell(rows[f"{b}/{key}"]) for b in bits_list) + " |")
     dev_fp = p.get("dev_fp_ppl")
-    out += ["", "Development windows, every candidate at exactly b effective bits: ppl"
-            + (f" (Δ vs unquantized {dev_fp:.3f} there):" if dev_fp else ":"), "",
+    out += ["", "Development windows, every candidate at exactly b effective bits "
+            + (f"(ppl, Δ vs unquantized {dev_fp:.3f} there):" if dev_fp else "(ppl):"), "",
             "| candidate | " + " | ".join(f"{b} bits" for b in bits_list) + " |", "|---|" + "---|" * len(bits_list)]
     cands = dict.fromkeys(c for b in bits_list for c in p["selection"][str(b)]["dev"])
     for cand in cands:
