@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from figures import ppl_figure
 
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import atomic_path, replace_section, write_text
+from kvquant.fileio import replace_section, write_text
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
@@ -79,30 +80,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(p: dict, path: Path) -> None:
     """Perplexity (log) vs effective bits: one line per quantizer, solid pre-RoPE, dashed post-RoPE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, fp = p["rows"], p["rows"]["fp"]["ppl"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (label, prefix) in enumerate([("INT per channel", "int")] + [(f"{m} / chgroup+sink", f"{m}@") for m in METHODS]):
-        for frame in ("post", "pre"):
-            pts = sorted((r["effective_bits"], r["ppl"]) for k, r in rows.items()
-                         if k.startswith(prefix) and k.endswith(f"/{frame}") and (prefix != "int" or "-channel" in k))
-            ax.plot(*zip(*pts), marker="o", markersize=4, color=plt.cm.tab10(i), label=f"{label}, {frame}-RoPE",
-                    linestyle="-" if frame == "pre" else "--")
-    ax.axhline(fp, color="k", linewidth=0.8, label=f"unquantized {fp:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("effective bits per q/k entry (group scales and exact sink tokens counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{p['model']} · {p['dataset']} · seqlen {p['seqlen']} · {p['eval_windows']} windows · "
-                 "Q and K quantized", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    rows = p["rows"]
+    with ppl_figure(p, path, "effective bits per q/k entry (group scales and exact sink tokens counted)", "",
+                    (8, 5.5), fontsize=7) as (ax, plt):
+        for i, (label, prefix) in enumerate([("INT per channel", "int")] + [(f"{m} / chgroup+sink", f"{m}@") for m in METHODS]):
+            for frame in ("post", "pre"):
+                pts = sorted((r["effective_bits"], r["ppl"]) for k, r in rows.items()
+                             if k.startswith(prefix) and k.endswith(f"/{frame}") and (prefix != "int" or "-channel" in k))
+                ax.plot(*zip(*pts), marker="o", markersize=4, color=plt.cm.tab10(i), label=f"{label}, {frame}-RoPE",
+                        linestyle="-" if frame == "pre" else "--")
 
 
 def markdown(p: dict, bits_list: list[int]) -> str:

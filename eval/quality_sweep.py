@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from figures import ppl_figure
 
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
@@ -38,7 +39,7 @@ from kvquant.calibrate import capture
 from kvquant.codebook import METHODS
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import atomic_path, replace_section, write_text
+from kvquant.fileio import replace_section, write_text
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
 
@@ -167,12 +168,6 @@ def family(name: str) -> str:
 def plot(p: dict, path: Path) -> None:
     """One line per family over Q=K bits and Q⌊b⌋/K⌈b⌉ (keys get the extra bit: they dominate
     the error, DESIGN.md §2); the Q⌈b⌉/K⌊b⌋ rows as unconnected × in the family's colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fp = p["rows"]["fp"]["ppl"]
     series: dict[str, list[tuple[float, float]]] = {}
     crosses: dict[str, list[tuple[float, float]]] = {}
     for name, r in p["rows"].items():
@@ -181,25 +176,15 @@ def plot(p: dict, path: Path) -> None:
         key = name.split("@")[1].split("/")[0] if "@" in name else ""
         qk_more = key.startswith("q") and int(key[1]) > int(key[3])
         (crosses if qk_more else series).setdefault(family(name), []).append((r["effective_bits"], r["ppl"]))
-    fig, ax = plt.subplots(figsize=(10, 6.5))
-    for i, (label, pts) in enumerate(sorted(series.items())):
-        pts.sort()
-        color = plt.cm.tab20(i % 20)
-        ax.plot(*zip(*pts), marker="o", markersize=4, label=label, color=color,
-                linestyle="--" if ("INT" in label or "FP" in label) else "-")
-        if label in crosses:
-            ax.scatter(*zip(*crosses[label]), marker="x", color=color)
-    ax.axhline(fp, color="k", linewidth=0.8, label=f"unquantized {fp:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("effective bits per q/k entry (scales, zero points, sinks, outliers counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{p['model']} · {p['dataset']} · seqlen {p['seqlen']} · {p['eval_windows']} windows · "
-                 "Q and K quantized (× = queries get the extra bit)", fontsize=9)
-    ax.legend(fontsize=6.5, ncol=2)
-    ax.grid(alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    with ppl_figure(p, path, "effective bits per q/k entry (scales, zero points, sinks, outliers counted)",
+                    " (× = queries get the extra bit)", (10, 6.5), fontsize=6.5, ncol=2) as (ax, plt):
+        for i, (label, pts) in enumerate(sorted(series.items())):
+            pts.sort()
+            color = plt.cm.tab20(i % 20)
+            ax.plot(*zip(*pts), marker="o", markersize=4, label=label, color=color,
+                    linestyle="--" if ("INT" in label or "FP" in label) else "-")
+            if label in crosses:
+                ax.scatter(*zip(*crosses[label]), marker="x", color=color)
 
 
 def markdown(p: dict, bits_list: list[float], png: Path) -> str:
