@@ -27,7 +27,7 @@ import torch
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
-from kvquant.cli import DEFAULTS, codebook_config
+from kvquant.cli import DEFAULTS, calibration_config
 from kvquant.codebook import METHODS
 from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
-    head_dim = ModelFingerprint.from_model(model).head_dim
-    default = codebook_config(DEFAULTS).at_effective_bits(DEFAULTS["effective_bits"], head_dim, args.seqlen)
+    default = calibration_config(DEFAULTS, ModelFingerprint.from_model(model).head_dim, args.seqlen, set(DEFAULTS))
     books = calibrate(model, calib, CalibrationConfig(default))  # with Fisher weights (allocation)
     static = calibrate(model, calib, CalibrationConfig(CodebookConfig("lambda", 4, 4, "head")))  # post-RoPE
     bits_list = [int(b) for b in args.bits.split(",")]

@@ -58,7 +58,7 @@ def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
     unknown = set(cfg) - set(DEFAULTS) - {"out", "json", "text_file", "codebooks"}
     if unknown:
         raise ValueError(f"unknown option(s) in config file: {', '.join(sorted(unknown))}")
-    args.defaulted = set()  # options that no one gave: the family-specific ones may be adapted
+    args.defaulted = set()  # options that no one gave (calibration_config adapts the family-specific ones)
     for k in keys:
         if getattr(args, k, None) is None:
             if k not in cfg:
@@ -94,6 +94,30 @@ def codebook_config(options: dict):
     return CodebookConfig(**{f.name: options[f.name] for f in fields(CodebookConfig) if f.name in options})
 
 
+def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set[str] = frozenset()):
+    """The :class:`CodebookConfig` ``kvquant calibrate`` builds from ``options``, ``defaulted`` the
+    names that came from ``DEFAULTS`` (no one gave them): the default family's own options — 8-bit
+    scales and the ``effective_bits`` target — fall back to 16 and off for a static ``norm``, a
+    ``budget`` given replaces the default target, and ``effective_bits`` > 0 sets the budget for
+    exactly that many bits (:meth:`CodebookConfig.at_effective_bits`; caps ``bits_q``/``bits_k``
+    where both were given, else ⌈budget⌉ + 2)."""
+    options = dict(options)
+    if options["norm"] != "channel-group":
+        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0)):
+            if k in defaulted:
+                options[k] = neutral
+    if options.get("budget") and "effective_bits" in defaulted:
+        options["effective_bits"] = 0.0
+    target = options.get("effective_bits")
+    if target and options.get("budget"):
+        raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
+    config = codebook_config(options)
+    if not target:
+        return config
+    caps = None if {"bits_q", "bits_k"} & set(defaulted) else (options["bits_q"], options["bits_k"])
+    return config.at_effective_bits(target, head_dim, seqlen, caps)
+
+
 def cmd_calibrate(args) -> None:
     from kvquant.calibrate import CalibrationConfig, calibrate, summary
     from kvquant.data import load_text, make_windows
@@ -103,21 +127,9 @@ def cmd_calibrate(args) -> None:
                     "outliers", "rope", "budget", "effective_bits", "scale_bits", "dtype", "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
-    if args.norm != "channel-group":  # the default family's own options do not apply to static norms
-        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0)):
-            if k in args.defaulted:
-                setattr(args, k, neutral)
-    if args.budget and "effective_bits" in args.defaulted:  # a code budget given replaces the default target
-        args.effective_bits = 0.0
-    if args.effective_bits and args.budget:
-        raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
-    config = codebook_config(vars(args))
     model, tok = _load(args)
-    if args.effective_bits:
-        given = not {"bits_q", "bits_k"} & args.defaulted  # caps given: kept, else ⌈budget⌉ + 2
-        config = config.at_effective_bits(args.effective_bits, ModelFingerprint.from_model(model).head_dim,
-                                          args.seqlen, (args.bits_q, args.bits_k) if given else None)
-        args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
+    config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
+    args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
