@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kvquant.cache import make_cache, query_quantizer
+from kvquant.compat import cache_kwargs
 from kvquant.decode import dequantize_keys, dequantize_values, pack
 from kvquant.fileio import replace_section
 
@@ -143,7 +144,7 @@ def _dynamic_bytes(cache) -> int:
 @torch.no_grad()
 def _generate(model, prompt, new: int, cache) -> tuple[torch.Tensor, float]:
     t = time.perf_counter()
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return out[0, prompt.shape[1]:], time.perf_counter() - t
 
 
@@ -212,7 +213,7 @@ def _nll_full(model, ids) -> float:
 def _nll_stepwise(model, ids, cache) -> float:
     total = 0.0
     for t in range(ids.shape[1] - 1):
-        logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        logits = model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1].float()
         total += float(F.cross_entropy(logits[None], ids[0, t + 1 : t + 2]))
     return total / (ids.shape[1] - 1)
 

@@ -61,6 +61,7 @@ from kvquant.assets import load_model
 from kvquant.cache import make_cache
 from kvquant.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig
+from kvquant.compat import cache_kwargs
 from kvquant.data import load_text, split_calib_eval
 from kvquant.fileio import replace_section, write_text
 from kvquant.perplexity import nll_sum
@@ -241,7 +242,7 @@ def nll_chunked(model, ids: torch.Tensor, cache, starts: set[int]) -> float:
     cuts = _cuts(n, starts)
     total = 0.0
     for a, b in itertools.pairwise(cuts):
-        logits = model(ids[:, a:b], past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(ids[:, a:b], **cache_kwargs(cache), use_cache=True).logits[0].float()
         target = ids[0, a + 1 : b + 1]
         total += float(F.cross_entropy(logits[: target.numel()], target, reduction="sum").double())
     return total / (n - 1)

@@ -4,7 +4,7 @@ codebooks, values as packed codes of the ρ = 0 codebook with one fp16 scale per
     books = kvquant.calibrate(model, windows)
     cache = make_cache(model, books)                       # keys: the books' bits; values: same
     kvquant.wrap(model, query_quantizer(books, cache))     # optional: quantized queries too
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(ids, **kvquant.cache_kwargs(cache), max_new_tokens=64)  # cache= (5.24+) or past_key_values=
     cache.bytes_per_token(), cache.memory_bytes()
 
 **Keys, static normalisation** (``norm`` ``head``/``channel``). Layer ``l``, KV head ``h``:
@@ -52,17 +52,12 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
-from transformers.cache_utils import (
-    Cache,
-    DummyLayer,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    get_layer_types_and_kwargs,
-)
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvquant import codebook as cb
 from kvquant import density as dens
 from kvquant.codebooks import Codebooks
+from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, lookup, pack, unpack
 from kvquant.packing import packed_size
 
@@ -81,7 +76,6 @@ __all__ = [
 #: dtype of the per-token value scales (16 bits, counted in the memory).
 SCALE_DTYPE = torch.float16
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
-_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
 
 @lru_cache(maxsize=16)
@@ -172,7 +166,9 @@ class _QuantKV:
 
     # --- storage --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
-        super().lazy_initialization(key_states, value_states)  # dtype, device, empty keys/values
+        super().lazy_initialization(key_states, value_states)  # empty keys/values, is_initialized
+        # Kept here, not left to the base class: transformers 5.24's DynamicLayer stopped setting dtype.
+        self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         if h != self.tables.k_centers.shape[0] or d != self.tables.k_offset.shape[-1]:
             raise ValueError(
@@ -385,6 +381,7 @@ class _QuantKV:
         self._seen = 0
         self._dev_tables = None
         super().reset()
+        self.is_initialized = False  # so the next update re-creates the storage (5.23+ base reset does; 5.17's does not)
 
     def offload(self, *args, **kwargs) -> None:
         if self.is_initialized and self.k_codes is not None:
@@ -555,7 +552,8 @@ def make_cache(
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits and normalisation, values at ``bits_v`` (default: the key bits); ``sink``
     defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
-    past_key_values=cache)`` or ``model(..., past_key_values=cache)``; one cache per generation."""
+    **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
+    ``past_key_values=`` before); one cache per generation."""
     codebooks.check_fits(model)
     if codebooks.config.rope != "post":
         raise NotImplementedError(
@@ -582,19 +580,19 @@ def make_cache(
         k.sink if sink is None else sink, k.group, group_dtype,
     )
     config = model.config.get_text_config(decoder=True)
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    layer_types = cache_layer_types(config)
     if len(layer_types) != k.centers.shape[0]:
         raise ValueError(f"model has {len(layer_types)} layers, codebooks {k.centers.shape[0]}")
     layers = []
-    for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+    for i, (kind, window) in enumerate(layer_types):
         if kind == "dummy":
             layers.append(DummyLayer())
             continue
         tables = LayerTables.from_codebooks(codebooks, i, options.bits_v)
         if kind == "full_attention":
             layers.append(KVQuantLayer(tables, options))
-        elif kind in _SLIDING_TYPES:
-            layers.append(KVQuantSlidingLayer(kw["sliding_window"], tables, options))
+        elif kind in WINDOWED_LAYER_TYPES:
+            layers.append(KVQuantSlidingLayer(window, tables, options))
         else:
             raise NotImplementedError(f"layer {i} has type {kind!r}; KVQuantCache supports full and sliding attention")
     return KVQuantCache(layers, options)

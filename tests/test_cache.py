@@ -24,6 +24,7 @@ from kvquant.cache import (
 )
 from kvquant.calibrate import capture_stats
 from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.compat import cache_kwargs
 from kvquant.fingerprint import ModelFingerprint
 
 SLIDING = {"llama": [False, False], "mistral": [True, True], "gemma3": [True, False]}
@@ -42,11 +43,11 @@ def setup(family: str, **overrides) -> tuple[torch.nn.Module, Codebooks]:
 @torch.no_grad()
 def stepwise_logits(model, ids, cache, prefill: int = 1, attention_mask=None) -> torch.Tensor:
     """Logits of every position: ``prefill`` tokens in one call, then one token per call."""
-    outs = [model(ids[:, :prefill], past_key_values=cache, use_cache=True,
+    outs = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True,
                   attention_mask=None if attention_mask is None else attention_mask[:, :prefill]).logits]
     for t in range(prefill, ids.shape[1]):
         am = None if attention_mask is None else attention_mask[:, : t + 1]
-        outs.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True, attention_mask=am).logits)
+        outs.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True, attention_mask=am).logits)
     return torch.cat(outs, dim=1)
 
 
@@ -98,7 +99,7 @@ def test_requantizing_cached_keys_is_identity():
     model, books = setup("llama")
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(random_ids(), past_key_values=cache, use_cache=True)
+        model(random_ids(), **cache_kwargs(cache), use_cache=True)
     for layer_idx, layer in enumerate(cache.layers):
         k, _ = layer._dequantized()
         assert torch.equal(books.k.apply(k, layer_idx), k)
@@ -176,7 +177,7 @@ def test_generate_greedy_sampling_beam_match_simulated(family):
         torch.manual_seed(11)
         if cache is None:
             return model.generate(prompt, use_cache=False, **kw, **gen)
-        return model.generate(prompt, past_key_values=cache, **kw, **gen)
+        return model.generate(prompt, **cache_kwargs(cache), **kw, **gen)
 
     for gen in (dict(do_sample=False), dict(do_sample=True, top_k=0), dict(num_beams=3, do_sample=False)):
         ref = run(None, **gen)
@@ -204,9 +205,9 @@ def test_batch_with_left_padding(family):
     # generate(): padded row == the same prompt alone, unpadded
     kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask)
     g_ref = model.generate(ids, use_cache=False, **kw)
-    g = model.generate(ids, past_key_values=make_cache(model, books, quantize_values=False), **kw)
+    g = model.generate(ids, **cache_kwargs(make_cache(model, books, quantize_values=False)), **kw)
     assert torch.equal(g, g_ref)
-    alone = model.generate(ids[1:, 3:], past_key_values=make_cache(model, books, quantize_values=False),
+    alone = model.generate(ids[1:, 3:], **cache_kwargs(make_cache(model, books, quantize_values=False)),
                            max_new_tokens=6, do_sample=False)
     assert torch.equal(alone[0, 6:], g[1, 9:])
 
@@ -229,7 +230,7 @@ def test_memory_per_token_head_dim_64():
     b, s, layers, hkv, d = 2, 20, 2, 2, 64
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(random_ids(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     per_head = d * 4 // 8 + d * 4 // 8 + 2  # key codes + value codes + fp16 value scale = 66 bytes
     assert cache.memory_bytes() == layers * b * hkv * s * per_head
     assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -243,7 +244,7 @@ def test_memory_per_token_head_dim_64():
     # exact sink/residual tokens are counted in the model's dtype (float32 here)
     cache = make_cache(model, books, sink=2, residual=5)
     with torch.no_grad():
-        model(random_ids(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     exact = 2 * d * 4  # key + value, float32
     expect = layers * b * hkv * ((s - 7) * per_head + 7 * exact)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -254,7 +255,7 @@ def test_memory_counts_sliding_layers_window_only():
     model, books = setup("mistral")
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(random_ids(1, SEQ), past_key_values=cache, use_cache=True)
+        model(random_ids(1, SEQ), **cache_kwargs(cache), use_cache=True)
     per_head = 8 + 8 + 2
     assert cache.memory_bytes() == 2 * 1 * 2 * (WINDOW - 1) * per_head
     assert cache.memory_bytes() == sum(_held_nbytes(layer) for layer in cache.layers)
@@ -269,17 +270,17 @@ def test_crop_then_continue_equals_fresh_cache():
     ids = random_ids()
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids[:, :10], past_key_values=cache, use_cache=True)
+        model(ids[:, :10], **cache_kwargs(cache), use_cache=True)
         before = [layer._materialize() for layer in cache.layers]
         cache.crop(-3)
         assert cache.get_seq_length() == 7
         for (k, v), layer in zip(before, cache.layers):
             k2, v2 = layer._materialize()
             assert torch.equal(k2, k[:, :, :7]) and torch.equal(v2, v[:, :, :7])
-        after = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+        after = model(ids[:, 7:], **cache_kwargs(cache), use_cache=True).logits
         fresh = make_cache(model, books)
-        model(ids[:, :7], past_key_values=fresh, use_cache=True)
-        ref = model(ids[:, 7:], past_key_values=fresh, use_cache=True).logits
+        model(ids[:, :7], **cache_kwargs(fresh), use_cache=True)
+        ref = model(ids[:, 7:], **cache_kwargs(fresh), use_cache=True).logits
     torch.testing.assert_close(after, ref, atol=1e-5, rtol=0)
     assert cache.memory_bytes() == fresh.memory_bytes()
     with pytest.raises(ValueError):
@@ -292,7 +293,7 @@ def test_sliding_crop_with_past_recording():
     cache = make_cache(model, books)
     cache.activate_past_recording()
     with torch.no_grad():
-        model(random_ids(1, 10), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 10), **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[0]
     assert isinstance(layer, KVQuantSlidingLayer) and layer.held_tokens == 10
     k_all, _ = layer._materialize()
@@ -303,7 +304,7 @@ def test_sliding_crop_with_past_recording():
     # without past recording, cropping past the window is refused, as in transformers
     plain = make_cache(model, books)
     with torch.no_grad():
-        model(random_ids(1, 10), past_key_values=plain, use_cache=True)
+        model(random_ids(1, 10), **cache_kwargs(plain), use_cache=True)
     with pytest.raises(RuntimeError):
         plain.crop(-2)
 
@@ -312,7 +313,7 @@ def test_reorder_and_batch_ops():
     model, books = setup("llama")
     cache = make_cache(model, books, sink=1, residual=2)
     with torch.no_grad():
-        model(random_ids(3, 8), past_key_values=cache, use_cache=True)
+        model(random_ids(3, 8), **cache_kwargs(cache), use_cache=True)
     before = [layer._materialize() for layer in cache.layers]
     idx = torch.tensor([2, 0, 0])
     cache.reorder_cache(idx)
@@ -327,7 +328,7 @@ def test_reorder_and_batch_ops():
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
     with torch.no_grad():  # usable again after reset
-        model(random_ids(1, 4), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 4), **cache_kwargs(cache), use_cache=True)
     assert cache.get_seq_length() == 4
 
 
@@ -423,7 +424,7 @@ def test_group_mode_decoding_matches_causal_reference():
     for gen in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
         cache = make_cache(model, books)
         with kvquant.wrapped(model, query_quantizer(books, cache)):
-            out = model.generate(ids[:, :5], past_key_values=cache, max_new_tokens=6, min_new_tokens=6, **gen)
+            out = model.generate(ids[:, :5], **cache_kwargs(cache), max_new_tokens=6, min_new_tokens=6, **gen)
         assert out.shape == (2, 11)
 
 
@@ -459,7 +460,7 @@ def test_group_mode_memory():
     cache = make_cache(model, books)
     b, s, d = 2, 15, 16
     with torch.no_grad():
-        model(random_ids(b, s), past_key_values=cache, use_cache=True)
+        model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     per_head_q = 8 + 8 + 2 + 2 * d * 2 / 4  # key codes, value codes + scale, fp16 mid/half per group of 4
     quantized = (s - 1) // 4 * 4
     exact = s - quantized
@@ -473,7 +474,7 @@ def test_group_mode_crop_keeps_split_group_exact():
     books = calibrated(model, norm="channel-group", group=4, sink=1)
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(random_ids(1, 13), past_key_values=cache, use_cache=True)
+        model(random_ids(1, 13), **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[1]
     k_all, v_all = layer._materialize()
     cache.crop(-6)  # 13 -> 7 tokens: sink + group [1, 5) + 2 tokens of the split group [5, 9)

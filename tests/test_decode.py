@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvquant.compat import cache_kwargs
 from kvquant.decode import (
     decode_attention_reference,
     dequantize_keys,
@@ -124,7 +125,7 @@ def test_reference_on_a_real_cache_matches_sdpa_on_its_keys_and_values():
                                  ModelFingerprint.from_model(model))
     cache = make_cache(model, books)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     q = torch.randn(2, 4, 1, 16)
     for layer in cache.layers:
         k, v = layer._materialize()

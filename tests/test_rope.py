@@ -9,6 +9,7 @@ from conftest import SEQ, make_model, random_ids
 import kvquant
 from kvquant.calibrate import CalibrationConfig, calibrate, capture
 from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.compat import cache_kwargs
 from kvquant.rope import derotate, rotate
 from kvquant.wrap import attention_modules
 
@@ -119,7 +120,7 @@ def test_pre_frame_refuses_cached_keys():
     with kvquant.wrapped(model, PreQuantizer()), torch.no_grad():
         out = model(ids, use_cache=True)  # the prefill itself is fine: keys = queries' positions
         with pytest.raises(NotImplementedError, match="cache"):
-            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            model(ids[:, :1], **cache_kwargs(out.past_key_values), use_cache=True)
 
 
 def test_unwrap_removes_the_rotary_hook():
