@@ -66,7 +66,7 @@ def fp_per_token(x: torch.Tensor, fmt: str) -> torch.Tensor:
         y = y.to(torch.float8_e4m3fn).float()
     else:
         grid = _FP4_GRID.to(y.device)
-        mag = y.abs()
+        mag = y.abs().contiguous()  # bucketize warns on (and copies) strided input
         idx = torch.bucketize(mag, 0.5 * (grid[1:] + grid[:-1]))
         y = torch.sign(y) * grid[idx]
     return (y * scale).to(x.dtype)
