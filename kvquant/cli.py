@@ -156,11 +156,11 @@ def cmd_eval_ppl(args) -> None:
     if books is not None and books.config.method not in names:
         names.append(books.config.method)
     if books is None:
-        dropped = [n for n in names if n in ("lambda", "lambda-lloyd", "lloydmax", "uniform")]
+        dropped = [n for n in names if n.split("@")[0] in ("lambda", "lambda-lloyd", "lloydmax", "uniform")]
         if dropped:
             print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
             names = [n for n in names if n not in dropped]
-    rows = make_rows(names, books)
+    rows = make_rows(names, books, args.seqlen)
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--windows", type=int, help="evaluation windows, the FIRST N of the text (default 8)")
     e.add_argument("--codebooks", help="codebook file from `kvquant calibrate`")
-    e.add_argument("--baselines", help=f"comma-separated rows (default {DEFAULTS['baselines']})")
+    e.add_argument("--baselines", help=f"comma-separated rows (default {DEFAULTS['baselines']}); METHOD@B (e.g. "
+                   "lambda@2): that codebook method rebuilt from --codebooks' statistics at exactly B effective bits")
     e.add_argument("--json", help="write the rows to this JSON file")
     e.set_defaults(func=cmd_eval_ppl)
     return ap

@@ -9,7 +9,7 @@ exactly the codebook bits.
 
 Codebooks come from the Gaussian pair model fitted to the calibration statistics:
 query head h uses ``(ρ_h, μ_Q/σ_Q, μ_K/σ_K)``; a KV head shared by g query heads uses the
-pooled ``ρ_eff² = Σ σ_Q,g² ρ_g² / Σ σ_Q,g²`` (DESIGN.md §1, GQA).
+pooled ``ρ_eff² = Σ σ_Q,g² ρ_g² / Σ σ_Q,g²`` (docs/theory.md §4, GQA).
 """
 
 from __future__ import annotations
@@ -426,6 +426,19 @@ class Codebooks:
                 f"these statistics were captured {self.config.rope}-RoPE; calibrate again with rope={changes['rope']!r}"
             )
         return Codebooks.from_stats(self.stats, replace(self.config, **changes), self.fingerprint, self.calibration, self.hist)
+
+    def at_effective_bits(self, effective_bits: float, seqlen: int, **changes) -> "Codebooks":
+        """Codebooks from the same statistics (``changes`` applied, e.g. ``method``) with the code
+        budget that makes exactly ``effective_bits`` at ``seqlen`` (:meth:`CodebookConfig.at_effective_bits`,
+        caps ⌈budget⌉ + 2) — what ``kvquant calibrate --effective-bits B`` would build from the same
+        windows. Needs a channel-group file calibrated with Fisher weights (an allocated one)."""
+        if self.hist is None or self.hist.fisher_q is None:
+            raise ValueError(
+                "rebuilding at another effective-bits target needs the Fisher weights of an allocated calibration: "
+                "calibrate with --effective-bits (the default) or --budget"
+            )
+        config = replace(self.config, **changes).at_effective_bits(effective_bits, self.fingerprint.head_dim, seqlen)
+        return self.rebuilt(**{k: getattr(config, k) for k in ("budget", "bits_q", "bits_k")}, **changes)
 
     # --- use ------------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """Perplexity of a model on token windows, with queries/keys quantized in several ways.
 
-Protocol (GPTQ/KVQuant, DESIGN.md §4): non-overlapping windows of ``seqlen`` tokens, each
+Protocol (GPTQ/KVQuant, docs/theory.md §8): non-overlapping windows of ``seqlen`` tokens, each
 scored on its own (no context carried over); ``ppl = exp(Σ NLL / #predicted tokens)`` where every
 position but the first of a window predicts the next token. All rows run in one process on the
 same windows; the unquantized row ``fp`` uses kvquant's attention in ``off`` mode, which is
@@ -10,6 +10,7 @@ bit-identical to the model's SDPA attention.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -55,24 +56,37 @@ def nll_sum(model: torch.nn.Module, ids: torch.Tensor, progress: bool = True, de
     return total, count
 
 
-def make_rows(names: list[str], codebooks: Codebooks | None) -> dict[str, Quantizer | None]:
+#: Row ``method@B``: that codebook method rebuilt from the file's statistics at exactly B effective bits.
+_AT_BITS = re.compile(r"^(?P<method>[a-z-]+)@(?P<bits>[0-9]+(?:\.[0-9]+)?)$")
+
+
+def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None = None) -> dict[str, Quantizer | None]:
     """Quantizers for row names: ``fp``; baselines (``int8``, ``int4-channel``, ``fp8``, ``fp4``…);
     codebook methods (``lambda``, ``lambda-lloyd``, ``lloydmax``, ``uniform``) rebuilt from the
-    statistics in ``codebooks`` at its bits (the file's own method is used as is)."""
+    statistics in ``codebooks`` at its bits (the file's own method is used as is); ``method@B``
+    (e.g. ``lambda@2``) that method at exactly B effective bits at ``seqlen``, its code bits
+    allocated over channels as ``kvquant calibrate --effective-bits B`` would
+    (:meth:`Codebooks.at_effective_bits`)."""
     rows: dict[str, Quantizer | None] = {}
     for name in names:
+        at_bits = _AT_BITS.match(name)
         if name == "fp":
             rows[name] = None
         elif is_baseline(name):
             rows[name] = Baseline(name)
-        elif name in METHODS:
+        elif name in METHODS or (at_bits and at_bits["method"] in METHODS):
             if codebooks is None:
                 raise ValueError(f"row {name!r} needs calibration statistics: pass --codebooks FILE")
-            rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
+            if at_bits:
+                if not seqlen:
+                    raise ValueError(f"row {name!r} (exactly {at_bits['bits']} effective bits) needs the evaluation seqlen")
+                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"])
+            else:
+                rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
         else:
             raise ValueError(
-                f"unknown row {name!r}; use fp, int2..int8, int2-channel..int8-channel, fp8, fp4 "
-                f"or a codebook method ({', '.join(METHODS)})"
+                f"unknown row {name!r}; use fp, int2..int8, int2-channel..int8-channel, fp8, fp4, "
+                f"a codebook method ({', '.join(METHODS)}) or METHOD@BITS (e.g. lambda@2)"
             )
     return rows
 

@@ -91,3 +91,31 @@ def test_effective_bits_follow_dtype():
     model = make_model("llama").to(torch.bfloat16)
     rows = evaluate(model, random_ids(1, SEQ), {"fp": None}, progress=False)
     assert rows["fp"].effective_bits == 16.0
+
+
+def test_rows_at_effective_bits_equal_a_calibration_at_those_bits():
+    """``lambda@3`` from a 5-bit allocated file = calibrating with --effective-bits 3 on the same windows
+    (tiny windows of 24 tokens: group scales and the sink cost 1.3 + 0.7 bits here)."""
+    from conftest import tiny_books
+
+    family = dict(norm="channel-group", group=12, sink=1, scale_bits=8)
+    five = CodebookConfig("lambda-lloyd", **family).at_effective_bits(5.0, head_dim=8, seqlen=24)
+    model, ids, books = tiny_books(**{k: getattr(five, k) for k in ("method", "bits_q", "bits_k", "budget")}, **family)
+    rows = make_rows(["lambda@3", "lambda-lloyd"], books, seqlen=24)
+    assert rows["lambda-lloyd"] is books
+    got = rows["lambda@3"]
+    three = CodebookConfig("lambda", **family).at_effective_bits(3.0, head_dim=8, seqlen=24)
+    want = calibrate(model, ids, CalibrationConfig(three), progress=False)
+    assert got.config == want.config and got.effective_bits(seqlen=24) == pytest.approx(3.0, abs=0.05)
+    for side in ("q", "k"):
+        for name, t in getattr(want, side).tensors(side).items():
+            torch.testing.assert_close(getattr(got, side).tensors(side)[name], t, msg=name)
+
+
+def test_rows_at_effective_bits_need_fisher_weights_and_seqlen(books):
+    with pytest.raises(ValueError, match="Fisher weights"):
+        make_rows(["lambda@2"], books, seqlen=SEQ)
+    with pytest.raises(ValueError, match="seqlen"):
+        make_rows(["lambda@2"], books)
+    with pytest.raises(ValueError, match="METHOD@BITS"):
+        make_rows(["int4@2"], books, seqlen=SEQ)
