@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite in the project's virtualenv (created by scripts/setup.sh if missing), from any
+# shell: no activation needed. Extra arguments go to pytest, e.g. -m "not integration".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
