@@ -167,7 +167,7 @@ def family(name: str) -> str:
 
 def plot(p: dict, path: Path) -> None:
     """One line per family over Q=K bits and Q⌊b⌋/K⌈b⌉ (keys get the extra bit: they dominate
-    the error, DESIGN.md §2); the Q⌈b⌉/K⌊b⌋ rows as unconnected × in the family's colour."""
+    the error, docs/theory.md §7); the Q⌈b⌉/K⌊b⌋ rows as unconnected × in the family's colour."""
     series: dict[str, list[tuple[float, float]]] = {}
     crosses: dict[str, list[tuple[float, float]]] = {}
     for name, r in p["rows"].items():

@@ -13,7 +13,7 @@ Methods (one builder, :func:`gaussian_pair_codebooks` / :func:`sample_pair_codeb
 ``lambda``        companded closed-form density λ*(u; ρ, m): ``c_i = F⁻¹((i − ½)/K)``.
 ``lambda-lloyd``  pair-aware Lloyd started from ``lambda`` (≤ REFINE_MAX_BITS): for X's cell i
                   ``c_i = E[X·Y·Ŷ | X ∈ i] / E[Ŷ² | X ∈ i]``, cells chosen to minimise
-                  ``E[(XY − c Ŷ)² | X]``, alternating with Y (DESIGN.md §1).
+                  ``E[(XY − c Ŷ)² | X]``, alternating with Y (docs/theory.md §4).
 
 The Gaussian model: ``(X, Y)`` in σ units with means ``(m_X, m_Y)`` and correlation ρ.
 Expectations over it are computed by quadrature on a fine grid in X with the conditional
@@ -531,7 +531,7 @@ def histogram_distortion(book: Codebook, nodes: np.ndarray, weight: np.ndarray) 
 def histogram_codebook(method: Method, levels: int, nodes: np.ndarray, count: np.ndarray, weight: np.ndarray) -> Codebook:
     """``levels``-level codebook (2 … 256; any count, e.g. 3 or 5 for bit allocation) for a
     variable whose calibration histogram on ``nodes`` (uniform grid) has
-    ``count`` entries and product-error ``weight`` (Σ E[partner²] per entry, DESIGN.md §1).
+    ``count`` entries and product-error ``weight`` (Σ E[partner²] per entry, docs/theory.md §2).
 
     ``uniform``: K evenly spaced centers from the first to the last node (min–max INT when the
     grid is [−1, 1]); ``lloydmax``: Lloyd on the counts (MSE of x alone); ``lambda``: companded

@@ -1,6 +1,6 @@
 """Optimal point densities for quantizing the factors of a product (pure math, numpy only).
 
-Setting (DESIGN.md §1): a pair ``(X, Y) = (q[t, j], k[s, j])`` multiplies inside ``Q·Kᵀ``.
+Setting (docs/theory.md §1): a pair ``(X, Y) = (q[t, j], k[s, j])`` multiplies inside ``Q·Kᵀ``.
 X is quantized with K levels and the error it causes in the product is, for large K,
 ``E[e_X² · w(X)]`` with ``w(x) = E[Y² | X = x]``. The best point density is
 

@@ -130,7 +130,7 @@ class HeadMoments:
 
 
 def gqa_pooled_rho(sigma_q: torch.Tensor, rho: torch.Tensor, groups: int) -> torch.Tensor:
-    """Effective ρ of each key head against its g query heads (DESIGN.md §1, GQA).
+    """Effective ρ of each key head against its g query heads (docs/theory.md §4, GQA).
 
     ``ρ_eff² = Σ_g σ_{X,g}² ρ_g² / Σ_g σ_{X,g}²``, sign of ``Σ_g σ_{X,g}² ρ_g``.
     ``sigma_q``, ``rho``: (…, H) with query heads of one key head adjacent; returns (…, H / g).

@@ -338,7 +338,7 @@ def test_product_second_moment_and_pair_error_match_monte_carlo_with_means() -> 
     assert model.pair_error(bx, by) == pytest.approx(model.pair_error(bx, by, points=40_001), rel=1e-3)
 
 
-# =========================================================================== reference figures (DESIGN.md §1)
+# =========================================================================== reference figures (docs/theory.md §6)
 
 
 def test_reference_figures_4bit_rho_08() -> None:
