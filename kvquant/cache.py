@@ -13,13 +13,16 @@ codebooks, values as packed codes of the ρ = 0 codebook with one fp16 scale per
 The dequantized keys ``centers[code]·scale + offset`` are bit-identical to the simulated path.
 
 **Keys, dynamic ``channel-group`` normalisation** (``SideBooks.group = G > 0``): every complete
-group of G consecutive tokens (counted after the sinks) gets a per-channel ``mid = (max+min)/2``
-and ``half = (max−min)/2`` (stored in ``group_dtype``, fp16 by default, counted), ``x̃ = (k − mid)
-/ half``. A group is quantized once complete (KIVI's layout): until then its tokens stay exact,
-so between ``residual`` and ``residual + G − 1`` recent tokens are exact. With
-``group_dtype=torch.float32`` complete groups are bit-identical to the simulated path (which
-also quantizes the incomplete last group with its partial min/max, reading tokens that later
-queries would not have seen yet).
+group of G consecutive tokens (counted after the sinks) is quantized by
+:func:`kvquant.quantizer.encode_groups` — per-channel ``mid``/``half`` stored in the codebooks'
+``scale_bits`` (fp16 or the 8-bit format, counted), codes of the head's codebook or, with bit
+allocation, of each channel's own — and its codes packed channel by channel along the group's
+tokens, channels bucketed by level count (:class:`kvquant.packing.ChannelPacking`: 3 and 5
+levels at 1.6 and 2.33 bits). A group is quantized once complete (KIVI's layout): until then its
+tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tokens are exact. With
+8-bit scales complete groups are bit-identical to the simulated path (with fp16 scales within
+fp16 rounding), which also quantizes the incomplete last group with its partial min/max, reading
+tokens that later queries would not have seen yet.
 
 **Values.** Per token and KV head, ``r = RMS over head_dim`` stored as fp16 (counted), ``ṽ = v / r``
 quantized with ``compand(λ*(u; ρ=0), 2^bits_v)``, i.e. the density ``exp(−u²/6)`` (Panter–Dite
@@ -58,8 +61,10 @@ from kvquant import codebook as cb
 from kvquant import density as dens
 from kvquant.codebooks import Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
-from kvquant.decode import dequantize_keys, dequantize_values, lookup, pack, unpack
-from kvquant.packing import packed_size
+from kvquant.decode import dequantize_keys, dequantize_values, pack
+from kvquant.groupnorm import SCALE_BITS
+from kvquant.packing import ChannelPacking, packed_size
+from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
 
 __all__ = [
     "CacheOptions",
@@ -94,24 +99,26 @@ class CacheOptions:
     residual: int = 0
     sink: int = 0
     group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
-    group_dtype: torch.dtype = torch.float16
+    scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.groupnorm.store_scales)
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
             cb.levels_for_bits(getattr(self, name))
         if self.residual < 0 or self.sink < 0 or self.group < 0:
             raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
-        if not self.group_dtype.is_floating_point:
-            raise ValueError(f"group_dtype must be a floating dtype, got {self.group_dtype}")
+        if self.scale_bits not in SCALE_BITS:
+            raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
 
 
-_TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries")
+_TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
 
 
 @dataclass
 class LayerTables:
-    """One layer's static tables: key codebooks ``(H_kv, K)``/``(H_kv, K−1)``, key offset/scale
-    ``(H_kv, D)`` (unused in group mode) and the value codebook ``(K_v,)``/``(K_v−1,)`` (float32)."""
+    """One layer's static tables: key codebooks ``(H_kv, K)``/``(H_kv, K−1)`` — with bit
+    allocation one per channel, ``(H_kv, D, K)``/``(H_kv, D, K−1)`` and the level counts
+    ``k_levels`` ``(H_kv, D)`` — key offset/scale ``(H_kv, D)`` (unused in group mode) and the
+    value codebook ``(K_v,)``/``(K_v−1,)`` (float32)."""
 
     k_centers: torch.Tensor
     k_boundaries: torch.Tensor
@@ -119,6 +126,7 @@ class LayerTables:
     k_scale: torch.Tensor
     v_centers: torch.Tensor
     v_boundaries: torch.Tensor
+    k_levels: torch.Tensor
 
     @classmethod
     def from_codebooks(cls, books: Codebooks, layer: int, bits_v: int) -> "LayerTables":
@@ -130,6 +138,8 @@ class LayerTables:
             k.scale[layer].float().contiguous(),
             torch.from_numpy(vb.centers).float(),
             torch.from_numpy(vb.boundaries).float(),
+            (k.channel_levels[layer] if k.channel_levels is not None
+             else torch.full(k.offset.shape[1:], 2**k.bits)).long().contiguous(),
         )
 
     def to(self, device) -> "LayerTables":
@@ -139,10 +149,12 @@ class LayerTables:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _TABLES)
 
 
-# Per-layer storage, in token order: [sink (exact) | quantized | residual (exact)]; k_mid/k_half
-# hold one row per quantized group (group mode only).
+# Per-layer storage, in token order: [sink (exact) | quantized | residual (exact)]. Values are
+# per token; keys per token (static normalisation: k_codes (B, H, n, bytes)) or per group (group
+# mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D)).
 _STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "res_k", "res_v")
-_PER_TOKEN_Q = ("k_codes", "v_codes", "v_scale")
+_PER_TOKEN_V = ("v_codes", "v_scale")
+_PER_GROUP_K = ("k_codes", "k_mid", "k_half")
 
 
 def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
@@ -158,6 +170,7 @@ class _QuantKV:
         self.options = options
         self.sink_cap = sink
         self.group = options.group
+        self.packing = ChannelPacking(tables.k_levels, options.group) if options.group else None
         self._dev_tables: LayerTables | None = None
         self._seen = 0  # tokens appended so far (absolute position of the next one), for the sinks
         self._clear()
@@ -179,9 +192,12 @@ class _QuantKV:
         dev, dt, o = key_states.device, key_states.dtype, self.options
         e = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)  # noqa: E731
         self.sink_k, self.sink_v = e(b, h, 0, d), e(b, h, 0, d)
-        self.k_codes = e(b, h, 0, packed_size(d, o.bits_k), dtype=torch.uint8)
         if self.group:
-            self.k_mid, self.k_half = e(b, h, 0, d, dtype=o.group_dtype), e(b, h, 0, d, dtype=o.group_dtype)
+            self.k_codes = e(b, 1, 0, self.packing.group_bytes, dtype=torch.uint8)
+            sd = torch.float16 if o.scale_bits == 16 else torch.int8
+            self.k_mid, self.k_half = e(b, h, 0, d, dtype=sd), e(b, h, 0, d, dtype=sd)
+        else:
+            self.k_codes = e(b, h, 0, packed_size(d, o.bits_k), dtype=torch.uint8)
         if o.quantize_values:
             self.v_codes = e(b, h, 0, packed_size(d, o.bits_v), dtype=torch.uint8)
             self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE)
@@ -194,7 +210,12 @@ class _QuantKV:
     def held_tokens(self) -> int:
         if not self.is_initialized or self.k_codes is None:
             return 0
-        return self.sink_k.shape[2] + self.k_codes.shape[2] + self.res_k.shape[2]
+        return self.sink_k.shape[2] + self.quantized_tokens + self.res_k.shape[2]
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens held as codes (values are stored per token in both modes)."""
+        return self.v_codes.shape[2]
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, n) for n in _STORE) if t is not None]
@@ -211,33 +232,22 @@ class _QuantKV:
 
     # --- quantization ---------------------------------------------------------------
     def _quantize_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Packed codes (and per-group mid/half in group mode) of keys ``k`` (B, H, n, D);
+        """Packed codes (and per-group stored mid/half in group mode) of keys ``k`` (B, H, n, D);
         in group mode n is a multiple of the group size."""
         t = self._dev_tables
         if not self.group:
             off, sc = t.k_offset[None, :, None, :], t.k_scale[None, :, None, :]
             return pack(cb.quantize((k.float() - off) / sc, t.k_boundaries, dim=1), self.options.bits_k), None, None
-        b, h, n, d = k.shape
-        gd = self.options.group_dtype
-        big = torch.finfo(gd).max
-        xg = k.float().reshape(b, h, n // self.group, self.group, d)
-        lo, hi = xg.amin(3, keepdim=True), xg.amax(3, keepdim=True)
-        # the same ops as kvquant.groupnorm.group_minmax, with mid/half rounded to their storage dtype
-        mid = ((hi + lo) / 2).clamp(-big, big).to(gd).float()
-        half = ((hi - lo) / 2).clamp(0, big).to(gd).float()
-        xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0).reshape(b, h, n, d)
-        codes = pack(cb.quantize(xt, t.k_boundaries, dim=1), self.options.bits_k)
-        return codes, mid.squeeze(3).to(gd), half.squeeze(3).to(gd)
+        q = encode_groups(k, self.group, self.options.scale_bits, t.k_boundaries)
+        return self.packing.pack(q.codes), q.mid, q.half
 
     def _dequantize_keys(self, codes: torch.Tensor, mid: torch.Tensor | None,
                          half: torch.Tensor | None) -> torch.Tensor:
         t, d = self._dev_tables, self.head_dim
         if not self.group:
             return dequantize_keys(codes, t.k_centers, t.k_offset, t.k_scale, self.options.bits_k, d)
-        c = lookup(unpack(codes, self.options.bits_k, d), t.k_centers)
-        b, h, n, _ = c.shape
-        cg = c.reshape(b, h, n // self.group, self.group, d)
-        return (cg * half.float().unsqueeze(3) + mid.float().unsqueeze(3)).reshape(b, h, n, d)
+        q = GroupCodes(self.packing.unpack(codes), mid, half, self.options.scale_bits)
+        return decode_groups(q, t.k_centers, self.group)
 
     def _quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._dev_tables
@@ -290,7 +300,7 @@ class _QuantKV:
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
         ks, vs = [self.sink_k], [self.sink_v]
-        if self.k_codes.shape[2]:
+        if self.quantized_tokens:
             k, v = self._dequantized()
             ks.append(k)
             vs.append(v)
@@ -300,12 +310,19 @@ class _QuantKV:
         vs = [t for t in vs if t.shape[2]] or [self.res_v]
         return (torch.cat(ks, dim=2), torch.cat(vs, dim=2)) if len(ks) > 1 else (ks[0], vs[0])
 
-    def _drop_quantized_front(self, m: int) -> None:
-        for name in _PER_TOKEN_Q:
-            setattr(self, name, _slice(getattr(self, name), m, None))
+    def _slice_quantized(self, start: int | None, stop: int | None) -> None:
+        """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
+        for name in _PER_TOKEN_V:
+            setattr(self, name, _slice(getattr(self, name), start, stop))
         if self.group:
-            g = m // self.group
-            self.k_mid, self.k_half = _slice(self.k_mid, g, None), _slice(self.k_half, g, None)
+            g = lambda i: None if i is None else i // self.group  # noqa: E731
+            for name in _PER_GROUP_K:
+                setattr(self, name, _slice(getattr(self, name), g(start), g(stop)))
+        else:
+            self.k_codes = _slice(self.k_codes, start, stop)
+
+    def _drop_quantized_front(self, m: int) -> None:
+        self._slice_quantized(m, None)
 
     def _drop_front(self, n: int) -> None:
         """Drop the ``n`` oldest tokens (in group mode only sinks and whole quantized groups, so
@@ -314,14 +331,14 @@ class _QuantKV:
         if m:
             self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
             n -= m
-        have = self.k_codes.shape[2]
+        have = self.quantized_tokens
         m = min(n, have)
         if self.group:
             m = m // self.group * self.group
         if m:
             self._drop_quantized_front(m)
             n -= m
-        if n <= 0 or self.k_codes.shape[2] or self.group:  # group mode: the residual is the next group
+        if n <= 0 or self.quantized_tokens or self.group:  # group mode: the residual is the next group
             return
         m = min(n, self.res_k.shape[2])
         if m:
@@ -336,7 +353,7 @@ class _QuantKV:
             keep = self.res_k.shape[2] - m
             self.res_k, self.res_v = _slice(self.res_k, None, keep), _slice(self.res_v, None, keep)
             n -= m
-        have = self.k_codes.shape[2]
+        have = self.quantized_tokens
         m = min(n, have)
         if m:
             keep = have - m
@@ -345,12 +362,7 @@ class _QuantKV:
                 k, v = self._dequantized()
                 self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
                 self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
-            whole = keep - partial
-            for name in _PER_TOKEN_Q:
-                setattr(self, name, _slice(getattr(self, name), None, whole))
-            if self.group:
-                g = whole // self.group
-                self.k_mid, self.k_half = _slice(self.k_mid, None, g), _slice(self.k_half, None, g)
+            self._slice_quantized(None, keep - partial)
             n -= m
         m = min(n, self.sink_k.shape[2])
         if m:
@@ -411,9 +423,10 @@ class _QuantKV:
         """Bytes per token of the quantized segment: key codes (+ group mid/half / G) + value
         codes + value scale (or exact values)."""
         h, d, o = self.tables.k_centers.shape[0], self.tables.k_offset.shape[-1], self.options
-        per_head = packed_size(d, o.bits_k)
         if self.group:
-            per_head += 2 * d * torch.finfo(o.group_dtype).bits / 8 / self.group
+            per_head = (self.packing.group_bytes / h + 2 * d * o.scale_bits / 8) / self.group
+        else:
+            per_head = packed_size(d, o.bits_k)
         if o.quantize_values:
             per_head += packed_size(d, o.bits_v) + torch.finfo(SCALE_DTYPE).bits // 8
         else:
@@ -547,10 +560,11 @@ def make_cache(
     quantize_values: bool = True,
     residual: int = 0,
     sink: int | None = None,
-    group_dtype: torch.dtype = torch.float16,
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
-    codebooks' key bits and normalisation, values at ``bits_v`` (default: the key bits); ``sink``
+    codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
+    scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the keys' mean code
+    bits, rounded); ``sink``
     defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
     ``past_key_values=`` before); one cache per generation."""
@@ -565,19 +579,9 @@ def make_cache(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
             "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
         )
-    if k.scale_bits != 16:
-        raise NotImplementedError(
-            f"these codebooks store group scales in {k.scale_bits} bits; KVQuantCache keeps them in group_dtype: "
-            "calibrate with scale_bits=16 for the cache"
-        )
-    if k.channel_levels is not None:
-        raise NotImplementedError(
-            "these codebooks allocate different level counts to different key channels (budget > 0); KVQuantCache packs one "
-            "width per cache: calibrate with budget=0 for the cache"
-        )
     options = CacheOptions(
-        k.bits, k.bits if bits_v is None else bits_v, quantize_values, residual,
-        k.sink if sink is None else sink, k.group, group_dtype,
+        k.bits, round(k.mean_bits) if bits_v is None else bits_v, quantize_values, residual,
+        k.sink if sink is None else sink, k.group, k.scale_bits,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types = cache_layer_types(config)

@@ -42,6 +42,7 @@ from kvquant.groupnorm import (
     outlier_count,
 )
 from kvquant.packing import LEVEL_PACKING, level_bits
+from kvquant.quantizer import channel_codes, channel_values
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
@@ -226,12 +227,7 @@ class SideBooks:
 
 def _fake_quantize(xt: torch.Tensor, centers: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """x̃ (B, H, T, D) through one layer's tables: per head (H, K) or per channel (H, D, K)."""
-    if centers.ndim == 2:
-        return cb.fake_quantize(xt, centers, bounds, dim=1)
-    b, h, t, d = xt.shape
-    rows = xt.permute(1, 3, 0, 2).reshape(h * d, b * t)
-    out = cb.fake_quantize(rows, centers.reshape(h * d, -1), bounds.reshape(h * d, -1), dim=0)
-    return out.reshape(h, d, b, t).permute(2, 0, 3, 1)
+    return channel_values(channel_codes(xt, bounds), centers)
 
 
 @lru_cache(maxsize=4096)

@@ -2,7 +2,8 @@
 that give codebooks their shape in those units (torch only).
 
 For x (B, H, T, D) and group size G, each (channel j, group of G consecutive tokens) gets
-``mid = (max + min)/2`` and ``half = (max − min)/2`` (fp16 each: 32 bits per group and channel),
+``mid = (max + min)/2`` and ``half = (max − min)/2`` (stored in fp16 or 8 bits each: 32 or 16
+bits per group and channel, :func:`store_scales`),
 and ``x̃ = (x − mid) / half ∈ [−1, 1]``. The first ``sink`` tokens (attention sinks) are kept
 exact and excluded from the groups. A codebook on [−1, 1] then quantizes x̃; with K evenly
 spaced centers including ±1 this is exactly asymmetric min–max INT per channel (KIVI's keys).
@@ -34,24 +35,51 @@ HIST_BINS = 1024
 SCALE_BITS = (16, 8)
 
 
-def code_scales(mid: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mid, half)`` as stored in 8 bits each (``scale_bits=8``), no reference needed.
+#: Largest finite fp16 value: 16-bit group scales are stored as fp16, clamped to it.
+_FP16_MAX = 65504.0
+#: 8-bit half-range exponent that stores a zero range (a channel constant 0 over its group).
+_ZERO_EXPONENT = -128
 
-    ``half → 2^(e/8)`` with ``e = ⌈8·log2 max(half, 16·|mid|/127)⌉`` (int8: never below half, steps
-    of 9 %); ``mid → m · half_q/16`` with ``m = round(16 · mid / half_q)`` (int8, |m| ≤ 127 by the
-    choice of e, error ≤ half_q/32). A channel whose offset exceeds 127/16 of its half-range (rare
-    in real q and k) gets a wider half-range instead of a wrong offset. Zero (mid, half) stays zero.
-    """
+
+def store_scales(mid: torch.Tensor, half: torch.Tensor, scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group ``(mid, half)`` as stored: fp16 (``scale_bits=16``, clamped to ±65504), or the int8
+    codes ``(m, e)`` of the 8-bit format (``scale_bits=8``):
+
+    ``half → 2^(e/8)`` with ``e = ⌈8·log2 max(half, 16·|mid|/127)⌉`` (never below half, steps of
+    9 %); ``mid → m · 2^(e/8)/16`` with ``m = round(16 · mid / 2^(e/8))`` (|m| ≤ 127 by the choice
+    of e, error ≤ half_q/32). A channel whose offset exceeds 127/16 of its half-range (rare in real
+    q and k) gets a wider half-range instead of a wrong offset. ``e = −128`` stores a zero range
+    and zero mid (a channel that is 0 over its group, or within 2^−16 of it)."""
+    if scale_bits == 16:
+        return mid.clamp(-_FP16_MAX, _FP16_MAX).half(), half.clamp(0, _FP16_MAX).half()
+    if scale_bits != 8:
+        raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {scale_bits!r}")
     need = torch.maximum(half, mid.abs() * (16 / 127))
-    e = torch.ceil(8 * torch.log2(need.clamp_min(2.0**-16))).clamp(-128, 127)
-    half_q = torch.where(need > 0, torch.exp2(e / 8), 0.0)
-    step = torch.where(half_q > 0, half_q / 16, 1.0)
-    mid_q = torch.round(mid / step).clamp(-127, 127) * step
-    return torch.where(half_q > 0, mid_q, 0.0), half_q
+    e = torch.ceil(8 * torch.log2(need.clamp_min(2.0**-16))).clamp(_ZERO_EXPONENT, 127)
+    e = torch.where(need > 2.0**-16, e, _ZERO_EXPONENT)
+    step = torch.where(e > _ZERO_EXPONENT, torch.exp2(e / 8) / 16, 1.0)
+    m = torch.where(e > _ZERO_EXPONENT, torch.round(mid / step).clamp(-127, 127), 0.0)
+    return m.to(torch.int8), e.to(torch.int8)
+
+
+def load_scales(mid_s: torch.Tensor, half_s: torch.Tensor, scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`store_scales`: float32 ``(mid, half)`` from their stored form."""
+    if scale_bits == 16:
+        return mid_s.float(), half_s.float()
+    e = half_s.float()
+    half = torch.where(e > _ZERO_EXPONENT, torch.exp2(e / 8), 0.0)
+    return mid_s.float() * half / 16, half
+
+
+def code_scales(mid: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mid, half)`` as the 8-bit format stores them (:func:`store_scales`), back in float32."""
+    return load_scales(*store_scales(mid, half, 8), 8)
 
 
 def _normalise(xg: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, scale_bits: int):
-    """``(x̃, mid, half)`` for grouped x (B, H, n, G, D) and its min–max (mid, half) in fp16 or 8-bit scales."""
+    """``(x̃, mid, half)`` for grouped x (B, H, n, G, D) and its min–max (mid, half); with 8-bit
+    scales as stored (:func:`code_scales`). 16-bit scales are used unrounded here, as the
+    baselines use theirs (the KV cache stores them in fp16: a difference of fp16 rounding)."""
     if scale_bits not in SCALE_BITS:
         raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {scale_bits!r}")
     if scale_bits == 8:
@@ -67,14 +95,23 @@ def group_minmax(x: torch.Tensor, group: int, scale_bits: int = 16) -> tuple[tor
     ``scale_bits=8``: mid and half as :func:`code_scales` stores them (x̃ may then reach ±(1 + 1/32)).
     """
     b, h, t, d = x.shape
+    xg, mid, half = group_range(x, group)
+    xt, mid, half = _normalise(xg, mid, half, scale_bits)
+    return xt.reshape(b, h, -1, d)[:, :, :t], mid, half
+
+
+def group_range(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xg, mid, half)``: x (B, H, T, D) as float32 groups (B, H, ⌈T/G⌉, G, D) (a partial last
+    group padded by repeating its last token) and each channel's min–max ``mid = (max+min)/2``,
+    ``half = (max−min)/2`` (B, H, ⌈T/G⌉, 1, D), unrounded."""
+    b, h, t, d = x.shape
     pad = (-t) % group
     xf = x.float()
     if pad:
         xf = torch.nn.functional.pad(xf, (0, 0, 0, pad), mode="replicate")
     xg = xf.reshape(b, h, -1, group, d)
     lo, hi = xg.amin(3, keepdim=True), xg.amax(3, keepdim=True)
-    xt, mid, half = _normalise(xg, (hi + lo) / 2, (hi - lo) / 2, scale_bits)
-    return xt.reshape(b, h, -1, d)[:, :, :t], mid, half
+    return xg, (hi + lo) / 2, (hi - lo) / 2
 
 
 def outlier_count(p: float, entries: int) -> int:

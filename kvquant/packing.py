@@ -102,3 +102,55 @@ def unpack_levels(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
     words = unpack_codes(packed, bits, -(-n // per_word)).to(torch.int64)
     digits = (words.unsqueeze(-1) // levels ** torch.arange(per_word, device=packed.device, dtype=torch.int64)) % levels
     return digits.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+def levels_size(n: int, levels: int) -> int:
+    """Bytes that ``n`` codes of ``levels`` levels take when packed by :func:`pack_levels`."""
+    per_word, bits = _level_word(levels)
+    return packed_size(-(-n // per_word), bits)
+
+
+class ChannelPacking:
+    """Codes of whole groups packed channel by channel along the G tokens of each group, the
+    channels of one layer bucketed by their level count (bit allocation gives each (head,
+    channel) its own; :data:`LEVEL_PACKING`).
+
+    ``levels`` (H, D) int. Layout of one group: for each level count n in increasing order, the
+    channels with n levels in (head, channel) order, each as :func:`pack_levels` of its G codes
+    (``levels_size(G, n)`` bytes). :meth:`pack` takes codes (B, H, m·G, D) and returns uint8
+    (B, 1, m, :attr:`group_bytes`); :meth:`unpack` is its inverse.
+    """
+
+    def __init__(self, levels: torch.Tensor, group: int):
+        if levels.ndim != 2:
+            raise ValueError(f"levels must be (heads, head_dim), got shape {tuple(levels.shape)}")
+        self.shape = tuple(levels.shape)
+        self.group = group
+        flat = levels.reshape(-1).long().cpu()
+        self.buckets = [(int(n), (flat == n).nonzero().squeeze(1)) for n in flat.unique().tolist()]
+        for n, _ in self.buckets:
+            _level_word(n)
+        self.group_bytes = sum(len(idx) * levels_size(group, n) for n, idx in self.buckets)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = codes.shape
+        if (h, d) != self.shape or t % self.group:
+            raise ValueError(f"expected codes (B, {self.shape[0]}, m·{self.group}, {self.shape[1]}), got {tuple(codes.shape)}")
+        m = t // self.group
+        chans = codes.reshape(b, h, m, self.group, d).permute(0, 2, 1, 4, 3).reshape(b, m, h * d, self.group)
+        parts = [pack_levels(chans[:, :, idx.to(codes.device)], n).reshape(b, m, -1) for n, idx in self.buckets]
+        return torch.cat(parts, dim=-1).unsqueeze(1)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        b, _, m, nbytes = packed.shape
+        if nbytes != self.group_bytes:
+            raise ValueError(f"expected {self.group_bytes} bytes per group, got {nbytes}")
+        h, d = self.shape
+        chans = torch.empty(b, m, h * d, self.group, dtype=torch.uint8, device=packed.device)
+        start = 0
+        for n, idx in self.buckets:
+            size = len(idx) * levels_size(self.group, n)
+            part = packed[:, 0, :, start : start + size].reshape(b, m, len(idx), -1)
+            chans[:, :, idx.to(packed.device)] = unpack_levels(part, n, self.group)
+            start += size
+        return chans.reshape(b, m, h, d, self.group).permute(0, 2, 1, 4, 3).reshape(b, h, m * self.group, d)

@@ -149,12 +149,24 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
     assert again.effective_bits(seqlen=24) == books.effective_bits(seqlen=24)
 
 
-def test_cache_refuses_allocated_key_bits():
+def test_cache_holds_allocated_keys_exactly_as_the_simulation_quantizes_them():
+    """Keys with per-channel level counts and 8-bit group scales: the cache returns the simulated
+    path's keys bit for bit, and stores each channel's codes at its own packed width."""
     from kvquant.cache import make_cache
+    from kvquant.packing import levels_size
 
-    model, _, books = tiny_books(method="lambda", bits_q=4, bits_k=4, norm="channel-group", group=8, budget=2.5)
-    with pytest.raises(NotImplementedError, match="budget"):
-        make_cache(model, books)
+    model, _, books = tiny_books(method="lambda", bits_q=4, bits_k=4, norm="channel-group", group=8, sink=1,
+                                 scale_bits=8, budget=2.5)
+    levels = books.k.channel_levels[1]
+    assert len(levels.unique()) > 1  # channels really differ
+    cache = make_cache(model, books, quantize_values=False)
+    layer = cache.layers[1]
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 17, 8, generator=g) * 3 + 1  # the sink + 2 whole groups of 8
+    kk, _ = layer.update(k, torch.zeros_like(k))
+    torch.testing.assert_close(kk, books.k.apply(k, 1), atol=0, rtol=0)
+    assert layer.k_codes.shape == (1, 1, 2, sum(levels_size(8, int(n)) for n in levels.flatten()))
+    assert layer.k_mid.dtype == layer.k_half.dtype == torch.int8 and layer.k_mid.shape == (1, 2, 2, 8)
 
 
 @pytest.mark.parametrize("rope", ["pre", "post"])

@@ -374,26 +374,29 @@ def test_codebook_sinks_with_query_quantizer_match_simulated(family):
 
 def test_group_mode_layer_holds_whole_groups():
     model = make_model("llama")
-    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    books = calibrated(model, norm="channel-group", group=4, sink=1, scale_bits=8)
     assert books.k.group == 4 and books.k.sink == 1
     g = torch.Generator().manual_seed(5)
     k = torch.randn(2, 2, 15, 16, generator=g) * 2 + 0.5
     v = torch.randn(2, 2, 15, 16, generator=g)
     for residual in (0, 2):
-        cache = make_cache(model, books, residual=residual, group_dtype=torch.float32)
+        cache = make_cache(model, books, residual=residual)
         assert cache.options.group == 4 and cache.options.sink == 1 and not cache.is_croppable
         layer = cache.layers[0]
         for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 15)]:
             kk, _ = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
             quantized = max(hi - 1 - residual, 0) // 4 * 4  # whole groups after the sink
-            assert layer.k_codes.shape[2] == quantized and layer.k_mid.shape[2] == quantized // 4
+            assert layer.quantized_tokens == quantized and layer.k_codes.shape[2] == layer.k_mid.shape[2] == quantized // 4
+            assert layer.k_mid.dtype == layer.k_half.dtype == torch.int8  # 8-bit scales as stored
             end = 1 + quantized
             # sink exact, complete groups exactly as the simulated path, the rest exact
             torch.testing.assert_close(kk[:, :, :end], books.k.apply(k[:, :, :end], 0), atol=0, rtol=0)
             assert torch.equal(kk[:, :, end:], k[:, :, end:hi])
-    # fp16 mid/half (the default): within fp16 rounding of the float32 result
+    # fp16 mid/half: within fp16 rounding of the simulation's unrounded scales
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
     cache = make_cache(model, books)
     kk, _ = cache.layers[0].update(k, v)
+    assert cache.layers[0].k_mid.dtype == torch.float16
     torch.testing.assert_close(kk[:, :, :13], books.k.apply(k[:, :, :13], 0), atol=2e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="static key normalisation"):
         cache.layers[0].quantized_state()
@@ -407,7 +410,7 @@ def test_group_mode_decoding_matches_causal_reference():
     from transformers import DynamicCache
 
     model = make_model("llama")
-    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    books = calibrated(model, norm="channel-group", group=4, sink=1, scale_bits=8)
     ids = random_ids(2, 13)
 
     def causal_keys(x, layer, side):
@@ -416,7 +419,7 @@ def test_group_mode_decoding_matches_causal_reference():
         n = 1 + max(x.shape[2] - 1, 0) // 4 * 4
         return torch.cat([books.k.apply(x[:, :, :n], layer), x[:, :, n:]], dim=2)
 
-    got = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False, group_dtype=torch.float32), 2)
+    got = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False), 2)
     with kvquant.wrapped(model, causal_keys):
         ref = stepwise_logits(model, ids, DynamicCache(config=model.config), 2)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
@@ -478,6 +481,6 @@ def test_group_mode_crop_keeps_split_group_exact():
     layer = cache.layers[1]
     k_all, v_all = layer._materialize()
     cache.crop(-6)  # 13 -> 7 tokens: sink + group [1, 5) + 2 tokens of the split group [5, 9)
-    assert cache.get_seq_length() == 7 and layer.k_codes.shape[2] == 4 and layer.res_k.shape[2] == 2
+    assert cache.get_seq_length() == 7 and layer.quantized_tokens == 4 and layer.res_k.shape[2] == 2
     k, v = layer._materialize()
     assert torch.equal(k, k_all[:, :, :7]) and torch.equal(v, v_all[:, :, :7])
