@@ -129,8 +129,10 @@ def _observe_grads(observer: GradObserver, layer: int, sides, tables) -> None:
 
 
 def stash_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: keep the ``position_embeddings`` (cos, sin) an attention module is called with."""
+    """Forward pre-hook: keep the ``position_embeddings`` (cos, sin) and ``position_ids`` an
+    attention module is called with (the KV cache reads the positions of pre-RoPE keys there)."""
     module.kvquant_rotary = kwargs.get("position_embeddings")
+    module.kvquant_positions = kwargs.get("position_ids")
 
 
 def _rotary_tables(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor):

@@ -65,6 +65,7 @@ from kvquant.decode import dequantize_keys, dequantize_values, pack
 from kvquant.groupnorm import SCALE_BITS
 from kvquant.packing import ChannelPacking, packed_size
 from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
+from kvquant.rope import derotate, rotate
 
 __all__ = [
     "CacheOptions",
@@ -152,9 +153,13 @@ class LayerTables:
 # Per-layer storage, in token order: [sink (exact) | quantized | residual (exact)]. Values are
 # per token; keys per token (static normalisation: k_codes (B, H, n, bytes)) or per group (group
 # mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D)).
-_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "res_k", "res_v")
-_PER_TOKEN_V = ("v_codes", "v_scale")
+# Pre-RoPE keys (``rope="pre"`` codebooks): the quantized keys are stored before the rotation and
+# rotated at their positions when read; k_pos (B, 1, n) and res_pos (B, 1, r) hold the position
+# ids of the quantized and residual tokens (int32, counted).
+_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_v", "res_pos")
+_PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
+_RESIDUAL = ("res_k", "res_v", "res_pos")
 
 
 def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
@@ -162,11 +167,36 @@ def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch
     return None if t is None else t[:, :, start:stop].clone()
 
 
+class LayerRope:
+    """Where a layer with pre-RoPE keys gets positions and rotary tables: the ``position_ids`` its
+    attention module was called with in the current forward (stashed by kvquant's forward
+    pre-hook, which :func:`kvquant.wrap` installs) and the model's own rotary embedding at any
+    positions (:func:`kvquant.wrap.rotary_tables`)."""
+
+    def __init__(self, module: torch.nn.Module, tables: Callable, layer: int):
+        self.module, self._tables, self.layer = module, tables, layer
+
+    def positions(self, batch: int, n: int) -> torch.Tensor:
+        """Position ids (B, 1, n) int32 of the ``n`` tokens this layer is being updated with."""
+        pos = getattr(self.module, "kvquant_positions", None)
+        if pos is None or pos.shape[-1] != n:
+            raise RuntimeError(
+                f"layer {self.layer}: the attention module was not called with the position_ids of the {n} new tokens "
+                "(was the model unwrapped after make_cache?); a cache of pre-RoPE keys needs them to rotate keys back"
+            )
+        return pos.expand(batch, n).to(torch.int32).unsqueeze(1)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` (B, n, r) float32 at ``positions`` (B, n)."""
+        return self._tables(self.layer, positions.long())
+
+
 class _QuantKV:
     """Storage and operations shared by the full-attention and sliding-window layers."""
 
-    def _setup(self, tables: LayerTables, options: CacheOptions, sink: int) -> None:
+    def _setup(self, tables: LayerTables, options: CacheOptions, sink: int, rope: LayerRope | None) -> None:
         self.tables = tables
+        self.rope = rope
         self.options = options
         self.sink_cap = sink
         self.group = options.group
@@ -204,6 +234,8 @@ class _QuantKV:
         else:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
         self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
+        if self.rope is not None:
+            self.k_pos, self.res_pos = e(b, 1, 0, dtype=torch.int32), e(b, 1, 0, dtype=torch.int32)
         self._dev_tables = self.tables.to(dev)
 
     @property
@@ -260,7 +292,10 @@ class _QuantKV:
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized segment, dequantized to the model's dtype."""
         t, o = self._dev_tables, self.options
-        k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half).to(self.dtype)
+        k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half)
+        if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
+            k = rotate(k, *self.rope.tables(self.k_pos[:, 0]))
+        k = k.to(self.dtype)
         if o.quantize_values:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:
@@ -269,33 +304,39 @@ class _QuantKV:
 
     # --- token operations -------------------------------------------------------------
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        pos = self.rope.positions(k.shape[0], k.shape[2]) if self.rope is not None else None
         take = min(max(self.sink_cap - self._seen, 0), k.shape[2])
         self._seen += k.shape[2]
         if take:
             self.sink_k = torch.cat([self.sink_k, k[:, :, :take]], dim=2)
             self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
             k, v = k[:, :, take:], v[:, :, take:]
+            pos = None if pos is None else pos[:, :, take:]
         if k.shape[2] == 0:
             return
-        res_k = torch.cat([self.res_k, k], dim=2)
-        res_v = torch.cat([self.res_v, v], dim=2)
-        over = res_k.shape[2] - self.options.residual
+        res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
+               None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
+        over = res[0].shape[2] - self.options.residual
         if self.group:
             over = over // self.group * self.group  # whole groups only
         if over > 0:
-            codes, mid, half = self._quantize_keys(res_k[:, :, :over])
+            keys = res[0][:, :, :over]
+            if self.rope is not None:
+                keys = derotate(keys, *self.rope.tables(res[2][:, 0, :over]))
+                self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
+            codes, mid, half = self._quantize_keys(keys)
             self.k_codes = torch.cat([self.k_codes, codes], dim=2)
             if self.group:
                 self.k_mid = torch.cat([self.k_mid, mid], dim=2)
                 self.k_half = torch.cat([self.k_half, half], dim=2)
             if self.options.quantize_values:
-                vcodes, scale = self._quantize_values(res_v[:, :, :over])
+                vcodes, scale = self._quantize_values(res[1][:, :, :over])
                 self.v_codes = torch.cat([self.v_codes, vcodes], dim=2)
                 self.v_scale = torch.cat([self.v_scale, scale], dim=2)
             else:
-                self.v_codes = torch.cat([self.v_codes, res_v[:, :, :over]], dim=2)
-            res_k, res_v = _slice(res_k, over, None), _slice(res_v, over, None)
-        self.res_k, self.res_v = res_k, res_v
+                self.v_codes = torch.cat([self.v_codes, res[1][:, :, :over]], dim=2)
+            res = [_slice(t, over, None) for t in res]
+        self.res_k, self.res_v, self.res_pos = res
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
@@ -312,7 +353,7 @@ class _QuantKV:
 
     def _slice_quantized(self, start: int | None, stop: int | None) -> None:
         """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
-        for name in _PER_TOKEN_V:
+        for name in _PER_TOKEN_Q:
             setattr(self, name, _slice(getattr(self, name), start, stop))
         if self.group:
             g = lambda i: None if i is None else i // self.group  # noqa: E731
@@ -320,6 +361,10 @@ class _QuantKV:
                 setattr(self, name, _slice(getattr(self, name), g(start), g(stop)))
         else:
             self.k_codes = _slice(self.k_codes, start, stop)
+
+    def _slice_residual(self, start: int | None, stop: int | None) -> None:
+        for name in _RESIDUAL:
+            setattr(self, name, _slice(getattr(self, name), start, stop))
 
     def _drop_quantized_front(self, m: int) -> None:
         self._slice_quantized(m, None)
@@ -342,7 +387,7 @@ class _QuantKV:
             return
         m = min(n, self.res_k.shape[2])
         if m:
-            self.res_k, self.res_v = _slice(self.res_k, m, None), _slice(self.res_v, m, None)
+            self._slice_residual(m, None)
 
     def _drop_back(self, n: int) -> None:
         """Drop the ``n`` newest tokens. In group mode, the kept part of a split group goes back
@@ -350,8 +395,7 @@ class _QuantKV:
         self._seen -= min(n, self.held_tokens)
         m = min(n, self.res_k.shape[2])
         if m:
-            keep = self.res_k.shape[2] - m
-            self.res_k, self.res_v = _slice(self.res_k, None, keep), _slice(self.res_v, None, keep)
+            self._slice_residual(None, self.res_k.shape[2] - m)
             n -= m
         have = self.quantized_tokens
         m = min(n, have)
@@ -362,6 +406,8 @@ class _QuantKV:
                 k, v = self._dequantized()
                 self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
                 self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
+                if self.rope is not None:
+                    self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
             n -= m
         m = min(n, self.sink_k.shape[2])
@@ -421,7 +467,7 @@ class _QuantKV:
 
     def quantized_bytes_per_token(self) -> float:
         """Bytes per token of the quantized segment: key codes (+ group mid/half / G) + value
-        codes + value scale (or exact values)."""
+        codes + value scale (or exact values), + the int32 position of pre-RoPE keys."""
         h, d, o = self.tables.k_centers.shape[0], self.tables.k_offset.shape[-1], self.options
         if self.group:
             per_head = (self.packing.group_bytes / h + 2 * d * o.scale_bits / 8) / self.group
@@ -431,7 +477,7 @@ class _QuantKV:
             per_head += packed_size(d, o.bits_v) + torch.finfo(SCALE_DTYPE).bits // 8
         else:
             per_head += d * torch.finfo(getattr(self, "dtype", torch.float16)).bits // 8
-        return h * per_head
+        return h * per_head + (4 if self.rope is not None else 0)
 
     def fp16_bytes_per_token(self) -> int:
         """Bytes per token of the same layer's keys and values in fp16."""
@@ -449,9 +495,9 @@ class _QuantKV:
 class KVQuantLayer(_QuantKV, DynamicLayer):
     """Full-attention layer: holds every token ([sink | quantized | residual])."""
 
-    def __init__(self, tables: LayerTables, options: CacheOptions, **kwargs):
+    def __init__(self, tables: LayerTables, options: CacheOptions, rope: LayerRope | None = None, **kwargs):
         DynamicLayer.__init__(self)
-        self._setup(tables, options, options.sink)
+        self._setup(tables, options, options.sink, rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -479,9 +525,10 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
     rest of a partly expired group) and returns, like ``DynamicSlidingWindowLayer``, at most the
     last ``sliding_window − 1`` past tokens plus the new ones (past recording included)."""
 
-    def __init__(self, sliding_window: int, tables: LayerTables, options: CacheOptions, **kwargs):
+    def __init__(self, sliding_window: int, tables: LayerTables, options: CacheOptions,
+                 rope: LayerRope | None = None, **kwargs):
         DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window)
-        self._setup(tables, options, options.sink)  # sinks stay exact while inside the window
+        self._setup(tables, options, options.sink, rope)  # sinks stay exact while inside the window
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -552,6 +599,17 @@ class KVQuantCache(Cache):
         return sum(layer.tables.nbytes() for layer in self._quant_layers())
 
 
+def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
+    """:class:`LayerRope` of every attention layer; wraps the model (mode ``off``: logits
+    unchanged) if it is not wrapped, for the pre-hook that passes the position ids on."""
+    from kvquant.wrap import attention_modules, is_wrapped, rotary_tables, wrap
+
+    tables = rotary_tables(model)
+    if not is_wrapped(model):
+        wrap(model, None)
+    return {m.layer_idx: LayerRope(m, tables, m.layer_idx) for m in attention_modules(model)}
+
+
 def make_cache(
     model: torch.nn.Module,
     codebooks: Codebooks,
@@ -569,10 +627,6 @@ def make_cache(
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
     ``past_key_values=`` before); one cache per generation."""
     codebooks.check_fits(model)
-    if codebooks.config.rope != "post":
-        raise NotImplementedError(
-            "these codebooks quantize pre-RoPE keys; KVQuantCache stores post-RoPE keys: calibrate with rope='post' for the cache"
-        )
     k = codebooks.k
     if k.outliers:
         raise NotImplementedError(
@@ -587,6 +641,7 @@ def make_cache(
     layer_types = cache_layer_types(config)
     if len(layer_types) != k.centers.shape[0]:
         raise ValueError(f"model has {len(layer_types)} layers, codebooks {k.centers.shape[0]}")
+    ropes = _layer_ropes(model) if codebooks.config.rope == "pre" else {}
     layers = []
     for i, (kind, window) in enumerate(layer_types):
         if kind == "dummy":
@@ -594,9 +649,9 @@ def make_cache(
             continue
         tables = LayerTables.from_codebooks(codebooks, i, options.bits_v)
         if kind == "full_attention":
-            layers.append(KVQuantLayer(tables, options))
+            layers.append(KVQuantLayer(tables, options, ropes.get(i)))
         elif kind in WINDOWED_LAYER_TYPES:
-            layers.append(KVQuantSlidingLayer(window, tables, options))
+            layers.append(KVQuantSlidingLayer(window, tables, options, ropes.get(i)))
         else:
             raise NotImplementedError(f"layer {i} has type {kind!r}; KVQuantCache supports full and sliding attention")
     return KVQuantCache(layers, options)
@@ -613,6 +668,11 @@ class QueryQuantizer:
     """
 
     def __init__(self, codebooks: Codebooks, cache: Cache | None = None):
+        if codebooks.config.rope != "post":
+            raise NotImplementedError(
+                "queries of pre-RoPE codebooks cannot be quantized beside a KV cache yet (the attention function "
+                "derotates only within one forward pass): use make_cache alone (exact queries) or rope='post' codebooks"
+            )
         self.codebooks = codebooks
         self.cache = cache
         self.sink = codebooks.q.sink

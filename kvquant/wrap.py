@@ -8,8 +8,9 @@ implementation exactly.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -91,11 +92,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "kvquant"):
             m.kvquant_hook.remove()
             del m.kvquant, m.kvquant_hook
-        if hasattr(m, "kvquant_rotary"):
-            del m.kvquant_rotary
+        for name in ("kvquant_rotary", "kvquant_positions"):
+            if hasattr(m, name):
+                delattr(m, name)
     model.set_attn_implementation(getattr(model, _ORIGINAL))
     delattr(model, _ORIGINAL)
     return model
+
+
+def rotary_tables(model: torch.nn.Module) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``tables(layer, position_ids)`` → the ``(cos, sin)`` (B, n, r) float32 that ``model``'s
+    rotary embedding gives layer ``layer`` at ``position_ids`` (B, n) — the model's own module
+    (its rope type and scaling; Gemma3's per-layer-type rope through its ``layer_type`` argument).
+    UnsupportedModelError if the model has no (or more than one) rotary embedding module."""
+    rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(rotary) != 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {len(rotary)} rotary embedding modules; pre-RoPE keys in the KV cache need "
+            "exactly one (Llama, Qwen2, Mistral, Gemma3, GPT-NeoX): calibrate with rope='post'"
+        )
+    rot = rotary[0]
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    by_type = "layer_type" in inspect.signature(rot.forward).parameters
+
+    def tables(layer: int, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.empty(0, dtype=torch.float32, device=position_ids.device)
+        with torch.no_grad():
+            return rot(x, position_ids, layer_types[layer]) if by_type else rot(x, position_ids)
+
+    return tables
 
 
 @contextmanager

@@ -484,3 +484,68 @@ def test_group_mode_crop_keeps_split_group_exact():
     assert cache.get_seq_length() == 7 and layer.quantized_tokens == 4 and layer.res_k.shape[2] == 2
     k, v = layer._materialize()
     assert torch.equal(k, k_all[:, :, :7]) and torch.equal(v, v_all[:, :, :7])
+
+
+# --- pre-RoPE keys ----------------------------------------------------------------------------
+
+
+def prerope_reference(model, books, ids, layer: int, attention_mask=None) -> torch.Tensor:
+    """The keys a causal pre-RoPE cache should return after ``ids``: post-RoPE keys of a plain
+    DynamicCache, the sink exact, complete groups derotated at their positions, quantized by the
+    simulated path and rotated back, the incomplete group exact."""
+    from transformers import DynamicCache
+
+    from kvquant.rope import derotate, rotate
+    from kvquant.wrap import attention_modules, rotary_tables
+
+    plain = DynamicCache()  # full layers only: every key, also of sliding-window layers
+    with torch.no_grad():
+        model(ids, attention_mask=attention_mask, **cache_kwargs(plain), use_cache=True)
+    k = plain.layers[layer].keys
+    pos = attention_modules(model)[layer].kvquant_positions.expand(k.shape[0], -1)
+    cos, sin = rotary_tables(model)(layer, pos)
+    n = 1 + (k.shape[2] - 1) // 4 * 4
+    q = rotate(books.k.apply(derotate(k, cos, sin)[:, :, :n], layer), cos[:, :n], sin[:, :n])
+    return torch.cat([q, k[:, :, n:]], dim=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gptneox"])
+def test_prerope_cache_rotates_keys_quantized_before_the_rotation(family):
+    """Pre-RoPE codebooks (8-bit scales): the cache stores keys before the rotation and returns,
+    after a prefill and after decoding steps, exactly the causal pre-RoPE reference (layer 0: its
+    keys do not depend on what earlier layers read from the cache)."""
+    model = make_model(family)
+    books = calibrated(model, norm="channel-group", group=4, sink=1, scale_bits=8, rope="pre")
+    cache = make_cache(model, books, quantize_values=False)  # wraps the model (mode off) for the positions
+    ids = random_ids(2, 14)
+    layer = cache.layers[0]
+    with torch.no_grad():
+        model(ids[:, :9], **cache_kwargs(cache), use_cache=True)
+        for t in range(9, 14):
+            if t in (9, 13):  # (a sliding layer — Gemma3's layer 0 — holds the stream's last tokens)
+                held = layer._materialize()[0]
+                ref = prerope_reference(model, books, ids[:, :t], 0)
+                torch.testing.assert_close(held, ref[:, :, ref.shape[2] - held.shape[2]:], atol=1e-6, rtol=0)
+            model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
+    assert layer.k_pos.dtype == torch.int32 and torch.equal(layer.k_pos[0, 0], torch.arange(13 - layer.quantized_tokens, 13, dtype=torch.int32))
+    assert cache.memory_bytes() == sum(_held_nbytes(lay) for lay in cache.layers)  # positions counted
+
+
+def test_prerope_cache_with_left_padding_and_beams():
+    """Left padding: positions come from the model's position_ids, so a padded row gets the keys
+    it gets alone; beam search and crop keep positions with their tokens."""
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1, scale_bits=8, rope="pre")
+    ids = random_ids(2, 11)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    g = model.generate(ids, attention_mask=mask, **cache_kwargs(make_cache(model, books, quantize_values=False)), **kw)
+    alone = model.generate(ids[1:, 3:], **cache_kwargs(make_cache(model, books, quantize_values=False)), **kw)
+    assert torch.equal(alone[0, 8:], g[1, 11:])
+    beams = model.generate(ids, attention_mask=mask, num_beams=2, **cache_kwargs(make_cache(model, books)), **kw)
+    assert beams.shape == (2, 17)
+    cache = make_cache(model, books)
+    kvquant.unwrap(model)  # removes the hook that passes the positions on
+    with pytest.raises(RuntimeError, match="position_ids"), torch.no_grad():
+        model(ids, **cache_kwargs(cache), use_cache=True)

@@ -154,8 +154,9 @@ def test_calibration_in_the_pre_frame(tmp_path):
     with pytest.raises(ValueError, match="RoPE"):
         books.rebuilt(rope="post")
     books.rebuilt(bits_q=2)  # same frame: fine
+    assert kvquant.make_cache(model, books).layers[0].rope is not None  # the cache stores them pre-RoPE
     with pytest.raises(NotImplementedError, match="pre-RoPE"):
-        kvquant.make_cache(model, books)
+        kvquant.query_quantizer(books)  # not yet beside a cache
 
 
 def test_config_validates_rope():
