@@ -148,6 +148,7 @@ def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import load_text, make_windows
     from kvquant.fileio import write_text
+    from kvquant.generation import evaluate_generation
     from kvquant.perplexity import evaluate, format_table, make_rows
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
@@ -161,15 +162,28 @@ def cmd_eval_ppl(args) -> None:
             print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
             names = [n for n in names if n not in dropped]
     rows = make_rows(names, books, args.seqlen)
+    if args.mode == "generation":
+        baselines = [n for n, q in rows.items() if q is not None and not isinstance(q, Codebooks)]
+        if baselines:
+            raise ValueError(f"--mode generation runs rows through a KV cache; {', '.join(baselines)} "
+                             "quantize inside attention only (use --mode simulated for them)")
+    if args.bits_v is not None and args.mode != "generation":
+        raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
     source = args.text_file or args.dataset
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
-    results = evaluate(model, windows, rows)
+    if args.mode == "generation":
+        results = evaluate_generation(model, windows, _cache_factories(model, rows, args.bits_v or 0))
+    else:
+        results = evaluate(model, windows, rows)
+    values = "exact values" if not args.bits_v else f"{args.bits_v}-bit values"
+    mode = (f" · generation mode (every token reads the KV cache; queries and {values})"
+            if args.mode == "generation" else " · simulated (one forward pass per window)")
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
-              f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}"
+              f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}{mode}"
               + (f" · codebooks {args.codebooks} (q {books.q.mean_bits:.4g}, k {books.k.mean_bits:.4g} code bits"
                  + (" on average, allocated per channel" if books.config.budget else "")
                  + f", norm {books.config.norm}, {books.config.rope}-RoPE; baselines post-RoPE)" if books else ""))
@@ -177,12 +191,28 @@ def cmd_eval_ppl(args) -> None:
     print(format_table(results))
     if args.json:
         payload = {
-            "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n,
+            "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n, "mode": args.mode,
+            "bits_v": args.bits_v or 0 if args.mode == "generation" else None,
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,
             "rows": {k: v.to_dict() for k, v in results.items()},
         }
         write_text(args.json, json.dumps(payload, indent=1))
+
+
+def _cache_factories(model, rows: dict, bits_v: int) -> dict:
+    """Generation mode: a factory of fresh caches per row — ``fp`` transformers' DynamicCache,
+    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at ``bits_v`` bits)."""
+    from transformers import DynamicCache
+
+    from kvquant.cache import make_cache
+
+    def factory(books):
+        if books is None:
+            return lambda: DynamicCache(config=model.config)
+        return lambda: make_cache(model, books, quantize_values=bits_v > 0, bits_v=bits_v or None)
+
+    return {name: factory(q) for name, q in rows.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dense-and-sparse; --norm channel-group only; default 0)")
     c.add_argument("--rope", choices=["post", "pre"],
                    help="quantize q and k after the rotary embedding, or before it (undone and redone inside "
-                        "attention; forward passes without a KV cache only; default pre)")
+                        "attention; the KV cache stores them before the rotation; default pre)")
     c.add_argument("--budget", type=float,
                    help="average code bits per query/key entry, spread over (layer, head, channel) by reverse "
                         "water-filling on the calibrated diagonal-Fisher loss estimate; each channel gets 2, 3, 4, 5, 8, … "
@@ -245,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--codebooks", help="codebook file from `kvquant calibrate`")
     e.add_argument("--baselines", help=f"comma-separated rows (default {DEFAULTS['baselines']}); METHOD@B (e.g. "
                    "lambda@2): that codebook method rebuilt from --codebooks' statistics at exactly B effective bits")
+    e.add_argument("--mode", choices=["simulated", "generation"], default="simulated",
+                   help="simulated: q and k quantized inside one forward pass per window (default); generation: "
+                        "every token reads the keys (and values) a KV cache returns — fp through transformers' "
+                        "DynamicCache, codebook rows through kvquant's cache, queries exact")
+    e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: exact values)")
     e.add_argument("--json", help="write the rows to this JSON file")
     e.set_defaults(func=cmd_eval_ppl)
     return ap

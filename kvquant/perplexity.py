@@ -27,7 +27,8 @@ from kvquant.wrap import wrapped
 
 @dataclass(frozen=True)
 class PplRow:
-    """One row of a perplexity table. ``effective_bits``: per q/k entry, scales included."""
+    """One row of a perplexity table. ``effective_bits``: per q/k entry, scales included (in
+    generation mode: per K/V entry the cache holds, everything counted)."""
 
     name: str
     ppl: float
@@ -35,6 +36,7 @@ class PplRow:
     tokens: int
     effective_bits: float
     seconds: float
+    kv_bytes_per_token: float | None = None  # generation mode: bytes the cache holds per token (kvquant.generation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,10 +120,14 @@ def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None],
 
 
 def format_table(rows: dict[str, PplRow], ref: str = "fp") -> str:
-    """Markdown table: row, effective bits, perplexity, change vs ``ref``."""
+    """Markdown table: row, effective bits (generation mode: K/V bits and bytes per token the
+    cache holds), perplexity, change vs ``ref``."""
     base = rows[ref].ppl if ref in rows else None
-    lines = ["| row | eff. bits (q,k) | ppl | Δ vs fp |", "|---|---|---|---|"]
+    kv = any(r.kv_bytes_per_token is not None for r in rows.values())
+    lines = (["| row | K/V bits held | bytes/token | ppl | Δ vs fp |", "|---|---|---|---|---|"] if kv else
+             ["| row | eff. bits (q,k) | ppl | Δ vs fp |", "|---|---|---|---|"])
     for r in rows.values():
         delta = f"{(r.ppl / base - 1):+.2%}" if base else "–"
-        lines.append(f"| {r.name} | {r.effective_bits:.2f} | {r.ppl:.3f} | {delta} |")
+        held = f" {r.kv_bytes_per_token:.0f} |" if kv else ""
+        lines.append(f"| {r.name} | {r.effective_bits:.2f} |{held} {r.ppl:.3f} | {delta} |")
     return "\n".join(lines)

@@ -208,3 +208,26 @@ def test_shipped_configs_are_valid(name):
     if name == "default":
         assert codebook_config(DEFAULTS) == config  # the file and the CLI defaults agree
         assert all(DEFAULTS[k] == v for k, v in values.items())
+
+
+def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
+    """--mode generation: fp through DynamicCache, the codebooks through kvquant's cache (the
+    default pre-RoPE, 8-bit-scale, allocated family); K/V bits and bytes per token reported."""
+    books_path = tmp_path / "books.safetensors"
+    assert run(calibrate_args(model_dir, text_file, books_path, "--group", 4, "--effective-bits", 6)) == 0
+    js = tmp_path / "gen.json"
+    rc = run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "fp", "--mode", "generation",
+                       "--bits-v", 4, "--json", js))
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "generation mode" in out and "4-bit values" in out and "| row | K/V bits held | bytes/token |" in out
+    payload = json.loads(js.read_text())
+    assert payload["mode"] == "generation" and payload["bits_v"] == 4
+    fp, q = payload["rows"]["fp"], payload["rows"]["lambda-lloyd"]
+    assert fp["effective_bits"] == 32.0 and fp["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers × 2 heads × 16, fp32
+    assert q["kv_bytes_per_token"] < fp["kv_bytes_per_token"] / 2 and q["ppl"] != fp["ppl"]
+    # rows that are not caches, and --bits-v without generation mode, are refused up front
+    assert run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "fp,int4", "--mode", "generation")) == 2
+    assert "int4" in capsys.readouterr().err
+    assert run(eval_args(model_dir, text_file, "--baselines", "fp", "--bits-v", 4)) == 2
+    assert "--mode generation" in capsys.readouterr().err
