@@ -1,9 +1,9 @@
 """What moved between the transformers versions kvquant supports (``pyproject.toml``; CI tests the
 oldest and the newest). One place, so the rest of the package reads as if there were one version.
 
-- ``get_layer_types_and_kwargs`` returns one kwargs dict shared by all layers up to 5.22 and one
-  dict per layer from 5.23 (per-layer configs): :func:`cache_layer_types` gives
-  ``[(layer_type, sliding_window or None), …]`` on both.
+- ``get_layer_types_and_kwargs`` returns one kwargs dict shared by all layers in 5.17 and one
+  dict per layer in 5.23+ (per-layer configs; the versions between were not checked):
+  :func:`cache_layer_types` gives ``[(layer_type, sliding_window or None), …]`` on both.
 - ``DummyLayer`` (a cache slot for layers without attention or with a shared KV cache) exists
   from 5.23; before it, no config produces a ``"dummy"`` layer type.
 - ``generate``/``forward`` take the cache as ``cache=`` from 5.24 (``past_key_values=`` is
@@ -33,7 +33,7 @@ def cache_layer_types(config) -> list[tuple[str, int | None]]:
     """``(layer_type, sliding_window)`` for every decoder layer of the text ``config``, as
     transformers' own ``DynamicCache`` would build its layers (window ``None`` for full attention)."""
     types, kwargs = get_layer_types_and_kwargs(config)
-    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(types)  # ≤ 5.22: one dict for all layers
+    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(types)  # 5.17: one dict for all layers
     return [(kind, kw.get("sliding_window") if kind in WINDOWED_LAYER_TYPES else None)
             for kind, kw in zip(types, per_layer)]
 
