@@ -165,12 +165,12 @@ def generate_section(model, books, prompt: torch.Tensor, new: int, group_books=N
         g = group_books.config
         variants.append((f"KVQuantCache K4 channel-group (G {g.group}, sink {g.sink}) V4", group_books, {}, False))
     _generate(model, prompt[:, :64], 4, DynamicCache(config=model.config))  # warm-up
-    _generate(model, prompt[:, :64], 4, make_cache(model, books))
+    _generate(model, prompt[:, :64], 4, make_cache(model, books, values="rms"))
     ref_tokens = None
     for name, bk, opts, wrap_q in variants:
         if wrap_q:
             kvquant.wrap(model, query_quantizer(books))
-        mk = (lambda: DynamicCache(config=model.config)) if bk is None else (lambda: make_cache(model, bk, **opts))
+        mk = (lambda: DynamicCache(config=model.config)) if bk is None else (lambda: make_cache(model, bk, values="rms", **opts))
         _, t1 = _generate(model, prompt, 1, mk())  # prefill + 1 token
         cache = mk()
         toks, tn = _generate(model, prompt, new, cache)
@@ -290,15 +290,15 @@ def ppl_section(model, books, ids: torch.Tensor, group_books=None) -> str:
         gen = _nll_stepwise(model, ids, make_cache(model, books, quantize_values=False))
     rows.append(("Q4 K4 wrapped, generation mode with KVQuantCache (V exact)", gen))
     with kvquant.wrapped(model, query_quantizer(books)):
-        rows.append(("Q4 K4 V4: queries-only wrap + KVQuantCache", _nll_stepwise(model, ids, make_cache(model, books))))
-    rows.append(("K4 V4: KVQuantCache only (queries exact)", _nll_stepwise(model, ids, make_cache(model, books))))
+        rows.append(("Q4 K4 V4: queries-only wrap + KVQuantCache", _nll_stepwise(model, ids, make_cache(model, books, values="rms"))))
+    rows.append(("K4 V4: KVQuantCache only (queries exact)", _nll_stepwise(model, ids, make_cache(model, books, values="rms"))))
     rows.append(("K4 simulated, keys only (wrapped, full forward)", _nll_keys_only(model, books, ids)))
     if group_books is not None:
         g = group_books.config
         name = f"K4 channel-group (G {g.group}, sink {g.sink})"
         rows.append((f"{name} simulated, keys only (wrapped, full forward)", _nll_keys_only(model, group_books, ids)))
         rows.append((f"{name} V4: KVQuantCache only (queries exact)",
-                     _nll_stepwise(model, ids, make_cache(model, group_books))))
+                     _nll_stepwise(model, ids, make_cache(model, group_books, values="rms"))))
         rows.append((f"{name} V exact: KVQuantCache only (queries exact)",
                      _nll_stepwise(model, ids, make_cache(model, group_books, quantize_values=False))))
     # entries whose code differs between the two paths (the stepwise run skips the last token)

@@ -214,13 +214,13 @@ def kvquant_rows(model, calib, preset: Path, want=lambda name: True) -> tuple[di
         st = (lambda n, c=books.config: set(range(c.sink + c.group - 1, n, c.group))) if books.config.dynamic else (lambda n: set())
         v_q = f"{b}-bit ρ = 0 codebook, fp16 RMS scale per token and head"
         if "kv" in names:
-            rows[names["kv"]] = (lambda bk=books: make_cache(model, bk), _describe(books, v_q), st)
+            rows[names["kv"]] = (lambda bk=books: make_cache(model, bk, values="rms"), _describe(books, v_q), st)
         if "k" in names:
             rows[names["k"]] = (lambda bk=books: make_cache(model, bk, quantize_values=False),
                                 _describe(books, "exact (keys only)"), st)
         if "kv2" in names:
             books2 = books.rebuilt(bits_q=2, bits_k=2)
-            rows[names["kv2"]] = (lambda bk=books2: make_cache(model, bk), _describe(books2, v_q.replace(f"{b}-bit", "2-bit")), st)
+            rows[names["kv2"]] = (lambda bk=books2: make_cache(model, bk, values="rms"), _describe(books2, v_q.replace(f"{b}-bit", "2-bit")), st)
     return rows, used
 
 

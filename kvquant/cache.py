@@ -1,9 +1,10 @@
 """A quantized KV cache for ``generate()``: keys as packed codes of the model's calibrated key
-codebooks, values as packed codes of the ρ = 0 codebook with one fp16 scale per token.
+codebooks (the simulation's quantizer, :mod:`kvquant.quantizer`), values as asymmetric INT codes
+per token (or the ρ = 0 codebook with an RMS scale per token).
 
     books = kvquant.calibrate(model, windows)
-    cache = make_cache(model, books)                       # keys: the books' bits; values: same
-    kvquant.wrap(model, query_quantizer(books, cache))     # optional: quantized queries too
+    cache = make_cache(model, books)                       # keys: the books'; values: their mean bits
+    kvquant.wrap(model, query_quantizer(books, cache))     # optional, post-RoPE books: quantized queries too
     out = model.generate(ids, **kvquant.cache_kwargs(cache), max_new_tokens=64)  # cache= (5.24+) or past_key_values=
     cache.bytes_per_token(), cache.memory_bytes()
 
@@ -24,9 +25,13 @@ tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tok
 fp16 rounding), which also quantizes the incomplete last group with its partial min/max, reading
 tokens that later queries would not have seen yet.
 
-**Values.** Per token and KV head, ``r = RMS over head_dim`` stored as fp16 (counted), ``ṽ = v / r``
-quantized with ``compand(λ*(u; ρ=0), 2^bits_v)``, i.e. the density ``exp(−u²/6)`` (Panter–Dite
-for a unit Gaussian). ``quantize_values=False`` keeps values exact (in the model's dtype).
+**Values** (quantized with the keys, when their group completes). ``values="minmax"`` (the
+default): per token and KV head, ``mid``/``half`` of the values over head_dim stored as 8-bit codes,
+``(v − mid)/half`` on 2^bits_v evenly spaced levels including ±1 — asymmetric INT per token (KIVI's
+values), through :func:`kvquant.quantizer.encode_groups` along head_dim. ``values="rms"``: ``r =
+RMS over head_dim`` stored as fp16, ``v / r`` quantized with ``compand(λ*(u; ρ=0), 2^bits_v)``
+(Panter–Dite for a unit Gaussian; +11% perplexity at 4 bits on SmolLM2 where minmax costs +0.04%,
+eval/value_norm.py). ``quantize_values=False`` keeps values exact (in the model's dtype).
 
 **Exact tokens.** ``sink`` (default: the codebooks' own ``sink``): the first tokens a full-attention
 layer sees stay exact (with left padding these are pad tokens); ``residual``: the most recent
@@ -54,6 +59,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -61,7 +67,7 @@ from kvquant import codebook as cb
 from kvquant import density as dens
 from kvquant.codebooks import Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
-from kvquant.decode import dequantize_keys, dequantize_values, pack
+from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
 from kvquant.groupnorm import SCALE_BITS
 from kvquant.packing import ChannelPacking, packed_size
 from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
@@ -84,10 +90,22 @@ SCALE_DTYPE = torch.float16
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
 
 
+#: How values are normalised per token: ``minmax`` — ``(v − mid)/half`` over the head dimension on
+#: a uniform grid of 2^bits levels including ±1 (asymmetric INT per token, KIVI's values), (mid,
+#: half) as 8-bit codes (:func:`kvquant.groupnorm.store_scales`); ``rms`` — ``v / RMS`` through the
+#: ρ = 0 codebook, fp16 RMS. 16 bits of scale per token and head either way.
+VALUE_NORMS = ("minmax", "rms")  # the first is make_cache's default (selected on development windows: eval/value_norm.py)
+
+
 @lru_cache(maxsize=16)
-def value_codebook(bits: int) -> cb.Codebook:
-    """The values' codebook: ``compand(λ*(u; ρ = 0), 2^bits)``, in units of the token's RMS."""
-    return cb.compand(dens.lambda_star_density(0.0), cb.levels_for_bits(bits))
+def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
+    """The values' codebook: ``rms``: ``compand(λ*(u; ρ = 0), 2^bits)``, in units of the token's
+    RMS; ``minmax``: 2^bits evenly spaced centers on [−1, 1]."""
+    levels = cb.levels_for_bits(bits)
+    if values == "minmax":
+        centers = np.linspace(-1.0, 1.0, levels)
+        return cb.Codebook(centers, 0.5 * (centers[1:] + centers[:-1]))
+    return cb.compand(dens.lambda_star_density(0.0), levels)
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,7 @@ class CacheOptions:
     sink: int = 0
     group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
     scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.groupnorm.store_scales)
+    values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
@@ -109,6 +128,8 @@ class CacheOptions:
             raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
         if self.scale_bits not in SCALE_BITS:
             raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
+        if self.values not in VALUE_NORMS:
+            raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
 
 
 _TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
@@ -130,8 +151,8 @@ class LayerTables:
     k_levels: torch.Tensor
 
     @classmethod
-    def from_codebooks(cls, books: Codebooks, layer: int, bits_v: int) -> "LayerTables":
-        vb, k = value_codebook(bits_v), books.k
+    def from_codebooks(cls, books: Codebooks, layer: int, options: CacheOptions) -> "LayerTables":
+        vb, k = value_codebook(options.bits_v, options.values), books.k
         return cls(
             k.centers[layer].float().contiguous(),
             k.boundaries[layer].float().contiguous(),
@@ -230,7 +251,7 @@ class _QuantKV:
             self.k_codes = e(b, h, 0, packed_size(d, o.bits_k), dtype=torch.uint8)
         if o.quantize_values:
             self.v_codes = e(b, h, 0, packed_size(d, o.bits_v), dtype=torch.uint8)
-            self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE)
+            self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE) if o.values == "rms" else e(b, h, 0, 2, dtype=torch.int8)
         else:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
         self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
@@ -283,6 +304,11 @@ class _QuantKV:
 
     def _quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._dev_tables
+        if self.options.values == "minmax":  # the group quantizer along head_dim: one group per token
+            b, h, n, d = v.shape
+            q = encode_groups(v.transpose(2, 3), d, 8, t.v_boundaries.expand(h, -1))
+            codes = q.codes.transpose(2, 3).contiguous()
+            return pack(codes, self.options.bits_v), torch.stack([q.mid[:, :, 0], q.half[:, :, 0]], dim=-1)
         vf = v.float()
         scale = vf.square().mean(-1).sqrt().clamp(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
         vn = vf / scale.float().unsqueeze(-1)
@@ -296,7 +322,12 @@ class _QuantKV:
         if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
             k = rotate(k, *self.rope.tables(self.k_pos[:, 0]))
         k = k.to(self.dtype)
-        if o.quantize_values:
+        if o.quantize_values and o.values == "minmax":
+            codes = unpack(self.v_codes, o.bits_v, self.head_dim).transpose(2, 3)
+            q = GroupCodes(codes, self.v_scale[..., 0].unsqueeze(2), self.v_scale[..., 1].unsqueeze(2), 8)
+            h = codes.shape[1]
+            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype)
+        elif o.quantize_values:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:
             v = self.v_codes
@@ -486,8 +517,8 @@ class _QuantKV:
     def quantized_state(self) -> dict:
         """The quantized segment in :func:`kvquant.decode.decode_attention_reference`'s layout."""
         t, o = self._dev_tables, self.options
-        if not o.quantize_values or self.group:
-            raise ValueError("decode attention from codes needs quantized values and static key normalisation")
+        if not o.quantize_values or self.group or o.values != "rms" or self.rope is not None:
+            raise ValueError("decode attention from codes needs RMS-scaled quantized values and static post-RoPE keys")
         return dict(k_codes=self.k_codes, k_centers=t.k_centers, k_offset=t.k_offset, k_scale=t.k_scale,
                     v_codes=self.v_codes, v_centers=t.v_centers, v_scale=self.v_scale, bits=o.bits_k, bits_v=o.bits_v)
 
@@ -618,6 +649,7 @@ def make_cache(
     quantize_values: bool = True,
     residual: int = 0,
     sink: int | None = None,
+    values: str = "minmax",
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
@@ -635,7 +667,7 @@ def make_cache(
         )
     options = CacheOptions(
         k.bits, round(k.mean_bits) if bits_v is None else bits_v, quantize_values, residual,
-        k.sink if sink is None else sink, k.group, k.scale_bits,
+        k.sink if sink is None else sink, k.group, k.scale_bits, values,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types = cache_layer_types(config)
@@ -647,7 +679,7 @@ def make_cache(
         if kind == "dummy":
             layers.append(DummyLayer())
             continue
-        tables = LayerTables.from_codebooks(codebooks, i, options.bits_v)
+        tables = LayerTables.from_codebooks(codebooks, i, options)
         if kind == "full_attention":
             layers.append(KVQuantLayer(tables, options, ropes.get(i)))
         elif kind in WINDOWED_LAYER_TYPES:

@@ -169,6 +169,8 @@ def cmd_eval_ppl(args) -> None:
                              "quantize inside attention only (use --mode simulated for them)")
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
+    if args.values is not None and not args.bits_v:
+        raise ValueError("--values normalises quantized values: give it with --mode generation --bits-v B")
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
@@ -176,10 +178,10 @@ def cmd_eval_ppl(args) -> None:
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
     if args.mode == "generation":
-        results = evaluate_generation(model, windows, _cache_factories(model, rows, args.bits_v or 0))
+        results = evaluate_generation(model, windows, _cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
     else:
         results = evaluate(model, windows, rows)
-    values = "exact values" if not args.bits_v else f"{args.bits_v}-bit values"
+    values = "exact values" if not args.bits_v else f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)"
     mode = (f" · generation mode (every token reads the KV cache; queries and {values})"
             if args.mode == "generation" else " · simulated (one forward pass per window)")
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
@@ -193,6 +195,7 @@ def cmd_eval_ppl(args) -> None:
         payload = {
             "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n, "mode": args.mode,
             "bits_v": args.bits_v or 0 if args.mode == "generation" else None,
+            "values": (args.values or "minmax") if args.bits_v else None,
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,
             "rows": {k: v.to_dict() for k, v in results.items()},
@@ -200,9 +203,10 @@ def cmd_eval_ppl(args) -> None:
         write_text(args.json, json.dumps(payload, indent=1))
 
 
-def _cache_factories(model, rows: dict, bits_v: int) -> dict:
+def _cache_factories(model, rows: dict, bits_v: int, values: str) -> dict:
     """Generation mode: a factory of fresh caches per row — ``fp`` transformers' DynamicCache,
-    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at ``bits_v`` bits)."""
+    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at ``bits_v`` bits
+    normalised per token by ``values``, :data:`kvquant.cache.VALUE_NORMS`)."""
     from transformers import DynamicCache
 
     from kvquant.cache import make_cache
@@ -210,7 +214,7 @@ def _cache_factories(model, rows: dict, bits_v: int) -> dict:
     def factory(books):
         if books is None:
             return lambda: DynamicCache(config=model.config)
-        return lambda: make_cache(model, books, quantize_values=bits_v > 0, bits_v=bits_v or None)
+        return lambda: make_cache(model, books, quantize_values=bits_v > 0, bits_v=bits_v or None, values=values)
 
     return {name: factory(q) for name, q in rows.items()}
 
@@ -280,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every token reads the keys (and values) a KV cache returns — fp through transformers' "
                         "DynamicCache, codebook rows through kvquant's cache, queries exact")
     e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: exact values)")
+    e.add_argument("--values", choices=["rms", "minmax"],
+                   help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
+                        "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")
     e.add_argument("--json", help="write the rows to this JSON file")
     e.set_defaults(func=cmd_eval_ppl)
     return ap

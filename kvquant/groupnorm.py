@@ -22,6 +22,7 @@ query heads of a KV head). The optimal density on the grid is then ``λ ∝ (f �
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -41,6 +42,19 @@ _FP16_MAX = 65504.0
 _ZERO_EXPONENT = -128
 
 
+@functools.lru_cache(maxsize=8)
+def _exp2_table(device: str) -> torch.Tensor:
+    """``2^(e/8)`` for every 8-bit exponent e in [−128, 127], float32, computed once: a lookup gives
+    the same bits whatever the shape of the tensor it serves (a vectorised exp2 can differ from the
+    scalar one in the last bit, which would make the cache's values depend on the batch layout)."""
+    return torch.exp2(torch.arange(-128, 128, dtype=torch.float32) / 8).to(device)
+
+
+def _half_range(e: torch.Tensor) -> torch.Tensor:
+    """``2^(e/8)`` of integer-valued exponents ``e`` (any dtype) from :func:`_exp2_table`."""
+    return _exp2_table(str(e.device))[e.long() + 128]
+
+
 def store_scales(mid: torch.Tensor, half: torch.Tensor, scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group ``(mid, half)`` as stored: fp16 (``scale_bits=16``, clamped to ±65504), or the int8
     codes ``(m, e)`` of the 8-bit format (``scale_bits=8``):
@@ -57,7 +71,7 @@ def store_scales(mid: torch.Tensor, half: torch.Tensor, scale_bits: int) -> tupl
     need = torch.maximum(half, mid.abs() * (16 / 127))
     e = torch.ceil(8 * torch.log2(need.clamp_min(2.0**-16))).clamp(_ZERO_EXPONENT, 127)
     e = torch.where(need > 2.0**-16, e, _ZERO_EXPONENT)
-    step = torch.where(e > _ZERO_EXPONENT, torch.exp2(e / 8) / 16, 1.0)
+    step = torch.where(e > _ZERO_EXPONENT, _half_range(e) / 16, 1.0)
     m = torch.where(e > _ZERO_EXPONENT, torch.round(mid / step).clamp(-127, 127), 0.0)
     return m.to(torch.int8), e.to(torch.int8)
 
@@ -66,8 +80,7 @@ def load_scales(mid_s: torch.Tensor, half_s: torch.Tensor, scale_bits: int) -> t
     """Inverse of :func:`store_scales`: float32 ``(mid, half)`` from their stored form."""
     if scale_bits == 16:
         return mid_s.float(), half_s.float()
-    e = half_s.float()
-    half = torch.where(e > _ZERO_EXPONENT, torch.exp2(e / 8), 0.0)
+    half = torch.where(half_s > _ZERO_EXPONENT, _half_range(half_s), 0.0)
     return mid_s.float() * half / 16, half
 
 

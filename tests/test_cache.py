@@ -128,7 +128,7 @@ def _expected_values(v: torch.Tensor, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("sink,residual", [(0, 0), (2, 0), (0, 3), (2, 3)])
 def test_layer_holds_sink_quantized_residual(sink, residual):
     model, books = setup("llama")
-    cache = make_cache(model, books, sink=sink, residual=residual)
+    cache = make_cache(model, books, sink=sink, residual=residual, values="rms")  # the RMS-scaled layout below
     layer = cache.layers[1]
     g = torch.Generator().manual_seed(5)
     k = torch.randn(2, 2, 11, 16, generator=g) * 2 + 0.5
@@ -398,7 +398,7 @@ def test_group_mode_layer_holds_whole_groups():
     kk, _ = cache.layers[0].update(k, v)
     assert cache.layers[0].k_mid.dtype == torch.float16
     torch.testing.assert_close(kk[:, :, :13], books.k.apply(k[:, :, :13], 0), atol=2e-2, rtol=1e-2)
-    with pytest.raises(ValueError, match="static key normalisation"):
+    with pytest.raises(ValueError, match="static post-RoPE keys"):
         cache.layers[0].quantized_state()
 
 
@@ -441,7 +441,7 @@ def test_sliding_layer_returns_the_window_of_the_full_layer(norm, sink, window):
     model = make_model("llama")
     books = calibrated(model, norm=norm, sink=sink, **({"group": 4} if norm == "channel-group" else {}))
     full, sliding = make_cache(model, books, residual=1).layers[0], None
-    sliding = KVQuantSlidingLayer(window, LayerTables.from_codebooks(books, 0, 4), full.options)
+    sliding = KVQuantSlidingLayer(window, LayerTables.from_codebooks(books, 0, full.options), full.options)
     assert isinstance(full, KVQuantLayer)
     g = torch.Generator().manual_seed(window)
     k = torch.randn(1, 2, 20, 16, generator=g)
@@ -549,3 +549,25 @@ def test_prerope_cache_with_left_padding_and_beams():
     kvquant.unwrap(model)  # removes the hook that passes the positions on
     with pytest.raises(RuntimeError, match="position_ids"), torch.no_grad():
         model(ids, **cache_kwargs(cache), use_cache=True)
+
+
+def test_minmax_values_are_asymmetric_int_per_token_with_8_bit_scales():
+    """values="minmax": each token's values over head_dim, (v − mid)/half on 2^b evenly spaced
+    levels including ±1 (KIVI's values), mid/half as the 8-bit codes; 2 bytes per token and head."""
+    from kvquant.groupnorm import code_scales
+
+    model, books = setup("llama")
+    cache = make_cache(model, books, bits_v=4, values="minmax")
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 2, 10, 16, generator=g)
+    v = torch.randn(2, 2, 10, 16, generator=g) * 3 + torch.linspace(-2, 2, 16)
+    _, got = layer.update(k, v)
+    lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
+    mid, half = code_scales((hi + lo) / 2, (hi - lo) / 2)
+    levels = torch.round(((v - mid) / half + 1) * 7.5).clamp(0, 15)
+    torch.testing.assert_close(got, (levels / 7.5 - 1) * half + mid, atol=1e-5, rtol=0)
+    assert layer.v_scale.dtype == torch.int8 and layer.v_scale.shape == (2, 2, 10, 2)
+    assert cache.layers[0].quantized_bytes_per_token() == make_cache(model, books, bits_v=4).layers[0].quantized_bytes_per_token()
+    with pytest.raises(ValueError, match="values must be one of"):
+        make_cache(model, books, values="channel")

@@ -220,7 +220,7 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
                        "--bits-v", 4, "--json", js))
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "generation mode" in out and "4-bit values" in out and "| row | K/V bits held | bytes/token |" in out
+    assert "generation mode" in out and "4-bit values (minmax per token)" in out and "| row | K/V bits held | bytes/token |" in out
     payload = json.loads(js.read_text())
     assert payload["mode"] == "generation" and payload["bits_v"] == 4
     fp, q = payload["rows"]["fp"], payload["rows"]["lambda-lloyd"]
@@ -231,3 +231,5 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
     assert "int4" in capsys.readouterr().err
     assert run(eval_args(model_dir, text_file, "--baselines", "fp", "--bits-v", 4)) == 2
     assert "--mode generation" in capsys.readouterr().err
+    assert run(eval_args(model_dir, text_file, "--baselines", "fp", "--mode", "generation", "--values", "minmax")) == 2
+    assert "--bits-v" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_reference_on_a_real_cache_matches_sdpa_on_its_keys_and_values():
     ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(1))
     books = Codebooks.from_stats(capture_stats(model, ids, progress=False), CodebookConfig("lambda", 4, 4),
                                  ModelFingerprint.from_model(model))
-    cache = make_cache(model, books)
+    cache = make_cache(model, books, values="rms")  # the layout decode_attention_reference reads
     with torch.no_grad():
         model(ids, **cache_kwargs(cache), use_cache=True)
     q = torch.randn(2, 4, 1, 16)
