@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kvquant.packing import pack_codes, packed_size, unpack_codes
+from kvquant.packing import pack_codes, unpack_codes
 
 __all__ = [
     "pack",
@@ -62,20 +62,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """:func:`kvquant.packing.unpack_codes`, with a fast path for bits in {1, 2, 4, 8}."""
-    if not _fast(bits):
-        return unpack_codes(packed, bits, n)
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != packed_size(n, bits):
-        raise ValueError(f"expected {packed_size(n, bits)} bytes for {n} codes of {bits} bits, got {packed.shape[-1]}")
-    if bits == 8:
-        return packed
-    per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-    return codes[..., :n] if codes.shape[-1] != n else codes
+    """:func:`kvquant.packing.unpack_codes` (fast for bits in {1, 2, 4, 8})."""
+    return unpack_codes(packed, bits, n)
 
 
 def lookup(codes: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

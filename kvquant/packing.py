@@ -54,6 +54,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
     if packed.shape[-1] != packed_size(n, bits):
         raise ValueError(f"expected {packed_size(n, bits)} bytes for {n} codes of {bits} bits, got {packed.shape[-1]}")
+    if nbytes == 1:  # bits dividing 8: shift the bytes in uint8 (the same layout, a fast path)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(*packed.shape[:-1], -1)
+        return codes[..., :n] if codes.shape[-1] != n else codes
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
     byte_shifts = torch.arange(nbytes, device=packed.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1)
@@ -99,6 +103,8 @@ def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
 def unpack_levels(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_levels` for ``n`` codes."""
     per_word, bits = _level_word(levels)
+    if per_word == 1:  # powers of two: one code per word
+        return unpack_codes(packed, bits, n)
     words = unpack_codes(packed, bits, -(-n // per_word)).to(torch.int64)
     digits = (words.unsqueeze(-1) // levels ** torch.arange(per_word, device=packed.device, dtype=torch.int64)) % levels
     return digits.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
