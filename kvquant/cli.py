@@ -1,4 +1,4 @@
-"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``. Thin: parses, calls the library.
+"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``, ``generate``. Thin: parses, calls the library.
 
 Options may also come from a YAML file (``--config configs/default.yaml``) whose keys are the
 long option names with ``_`` for ``-``; options given on the command line win.
@@ -203,6 +203,34 @@ def cmd_eval_ppl(args) -> None:
         write_text(args.json, json.dumps(payload, indent=1))
 
 
+def cmd_generate(args) -> None:
+    from kvquant.cache import make_cache
+    from kvquant.codebooks import Codebooks
+    from kvquant.compat import cache_kwargs
+    from kvquant.generation import kv_bits
+
+    _resolve(args, ["model", "dtype", "device"])
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    books = Codebooks.load(args.codebooks)
+    model, tok = _load(args)
+    books.check_fits(model)
+    cache = make_cache(model, books, bits_v=args.bits_v, values=args.values or "minmax")
+    enc = tok(args.prompt, return_tensors="pt").to(args.device)
+    if enc.input_ids.shape[1] == 0:
+        raise ValueError("--prompt is empty after tokenization")
+    with torch.no_grad():
+        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+    bits, per_token = kv_bits(cache)
+    layer = cache._quant_layers()[-1]
+    print(f"KV cache: {per_token:.0f} bytes per token held ({bits:.2f} bits per K/V entry, everything counted) "
+          f"vs {cache.fp16_bytes_per_token()} for an fp16 cache; {layer.quantized_tokens} of {layer.held_tokens} "
+          f"tokens quantized (the sink and the newest incomplete group of {books.k.group or 1} stay exact)",
+          file=sys.stderr)
+
+
 def _cache_factories(model, rows: dict, bits_v: int, values: str) -> dict:
     """Generation mode: a factory of fresh caches per row — ``fp`` transformers' DynamicCache,
     codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at ``bits_v`` bits
@@ -289,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")
     e.add_argument("--json", help="write the rows to this JSON file")
     e.set_defaults(func=cmd_eval_ppl)
+
+    g = sub.add_parser("generate", help="greedy continuation of a prompt through kvquant's quantized KV cache")
+    g.add_argument("--codebooks", required=True, help="codebook file from `kvquant calibrate`")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--bits-v", type=int, help="bits of the cached values (default: the keys' mean code bits)")
+    g.add_argument("--values", choices=["minmax", "rms"], help="value normalisation per token (default minmax)")
+    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
+    g.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
+    g.set_defaults(func=cmd_generate)
     return ap
 
 

@@ -233,3 +233,14 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
     assert "--mode generation" in capsys.readouterr().err
     assert run(eval_args(model_dir, text_file, "--baselines", "fp", "--mode", "generation", "--values", "minmax")) == 2
     assert "--bits-v" in capsys.readouterr().err
+
+
+def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_file, tmp_path, capsys):
+    books_path = tmp_path / "books.safetensors"
+    assert run(calibrate_args(model_dir, text_file, books_path, "--group", 4, "--effective-bits", 6)) == 0
+    capsys.readouterr()
+    rc = run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", text_of(12), "--max-new-tokens", 5])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.strip() and "bytes per token held" in captured.err and "for an fp16 cache" in captured.err
+    assert run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", "x", "--max-new-tokens", 0]) == 2
