@@ -16,15 +16,16 @@ Layout (what :class:`kvquant.cache.KVQuantCache` holds per layer):
 reads KV head ``h // (H / H_kv)``). It is the correctness reference for the Triton kernel in
 :mod:`kvquant.triton_decode`.
 
-The (un)packing helpers here are fast paths of :mod:`kvquant.packing` for bits dividing 8
-(same byte layout, checked in the tests) and fall back to it otherwise.
+``pack``/``unpack`` are :func:`kvquant.packing.pack_codes`/:func:`~kvquant.packing.unpack_codes`
+(the same byte layout; fast for bits dividing 8).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvquant.packing import pack_codes, unpack_codes
+from kvquant.packing import pack_codes as pack
+from kvquant.packing import unpack_codes as unpack
 
 __all__ = [
     "pack",
@@ -34,36 +35,6 @@ __all__ = [
     "dequantize_values",
     "decode_attention_reference",
 ]
-
-
-def _fast(bits: int) -> bool:
-    return bits in (1, 2, 4, 8)
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`kvquant.packing.pack_codes`, with a fast path for bits in {1, 2, 4, 8}."""
-    if not _fast(bits):
-        return pack_codes(codes, bits)
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be uint8, got {codes.dtype}")
-    if bits == 8:
-        return codes.contiguous()
-    if codes.numel() and int(codes.max()) >= 2**bits:
-        raise ValueError(f"a code is >= 2^{bits}; cannot pack into {bits} bits")
-    per = 8 // bits
-    n = codes.shape[-1]
-    pad = (-n) % per
-    c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-    c = c.reshape(*codes.shape[:-1], -1, per)
-    out = c[..., 0].clone()
-    for j in range(1, per):
-        out |= c[..., j] << (j * bits)
-    return out
-
-
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """:func:`kvquant.packing.unpack_codes` (fast for bits in {1, 2, 4, 8})."""
-    return unpack_codes(packed, bits, n)
 
 
 def lookup(codes: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"a code is >= 2^{bits}; cannot pack into {bits} bits")
     n = codes.shape[-1]
     pad = (-n) % per_group
+    if nbytes == 1:  # bits dividing 8: or the shifted codes into each byte in uint8 (a fast path)
+        c = (torch.nn.functional.pad(codes, (0, pad)) if pad else codes).reshape(*codes.shape[:-1], -1, per_group)
+        out = c[..., 0].clone()
+        for j in range(1, per_group):
+            out |= c[..., j] << (j * bits)
+        return out
     c = torch.nn.functional.pad(codes, (0, pad)).to(torch.int64)
     c = c.reshape(*codes.shape[:-1], -1, per_group)
     shifts = torch.arange(per_group, device=codes.device, dtype=torch.int64) * bits

@@ -18,7 +18,7 @@ from kvquant.decode import (
     pack,
     unpack,
 )
-from kvquant.packing import pack_codes, packed_size, unpack_codes
+from kvquant.packing import packed_size
 
 
 def _codes(shape, bits, g):
@@ -27,12 +27,17 @@ def _codes(shape, bits, g):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("n", [1, 7, 16, 24])
-def test_fast_pack_matches_packing_module(bits, n):
+def test_packing_matches_a_bit_by_bit_reference(bits, n):
+    """pack/unpack (the fast uint8 path for bits dividing 8, the word path otherwise) against
+    little-endian bit packing written out bit by bit."""
     g = torch.Generator().manual_seed(bits * 100 + n)
     c = _codes((2, 3, 5, n), bits, g)
     p = pack(c, bits)
-    assert torch.equal(p, pack_codes(c, bits)) and p.shape[-1] == packed_size(n, bits)
-    assert torch.equal(unpack(p, bits, n), unpack_codes(p, bits, n))
+    assert p.shape[-1] == packed_size(n, bits)
+    for row, packed in zip(c.reshape(-1, n).tolist(), p.reshape(-1, p.shape[-1]).tolist()):
+        stream = [(code >> i) & 1 for code in row for i in range(bits)]
+        stream += [0] * (8 * len(packed) - len(stream))
+        assert packed == [sum(stream[8 * j + i] << i for i in range(8)) for j in range(len(packed))]
     assert torch.equal(unpack(p, bits, n), c)
 
 
