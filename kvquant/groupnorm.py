@@ -97,8 +97,12 @@ def _normalise(xg: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, scale_bi
         raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {scale_bits!r}")
     if scale_bits == 8:
         mid, half = code_scales(mid, half)
-    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
-    return xt, mid, half
+    return scaled(xg, mid, half), mid, half
+
+
+def scaled(xg: torch.Tensor, mid: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """``x̃ = (x − mid) / half`` for grouped x (B, H, n, G, D); 0 where a channel's half-range is 0."""
+    return torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0)
 
 
 def group_minmax(x: torch.Tensor, group: int, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvquant import codebook as cb
-from kvquant.groupnorm import check_finite, group_range, load_scales, store_scales
+from kvquant.groupnorm import check_finite, group_range, group_restore, load_scales, scaled, store_scales
 
 __all__ = ["GroupCodes", "channel_codes", "channel_values", "decode_groups", "encode_groups"]
 
@@ -74,17 +74,13 @@ def encode_groups(x: torch.Tensor, group: int, scale_bits: int, boundaries: torc
     if x.shape[2] % group:
         raise ValueError(f"encode_groups takes whole groups of {group} tokens, got {x.shape[2]}")
     check_finite(x)
-    b, h, t, d = x.shape
     xg, mid, half = group_range(x, group)
     mid_s, half_s = store_scales(mid, half, scale_bits)
-    mid, half = load_scales(mid_s, half_s, scale_bits)
-    xt = torch.where(half > 0, (xg - mid) / torch.where(half > 0, half, 1.0), 0.0).reshape(b, h, t, d)
+    xt = scaled(xg, *load_scales(mid_s, half_s, scale_bits)).reshape(x.shape)
     return GroupCodes(channel_codes(xt, boundaries), mid_s.squeeze(3), half_s.squeeze(3), scale_bits)
 
 
 def decode_groups(q: GroupCodes, centers: torch.Tensor, group: int) -> torch.Tensor:
     """x̂ (B, H, n·G, D) float32 of :func:`encode_groups`' output."""
-    b, h, t, d = q.codes.shape
-    mid, half = load_scales(q.mid, q.half, q.scale_bits)
-    xt = channel_values(q.codes, centers).reshape(b, h, t // group, group, d)
-    return (xt * half.unsqueeze(3) + mid.unsqueeze(3)).reshape(b, h, t, d)
+    mid, half = load_scales(q.mid.unsqueeze(3), q.half.unsqueeze(3), q.scale_bits)
+    return group_restore(channel_values(q.codes, centers), mid, half, group)
