@@ -87,6 +87,8 @@ __all__ = [
 
 #: dtype of the per-token value scales (16 bits, counted in the memory).
 SCALE_DTYPE = torch.float16
+#: Bytes of value scale per token and head: the fp16 RMS (``rms``) or the int8 (mid, half) (``minmax``).
+_VALUE_SCALE_BYTES = 2
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
 
 
@@ -397,9 +399,6 @@ class _QuantKV:
         for name in _RESIDUAL:
             setattr(self, name, _slice(getattr(self, name), start, stop))
 
-    def _drop_quantized_front(self, m: int) -> None:
-        self._slice_quantized(m, None)
-
     def _drop_front(self, n: int) -> None:
         """Drop the ``n`` oldest tokens (in group mode only sinks and whole quantized groups, so
         groups stay aligned with the token stream: fewer may go)."""
@@ -412,7 +411,7 @@ class _QuantKV:
         if self.group:
             m = m // self.group * self.group
         if m:
-            self._drop_quantized_front(m)
+            self._slice_quantized(m, None)
             n -= m
         if n <= 0 or self.quantized_tokens or self.group:  # group mode: the residual is the next group
             return
@@ -505,7 +504,7 @@ class _QuantKV:
         else:
             per_head = packed_size(d, o.bits_k)
         if o.quantize_values:
-            per_head += packed_size(d, o.bits_v) + torch.finfo(SCALE_DTYPE).bits // 8
+            per_head += packed_size(d, o.bits_v) + _VALUE_SCALE_BYTES
         else:
             per_head += d * torch.finfo(getattr(self, "dtype", torch.float16)).bits // 8
         return h * per_head + (4 if self.rope is not None else 0)
@@ -624,6 +623,10 @@ class KVQuantCache(Cache):
     def fp16_bytes_per_token(self) -> int:
         """Bytes per token of an fp16 KV cache of the same model (all layers)."""
         return sum(layer.fp16_bytes_per_token() for layer in self._quant_layers())
+
+    def quantized_tokens(self) -> int:
+        """Tokens held as codes by the layer that holds the most (a full-attention one)."""
+        return max((layer.quantized_tokens for layer in self._quant_layers() if layer.is_initialized), default=0)
 
     def table_bytes(self) -> int:
         """Static tables (per model, not per token): key codebooks, offsets, scales, value codebook."""

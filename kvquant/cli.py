@@ -224,9 +224,8 @@ def cmd_generate(args) -> None:
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     print(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
     bits, per_token = kv_bits(cache)
-    layer = cache._quant_layers()[-1]
     print(f"KV cache: {per_token:.0f} bytes per token held ({bits:.2f} bits per K/V entry, everything counted) "
-          f"vs {cache.fp16_bytes_per_token()} for an fp16 cache; {layer.quantized_tokens} of {layer.held_tokens} "
+          f"vs {cache.fp16_bytes_per_token()} for an fp16 cache; {cache.quantized_tokens()} of {cache.get_seq_length()} "
           f"tokens quantized (the sink and the newest incomplete group of {books.k.group or 1} stay exact)",
           file=sys.stderr)
 

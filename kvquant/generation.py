@@ -81,20 +81,18 @@ def generation_nll(model: torch.nn.Module, windows, new_cache: Callable[[], Cach
 def kv_bits(cache: Cache) -> tuple[float, float]:
     """``(bits per K/V entry, bytes per token)`` of everything ``cache`` holds now (codes, scales,
     positions, exact tokens): bytes per token = Σ over layers of held bytes / (batch × held
-    tokens); bits per entry = that × 8 / (2 · Σ over layers of H_kv · D)."""
+    tokens); bits per entry = 16 × that / the bytes per token of an fp16 cache of the same model."""
     if isinstance(cache, KVQuantCache):
-        per_token = cache.bytes_per_token()
-        layers = [(lay.tables.k_centers.shape[0], lay.head_dim) for lay in cache._quant_layers()]
+        per_token, fp16 = cache.bytes_per_token(), cache.fp16_bytes_per_token()
     else:
-        per_token, layers = 0.0, []
+        per_token = fp16 = 0.0
         for lay in cache.layers:
             if getattr(lay, "keys", None) is None or lay.keys.numel() == 0:
                 continue
-            b, h, t, d = lay.keys.shape
+            b, _, t, _ = lay.keys.shape
             per_token += (lay.keys.nbytes + lay.values.nbytes) / (b * t)
-            layers.append((h, d))
-    entries = 2 * sum(h * d for h, d in layers)
-    return (8 * per_token / entries if entries else 0.0), per_token
+            fp16 += 2 * (lay.keys.numel() + lay.values.numel()) / (b * t)
+    return (16 * per_token / fp16 if fp16 else 0.0), per_token
 
 
 def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Callable[[], Cache]],
