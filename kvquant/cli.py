@@ -256,14 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--list", action="store_true", help="list the offline asset names")
     a.set_defaults(func=cmd_assets)
 
+    def model_options(p):
+        p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
+        p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
+        p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
+
     def common(p):
         p.add_argument("--config", help="YAML file of options (e.g. configs/default.yaml)")
-        p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
+        model_options(p)
         p.add_argument("--dataset", help=f"corpus name or datasets id (default {DEFAULTS['dataset']})")
         p.add_argument("--text-file", help="a local text file instead of --dataset")
         p.add_argument("--seqlen", type=int, help=f"tokens per window (default {DEFAULTS['seqlen']})")
-        p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
-        p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
 
     c = sub.add_parser("calibrate", help="capture q/k pair statistics and write codebooks")
     common(c)
@@ -320,12 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy continuation of a prompt through kvquant's quantized KV cache")
     g.add_argument("--codebooks", required=True, help="codebook file from `kvquant calibrate`")
     g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
+    model_options(g)
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--bits-v", type=int, help="bits of the cached values (default: the keys' mean code bits)")
     g.add_argument("--values", choices=["minmax", "rms"], help="value normalisation per token (default minmax)")
-    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
-    g.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
     g.set_defaults(func=cmd_generate)
     return ap
 
