@@ -14,16 +14,16 @@ per token (or the ρ = 0 codebook with an RMS scale per token).
 The dequantized keys ``centers[code]·scale + offset`` are bit-identical to the simulated path.
 
 **Keys, dynamic ``channel-group`` normalisation** (``SideBooks.group = G > 0``): every complete
-group of G consecutive tokens (counted after the sinks) is quantized by
+group of G consecutive tokens (aligned at the first token, as blocks of a paged cache) is quantized by
 :func:`kvquant.quantizer.encode_groups` — per-channel ``mid``/``half`` stored in the codebooks'
 ``scale_bits`` (fp16 or the 8-bit format, counted), codes of the head's codebook or, with bit
 allocation, of each channel's own — and its codes packed channel by channel along the group's
 tokens, channels bucketed by level count (:class:`kvquant.packing.ChannelPacking`: 3 and 5
 levels at 1.6 and 2.33 bits). A group is quantized once complete (KIVI's layout): until then its
-tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tokens are exact. With
-8-bit scales complete groups are bit-identical to the simulated path (with fp16 scales within
-fp16 rounding), which also quantizes the incomplete last group with its partial min/max, reading
-tokens that later queries would not have seen yet.
+tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tokens are exact. This
+is the rule of the simulated path too (:func:`kvquant.groupnorm.causal_groups`): with 8-bit
+scales the keys the cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those
+T keys (with fp16 scales within fp16 rounding).
 
 **Values** (quantized with the keys, when their group completes). ``values="minmax"`` (the
 default): per token and KV head, ``mid``/``half`` of the values over head_dim stored as 8-bit codes,
@@ -33,8 +33,10 @@ RMS over head_dim`` stored as fp16, ``v / r`` quantized with ``compand(λ*(u; ρ
 (Panter–Dite for a unit Gaussian; +11% perplexity at 4 bits on SmolLM2 where minmax costs +0.04%,
 eval/value_norm.py). ``quantize_values=False`` keeps values exact (in the model's dtype).
 
-**Exact tokens.** ``sink`` (default: the codebooks' own ``sink``): the first tokens a full-attention
-layer sees stay exact (with left padding these are pad tokens); ``residual``: the most recent
+**Exact tokens.** ``sink`` (default: the codebooks' own ``sink``; < G in group mode): the first
+tokens a full-attention layer sees stay exact (with left padding these are pad tokens). They keep
+their code slots (in group mode they are left out of group 0's range) and an exact copy is laid
+over them when read, so the layout stays whole groups from token 0. ``residual``: the most recent
 tokens stay exact. Sliding-window layers (Mistral, Gemma3, Qwen2 ``max_window_layers``) keep
 the last ``window − 1`` tokens (in group mode also the rest of a partly expired group and the
 incomplete group, so at most ``window − 1 + 2G − 2 + residual``), and
@@ -68,7 +70,7 @@ from kvquant import density as dens
 from kvquant.codebooks import Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
-from kvquant.groupnorm import SCALE_BITS
+from kvquant.groupnorm import SCALE_BITS, causal_groups
 from kvquant.packing import ChannelPacking, packed_size
 from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.rope import derotate, rotate
@@ -130,6 +132,8 @@ class CacheOptions:
             raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
         if self.scale_bits not in SCALE_BITS:
             raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
+        if self.group and self.sink >= self.group:
+            raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}): sinks are kept inside group 0")
         if self.values not in VALUE_NORMS:
             raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
 
@@ -173,7 +177,8 @@ class LayerTables:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _TABLES)
 
 
-# Per-layer storage, in token order: [sink (exact) | quantized | residual (exact)]. Values are
+# Per-layer storage, in token order: [quantized | residual (exact)], plus sink_k/sink_v: exact copies
+# of the first held quantized tokens while they are the stream's first ``sink`` tokens. Values are
 # per token; keys per token (static normalisation: k_codes (B, H, n, bytes)) or per group (group
 # mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D)).
 # Pre-RoPE keys (``rope="pre"`` codebooks): the quantized keys are stored before the rotation and
@@ -225,7 +230,7 @@ class _QuantKV:
         self.group = options.group
         self.packing = ChannelPacking(tables.k_levels, options.group) if options.group else None
         self._dev_tables: LayerTables | None = None
-        self._seen = 0  # tokens appended so far (absolute position of the next one), for the sinks
+        self._seen = 0  # tokens appended so far, less those cropped (stream index of the next one)
         self._clear()
         # A rollback cannot give exact recent tokens (or a split group's) their precision back.
         self.is_croppable = options.residual == 0 and options.group == 0
@@ -265,7 +270,7 @@ class _QuantKV:
     def held_tokens(self) -> int:
         if not self.is_initialized or self.k_codes is None:
             return 0
-        return self.sink_k.shape[2] + self.quantized_tokens + self.res_k.shape[2]
+        return self.quantized_tokens + self.res_k.shape[2]
 
     @property
     def quantized_tokens(self) -> int:
@@ -318,7 +323,7 @@ class _QuantKV:
         return pack(codes, self.options.bits_v), scale
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The quantized segment, dequantized to the model's dtype."""
+        """The quantized segment, dequantized to the model's dtype, the sinks exact."""
         t, o = self._dev_tables, self.options
         k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half)
         if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
@@ -333,30 +338,32 @@ class _QuantKV:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:
             v = self.v_codes
+        m = self.sink_k.shape[2]
+        if m:  # the exact sinks over their code slots
+            k, v = torch.cat([self.sink_k, k[:, :, m:]], dim=2), torch.cat([self.sink_v, v[:, :, m:]], dim=2)
         return k, v
 
     # --- token operations -------------------------------------------------------------
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         pos = self.rope.positions(k.shape[0], k.shape[2]) if self.rope is not None else None
-        take = min(max(self.sink_cap - self._seen, 0), k.shape[2])
         self._seen += k.shape[2]
-        if take:
-            self.sink_k = torch.cat([self.sink_k, k[:, :, :take]], dim=2)
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
-            k, v = k[:, :, take:], v[:, :, take:]
-            pos = None if pos is None else pos[:, :, take:]
-        if k.shape[2] == 0:
-            return
         res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
                None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
         over = res[0].shape[2] - self.options.residual
         if self.group:
             over = over // self.group * self.group  # whole groups only
         if over > 0:
+            first = self._seen - res[0].shape[2]  # stream index of res[0]; in group mode a multiple of G
+            take = min(max(self.sink_cap - first, 0), over)
+            if take:  # exact copies of the sinks, laid over their code slots when read
+                self.sink_k = torch.cat([self.sink_k, res[0][:, :, :take]], dim=2)
+                self.sink_v = torch.cat([self.sink_v, res[1][:, :, :take]], dim=2)
             keys = res[0][:, :, :over]
             if self.rope is not None:
                 keys = derotate(keys, *self.rope.tables(res[2][:, 0, :over]))
                 self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
+            if self.group and first == 0:  # the sinks are left out of group 0's range, as simulated
+                keys = causal_groups(keys, self.group, self.sink_cap)
             codes, mid, half = self._quantize_keys(keys)
             self.k_codes = torch.cat([self.k_codes, codes], dim=2)
             if self.group:
@@ -373,16 +380,12 @@ class _QuantKV:
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
-        ks, vs = [self.sink_k], [self.sink_v]
-        if self.quantized_tokens:
-            k, v = self._dequantized()
-            ks.append(k)
-            vs.append(v)
-        ks.append(self.res_k)
-        vs.append(self.res_v)
-        ks = [t for t in ks if t.shape[2]] or [self.res_k]
-        vs = [t for t in vs if t.shape[2]] or [self.res_v]
-        return (torch.cat(ks, dim=2), torch.cat(vs, dim=2)) if len(ks) > 1 else (ks[0], vs[0])
+        if not self.quantized_tokens:
+            return self.res_k, self.res_v
+        k, v = self._dequantized()
+        if not self.res_k.shape[2]:
+            return k, v
+        return torch.cat([k, self.res_k], dim=2), torch.cat([v, self.res_v], dim=2)
 
     def _slice_quantized(self, start: int | None, stop: int | None) -> None:
         """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
@@ -400,18 +403,14 @@ class _QuantKV:
             setattr(self, name, _slice(getattr(self, name), start, stop))
 
     def _drop_front(self, n: int) -> None:
-        """Drop the ``n`` oldest tokens (in group mode only sinks and whole quantized groups, so
-        groups stay aligned with the token stream: fewer may go)."""
-        m = min(n, self.sink_k.shape[2])
-        if m:
-            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
-            n -= m
-        have = self.quantized_tokens
-        m = min(n, have)
+        """Drop the ``n`` oldest tokens (in group mode only whole quantized groups, so groups stay
+        aligned with the token stream: fewer may go); sinks go with their slots."""
+        m = min(n, self.quantized_tokens)
         if self.group:
             m = m // self.group * self.group
         if m:
             self._slice_quantized(m, None)
+            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
             n -= m
         if n <= 0 or self.quantized_tokens or self.group:  # group mode: the residual is the next group
             return
@@ -421,7 +420,7 @@ class _QuantKV:
 
     def _drop_back(self, n: int) -> None:
         """Drop the ``n`` newest tokens. In group mode, the kept part of a split group goes back
-        to the exact residual as its dequantized values."""
+        to the exact residual as its dequantized values (sinks as their exact copies)."""
         self._seen -= min(n, self.held_tokens)
         m = min(n, self.res_k.shape[2])
         if m:
@@ -439,11 +438,7 @@ class _QuantKV:
                 if self.rope is not None:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
-            n -= m
-        m = min(n, self.sink_k.shape[2])
-        if m:
-            keep = self.sink_k.shape[2] - m
-            self.sink_k, self.sink_v = _slice(self.sink_k, None, keep), _slice(self.sink_v, None, keep)
+            self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
 
     def _keep_last(self, n: int) -> None:
         extra = self.held_tokens - max(n, 0)

@@ -293,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels (3 and 5 packed at 1.6 and 2.33 bits), at most 2^--bits-q / 2^--bits-k (--norm "
                         "channel-group only; replaces the default --effective-bits)")
     c.add_argument("--effective-bits", type=float,
-                   help="bits per entry with every bit counted — codes, group scales, exact sink tokens at --seqlen: "
+                   help="bits per entry with every bit counted — codes, group scales, exact sink tokens and incomplete group at --seqlen: "
                         "sets --budget to the code bits that make exactly this many (e.g. 4 with --group 128 "
-                        "--scale-bits 8 --sink 1 at seqlen 2048: 3.869); channels then get up to --bits-q/--bits-k "
+                        "--scale-bits 8 --sink 1 at seqlen 2048: 3.867); channels then get up to --bits-q/--bits-k "
                         "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group; 0 = off, every channel at --bits-q/--bits-k)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "

@@ -35,7 +35,9 @@ from kvquant.fingerprint import ModelFingerprint
 from kvquant.groupnorm import (
     SCALE_BITS,
     GroupHistogram,
+    causal_groups,
     check_finite,
+    complete_tokens,
     group_minmax,
     group_restore,
     group_split,
@@ -84,6 +86,9 @@ class CodebookConfig:
             raise ValueError(f"group (tokens per dynamic channel scale) must be >= 2, got {self.group}")
         if self.sink < 0:
             raise ValueError(f"sink (first tokens kept exact) must be >= 0, got {self.sink}")
+        if self.norm == "channel-group" and self.sink >= self.group:
+            raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}) with norm 'channel-group': "
+                             "the exact sink tokens are kept inside the first group")
         if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
             raise ValueError(
                 f"outliers (fraction of entries per head and group kept exact) must be in [0, 0.5), got {self.outliers!r}"
@@ -112,35 +117,43 @@ class CodebookConfig:
         return self.norm == "channel-group"
 
     def effective_bits(self, code_bits: float, head_dim: int, seqlen: int | None = None) -> float:
-        """Bits per entry for ``code_bits`` bits of codes per entry (averaged over queries and
-        keys). Static scales and tables are per model and add nothing per entry; ``channel-group``
-        adds a (mid, half) per channel per group, 2·scale_bits/G (32/G in fp16, 16/G in 8 bits); exact sink tokens cost 16 bits
-        instead of b for ``sink/seqlen`` of the entries (``seqlen`` required when sink > 0).
+        """Bits per entry held after ``seqlen`` tokens for ``code_bits`` bits of codes per entry
+        (averaged over queries and keys), as the KV cache holds them. Static scales and tables are
+        per model and add nothing per entry; ``channel-group`` adds a (mid, half) per channel per
+        complete group, 2·scale_bits/G (32/G in fp16, 16/G in 8 bits), and the newest incomplete
+        group (``seqlen mod G`` tokens) is held exact, 16 bits per entry instead of codes; the
+        ``sink`` exact tokens cost 16 bits *on top of* their code slot (the layout keeps one).
+        ``seqlen`` is required when sink > 0; without it a group mode counts whole groups only.
 
         Outliers (dense-and-sparse, ``outliers = p``): each (group × D) block keeps
         ``n = ⌈p·G·D⌉`` entries exact, each costing an fp16 value plus its position in the
         block, ``⌈log2(G·D)⌉`` bits (13 for 128 × 64), *on top of* the dense b-bit code (a packed
-        dense layout keeps a code at every position). So, for the non-sink entries,
+        dense layout keeps a code at every position). So, for the entries of complete groups,
 
             bits = code_bits + 2·scale_bits/G + (n / (G·D)) · (16 + ⌈log2(G·D)⌉)
 
-        (full groups). p = 0.5 % at G = 128, D = 64: n = 41, +0.145 bits."""
+        p = 0.5 % at G = 128, D = 64: n = 41, +0.145 bits."""
         bits = code_bits
         if self.dynamic:
             bits += 2 * self.scale_bits / self.group
         if self.outliers:
             block = self.group * head_dim
             bits += outlier_count(self.outliers, block) / block * (16 + math.ceil(math.log2(block)))
+        if self.dynamic and seqlen:
+            tail = (seqlen - complete_tokens(seqlen, self.group)) / seqlen
+            bits = bits * (1 - tail) + 16 * tail
         if self.sink:
             if not seqlen:
                 raise ValueError("effective bits with exact sink tokens depend on the sequence length")
-            frac = min(self.sink, seqlen) / seqlen
-            bits = bits * (1 - frac) + 16 * frac
+            bits += 16 * min(self.sink, seqlen) / seqlen
         return bits
 
     def code_bits(self, effective_bits: float, head_dim: int, seqlen: int | None = None) -> float:
         """Inverse of :meth:`effective_bits`: the code ``budget`` that makes ``effective_bits``."""
         at0, at1 = self.effective_bits(0.0, head_dim, seqlen), self.effective_bits(1.0, head_dim, seqlen)
+        if at1 == at0:
+            raise ValueError(f"at seqlen {seqlen} no group of {self.group} tokens is complete, so every entry is held "
+                             "exact and no code budget sets the effective bits: use a seqlen of at least the group")
         return (effective_bits - at0) / (at1 - at0)
 
     def at_effective_bits(self, effective_bits: float, head_dim: int, seqlen: int | None = None,
@@ -190,30 +203,45 @@ class SideBooks:
         return sum(level_bits(int(n)) * int(c) for n, c in zip(levels, counts)) / self.channel_levels.numel()
 
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Quantize-dequantize ``x`` (B, H, T, D) with layer ``layer``'s codebooks."""
+        """Quantize-dequantize ``x`` (B, H, T, D), tokens from position 0, with layer ``layer``'s
+        codebooks. The first ``sink`` tokens stay exact; in group mode only complete groups are
+        quantized (:func:`kvquant.groupnorm.causal_groups`: what a KV cache holds after these T
+        tokens), the newest incomplete group stays exact."""
+        self._check_shape(x)
+        if self.group:
+            xs = causal_groups(x, self.group, self.sink)
+            if xs.shape[2] == 0:
+                return x
+            out = self._apply_groups(xs, layer)
+            return torch.cat([x[:, :, : self.sink], out[:, :, self.sink :], x[:, :, xs.shape[2] :]], dim=2)
         if self.sink:
             n = min(self.sink, x.shape[2])
             if n == x.shape[2]:
                 return x
-            return torch.cat([x[:, :, :n], self._apply(x[:, :, n:], layer)], dim=2)
-        return self._apply(x, layer)
+            return torch.cat([x[:, :, :n], self._apply_static(x[:, :, n:], layer)], dim=2)
+        return self._apply_static(x, layer)
 
-    def _apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def _check_shape(self, x: torch.Tensor) -> None:
         if x.shape[1] != self.centers.shape[1] or x.shape[-1] != self.offset.shape[-1]:
             raise ValueError(
                 f"tensor has {x.shape[1]} heads × {x.shape[-1]} dims, codebooks are for "
                 f"{self.centers.shape[1]} × {self.offset.shape[-1]}"
             )
+
+    def _apply_groups(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Whole groups of x (B, H, n·G, D) through min–max per channel and group and the tables."""
+        centers, bounds = self.centers[layer].to(x.device), self.boundaries[layer].to(x.device)
+        if self.outliers:
+            xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
+            out = group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group)
+            return torch.where(exact, x.float(), out).to(x.dtype)
+        check_finite(x)
+        xt, mid, half = group_minmax(x, self.group, self.scale_bits)
+        return group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group).to(x.dtype)
+
+    def _apply_static(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         dev = x.device
         centers, bounds = self.centers[layer].to(dev), self.boundaries[layer].to(dev)
-        if self.group:
-            if self.outliers:
-                xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
-                out = group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group)
-                return torch.where(exact, x.float(), out).to(x.dtype)
-            check_finite(x)
-            xt, mid, half = group_minmax(x, self.group, self.scale_bits)
-            return group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group).to(x.dtype)
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc

@@ -34,11 +34,12 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
     equals token-by-token decoding.
 
     - ``DynamicCache`` returns every token as given: any split.
-    - :class:`KVQuantCache` with dynamic groups of G (sink s, residual r): the group of tokens
-      ``[c − G, c)`` is quantized when the count reaches ``c = s + r + kG``, i.e. when token
-      ``c − 1`` is appended, before its attention runs; a chunk must therefore start at each
-      ``c − 1`` (the tokens before it saw the group exact, the ones from it on see it quantized).
-      Static normalisation without a residual quantizes every token when appended: any split.
+    - :class:`KVQuantCache` with dynamic groups of G (aligned at token 0, residual r): the group
+      of tokens ``[c − r − G, c − r)`` is quantized when the count reaches ``c = r + kG``, i.e.
+      when token ``c − 1`` is appended, before its attention runs; a chunk must therefore start
+      at each ``c − 1`` (the tokens before it saw the group exact, the ones from it on see it
+      quantized). Static normalisation without a residual quantizes every token when appended:
+      any split.
     - Anything else (a residual window that flushes token by token, other libraries' caches):
       every token.
     """
@@ -47,7 +48,7 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
     if isinstance(cache, KVQuantCache):
         o = cache.options
         if o.group:
-            return sorted({0, *range(o.sink + o.residual + o.group - 1, n, o.group)})
+            return sorted({0, *range(o.residual + o.group - 1, n, o.group)})
         if o.residual == 0:
             return [0]
     return list(range(n))

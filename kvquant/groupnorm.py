@@ -4,8 +4,10 @@ that give codebooks their shape in those units (torch only).
 For x (B, H, T, D) and group size G, each (channel j, group of G consecutive tokens) gets
 ``mid = (max + min)/2`` and ``half = (max − min)/2`` (stored in fp16 or 8 bits each: 32 or 16
 bits per group and channel, :func:`store_scales`),
-and ``x̃ = (x − mid) / half ∈ [−1, 1]``. The first ``sink`` tokens (attention sinks) are kept
-exact and excluded from the groups. A codebook on [−1, 1] then quantizes x̃; with K evenly
+and ``x̃ = (x − mid) / half ∈ [−1, 1]``. Groups are aligned at token 0 and **causal**
+(:func:`causal_groups`): only complete groups are quantized — the newest incomplete one stays
+exact, as in a KV cache that cannot know the rest of the group yet — and the first ``sink``
+tokens (attention sinks, ``sink < G``) stay exact and are left out of their group's range. A codebook on [−1, 1] then quantizes x̃; with K evenly
 spaced centers including ±1 this is exactly asymmetric min–max INT per channel (KIVI's keys).
 
 **Dense-and-sparse outliers** (``outliers = p > 0``, :func:`group_split`): in every (batch, head,
@@ -131,6 +133,25 @@ def group_range(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return xg, (hi + lo) / 2, (hi - lo) / 2
 
 
+def complete_tokens(t: int, group: int) -> int:
+    """Tokens of a sequence of ``t`` that lie in complete groups of ``group`` aligned at token 0."""
+    return t // group * group
+
+
+def causal_groups(x: torch.Tensor, group: int, sink: int) -> torch.Tensor:
+    """The part of x (B, H, T, D) that the group quantizer quantizes: tokens ``[0, n)``, n =
+    :func:`complete_tokens`, with the ``sink`` first tokens replaced by a copy of token ``sink``
+    so that they do not widen group 0's range (their codes are placeholders: callers keep them
+    exact). The tokens ``[n, T)`` of the newest incomplete group stay exact."""
+    n = complete_tokens(x.shape[2], group)
+    xs = x[:, :, :n]
+    if sink and n:
+        if sink >= group:
+            raise ValueError(f"sink ({sink}) must be smaller than group ({group}): sinks are kept inside group 0")
+        xs = torch.cat([xs[:, :, sink : sink + 1].expand(-1, -1, sink, -1), xs[:, :, sink:]], dim=2)
+    return xs
+
+
 def outlier_count(p: float, entries: int) -> int:
     """``⌈p · entries⌉``: entries kept exact in a block (rounded first, so 0.25·16 is 4, not 5)."""
     return math.ceil(round(p * entries, 9)) if p > 0 else 0
@@ -223,8 +244,8 @@ class GroupHistogram:
     channel, and a channel's loss increase at b bits is estimated as its Fisher total times its
     head's Fisher-weighted mean (x̃ − Q_b(x̃))².
 
-    Captured with the quantizer's own settings: ``group`` tokens per scale, the first ``sink``
-    tokens left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
+    Captured with the quantizer's own settings (:func:`causal_groups`): ``group`` tokens per
+    scale aligned at token 0, the first ``sink`` tokens and the incomplete last group left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
     out too (x̃ and half of the others are those of the reduced min–max)."""
 
     count_q: torch.Tensor
@@ -292,15 +313,17 @@ class GroupHistogram:
         number of entries to ``count``), both (L, H, N+1), and summed per channel to ``channel``
         (L, H, D); sinks and exact outliers left out."""
         ns = self.sink
-        x, per_entry = x[:, :, ns:], per_entry[:, :, ns:]
-        if x.shape[2] == 0:
+        x = causal_groups(x, self.group, ns)
+        if x.shape[2] <= ns:
             return
         b, heads, t, d = x.shape
         if self.outliers:
             xt, _, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
+            exact = exact[:, :, ns:]
         else:
             xt, _, half = group_minmax(x, self.group, self.scale_bits)
-        half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, :t]
+        half_full = half.expand(-1, -1, -1, self.group, -1).reshape(b, heads, -1, d)[:, :, ns:]
+        xt, per_entry = xt[:, :, ns:], per_entry[:, :, ns:t]
         w = (half_full**2 * per_entry).double()
         dense = (~exact).double() if self.outliers else None  # exact entries are not quantized
         if dense is not None:

@@ -88,7 +88,7 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
     expect = 0.5 * sum(float(sum(packed[int(n)] for n in lv.flatten())) / lv.numel() for lv in (lv_q, lv_k))
     assert mean == pytest.approx(expect)
     assert 3.0 - 0.05 <= mean <= 3.0  # a query-channel bit is 1/128 of the average, a key-channel bit 1/64
-    assert books.effective_bits(seqlen=24) == pytest.approx((mean + 32 / 8) * 23 / 24 + 16 / 24)
+    assert books.effective_bits(seqlen=24) == pytest.approx(mean + 32 / 8 + 16 / 24)  # codes + scales + the sink
     assert books.config.code_bits(books.effective_bits(seqlen=24), 8, 24) == pytest.approx(mean)
 
     # each channel's table uses exactly its allocated number of levels on [−1, 1], no padding level
@@ -220,8 +220,11 @@ def test_fractional_options_follow_the_lower_convex_hull():
 def test_config_at_exact_effective_bits():
     base = CodebookConfig("lambda", 4, 4, "channel-group", group=128, sink=1, scale_bits=8)
     cfg = base.at_effective_bits(3.0, head_dim=64, seqlen=2048)
-    # (code + 16/128) · 2047/2048 + 16/2048 = 3
-    assert cfg.budget == pytest.approx((3 - 16 / 2048) * 2048 / 2047 - 0.125, abs=1e-6)
+    # code + 16/128 (8-bit scales) + 16/2048 (the exact sink; 2048 tokens are 16 whole groups) = 3
+    assert cfg.budget == pytest.approx(3 - 16 / 2048 - 0.125, abs=1e-6)
+    # 2047 tokens: the newest 127 (the incomplete group) are held exact, 16 bits each
+    tail = 127 / 2047
+    assert cfg.effective_bits(cfg.budget, 64, 2047) == pytest.approx((cfg.budget + 0.125) * (1 - tail) + 16 * tail + 16 / 2047)
     assert (cfg.bits_q, cfg.bits_k) == (5, 5)  # ⌈2.87⌉ + 2
     assert cfg.effective_bits(cfg.budget, 64, 2048) == pytest.approx(3.0, abs=1e-5)
     assert base.at_effective_bits(3.0, 64, 2048, caps=(3, 4)).bits_q == 3

@@ -138,14 +138,15 @@ def test_layer_holds_sink_quantized_residual(sink, residual):
         n = hi
         exact = torch.zeros(n, dtype=torch.bool)
         exact[: min(sink, n)] = True
-        exact[max(n - residual, min(sink, n)) :] = True
+        exact[max(n - residual, 0) :] = True
         kq, vq = books.k.apply(k[:, :, :n], 1), _expected_values(v[:, :, :n], 4)
         ek = torch.where(exact[None, None, :, None], k[:, :, :n], kq)
         ev = torch.where(exact[None, None, :, None], v[:, :, :n], vq)
         assert torch.equal(kk, ek)
         torch.testing.assert_close(vv, ev, atol=1e-6, rtol=1e-6)
         assert layer.get_seq_length() == n
-        assert layer.k_codes.shape[2] == int((~exact).sum())
+        # every token past the residual has a code slot, the sinks too (their exact copies laid over)
+        assert layer.k_codes.shape[2] == max(n - residual, 0) and layer.sink_k.shape[2] == min(sink, max(n - residual, 0))
 
 
 def test_residual_and_sink_tokens_are_exact_in_the_model():
@@ -241,12 +242,13 @@ def test_memory_per_token_head_dim_64():
     assert ratio == pytest.approx(66 / 256) and ratio <= 0.30  # 25.8 % of fp16, metadata included
     assert cache.table_bytes() > 0  # static, per model
 
-    # exact sink/residual tokens are counted in the model's dtype (float32 here)
+    # exact sink/residual tokens are counted in the model's dtype (float32 here); the sinks keep
+    # their code slots too
     cache = make_cache(model, books, sink=2, residual=5)
     with torch.no_grad():
         model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     exact = 2 * d * 4  # key + value, float32
-    expect = layers * b * hkv * ((s - 7) * per_head + 7 * exact)
+    expect = layers * b * hkv * ((s - 5) * per_head + 7 * exact)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
     assert cache.bytes_per_token() == pytest.approx(expect / (b * s))
 
@@ -385,28 +387,28 @@ def test_group_mode_layer_holds_whole_groups():
         layer = cache.layers[0]
         for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 15)]:
             kk, _ = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
-            quantized = max(hi - 1 - residual, 0) // 4 * 4  # whole groups after the sink
+            quantized = max(hi - residual, 0) // 4 * 4  # whole groups aligned at token 0 (the sink's slot included)
             assert layer.quantized_tokens == quantized and layer.k_codes.shape[2] == layer.k_mid.shape[2] == quantized // 4
             assert layer.k_mid.dtype == layer.k_half.dtype == torch.int8  # 8-bit scales as stored
-            end = 1 + quantized
             # sink exact, complete groups exactly as the simulated path, the rest exact
-            torch.testing.assert_close(kk[:, :, :end], books.k.apply(k[:, :, :end], 0), atol=0, rtol=0)
-            assert torch.equal(kk[:, :, end:], k[:, :, end:hi])
+            torch.testing.assert_close(kk[:, :, :quantized], books.k.apply(k[:, :, :quantized], 0), atol=0, rtol=0)
+            assert torch.equal(kk[:, :, quantized:], k[:, :, quantized:hi]) and torch.equal(kk[:, :, 0], k[:, :, 0])
+            if not residual:  # the simulated path holds what the cache holds
+                assert torch.equal(kk, books.k.apply(k[:, :, :hi], 0))
     # fp16 mid/half: within fp16 rounding of the simulation's unrounded scales
     books = calibrated(model, norm="channel-group", group=4, sink=1)
     cache = make_cache(model, books)
     kk, _ = cache.layers[0].update(k, v)
     assert cache.layers[0].k_mid.dtype == torch.float16
-    torch.testing.assert_close(kk[:, :, :13], books.k.apply(k[:, :, :13], 0), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(kk, books.k.apply(k, 0), atol=2e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="static post-RoPE keys"):
         cache.layers[0].quantized_state()
 
 
 def test_group_mode_decoding_matches_causal_reference():
     """Group mode: the cache == transformers' fp DynamicCache with an attention that, at every
-    step, quantizes the sink + complete groups of the keys it gets (what a causal cache can
-    know; the simulated full forward instead also quantizes the incomplete last group with its
-    partial min/max). Queries and values exact."""
+    step, applies the simulated quantizer to all keys so far (complete groups quantized, the
+    sink and the incomplete group exact). Queries and values exact."""
     from transformers import DynamicCache
 
     model = make_model("llama")
@@ -414,10 +416,7 @@ def test_group_mode_decoding_matches_causal_reference():
     ids = random_ids(2, 13)
 
     def causal_keys(x, layer, side):
-        if side == "q":
-            return x
-        n = 1 + max(x.shape[2] - 1, 0) // 4 * 4
-        return torch.cat([books.k.apply(x[:, :, :n], layer), x[:, :, n:]], dim=2)
+        return x if side == "q" else books.k.apply(x, layer)
 
     got = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False), 2)
     with kvquant.wrapped(model, causal_keys):
@@ -465,8 +464,8 @@ def test_group_mode_memory():
     with torch.no_grad():
         model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     per_head_q = 8 + 8 + 2 + 2 * d * 2 / 4  # key codes, value codes + scale, fp16 mid/half per group of 4
-    quantized = (s - 1) // 4 * 4
-    exact = s - quantized
+    quantized = s // 4 * 4  # the sink's slot included
+    exact = s - quantized + 1  # the incomplete group and the sink's exact copy
     expect = 2 * b * 2 * (quantized * per_head_q + exact * 2 * d * 4)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
     assert cache.quantized_bytes_per_token() == 2 * 2 * per_head_q
@@ -480,8 +479,8 @@ def test_group_mode_crop_keeps_split_group_exact():
         model(random_ids(1, 13), **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[1]
     k_all, v_all = layer._materialize()
-    cache.crop(-6)  # 13 -> 7 tokens: sink + group [1, 5) + 2 tokens of the split group [5, 9)
-    assert cache.get_seq_length() == 7 and layer.quantized_tokens == 4 and layer.res_k.shape[2] == 2
+    cache.crop(-6)  # 13 -> 7 tokens: group [0, 4) (with the sink) + 3 tokens of the split group [4, 8)
+    assert cache.get_seq_length() == 7 and layer.quantized_tokens == 4 and layer.res_k.shape[2] == 3
     k, v = layer._materialize()
     assert torch.equal(k, k_all[:, :, :7]) and torch.equal(v, v_all[:, :, :7])
 
@@ -489,10 +488,10 @@ def test_group_mode_crop_keeps_split_group_exact():
 # --- pre-RoPE keys ----------------------------------------------------------------------------
 
 
-def prerope_reference(model, books, ids, layer: int, attention_mask=None) -> torch.Tensor:
+def prerope_reference(model, books, ids, layer: int, **inputs) -> torch.Tensor:
     """The keys a causal pre-RoPE cache should return after ``ids``: post-RoPE keys of a plain
-    DynamicCache, the sink exact, complete groups derotated at their positions, quantized by the
-    simulated path and rotated back, the incomplete group exact."""
+    DynamicCache derotated at their positions, through the simulated quantizer (complete groups
+    quantized, the sink and the incomplete group exact) and rotated back."""
     from transformers import DynamicCache
 
     from kvquant.rope import derotate, rotate
@@ -500,13 +499,13 @@ def prerope_reference(model, books, ids, layer: int, attention_mask=None) -> tor
 
     plain = DynamicCache()  # full layers only: every key, also of sliding-window layers
     with torch.no_grad():
-        model(ids, attention_mask=attention_mask, **cache_kwargs(plain), use_cache=True)
+        model(ids, **inputs, **cache_kwargs(plain), use_cache=True)
     k = plain.layers[layer].keys
     pos = attention_modules(model)[layer].kvquant_positions.expand(k.shape[0], -1)
     cos, sin = rotary_tables(model)(layer, pos)
-    n = 1 + (k.shape[2] - 1) // 4 * 4
+    n = k.shape[2] // 4 * 4
     q = rotate(books.k.apply(derotate(k, cos, sin)[:, :, :n], layer), cos[:, :n], sin[:, :n])
-    return torch.cat([q, k[:, :, n:]], dim=2)
+    return torch.cat([k[:, :, :1], q[:, :, 1:], k[:, :, n:]], dim=2)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gptneox"])
@@ -527,22 +526,27 @@ def test_prerope_cache_rotates_keys_quantized_before_the_rotation(family):
                 ref = prerope_reference(model, books, ids[:, :t], 0)
                 torch.testing.assert_close(held, ref[:, :, ref.shape[2] - held.shape[2]:], atol=1e-6, rtol=0)
             model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
-    assert layer.k_pos.dtype == torch.int32 and torch.equal(layer.k_pos[0, 0], torch.arange(13 - layer.quantized_tokens, 13, dtype=torch.int32))
+    assert layer.k_pos.dtype == torch.int32 and torch.equal(layer.k_pos[0, 0], torch.arange(12 - layer.quantized_tokens, 12, dtype=torch.int32))
     assert cache.memory_bytes() == sum(_held_nbytes(lay) for lay in cache.layers)  # positions counted
 
 
 def test_prerope_cache_with_left_padding_and_beams():
-    """Left padding: positions come from the model's position_ids, so a padded row gets the keys
-    it gets alone; beam search and crop keep positions with their tokens."""
+    """Left padding: positions come from the model's position_ids, so each row's keys are rotated
+    back at its own positions (the pad tokens are the row's sinks and share group 0); beam
+    search keeps positions with their tokens."""
     model = make_model("llama")
     books = calibrated(model, norm="channel-group", group=4, sink=1, scale_bits=8, rope="pre")
     ids = random_ids(2, 11)
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    g = model.generate(ids, attention_mask=mask, **cache_kwargs(make_cache(model, books, quantize_values=False)), **kw)
-    alone = model.generate(ids[1:, 3:], **cache_kwargs(make_cache(model, books, quantize_values=False)), **kw)
-    assert torch.equal(alone[0, 8:], g[1, 11:])
+    inputs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1))  # as generate()
+    cache = make_cache(model, books, quantize_values=False)
+    with torch.no_grad():
+        model(ids, **inputs, **cache_kwargs(cache), use_cache=True)
+    ref = prerope_reference(model, books, ids, 0, **inputs)
+    torch.testing.assert_close(cache.layers[0]._materialize()[0], ref, atol=1e-6, rtol=0)
+    assert torch.equal(cache.layers[0].k_pos[1, 0, 3:], torch.arange(5, dtype=torch.int32))  # real tokens from 0
     beams = model.generate(ids, attention_mask=mask, num_beams=2, **cache_kwargs(make_cache(model, books)), **kw)
     assert beams.shape == (2, 17)
     cache = make_cache(model, books)

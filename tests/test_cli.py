@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import make_model, make_tokenizer, text_of
 
-from kvquant.cli import main
+from kvquant.cli import DEFAULTS, main
 from kvquant.codebooks import Codebooks
 
 
@@ -39,8 +39,9 @@ def run(argv) -> int:
 
 
 def calibrate_args(model_dir, text_file, out, *extra):
+    """Calibration of 2 windows of 16 tokens; groups of 8 (the default 128 would leave every token exact)."""
     return ["calibrate", "--model", model_dir, "--text-file", text_file, "--seqlen", 16, "--samples", 2,
-            "--out", out, *extra]
+            "--group", 8, "--out", out, *extra]
 
 
 def eval_args(model_dir, text_file, *extra):
@@ -157,9 +158,12 @@ def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_
     books_path = tmp_path / "default.safetensors"
     assert run(calibrate_args(model_dir, text_file, books_path)) == 0
     c = Codebooks.load(books_path).config
-    assert (c.method, c.norm, c.group, c.sink, c.scale_bits, c.rope) == ("lambda-lloyd", "channel-group", 128, 1, 8, "pre")
-    # exactly 4 effective bits at seqlen 16: (code + 16/128) · 15/16 + 16/16 = 4 → 3.075 code bits, caps ⌈·⌉ + 2
-    assert c.budget == pytest.approx(3 * 16 / 15 - 0.125, abs=1e-6) and (c.bits_q, c.bits_k) == (6, 6)
+    assert (c.method, c.norm, c.sink, c.scale_bits, c.rope) == ("lambda-lloyd", "channel-group", 1, 8, "pre")
+    assert DEFAULTS["group"] == 128 and c.group == 8  # (2 groups of 8 at seqlen 16)
+    # exactly 4 effective bits at seqlen 16: code + 16/8 (scales) + 16/16 (the sink) = 4 → 1 code bit, caps ⌈·⌉ + 2
+    assert c.budget == pytest.approx(1.0, abs=1e-6) and (c.bits_q, c.bits_k) == (3, 3)
+    rc = run(calibrate_args(model_dir, text_file, books_path, "--group", 128))
+    assert rc == 2
     # a static normalisation does not inherit the default family's allocation and 8-bit scales
     assert run(calibrate_args(model_dir, text_file, books_path, "--norm", "head", "--sink", 0)) == 0
     c = Codebooks.load(books_path).config
@@ -185,12 +189,12 @@ def test_calibrate_at_exact_effective_bits(model_dir, text_file, tmp_path, capsy
     out = capsys.readouterr().out
     books = Codebooks.load(books_path)
     assert f"{books.effective_bits(seqlen=16):.3f} effective bits" in out
-    # seqlen 16: (code + 16/8) · 15/16 + 16 · 1/16 = 4.5 → 1.733 code bits on average
-    assert books.config.budget == pytest.approx((4.5 - 1) * 16 / 15 - 2, abs=1e-6)
+    # seqlen 16: code + 16/8 + 16 · 1/16 = 4.5 → 1.5 code bits on average
+    assert books.config.budget == pytest.approx(1.5, abs=1e-6)
     assert 4.5 - 0.1 <= books.effective_bits(seqlen=16) <= 4.5 + 1e-6
-    # 3 bits: the scales and the exact first token alone cost more than 2 of them
-    assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 3)) == 2
-    assert "3 effective bits leave 0.133 code bits" in capsys.readouterr().err
+    # 3.5 bits: the scales and the exact first token alone cost 3 of them, fewer than the 1-bit minimum remains
+    assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 3.5)) == 2
+    assert "3.5 effective bits leave 0.500 code bits" in capsys.readouterr().err
     assert run(calibrate_args(model_dir, text_file, books_path, *args, "--effective-bits", 4, "--budget", 2)) == 2
     assert "not both" in capsys.readouterr().err
 

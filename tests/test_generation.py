@@ -46,6 +46,6 @@ def test_chunk_starts():
     model = make_model("llama")
     books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
         "lambda", 4, 4, norm="channel-group", group=4, sink=1)), progress=False)
-    assert chunk_starts(make_cache(model, books), 14) == [0, 4, 8, 12]
-    assert chunk_starts(make_cache(model, books, residual=2), 14) == [0, 6, 10]
+    assert chunk_starts(make_cache(model, books), 14) == [0, 3, 7, 11]  # token 4k − 1 completes group k (aligned at 0)
+    assert chunk_starts(make_cache(model, books, residual=2), 14) == [0, 5, 9, 13]
     assert chunk_starts(DynamicCache(), 14) == [0]

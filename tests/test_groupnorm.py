@@ -70,14 +70,15 @@ def test_histogram_update_matches_brute_force():
     assert hist.count_k[0].sum() == h_kv * (t - 1) * d
     # brute force for the query side: weight = half² · mean_{s ≤ t} k[s, j]²
     expect = torch.zeros(h, 65, dtype=torch.float64)
-    xt, _, half = group_minmax(q[:, :, 1:], g)
+    # groups [0, 3), [3, 6), [6, 9) aligned at token 0; the sink (token 0) outside group 0's range
+    xt, _, half = group_minmax(torch.cat([q[:, :, 1:2], q[:, :, 1:]], dim=2), g)
     idx = hist_index(xt, 64)
     for hh in range(h):
         for tt in range(1, t):
             for j in range(d):
                 partner = (k[0, hh // 2, : tt + 1, j] ** 2).mean()
-                hw = half[0, hh, (tt - 1) // g, 0, j]
-                expect[hh, idx[0, hh, tt - 1, j]] += float(hw**2 * partner)
+                hw = half[0, hh, tt // g, 0, j]
+                expect[hh, idx[0, hh, tt, j]] += float(hw**2 * partner)
     torch.testing.assert_close(hist.weight_q[0], expect, rtol=1e-5, atol=1e-9)
 
 
@@ -91,12 +92,12 @@ def test_fisher_histogram_matches_brute_force():
     hist.update_grad(1, "q", x, grad)
     expect = torch.zeros(h, 65, dtype=torch.float64)
     per_channel = torch.zeros(h, d, dtype=torch.float64)
-    xt, _, half = group_minmax(x[:, :, 1:], g)
+    xt, _, half = group_minmax(torch.cat([x[:, :, 1:2], x[:, :, 1:]], dim=2), g)
     idx = hist_index(xt, 64)
     for hh in range(h):
-        for tt in range(t - 1):
+        for tt in range(1, t):
             for j in range(d):
-                w = float(half[0, hh, tt // g, 0, j] ** 2 * grad[0, hh, tt + 1, j] ** 2)
+                w = float(half[0, hh, tt // g, 0, j] ** 2 * grad[0, hh, tt, j] ** 2)
                 expect[hh, idx[0, hh, tt, j]] += w
                 per_channel[hh, j] += w
     torch.testing.assert_close(hist.fisher_q[1], expect, rtol=1e-5, atol=1e-9)
@@ -137,7 +138,9 @@ def test_histogram_codebooks_order_by_their_objectives():
 
 def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):
     model, ids, books = tiny_books(method="lambda-lloyd", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1)
-    assert books.effective_bits(seqlen=24) == pytest.approx((3 + 32 / 8) * 23 / 24 + 16 / 24)
+    assert books.effective_bits(seqlen=24) == pytest.approx(3 + 32 / 8 + 16 / 24)
+    # 20 tokens: 16 in whole groups, the newest 4 held exact
+    assert books.effective_bits(seqlen=20) == pytest.approx((3 + 32 / 8) * 16 / 20 + 16 * 4 / 20 + 16 / 20)
     with pytest.raises(ValueError, match="sequence length"):
         books.effective_bits()
     path = tmp_path / "cg.safetensors"
@@ -174,7 +177,7 @@ def test_eight_bit_scales_cover_the_range_and_count_16_over_g(tmp_path):
     model, ids, books = tiny_books(method="lambda", bits_q=3, bits_k=3, norm="channel-group", group=8, sink=1,
                                    scale_bits=8)
     assert books.hist.key == (8, 1, 0.0, 8) and books.q.scale_bits == 8
-    assert books.effective_bits(seqlen=24) == pytest.approx((3 + 16 / 8) * 23 / 24 + 16 / 24)
+    assert books.effective_bits(seqlen=24) == pytest.approx(3 + 16 / 8 + 16 / 24)
     path = tmp_path / "s8.safetensors"
     books.save(path)
     again = Codebooks.load(path)

@@ -16,6 +16,7 @@ from kvquant import codebook as cb
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
 from kvquant.groupnorm import (
     GroupHistogram,
+    causal_groups,
     group_minmax,
     group_restore,
     group_split,
@@ -59,9 +60,11 @@ def test_p_zero_is_bit_identical_to_plain_minmax():
     x = _heavy((2, 2, 37, 8), seed=1)
     side = _side(bits=3, group=16, outliers=0.0)
     centers, bounds = side.centers[0], side.boundaries[0]
-    xt, mid, half = group_minmax(x, 16)
+    xt, mid, half = group_minmax(x[:, :, :32], 16)
     before = group_restore(cb.fake_quantize(xt, centers, bounds, dim=1), mid, half, 16)
-    assert torch.equal(side.apply(x, 0), before)
+    out = side.apply(x, 0)  # two complete groups of 16; the newest 5 tokens stay exact
+    assert torch.equal(out[:, :, :32], before) and torch.equal(out[:, :, 32:], x[:, :, 32:])
+    xt, mid, half = group_minmax(x, 16)
     xt0, mid0, half0, exact0 = group_split(x, 16, 0.0)
     assert torch.equal(xt0, xt) and torch.equal(mid0, mid) and torch.equal(half0, half) and not exact0.any()
 
@@ -122,9 +125,12 @@ def test_histogram_leaves_exact_entries_out():
     mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
     hist = GroupHistogram.zeros(1, h, h_kv, group=g, sink=1, outliers=p, bins=64)
     hist.update(0, q, k, mask)
-    n_exact = 2 * outlier_count(p, g * d)  # 16 tokens after the sink: two full groups
-    assert hist.count_q[0].sum() == h * ((t - 1) * d - n_exact)
-    assert hist.count_k[0].sum() == h_kv * ((t - 1) * d - n_exact)
+    # two complete groups (tokens 0–15; the sink and the incomplete group [16, 17) left out), each
+    # block keeping outlier_count(p, g·d) entries exact, those of the sink's placeholder not counted
+    for x, count in ((q, hist.count_q), (k, hist.count_k)):
+        exact = group_split(causal_groups(x, g, 1), g, p)[3]
+        assert exact.sum() == x.shape[1] * 2 * outlier_count(p, g * d)
+        assert count[0].sum() == x.shape[1] * 15 * d - exact[:, :, 1:].sum()
     plain = GroupHistogram.zeros(1, h, h_kv, group=g, sink=1, bins=64)
     plain.update(0, q, k, mask)
     # the planted entry widened its channel in the plain histogram: its group's weight drops
@@ -137,7 +143,7 @@ def test_effective_bits_formula(tmp_path):
                      outliers=0.05)
     n = math.ceil(0.05 * 8 * 8)  # 4 entries per 8 × 8 block, each fp16 + a 6-bit position
     per_entry = 2.5 + 32 / 8 + n / 64 * (16 + 6)
-    assert books.effective_bits(seqlen=24) == pytest.approx(per_entry * 23 / 24 + 16 / 24)
+    assert books.effective_bits(seqlen=24) == pytest.approx(per_entry + 16 / 24)  # 3 whole groups + the sink
     # the G = 128, D = 64 numbers quoted in the docstring and the sweep
     cfg = CodebookConfig("lambda", 4, 4, "channel-group", 128, 0, 0.005)
     fake = Codebooks(cfg, replace(books.q, bits=4), replace(books.k, bits=4), books.fingerprint, books.stats)
