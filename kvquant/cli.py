@@ -161,12 +161,7 @@ def cmd_eval_ppl(args) -> None:
         if dropped:
             print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
             names = [n for n in names if n not in dropped]
-    rows = make_rows(names, books, args.seqlen)
-    if args.mode == "generation":
-        baselines = [n for n, q in rows.items() if q is not None and not isinstance(q, Codebooks)]
-        if baselines:
-            raise ValueError(f"--mode generation runs rows through a KV cache; {', '.join(baselines)} "
-                             "quantize inside attention only (use --mode simulated for them)")
+    rows = make_rows(names, books, args.seqlen, generation=args.mode == "generation")
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
     if args.values is not None and not args.bits_v:
@@ -232,18 +227,20 @@ def cmd_generate(args) -> None:
 
 def _cache_factories(model, rows: dict, bits_v: int, values: str) -> dict:
     """Generation mode: a factory of fresh caches per row — ``fp`` transformers' DynamicCache,
-    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at ``bits_v`` bits
-    normalised per token by ``values``, :data:`kvquant.cache.VALUE_NORMS`)."""
+    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at the row's ``/V`` bits or
+    else ``bits_v``, normalised per token by ``values``, :data:`kvquant.cache.VALUE_NORMS`)."""
     from transformers import DynamicCache
 
     from kvquant.cache import make_cache
+    from kvquant.perplexity import row_value_bits
 
-    def factory(books):
+    def factory(name, books):
         if books is None:
             return lambda: DynamicCache(config=model.config)
-        return lambda: make_cache(model, books, quantize_values=bits_v > 0, bits_v=bits_v or None, values=values)
+        bv = row_value_bits(name) or bits_v
+        return lambda: make_cache(model, books, quantize_values=bv > 0, bits_v=bv or None, values=values)
 
-    return {name: factory(q) for name, q in rows.items()}
+    return {name: factory(name, q) for name, q in rows.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

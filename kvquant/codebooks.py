@@ -69,6 +69,9 @@ class CodebookConfig:
     # by reverse water-filling (kvquant.allocate); each channel gets 2, 3, 4, 5, 8, … up to 2^bits_q
     # (queries) / 2^bits_k (keys) levels (at_effective_bits: the budget for exactly b bits in all)
     budget: float = 0.0
+    # which sides the budget is spread over: "qk" (the simulated Q·Kᵀ) or "k" (a KV cache whose
+    # queries stay exact: the budget is the keys' mean code bits; queries keep bits_q everywhere)
+    budget_sides: str = "qk"
     scale_bits: int = 16  # channel-group: bits of each stored (mid, half) value, 16 (fp16) or 8 (groupnorm.code_scales)
     version: int = FORMAT_VERSION
 
@@ -105,6 +108,8 @@ class CodebookConfig:
                 f"budget (bit allocation) needs norm 'channel-group' (its error curves come from the calibration "
                 f"histograms); got norm {self.norm!r}"
             )
+        if self.budget_sides not in ("qk", "k"):
+            raise ValueError(f"budget_sides must be 'qk' (queries and keys) or 'k' (keys only); got {self.budget_sides!r}")
         if self.scale_bits not in SCALE_BITS:
             raise ValueError(f"scale_bits (bits per stored group mid/half) must be one of {SCALE_BITS}, got {self.scale_bits!r}")
         if self.scale_bits != 16 and self.norm != "channel-group":
@@ -284,7 +289,8 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
     head's own estimate ``½ Σ_i f_i (node_i − Q_n(node_i))²``; the loss is one scale for every
     layer, head and side. Channels differ a lot — a channel's error is multiplied by its partners'
     values, and its range by the group's — so the budget moves to where it lowers the loss most.
-    Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average ``½(mean_q bits + mean_k bits)``.
+    Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average ``½(mean_q bits + mean_k bits)``
+    (``1 / (L · H_k · D)`` of the keys' mean when ``fisher`` holds the keys only).
     Every channel gets between 2 and 2^cap levels (cap = its side's bits).
     """
     options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** max(caps.values())]
@@ -303,7 +309,7 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
                 err = cb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h])
                 eps[layer, h, i] = err / total if total > 0 else 0.0
         curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, len(options)))
-        costs.append(np.full(L * H * D, 1 / (2 * L * H * D)))
+        costs.append(np.full(L * H * D, 1 / (len(fisher) * L * H * D)))
         his.append(np.full(L * H * D, top))
     chosen = water_fill(np.concatenate(curves), np.concatenate(costs), budget, 0, np.concatenate(his), option_bits)
     levels = np.array(options)[chosen]
@@ -407,8 +413,9 @@ class Codebooks:
                     "budget (bit allocation) needs calibration histograms with Fisher weights; re-run calibration "
                     "with budget > 0 (or capture(..., fisher=True))"
                 )
-            fisher = {"q": hist.fisher_q.numpy(), "k": hist.fisher_k.numpy()}
-            channel_fisher = {"q": hist.channel_fisher_q.numpy(), "k": hist.channel_fisher_k.numpy()}
+            sides = ("q", "k") if config.budget_sides == "qk" else ("k",)
+            fisher = {s: getattr(hist, f"fisher_{s}").numpy() for s in sides}
+            channel_fisher = {s: getattr(hist, f"channel_fisher_{s}").numpy() for s in sides}
             channel_levels = allocate_levels(book, fisher, channel_fisher, caps, config.budget, nodes)
         else:
             channel_levels = None
@@ -417,7 +424,7 @@ class Codebooks:
             L, H = hists[side][0].shape[:2]
             D = fingerprint.head_dim
             unit = torch.zeros(L, H, D)
-            if channel_levels is None:
+            if channel_levels is None or side not in channel_levels:
                 k = 2 ** caps[side]
                 centers, bounds = torch.empty(L, H, k), torch.empty(L, H, k - 1)
                 for layer, h in itertools.product(range(L), range(H)):
@@ -479,8 +486,9 @@ class Codebooks:
 
     def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
         """Bits per entry, averaged over queries and keys (:meth:`CodebookConfig.effective_bits`
-        of the code bits ``½(mean_q + mean_k)``; ``head_dim`` defaults to the model's)."""
-        code = 0.5 * (self.q.mean_bits + self.k.mean_bits)
+        of the code bits ``½(mean_q + mean_k)``), or of the keys alone for ``budget_sides="k"``;
+        ``head_dim`` defaults to the model's."""
+        code = self.k.mean_bits if self.config.budget_sides == "k" else 0.5 * (self.q.mean_bits + self.k.mean_bits)
         return self.config.effective_bits(code, head_dim or self.fingerprint.head_dim, seqlen)
 
     def check_fits(self, model: torch.nn.Module) -> None:

@@ -58,37 +58,65 @@ def nll_sum(model: torch.nn.Module, ids: torch.Tensor, progress: bool = True, de
     return total, count
 
 
-#: Row ``method@B``: that codebook method rebuilt from the file's statistics at exactly B effective bits.
-_AT_BITS = re.compile(r"^(?P<method>[a-z-]+)@(?P<bits>[0-9]+(?:\.[0-9]+)?)$")
+#: Row ``method@B``: that codebook method rebuilt from the file's statistics at exactly B effective
+#: bits; in generation mode also ``method@B/V`` (values at V bits) and ``kivi@B[/V]``.
+_AT_BITS = re.compile(r"^(?P<method>[a-z-]+)@(?P<bits>[0-9]+(?:\.[0-9]+)?)(?:/(?P<bits_v>[1-8]))?$")
 
 
-def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None = None) -> dict[str, Quantizer | None]:
+def row_value_bits(name: str) -> int | None:
+    """Value bits a generation-mode row names (``…/V``), else None."""
+    m = _AT_BITS.match(name)
+    return int(m["bits_v"]) if m and m["bits_v"] else None
+
+
+def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None = None,
+              generation: bool = False) -> dict[str, Quantizer | Codebooks | None]:
     """Quantizers for row names: ``fp``; baselines (``int8``, ``int4-channel``, ``fp8``, ``fp4``…);
     codebook methods (``lambda``, ``lambda-lloyd``, ``lloydmax``, ``uniform``) rebuilt from the
     statistics in ``codebooks`` at its bits (the file's own method is used as is); ``method@B``
     (e.g. ``lambda@2``) that method at exactly B effective bits at ``seqlen``, its code bits
     allocated over channels as ``kvquant calibrate --effective-bits B`` would
-    (:meth:`Codebooks.at_effective_bits`)."""
-    rows: dict[str, Quantizer | None] = {}
+    (:meth:`Codebooks.at_effective_bits`).
+
+    ``generation=True`` (rows for a KV cache, queries exact): ``method@B[/V]`` spreads the budget
+    over the key channels only (``budget_sides="k"``: B effective bits per key entry) and names
+    the value bits V (:func:`row_value_bits`); ``kivi@B[/V]`` is the KIVI-style INT cache
+    (:func:`kvquant.baselines.kivi_codebooks`: B-bit min–max keys per channel over the codebooks'
+    groups, post-RoPE, fp16 scales, no sink). Classic baselines quantize inside attention only
+    and are refused there."""
+    rows: dict[str, Quantizer | Codebooks | None] = {}
     for name in names:
         at_bits = _AT_BITS.match(name)
+        if at_bits and at_bits["bits_v"] and not generation:
+            raise ValueError(f"row {name!r}: /V (value bits) is for a KV cache: use --mode generation")
         if name == "fp":
             rows[name] = None
         elif is_baseline(name):
+            if generation:
+                raise ValueError(f"--mode generation runs rows through a KV cache; {name} quantizes inside attention "
+                                 "only (use --mode simulated for it, or kivi@B for the KIVI-style INT cache)")
             rows[name] = Baseline(name)
+        elif generation and at_bits and at_bits["method"] == "kivi":
+            if codebooks is None:
+                raise ValueError(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")
+            from kvquant.baselines import kivi_codebooks
+
+            rows[name] = kivi_codebooks(codebooks, float(at_bits["bits"]))
         elif name in METHODS or (at_bits and at_bits["method"] in METHODS):
             if codebooks is None:
                 raise ValueError(f"row {name!r} needs calibration statistics: pass --codebooks FILE")
             if at_bits:
                 if not seqlen:
                     raise ValueError(f"row {name!r} (exactly {at_bits['bits']} effective bits) needs the evaluation seqlen")
-                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"])
+                sides = {"budget_sides": "k"} if generation else {}
+                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"], **sides)
             else:
                 rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
         else:
             raise ValueError(
                 f"unknown row {name!r}; use fp, int2..int8, int2-channel..int8-channel, fp8, fp4, "
                 f"a codebook method ({', '.join(METHODS)}) or METHOD@BITS (e.g. lambda@2)"
+                + ("; in generation mode METHOD@BITS/VBITS and kivi@BITS[/VBITS]" if generation else "")
             )
     return rows
 

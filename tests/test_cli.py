@@ -230,6 +230,16 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
     fp, q = payload["rows"]["fp"], payload["rows"]["lambda-lloyd"]
     assert fp["effective_bits"] == 32.0 and fp["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers × 2 heads × 16, fp32
     assert q["kv_bytes_per_token"] < fp["kv_bytes_per_token"] / 2 and q["ppl"] != fp["ppl"]
+    # per-row value bits, keys-only allocation at exact key bits, the KIVI-style INT cache
+    rc = run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "lambda-lloyd@5/2,kivi@4/2,kivi@4",
+                       "--mode", "generation", "--json", js))
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads(js.read_text())["rows"]
+    exact_v, v2 = rows["kivi@4"], rows["kivi@4/2"]
+    assert exact_v["kv_bytes_per_token"] > v2["kv_bytes_per_token"]  # the same keys, values 2-bit vs exact fp32
+    assert rows["lambda-lloyd@5/2"]["kv_bytes_per_token"] < exact_v["kv_bytes_per_token"]
+    assert run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "lambda@4/2")) == 2
+    assert "--mode generation" in capsys.readouterr().err
     # rows that are not caches, and --bits-v without generation mode, are refused up front
     assert run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "fp,int4", "--mode", "generation")) == 2
     assert "int4" in capsys.readouterr().err

@@ -49,3 +49,35 @@ def test_chunk_starts():
     assert chunk_starts(make_cache(model, books), 14) == [0, 3, 7, 11]  # token 4k − 1 completes group k (aligned at 0)
     assert chunk_starts(make_cache(model, books, residual=2), 14) == [0, 5, 9, 13]
     assert chunk_starts(DynamicCache(), 14) == [0]
+
+
+def test_keys_only_allocation_and_kivi_cache():
+    """Rows for a KV cache: ``budget_sides="k"`` spreads the code budget over the key channels
+    only (queries unallocated) and makes the keys' effective bits exact; ``kivi_codebooks`` is
+    min–max INT per channel over groups, post-RoPE, fp16 scales — the cache's complete key
+    groups equal the simulated ``int{b}-channel`` baseline up to the fp16 rounding of the scales."""
+    from dataclasses import replace
+
+    from kvquant.baselines import int_per_channel, kivi_codebooks
+
+    model = make_model("llama")
+    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
+        "lambda-lloyd", 4, 4, norm="channel-group", group=4, sink=1, scale_bits=8, budget=3.0)), progress=False)
+    k_only = books.at_effective_bits(7.5, 16, budget_sides="k")  # 2.5 code bits + 16/4 (scales) + 16/16 (the sink)
+    assert k_only.config.budget_sides == "k" and k_only.q.channel_levels is None
+    assert k_only.config.budget == pytest.approx(2.5) and 7.5 - 0.05 <= k_only.effective_bits(seqlen=16) <= 7.5
+    assert k_only.k.mean_bits == pytest.approx(k_only.config.budget, abs=0.05)
+    with pytest.raises(ValueError, match="budget_sides"):
+        replace(books.config, budget_sides="q")
+
+    kivi = kivi_codebooks(books, 3)
+    assert kivi.config.rope == "post" and kivi.k.sink == 0 and kivi.k.scale_bits == 16 and kivi.k.group == 4
+    cache = make_cache(model, kivi, quantize_values=False)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 10, 16, generator=g) * 3, torch.randn(1, 2, 10, 16, generator=g)
+    kk, _ = cache.layers[0].update(k, v)
+    ref = int_per_channel(k[:, :, :8], 3, group=4)
+    torch.testing.assert_close(kk[:, :, :8], ref, atol=1e-2, rtol=1e-2)
+    assert torch.equal(kk[:, :, 8:], k[:, :, 8:])
+    with pytest.raises(ValueError, match="integer"):
+        kivi_codebooks(books, 2.5)
