@@ -148,7 +148,7 @@ def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import load_text, make_windows
     from kvquant.fileio import write_text
-    from kvquant.generation import evaluate_generation
+    from kvquant.generation import cache_factories, evaluate_generation
     from kvquant.perplexity import evaluate, format_table, make_rows
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
@@ -173,7 +173,7 @@ def cmd_eval_ppl(args) -> None:
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
     if args.mode == "generation":
-        results = evaluate_generation(model, windows, _cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
+        results = evaluate_generation(model, windows, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
     else:
         results = evaluate(model, windows, rows)
     values = "exact values" if not args.bits_v else f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)"
@@ -223,24 +223,6 @@ def cmd_generate(args) -> None:
           f"vs {cache.fp16_bytes_per_token()} for an fp16 cache; {cache.quantized_tokens()} of {cache.get_seq_length()} "
           f"tokens quantized (the sink and the newest incomplete group of {books.k.group or 1} stay exact)",
           file=sys.stderr)
-
-
-def _cache_factories(model, rows: dict, bits_v: int, values: str) -> dict:
-    """Generation mode: a factory of fresh caches per row — ``fp`` transformers' DynamicCache,
-    codebooks a :class:`~kvquant.cache.KVQuantCache` (values exact, or at the row's ``/V`` bits or
-    else ``bits_v``, normalised per token by ``values``, :data:`kvquant.cache.VALUE_NORMS`)."""
-    from transformers import DynamicCache
-
-    from kvquant.cache import make_cache
-    from kvquant.perplexity import row_value_bits
-
-    def factory(name, books):
-        if books is None:
-            return lambda: DynamicCache(config=model.config)
-        bv = row_value_bits(name) or bits_v
-        return lambda: make_cache(model, books, quantize_values=bv > 0, bits_v=bv or None, values=values)
-
-    return {name: factory(name, q) for name, q in rows.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,21 +9,23 @@ token-by-token decoding gives it (up to matmul rounding; tests/test_generation.p
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvquant.cache import KVQuantCache
 from kvquant.compat import cache_kwargs
 from kvquant.perplexity import PplRow
 
-__all__ = ["chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
+__all__ = ["LibraryCache", "cache_factories", "chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
 
 #: Longest chunk fed at once (bounds the logits' memory); any finer split gives the same result.
 MAX_CHUNK = 256
@@ -40,11 +42,17 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
       at each ``c − 1`` (the tokens before it saw the group exact, the ones from it on see it
       quantized). Static normalisation without a residual quantizes every token when appended:
       any split.
+    - transformers' ``QuantizedCache`` (residual_length R): its first update quantizes what it
+      gets, and the update that brings the exact residual to R tokens re-quantizes everything —
+      token by token those are tokens 0, R, 2R, …: a chunk must end after each of them.
     - Anything else (a residual window that flushes token by token, other libraries' caches):
       every token.
     """
     if type(cache) is DynamicCache:
         return [0]
+    if isinstance(cache, QuantizedCache):
+        r = cache.layers[0].residual_length
+        return sorted({0, 1, *range(r + 1, n, r)})
     if isinstance(cache, KVQuantCache):
         o = cache.options
         if o.group:
@@ -79,20 +87,47 @@ def generation_nll(model: torch.nn.Module, windows, new_cache: Callable[[], Cach
     return total, count, cache
 
 
+def _storages(obj, seen: dict) -> None:
+    """Collect into ``seen`` (data pointer → bytes) the storages behind ``obj``: plain tensors,
+    tensor subclasses that flatten into inner tensors (optimum-quanto's QBits tensors), and
+    tuples/lists/dicts of them."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            for name in obj.__tensor_flatten__()[0]:
+                _storages(getattr(obj, name), seen)
+        elif obj.numel():
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _storages(o, seen)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _storages(o, seen)
+
+
 def kv_bits(cache: Cache) -> tuple[float, float]:
     """``(bits per K/V entry, bytes per token)`` of everything ``cache`` holds now (codes, scales,
     positions, exact tokens): bytes per token = Σ over layers of held bytes / (batch × held
-    tokens); bits per entry = 16 × that / the bytes per token of an fp16 cache of the same model."""
+    tokens); bits per entry = 16 × that / the bytes per token of an fp16 cache of the same model.
+    :class:`KVQuantCache` counts its own tensors; any other cache is counted from the storages of
+    every tensor its layers hold (quantized tensor subclasses through their inner tensors)."""
     if isinstance(cache, KVQuantCache):
         per_token, fp16 = cache.bytes_per_token(), cache.fp16_bytes_per_token()
-    else:
-        per_token = fp16 = 0.0
-        for lay in cache.layers:
-            if getattr(lay, "keys", None) is None or lay.keys.numel() == 0:
-                continue
-            b, _, t, _ = lay.keys.shape
-            per_token += (lay.keys.nbytes + lay.values.nbytes) / (b * t)
-            fp16 += 2 * (lay.keys.numel() + lay.values.numel()) / (b * t)
+        return (16 * per_token / fp16 if fp16 else 0.0), per_token
+    per_token = fp16 = 0.0
+    for lay in cache.layers:
+        quantized = getattr(lay, "_quantized_keys", None)  # transformers' QuantizedLayer: codes + exact residual
+        if quantized is None and (getattr(lay, "keys", None) is None or lay.keys.dim() != 4):
+            continue
+        t = lay.get_seq_length() if quantized is not None else lay.keys.shape[-2]  # tokens held
+        if not t:
+            continue
+        seen: dict = {}
+        _storages(list(vars(lay).values()), seen)
+        b, h, _, d = (quantized if quantized is not None else lay.keys).shape
+        per_token += sum(seen.values()) / (b * t)
+        fp16 += 2 * 2 * h * d
     return (16 * per_token / fp16 if fp16 else 0.0), per_token
 
 
@@ -109,3 +144,49 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
         out[name] = PplRow(name, math.exp(total / count), total / count, count, bits, time.perf_counter() - t0,
                            kv_bytes_per_token=per_token)
     return out
+
+
+#: transformers ``QuantizedCache`` backends a row may name, with the module each needs.
+LIBRARY_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
+
+
+@dataclass(frozen=True)
+class LibraryCache:
+    """A row of transformers' own quantized KV cache: ``QuantizedCache(backend, config, nbits)``
+    with the library's defaults (quanto: INT per token and head over groups of 64 channels,
+    residual_length 128 exact tokens, then the whole cache re-quantized). ``--baselines
+    quanto@4`` in generation mode; needs the ``compare`` extra."""
+
+    backend: str
+    nbits: int
+
+    def __post_init__(self) -> None:
+        if self.backend not in LIBRARY_BACKENDS:
+            raise ValueError(f"unknown QuantizedCache backend {self.backend!r}; use {', '.join(LIBRARY_BACKENDS)}")
+        if importlib.util.find_spec(LIBRARY_BACKENDS[self.backend].split(".")[0]) is None or (
+                importlib.util.find_spec(LIBRARY_BACKENDS[self.backend]) is None):
+            raise ValueError(f"row {self.backend}@{self.nbits} needs {LIBRARY_BACKENDS[self.backend]}: "
+                             "pip install 'kvquant-density[compare]'")
+
+    def new(self, model: torch.nn.Module) -> Cache:
+        return QuantizedCache(self.backend, model.config, nbits=self.nbits)
+
+
+def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax") -> dict:
+    """A factory of fresh caches per row of :func:`kvquant.perplexity.make_rows` (generation mode):
+    ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
+    codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
+    (:func:`kvquant.perplexity.row_value_bits`) or else ``bits_v`` (0: exact), normalised per token
+    by ``values`` (:data:`kvquant.cache.VALUE_NORMS`)."""
+    from kvquant.cache import make_cache
+    from kvquant.perplexity import row_value_bits
+
+    def factory(name, row):
+        if row is None:
+            return lambda: DynamicCache(config=model.config)
+        if isinstance(row, LibraryCache):
+            return lambda: row.new(model)
+        bv = row_value_bits(name) or bits_v
+        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values)
+
+    return {name: factory(name, row) for name, row in rows.items()}

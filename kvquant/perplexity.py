@@ -82,8 +82,9 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
     over the key channels only (``budget_sides="k"``: B effective bits per key entry) and names
     the value bits V (:func:`row_value_bits`); ``kivi@B[/V]`` is the KIVI-style INT cache
     (:func:`kvquant.baselines.kivi_codebooks`: B-bit min–max keys per channel over the codebooks'
-    groups, post-RoPE, fp16 scales, no sink). Classic baselines quantize inside attention only
-    and are refused there."""
+    groups, post-RoPE, fp16 scales, no sink); ``quanto@B`` / ``hqq@B`` transformers' own
+    ``QuantizedCache`` (:class:`kvquant.generation.LibraryCache`, K and V at B bits). Classic
+    baselines quantize inside attention only and are refused there."""
     rows: dict[str, Quantizer | Codebooks | None] = {}
     for name in names:
         at_bits = _AT_BITS.match(name)
@@ -96,6 +97,10 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
                 raise ValueError(f"--mode generation runs rows through a KV cache; {name} quantizes inside attention "
                                  "only (use --mode simulated for it, or kivi@B for the KIVI-style INT cache)")
             rows[name] = Baseline(name)
+        elif generation and at_bits and at_bits["method"] in ("quanto", "hqq") and not at_bits["bits_v"]:
+            from kvquant.generation import LibraryCache
+
+            rows[name] = LibraryCache(at_bits["method"], int(float(at_bits["bits"])))
         elif generation and at_bits and at_bits["method"] == "kivi":
             if codebooks is None:
                 raise ValueError(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")
@@ -116,7 +121,7 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
             raise ValueError(
                 f"unknown row {name!r}; use fp, int2..int8, int2-channel..int8-channel, fp8, fp4, "
                 f"a codebook method ({', '.join(METHODS)}) or METHOD@BITS (e.g. lambda@2)"
-                + ("; in generation mode METHOD@BITS/VBITS and kivi@BITS[/VBITS]" if generation else "")
+                + ("; in generation mode METHOD@BITS/VBITS, kivi@BITS[/VBITS], quanto@BITS, hqq@BITS" if generation else "")
             )
     return rows
 

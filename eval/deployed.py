@@ -1,0 +1,125 @@
+"""The deployed configurations: K/V bit splits chosen on development windows, reported on
+evaluation windows, beside the KIVI-style INT cache, all through the KV cache (generation mode).
+
+For each target of K/V bits held (every byte the cache holds at the end of a window counted:
+codes, group scales, value scales, positions of pre-RoPE keys, exact sinks and tokens) the
+candidates ``lambda-lloyd@K/V`` — keys at K effective bits, the code budget water-filled over
+the key channels only (queries exact), values V-bit INT per token — are run on the development
+windows; the best one holding at most the target is reported on the evaluation windows, with:
+
+- ``kivi@B/V``: keys min–max INT per channel over the same groups (post-RoPE, fp16 scales, no
+  sink), values the same per-token INT, the same exact incomplete group;
+- ``quanto@B``: transformers' ``QuantizedCache`` with optimum-quanto (K and V at B bits, its
+  defaults: groups of 64 channels per token, 128 exact recent tokens) — needs the compare extra;
+- the chosen keys with exact values through the cache (generation) and through the simulated
+  path (one forward pass, :meth:`kvquant.codebooks.SideBooks.apply`, queries and values exact),
+  to show that the simulation measures what the cache runs.
+
+Windows: the first ``--windows`` of the text are the evaluation windows, the ``--dev`` after them
+the development windows; calibration (the codebook file) used the end of the text.
+
+Usage:  python eval/deployed.py --codebooks out/default.safetensors [--windows 4] [--dev 2]
+Prints a markdown table and writes out/deployed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvquant.assets import load_model
+from kvquant.codebooks import Codebooks
+from kvquant.data import load_text, make_windows
+from kvquant.fileio import write_text
+from kvquant.generation import cache_factories, evaluate_generation
+from kvquant.perplexity import evaluate, make_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Candidates per target (K/V bits held): (key effective bits, value bits), about 0.22 bits of
+#: value scales, positions and exact sinks on top of (K + V)/2 for SmolLM2-135M at seqlen 2048.
+CANDIDATES = {
+    4.0: [(3.55, 4), (4.55, 3)],
+    3.0: [(2.55, 3), (3.55, 2)],
+    2.0: [(1.55, 2), (2.55, 1)],
+}
+KIVI = ["kivi@4/4", "kivi@4/3", "kivi@3/3", "kivi@3/2", "kivi@2/2"]
+LIBRARY = ["quanto@4", "quanto@2"]  # transformers' QuantizedCache (the compare extra)
+
+
+class KeysOnly:
+    """Simulated path for one codebook row: keys through ``books.k.apply``, queries exact."""
+
+    def __init__(self, books: Codebooks):
+        self.books, self.rope = books, books.config.rope
+
+    def __call__(self, x, layer: int, side: str):
+        return x if side == "q" else self.books.k.apply(x, layer)
+
+    def effective_bits(self, head_dim: int, seqlen: int) -> float:
+        return self.books.effective_bits(head_dim, seqlen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--codebooks", required=True)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="enwiki-excerpt")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--dev", type=int, default=2)
+    args = ap.parse_args(argv)
+    books = Codebooks.load(args.codebooks)
+    model, tok = load_model(args.model)
+    books.check_fits(model)
+    text = load_text(args.dataset, split="test")
+    windows = make_windows(tok, text, args.seqlen, args.windows + args.dev, from_end=False)
+    calib = make_windows(tok, text, books.calibration["seqlen"], books.calibration["windows"], from_end=True)
+    if windows.overlaps(calib):
+        raise ValueError("the evaluation/development windows overlap the codebooks' calibration windows")
+    dev, ev = windows.ids[args.windows :], windows.ids[: args.windows]
+
+    def caches(names: list[str]) -> dict:
+        return cache_factories(model, make_rows(names, books, args.seqlen, generation=True))
+
+    names = ["fp"] + [f"lambda-lloyd@{k:g}/{v}" for c in CANDIDATES.values() for k, v in c]
+    dev_res = {k: r.to_dict() for k, r in evaluate_generation(model, dev, caches(names)).items()}
+    chosen = {}
+    for target, cands in CANDIDATES.items():
+        fits = [f"lambda-lloyd@{k:g}/{v}" for k, v in cands]
+        fits = [n for n in fits if dev_res[n]["effective_bits"] <= target + 1e-9]
+        if fits:
+            chosen[target] = min(fits, key=lambda n: dev_res[n]["ppl"])
+    keys_only = {t: n.split("/")[0] for t, n in chosen.items()}  # the chosen keys, values exact
+    ev_names = ["fp", *chosen.values(), *KIVI, *LIBRARY, *keys_only.values()]
+    ev_res = {k: r.to_dict() for k, r in evaluate_generation(model, ev, caches(ev_names)).items()}
+    sim_rows = {f"{n} simulated": KeysOnly(make_rows([n], books, args.seqlen, generation=True)[n])
+                for n in keys_only.values()}
+    sim_res = {k: r.to_dict() for k, r in evaluate(model, ev, {"fp": None, **sim_rows}).items()}
+
+    command = "python eval/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fp_dev, fp_ev, fp_sim = dev_res["fp"]["ppl"], ev_res["fp"]["ppl"], sim_res["fp"]["ppl"]
+    lines = [f"`{command}` — {args.model}, {args.dataset}, seqlen {args.seqlen}, float32, generation mode (every "
+             f"token reads the cache), queries exact; evaluation = the first {args.windows} windows, development = "
+             f"the next {args.dev}; fp perplexity {fp_ev:.3f} (eval), {fp_dev:.3f} (dev)", "",
+             "Development (selection):", "", "| row | K/V bits held | dev Δ vs fp |", "|---|---|---|"]
+    for n in names[1:]:
+        lines.append(f"| {n} | {dev_res[n]['effective_bits']:.3f} | {dev_res[n]['ppl'] / fp_dev - 1:+.2%} |")
+    lines += ["", "Evaluation:", "", "| row | K/V bits held | bytes/token | eval Δ vs fp |", "|---|---|---|---|"]
+    for n in ev_names[1:]:
+        r = ev_res[n]
+        label = n + (" (values exact)" if n in keys_only.values() else "")
+        lines.append(f"| {label} | {r['effective_bits']:.3f} | {r['kv_bytes_per_token']:.0f} | {r['ppl'] / fp_ev - 1:+.2%} |")
+    for n, r in sim_res.items():
+        if n != "fp":
+            lines.append(f"| {n} (keys only, one forward) | {r['effective_bits']:.3f} (keys) | – | {r['ppl'] / fp_sim - 1:+.2%} |")
+    print("\n".join(lines))
+    write_text(ROOT / "out" / "deployed.json", json.dumps(
+        {"command": command, "chosen": {str(t): n for t, n in chosen.items()}, "dev": dev_res, "eval": ev_res,
+         "simulated": sim_res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
