@@ -19,7 +19,8 @@ Frame: with ``Controller.rope == "pre"`` the observer and the quantizer see q an
 rotary embedding undone (:mod:`kvquant.rope`; the tables are the ``position_embeddings`` the
 attention module was called with, stashed by a forward pre-hook that ``wrap`` installs), and
 quantized entries are rotated back. Keys then must be those of the same positions as the
-queries (a forward pass without a cache); keys of earlier positions from a cache raise.
+queries (a forward pass without a cache); keys of earlier positions from a cache raise, unless
+the quantizer quantizes queries only (``sides = ("q",)``, :class:`kvquant.cache.QueryQuantizer`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
 Rope = Literal["post", "pre"]
 #: ``quantizer(x, layer, side)`` returns dequantized ``x`` (same shape/dtype); side is "q" or "k".
+#: A quantizer with ``sides = ("q",)`` quantizes queries only (keys come quantized from a KV cache).
 Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
 #: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -103,17 +105,22 @@ def kvquant_attention(
     ctl.calls.add(layer)
     if ctl.mode == "off":
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    tables = _rotary_tables(module, query, key) if ctl.rope == "pre" else None
-    q_in, k_in = (query, key) if tables is None else (derotate(query, *tables), derotate(key, *tables))
+    keys = ctl.mode == "capture" or "k" in getattr(ctl.quantizer, "sides", ("q", "k"))
+    tables = _rotary_tables(module, query, key, keys) if ctl.rope == "pre" else None
+    if tables is None:
+        q_in, k_in = query, key
+    else:  # a queries-only quantizer (beside a KV cache) gets the keys as they are
+        q_in, k_in = derotate(query, *tables), (derotate(key, *tables) if keys else key)
     if ctl.mode == "capture":
         mask = pair_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", True), query.device)
         ctl.observer(layer, q_in, k_in, mask)
         if ctl.grad_observer is not None and query.requires_grad:
             _observe_grads(ctl.grad_observer, layer, (("q", query, q_in), ("k", key, k_in)), tables)
     else:
-        q_hat, k_hat = ctl.quantizer(q_in, layer, "q"), ctl.quantizer(k_in, layer, "k")
+        q_hat, k_hat = ctl.quantizer(q_in, layer, "q"), (ctl.quantizer(k_in, layer, "k") if keys else key)
         if tables is not None:
-            q_hat, k_hat = rotate(q_hat, *tables).to(query.dtype), rotate(k_hat, *tables).to(key.dtype)
+            q_hat = rotate(q_hat, *tables).to(query.dtype)
+            k_hat = rotate(k_hat, *tables).to(key.dtype) if keys else key
         query, key = q_hat, k_hat
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -135,14 +142,14 @@ def stash_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     module.kvquant_positions = kwargs.get("position_ids")
 
 
-def _rotary_tables(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor):
+def _rotary_tables(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, keys: bool = True):
     tables = getattr(module, "kvquant_rotary", None)
     if tables is None:
         raise ValueError(
             f"{type(module).__name__} received no rotary position embeddings: pre-RoPE quantization needs a "
             "rotary model (Llama, Qwen2, Mistral, Gemma3, GPT-NeoX, …); use rope='post'"
         )
-    if key.shape[2] != query.shape[2]:
+    if keys and key.shape[2] != query.shape[2]:
         raise NotImplementedError(
             f"pre-RoPE quantization sees {key.shape[2]} keys for {query.shape[2]} queries: keys of earlier "
             "positions (a KV cache) cannot be derotated here; run without a cache (use_cache=False) or use rope='post'"

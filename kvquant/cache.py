@@ -4,7 +4,7 @@ per token (or the ρ = 0 codebook with an RMS scale per token).
 
     books = kvquant.calibrate(model, windows)
     cache = make_cache(model, books)                       # keys: the books'; values: their mean bits
-    kvquant.wrap(model, query_quantizer(books, cache))     # optional, post-RoPE books: quantized queries too
+    kvquant.wrap(model, query_quantizer(books.causal_queries(), model))  # optional: quantized queries too
     out = model.generate(ids, **kvquant.cache_kwargs(cache), max_new_tokens=64)  # cache= (5.24+) or past_key_values=
     cache.bytes_per_token(), cache.memory_bytes()
 
@@ -688,49 +688,50 @@ def make_cache(
 
 
 class QueryQuantizer:
-    """A quantizer for :func:`kvquant.wrap` that quantizes queries only (side ``"q"``) and passes
-    keys through: use it with a :class:`KVQuantCache`, which already holds quantized keys.
+    """A quantizer for :func:`kvquant.wrap` that quantizes queries only (``sides = ("q",)``) and
+    passes keys through: use it beside a :class:`KVQuantCache`, which already holds quantized keys.
 
-    With codebooks that keep the first ``sink`` tokens exact, ``SideBooks.apply`` treats the
-    first positions *of the tensor it gets* as sinks, which in decoding is the new token; given
-    the ``cache``, this quantizer finds the queries' absolute positions (the cache already holds
-    the step's keys when attention runs) and keeps exactly those below ``sink`` exact.
+    Only causal query codebooks are accepted — a query is quantized from its own token and static
+    calibrated tables (``norm`` ``head``/``channel``), so a decoding step and a prefill give it
+    the same codes; group-normalised query books (their range spans up to G − 1 later queries)
+    are refused: :meth:`Codebooks.causal_queries` builds static per-channel ones from the same
+    statistics. Pre-RoPE books get the queries with the rotation undone (the attention function
+    derotates queries only). Queries at positions below the codebooks' ``sink`` stay exact: the
+    positions are the ``position_ids`` the attention module was called with (stashed by
+    :func:`kvquant.wrap`'s pre-hook), so a decoding step's single query is not taken for a sink.
     """
 
-    def __init__(self, codebooks: Codebooks, cache: Cache | None = None):
-        if codebooks.config.rope != "post":
-            raise NotImplementedError(
-                "queries of pre-RoPE codebooks cannot be quantized beside a KV cache yet (the attention function "
-                "derotates only within one forward pass): use make_cache alone (exact queries) or rope='post' codebooks"
+    sides = ("q",)
+
+    def __init__(self, codebooks: Codebooks, model: torch.nn.Module):
+        from kvquant.wrap import attention_modules
+
+        if codebooks.q.group:
+            raise ValueError(
+                "these query codebooks normalise over groups of tokens, which a decoding step does not have "
+                "(the group's range spans later queries): use codebooks.causal_queries() for static per-channel tables"
             )
-        self.codebooks = codebooks
-        self.cache = cache
-        self.sink = codebooks.q.sink
-        self._no_sink = replace(codebooks.q, sink=0) if self.sink else codebooks.q
+        self.codebooks, self.rope, self.sink = codebooks, codebooks.config.rope, codebooks.q.sink
+        self._modules = {m.layer_idx: m for m in attention_modules(model)}
+        self._no_sink = replace(codebooks.q, sink=0)
 
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
         if side != "q":
             return x
+        out = self._no_sink.apply(x, layer)
         if not self.sink:
-            return self.codebooks.q.apply(x, layer)
-        if self.cache is None:
-            raise ValueError(
-                f"these codebooks keep the first {self.sink} tokens exact: pass the cache, "
-                "query_quantizer(books, cache), so queries know their positions"
-            )
-        start = self.cache.layers[layer].get_seq_length() - x.shape[2]
-        n = min(max(self.sink - start, 0), x.shape[2])
-        if n == 0:
-            return self._no_sink.apply(x, layer)
-        if n == x.shape[2]:
-            return x
-        return torch.cat([x[:, :, :n], self._no_sink.apply(x[:, :, n:], layer)], dim=2)
+            return out
+        pos = getattr(self._modules[layer], "kvquant_positions", None)
+        if pos is None or pos.shape[-1] != x.shape[2]:
+            raise RuntimeError(f"layer {layer}: no position_ids for the {x.shape[2]} queries (is the model wrapped?)")
+        exact = (pos < self.sink).expand(x.shape[0], -1)[:, None, :, None].to(x.device)
+        return torch.where(exact, x, out)
 
     def effective_bits(self, *args, **kwargs) -> float:
-        """Bits per query entry (static tables add nothing per entry; sinks not counted)."""
-        return float(self.codebooks.config.bits_q)
+        """Code bits per query entry (static tables add nothing per entry; sinks not counted)."""
+        return float(self.codebooks.q.mean_bits)
 
 
-def query_quantizer(codebooks: Codebooks, cache: Cache | None = None) -> QueryQuantizer:
-    """:class:`QueryQuantizer` of ``codebooks``: ``kvquant.wrap(model, query_quantizer(books, cache))``."""
-    return QueryQuantizer(codebooks, cache)
+def query_quantizer(codebooks: Codebooks, model: torch.nn.Module) -> QueryQuantizer:
+    """:class:`QueryQuantizer` of ``codebooks``: ``kvquant.wrap(model, query_quantizer(books, model))``."""
+    return QueryQuantizer(codebooks, model)

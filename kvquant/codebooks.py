@@ -471,6 +471,18 @@ class Codebooks:
         config = replace(self.config, **changes).at_effective_bits(effective_bits, self.fingerprint.head_dim, seqlen)
         return self.rebuilt(**{k: getattr(config, k) for k in ("budget", "bits_q", "bits_k")}, **changes)
 
+    def causal_queries(self, bits: int | None = None) -> "Codebooks":
+        """Codebooks whose queries are quantized causally, for :func:`kvquant.query_quantizer`
+        beside a KV cache: static per-channel tables (``norm="channel"``: offset and scale the
+        calibrated mean and σ of each query channel, the head's pair codebook at ``bits``, default
+        the file's ``bits_q``) from the same statistics and frame; the keys of the result are
+        not meant to be used (the cache holds this file's)."""
+        if not self.config.dynamic:
+            return self if bits is None else self.rebuilt(bits_q=bits)
+        bits = bits or self.config.bits_q
+        return self.rebuilt(norm="channel", bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
+                            outliers=0.0)
+
     # --- use ------------------------------------------------------------------------
     @property
     def name(self) -> str:

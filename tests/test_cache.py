@@ -89,7 +89,7 @@ def test_decoding_matches_simulated_forward(family, prefill):
     assert cache.get_seq_length() == SEQ
 
     # the same with queries-only quantization in the model (keys come quantized from the cache)
-    kvquant.wrap(model, query_quantizer(books))
+    kvquant.wrap(model, query_quantizer(books, model))
     got_q = stepwise_logits(model, ids, make_cache(model, books, quantize_values=False), prefill)
     torch.testing.assert_close(got_q, ref, atol=1e-4, rtol=0)
 
@@ -154,7 +154,7 @@ def test_residual_and_sink_tokens_are_exact_in_the_model():
     with quantized queries and exact keys and values."""
     model, books = setup("llama")
     ids = random_ids()
-    kvquant.wrap(model, query_quantizer(books))
+    kvquant.wrap(model, query_quantizer(books, model))
     ref = full_logits(model, ids)
     for opts in (dict(residual=SEQ), dict(sink=SEQ), dict(sink=5, residual=SEQ - 5)):
         got = stepwise_logits(model, ids, make_cache(model, books, **opts), prefill=3)
@@ -358,7 +358,7 @@ def calibrated(model, **config) -> Codebooks:
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_codebook_sinks_with_query_quantizer_match_simulated(family):
     """Books with sink=2: the cache keeps 2 exact sinks by default, and the query quantizer
-    finds the queries' absolute positions from the cache (a decoding step's single query
+    finds the queries' absolute positions from the position_ids (a decoding step's single query
     token is not a sink)."""
     model = make_model(family)
     books = calibrated(model, sink=2)
@@ -367,11 +367,9 @@ def test_codebook_sinks_with_query_quantizer_match_simulated(family):
     ref = full_logits(model, ids)
     cache = make_cache(model, books, quantize_values=False)
     assert cache.options.sink == 2
-    kvquant.wrap(model, query_quantizer(books, cache))
+    kvquant.wrap(model, query_quantizer(books, model))
     got = stepwise_logits(model, ids, cache, prefill=1)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="pass the cache"):
-        query_quantizer(books)(torch.zeros(1, 4, 1, 16), 0, "q")
 
 
 def test_group_mode_layer_holds_whole_groups():
@@ -425,7 +423,7 @@ def test_group_mode_decoding_matches_causal_reference():
     # generate() runs (greedy, beam) with quantized values and queries-only quantization
     for gen in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
         cache = make_cache(model, books)
-        with kvquant.wrapped(model, query_quantizer(books, cache)):
+        with kvquant.wrapped(model, query_quantizer(books.causal_queries(), model)):
             out = model.generate(ids[:, :5], **cache_kwargs(cache), max_new_tokens=6, min_new_tokens=6, **gen)
         assert out.shape == (2, 11)
 

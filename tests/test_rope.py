@@ -155,8 +155,33 @@ def test_calibration_in_the_pre_frame(tmp_path):
         books.rebuilt(rope="post")
     books.rebuilt(bits_q=2)  # same frame: fine
     assert kvquant.make_cache(model, books).layers[0].rope is not None  # the cache stores them pre-RoPE
-    with pytest.raises(NotImplementedError, match="pre-RoPE"):
-        kvquant.query_quantizer(books)  # not yet beside a cache
+    with pytest.raises(ValueError, match="causal_queries"):
+        kvquant.query_quantizer(books, model)  # group-normalised queries would look ahead
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family):
+    """Pre-RoPE keys in the cache and queries through static per-channel tables
+    (``causal_queries``): a prefill through the cache gives the logits of the simulated forward
+    with the same query and key books; decoding steps run (the queries derotated alone)."""
+    from dataclasses import replace
+
+    from kvquant.compat import cache_kwargs
+
+    model = make_model(family)
+    ids = random_ids(2, SEQ)
+    config = CodebookConfig("lambda", 3, 3, "channel-group", 4, 1, rope="pre", scale_bits=8)
+    books = calibrate(model, ids, CalibrationConfig(config), progress=False)
+    qbooks = books.causal_queries()
+    assert qbooks.q.group == 0 and qbooks.config.norm == "channel" and qbooks.q.sink == 1
+    with kvquant.wrapped(model, replace(books, q=qbooks.q)):  # simulated: static queries, group keys
+        ref = logits(model, ids)
+    cache = kvquant.make_cache(model, books, quantize_values=False)
+    with kvquant.wrapped(model, kvquant.query_quantizer(qbooks, model)), torch.no_grad():
+        got = model(ids, **cache_kwargs(cache), use_cache=True).logits.float()
+        step = model(ids[:, :1], **cache_kwargs(cache), use_cache=True).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert torch.isfinite(step).all()
 
 
 def test_config_validates_rope():
