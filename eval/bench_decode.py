@@ -169,7 +169,7 @@ def generate_section(model, books, prompt: torch.Tensor, new: int, group_books=N
     ref_tokens = None
     for name, bk, opts, wrap_q in variants:
         if wrap_q:
-            kvquant.wrap(model, query_quantizer(books))
+            kvquant.wrap(model, query_quantizer(books, model))
         mk = (lambda: DynamicCache(config=model.config)) if bk is None else (lambda: make_cache(model, bk, values="rms", **opts))
         _, t1 = _generate(model, prompt, 1, mk())  # prefill + 1 token
         cache = mk()
@@ -289,7 +289,7 @@ def ppl_section(model, books, ids: torch.Tensor, group_books=None) -> str:
     with kvquant.wrapped(model, books):
         gen = _nll_stepwise(model, ids, make_cache(model, books, quantize_values=False))
     rows.append(("Q4 K4 wrapped, generation mode with KVQuantCache (V exact)", gen))
-    with kvquant.wrapped(model, query_quantizer(books)):
+    with kvquant.wrapped(model, query_quantizer(books, model)):
         rows.append(("Q4 K4 V4: queries-only wrap + KVQuantCache", _nll_stepwise(model, ids, make_cache(model, books, values="rms"))))
     rows.append(("K4 V4: KVQuantCache only (queries exact)", _nll_stepwise(model, ids, make_cache(model, books, values="rms"))))
     rows.append(("K4 simulated, keys only (wrapped, full forward)", _nll_keys_only(model, books, ids)))

@@ -11,6 +11,9 @@ windows; the best one holding at most the target is reported on the evaluation w
   sink), values the same per-token INT, the same exact incomplete group;
 - ``quanto@B``: transformers' ``QuantizedCache`` with optimum-quanto (K and V at B bits, its
   defaults: groups of 64 channels per token, 128 exact recent tokens) — needs the compare extra;
+- the chosen rows with the queries quantized too (``+qB``: static per-channel query tables at B
+  bits from the same statistics, :meth:`kvquant.codebooks.Codebooks.causal_queries`, through
+  :func:`kvquant.query_quantizer` — causal, so decoding gives the codes a prefill gives);
 - the chosen keys with exact values through the cache (generation) and through the simulated
   path (one forward pass, :meth:`kvquant.codebooks.SideBooks.apply`, queries and values exact),
   to show that the simulation measures what the cache runs.
@@ -29,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+from kvquant import query_quantizer, wrapped
 from kvquant.assets import load_model
 from kvquant.codebooks import Codebooks
 from kvquant.data import load_text, make_windows
@@ -95,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     keys_only = {t: n.split("/")[0] for t, n in chosen.items()}  # the chosen keys, values exact
     ev_names = ["fp", *chosen.values(), *KIVI, *LIBRARY, *keys_only.values()]
     ev_res = {k: r.to_dict() for k, r in evaluate_generation(model, ev, caches(ev_names)).items()}
+    for target, name in chosen.items():
+        for qbits in sorted({4, int(target)}, reverse=True):
+            with wrapped(model, query_quantizer(books.causal_queries(qbits), model)):
+                r = evaluate_generation(model, ev, caches([name]))[name].to_dict()
+            ev_names.append(f"{name} +q{qbits}")
+            ev_res[ev_names[-1]] = r
     sim_rows = {f"{n} simulated": KeysOnly(make_rows([n], books, args.seqlen, generation=True)[n])
                 for n in keys_only.values()}
     sim_res = {k: r.to_dict() for k, r in evaluate(model, ev, {"fp": None, **sim_rows}).items()}

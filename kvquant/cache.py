@@ -651,8 +651,8 @@ def make_cache(
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
-    scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the keys' mean code
-    bits, rounded); ``sink``
+    scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the codebooks'
+    ``config.bits_v``, or where that is 0 the keys' mean code bits, rounded); ``sink``
     defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
     ``past_key_values=`` before); one cache per generation."""
@@ -663,8 +663,10 @@ def make_cache(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
             "KVQuantCache stores dense codes only: calibrate with outliers=0 for the cache"
         )
+    if bits_v is None:
+        bits_v = codebooks.config.bits_v or round(k.mean_bits)
     options = CacheOptions(
-        k.bits, round(k.mean_bits) if bits_v is None else bits_v, quantize_values, residual,
+        k.bits, bits_v, quantize_values, residual,
         k.sink if sink is None else sink, k.group, k.scale_bits, values,
     )
     config = model.config.get_text_config(decoder=True)

@@ -32,6 +32,8 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "rope": "pre",
     "budget": 0.0,
     "effective_bits": 4.0,
+    "budget_sides": "qk",
+    "bits_v": 0,
     "scale_bits": 8,
     "dtype": "float32",
     "device": "cpu",
@@ -124,7 +126,8 @@ def cmd_calibrate(args) -> None:
     from kvquant.fingerprint import ModelFingerprint
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
-                    "outliers", "rope", "budget", "effective_bits", "scale_bits", "dtype", "device", "out"])
+                    "outliers", "rope", "budget", "effective_bits", "budget_sides", "bits_v", "scale_bits", "dtype",
+                    "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
     model, tok = _load(args)
@@ -176,8 +179,9 @@ def cmd_eval_ppl(args) -> None:
         results = evaluate_generation(model, windows, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
     else:
         results = evaluate(model, windows, rows)
-    values = "exact values" if not args.bits_v else f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)"
-    mode = (f" · generation mode (every token reads the KV cache; queries and {values})"
+    values = (f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)" if args.bits_v else
+              "values as each row's cache holds them (a row's /V, else the codebooks' bits_v, else exact)")
+    mode = (f" · generation mode (every token reads the KV cache; queries exact; {values})"
             if args.mode == "generation" else " · simulated (one forward pass per window)")
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
               f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}{mode}"
@@ -276,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "sets --budget to the code bits that make exactly this many (e.g. 4 with --group 128 "
                         "--scale-bits 8 --sink 1 at seqlen 2048: 3.867); channels then get up to --bits-q/--bits-k "
                         "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group; 0 = off, every channel at --bits-q/--bits-k)")
+    c.add_argument("--budget-sides", choices=["qk", "k"],
+                   help="what the code budget is spread over: qk = queries and keys (the simulated Q·Kᵀ), k = the "
+                        "keys alone (a KV cache with exact queries; --effective-bits then counts key entries)")
+    c.add_argument("--bits-v", type=int,
+                   help="bits of the values the KV cache of these codebooks stores (make_cache's default; "
+                        "0 = the keys' mean code bits)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
                         "8 = log-coded half-range and offset in its 16ths (default 8 for --norm channel-group)")

@@ -73,6 +73,8 @@ class CodebookConfig:
     # queries stay exact: the budget is the keys' mean code bits; queries keep bits_q everywhere)
     budget_sides: str = "qk"
     scale_bits: int = 16  # channel-group: bits of each stored (mid, half) value, 16 (fp16) or 8 (groupnorm.code_scales)
+    # bits of the values a KV cache of these codebooks stores (make_cache's default; 0: the keys' mean code bits)
+    bits_v: int = 0
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -108,6 +110,8 @@ class CodebookConfig:
                 f"budget (bit allocation) needs norm 'channel-group' (its error curves come from the calibration "
                 f"histograms); got norm {self.norm!r}"
             )
+        if not (isinstance(self.bits_v, int) and 0 <= self.bits_v <= cb.MAX_BITS):
+            raise ValueError(f"bits_v (bits of the cached values; 0 = the keys' mean) must be 0–{cb.MAX_BITS}, got {self.bits_v!r}")
         if self.budget_sides not in ("qk", "k"):
             raise ValueError(f"budget_sides must be 'qk' (queries and keys) or 'k' (keys only); got {self.budget_sides!r}")
         if self.scale_bits not in SCALE_BITS:

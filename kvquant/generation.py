@@ -176,8 +176,9 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
     """A factory of fresh caches per row of :func:`kvquant.perplexity.make_rows` (generation mode):
     ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
-    (:func:`kvquant.perplexity.row_value_bits`) or else ``bits_v`` (0: exact), normalised per token
-    by ``values`` (:data:`kvquant.cache.VALUE_NORMS`)."""
+    (:func:`kvquant.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
+    ``config.bits_v`` (0 everywhere: exact values), normalised per token by ``values``
+    (:data:`kvquant.cache.VALUE_NORMS`)."""
     from kvquant.cache import make_cache
     from kvquant.perplexity import row_value_bits
 
@@ -186,7 +187,7 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
             return lambda: DynamicCache(config=model.config)
         if isinstance(row, LibraryCache):
             return lambda: row.new(model)
-        bv = row_value_bits(name) or bits_v
+        bv = row_value_bits(name) or bits_v or row.config.bits_v
         return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values)
 
     return {name: factory(name, row) for name, row in rows.items()}

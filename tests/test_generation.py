@@ -69,6 +69,11 @@ def test_keys_only_allocation_and_kivi_cache():
     assert k_only.k.mean_bits == pytest.approx(k_only.config.budget, abs=0.05)
     with pytest.raises(ValueError, match="budget_sides"):
         replace(books.config, budget_sides="q")
+    # the values' bits the file records are make_cache's default
+    with_v = replace(k_only, config=replace(k_only.config, bits_v=2))
+    assert make_cache(model, with_v).options.bits_v == 2 and make_cache(model, with_v, bits_v=3).options.bits_v == 3
+    with pytest.raises(ValueError, match="bits_v"):
+        replace(books.config, bits_v=9)
 
     kivi = kivi_codebooks(books, 3)
     assert kivi.config.rope == "post" and kivi.k.sink == 0 and kivi.k.scale_bits == 16 and kivi.k.group == 4
