@@ -42,13 +42,11 @@ from kvquant.perplexity import evaluate, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Candidates per target (K/V bits held): (key effective bits, value bits), about 0.22 bits of
-#: value scales, positions and exact sinks on top of (K + V)/2 for SmolLM2-135M at seqlen 2048.
-CANDIDATES = {
-    4.0: [(3.55, 4), (4.55, 3)],
-    3.0: [(2.55, 3), (3.55, 2)],
-    2.0: [(1.55, 2), (2.55, 1)],
-}
+#: Candidates per target T (K/V bits held): values at V bits (+ 0.25 bits of 8-bit mid/half per
+#: token and head of 64) and the keys at K = 2T − V − 0.35 effective bits, which leaves about 0.02
+#: bits for the exact sink's float32 values and margin on SmolLM2-135M at seqlen 2048 (checked:
+#: a candidate holding more than T is not selected).
+CANDIDATES = {t: [(round(2 * t - v - 0.35, 2), v) for v in (int(t), int(t) - 1)] for t in (4.0, 3.0, 2.0)}
 KIVI = ["kivi@4/4", "kivi@4/3", "kivi@3/3", "kivi@3/2", "kivi@2/2"]
 LIBRARY = ["quanto@4", "quanto@2"]  # transformers' QuantizedCache (the compare extra)
 

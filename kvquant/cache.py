@@ -182,8 +182,9 @@ class LayerTables:
 # per token; keys per token (static normalisation: k_codes (B, H, n, bytes)) or per group (group
 # mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D)).
 # Pre-RoPE keys (``rope="pre"`` codebooks): the quantized keys are stored before the rotation and
-# rotated at their positions when read; k_pos (B, 1, n) and res_pos (B, 1, r) hold the position
-# ids of the quantized and residual tokens (int32, counted).
+# rotated at their positions when read: the stream indices while the position ids equal them
+# (nothing stored), else k_pos (B, 1, n) and res_pos (B, 1, r), the position ids of the quantized
+# and residual tokens (int32, counted).
 _STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_v", "res_pos")
 _PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
@@ -263,7 +264,7 @@ class _QuantKV:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
         self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
         if self.rope is not None:
-            self.k_pos, self.res_pos = e(b, 1, 0, dtype=torch.int32), e(b, 1, 0, dtype=torch.int32)
+            self._explicit = False  # positions = stream index until a row departs from it (then stored)
         self._dev_tables = self.tables.to(dev)
 
     @property
@@ -327,7 +328,7 @@ class _QuantKV:
         t, o = self._dev_tables, self.options
         k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half)
         if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
-            k = rotate(k, *self.rope.tables(self.k_pos[:, 0]))
+            k = rotate(k, *self.rope.tables(self._quantized_positions()))
         k = k.to(self.dtype)
         if o.quantize_values and o.values == "minmax":
             codes = unpack(self.v_codes, o.bits_v, self.head_dim).transpose(2, 3)
@@ -344,8 +345,33 @@ class _QuantKV:
         return k, v
 
     # --- token operations -------------------------------------------------------------
+    def _stream(self, start: int, n: int, batch: int) -> torch.Tensor:
+        """Positions (B, 1, n) int32 equal to the stream indices ``start … start + n − 1``."""
+        return torch.arange(start, start + n, dtype=torch.int32, device=self.device).expand(batch, 1, n)
+
+    def _quantized_positions(self) -> torch.Tensor:
+        """Positions (B, n) of the quantized tokens: stored, or their stream indices."""
+        if self._explicit:
+            return self.k_pos[:, 0]
+        return self._stream(self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0])[:, 0]
+
+    def _track_positions(self, k: torch.Tensor) -> torch.Tensor | None:
+        """Positions (B, 1, n) of the ``n`` tokens being appended if they must be stored, else None.
+
+        Keys of pre-RoPE codebooks need their positions when read. While every row's position
+        ids are the tokens' stream indices (no padding) nothing is stored (0 bytes); from the first
+        step that departs (left padding, custom position_ids) the positions of all held tokens
+        are stored as int32 (counted)."""
+        b, n = k.shape[0], k.shape[2]
+        pos = self.rope.positions(b, n)
+        if not self._explicit and not torch.equal(pos, self._stream(self._seen, n, b)):
+            self._explicit = True
+            self.k_pos = self._stream(self._seen - self.held_tokens, self.quantized_tokens, b).clone()
+            self.res_pos = self._stream(self._seen - self.res_k.shape[2], self.res_k.shape[2], b).clone()
+        return pos if self._explicit else None
+
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        pos = self.rope.positions(k.shape[0], k.shape[2]) if self.rope is not None else None
+        pos = self._track_positions(k) if self.rope is not None else None
         self._seen += k.shape[2]
         res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
                None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
@@ -360,8 +386,10 @@ class _QuantKV:
                 self.sink_v = torch.cat([self.sink_v, res[1][:, :, :take]], dim=2)
             keys = res[0][:, :, :over]
             if self.rope is not None:
-                keys = derotate(keys, *self.rope.tables(res[2][:, 0, :over]))
-                self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
+                at = res[2][:, 0, :over] if pos is not None else self._stream(first, over, keys.shape[0])[:, 0]
+                keys = derotate(keys, *self.rope.tables(at))
+                if pos is not None:
+                    self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
             if self.group and first == 0:  # the sinks are left out of group 0's range, as simulated
                 keys = causal_groups(keys, self.group, self.sink_cap)
             codes, mid, half = self._quantize_keys(keys)
@@ -435,7 +463,7 @@ class _QuantKV:
                 k, v = self._dequantized()
                 self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
                 self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
-                if self.rope is not None:
+                if self.rope is not None and self._explicit:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
             self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
@@ -492,7 +520,8 @@ class _QuantKV:
 
     def quantized_bytes_per_token(self) -> float:
         """Bytes per token of the quantized segment: key codes (+ group mid/half / G) + value
-        codes + value scale (or exact values), + the int32 position of pre-RoPE keys."""
+        codes + value scale (or exact values), + the int32 position of pre-RoPE keys where positions
+        are stored (not while they equal the stream index)."""
         h, d, o = self.tables.k_centers.shape[0], self.tables.k_offset.shape[-1], self.options
         if self.group:
             per_head = (self.packing.group_bytes / h + 2 * d * o.scale_bits / 8) / self.group
@@ -502,7 +531,7 @@ class _QuantKV:
             per_head += packed_size(d, o.bits_v) + _VALUE_SCALE_BYTES
         else:
             per_head += d * torch.finfo(getattr(self, "dtype", torch.float16)).bits // 8
-        return h * per_head + (4 if self.rope is not None else 0)
+        return h * per_head + (4 if getattr(self, "_explicit", False) else 0)
 
     def fp16_bytes_per_token(self) -> int:
         """Bytes per token of the same layer's keys and values in fp16."""

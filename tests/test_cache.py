@@ -524,8 +524,9 @@ def test_prerope_cache_rotates_keys_quantized_before_the_rotation(family):
                 ref = prerope_reference(model, books, ids[:, :t], 0)
                 torch.testing.assert_close(held, ref[:, :, ref.shape[2] - held.shape[2]:], atol=1e-6, rtol=0)
             model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
-    assert layer.k_pos.dtype == torch.int32 and torch.equal(layer.k_pos[0, 0], torch.arange(12 - layer.quantized_tokens, 12, dtype=torch.int32))
-    assert cache.memory_bytes() == sum(_held_nbytes(lay) for lay in cache.layers)  # positions counted
+    # no padding: the positions are the stream indices, nothing is stored for them
+    assert layer.k_pos is None and torch.equal(layer._quantized_positions()[0], torch.arange(12 - layer.quantized_tokens, 12, dtype=torch.int32))
+    assert cache.memory_bytes() == sum(_held_nbytes(lay) for lay in cache.layers)
 
 
 def test_prerope_cache_with_left_padding_and_beams():
@@ -544,7 +545,18 @@ def test_prerope_cache_with_left_padding_and_beams():
         model(ids, **inputs, **cache_kwargs(cache), use_cache=True)
     ref = prerope_reference(model, books, ids, 0, **inputs)
     torch.testing.assert_close(cache.layers[0]._materialize()[0], ref, atol=1e-6, rtol=0)
+    # positions depart from the stream index: stored (int32, counted) from then on
     assert torch.equal(cache.layers[0].k_pos[1, 0, 3:], torch.arange(5, dtype=torch.int32))  # real tokens from 0
+    assert cache.memory_bytes() == sum(_held_nbytes(lay) for lay in cache.layers)
+    # a departure after steps at the stream index (custom position_ids mid-stream) stores the earlier ones too
+    cache = make_cache(model, books, quantize_values=False)
+    with torch.no_grad():
+        model(ids[:, :6], **cache_kwargs(cache), use_cache=True)
+        assert cache.layers[0].k_pos is None
+        model(ids[:, 6:9], position_ids=torch.tensor([[10, 11, 12]]).expand(2, -1), **cache_kwargs(cache), use_cache=True)
+    layer = cache.layers[0]
+    assert torch.equal(layer.k_pos[0, 0], torch.tensor([0, 1, 2, 3, 4, 5, 10, 11], dtype=torch.int32))
+    assert torch.equal(layer.res_pos[0, 0], torch.tensor([12], dtype=torch.int32))
     beams = model.generate(ids, attention_mask=mask, num_beams=2, **cache_kwargs(make_cache(model, books)), **kw)
     assert beams.shape == (2, 17)
     cache = make_cache(model, books)
