@@ -74,9 +74,9 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
     """Quantizers for row names: ``fp``; baselines (``int8``, ``int4-channel``, ``fp8``, ``fp4``…);
     codebook methods (``lambda``, ``lambda-lloyd``, ``lloydmax``, ``uniform``) rebuilt from the
     statistics in ``codebooks`` at its bits (the file's own method is used as is); ``method@B``
-    (e.g. ``lambda@2``) that method at exactly B effective bits at ``seqlen``, its code bits
-    allocated over channels as ``kvquant calibrate --effective-bits B`` would
-    (:meth:`Codebooks.at_effective_bits`).
+    (e.g. ``lambda@2``) that method at exactly B effective bits per q/k entry at ``seqlen``, its
+    code bits allocated over query and key channels as ``kvquant calibrate --effective-bits B
+    --budget-sides qk`` would (:meth:`Codebooks.at_effective_bits`).
 
     ``generation=True`` (rows for a KV cache, queries exact): ``method@B[/V]`` spreads the budget
     over the key channels only (``budget_sides="k"``: B effective bits per key entry) and names
@@ -113,8 +113,9 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
             if at_bits:
                 if not seqlen:
                     raise ValueError(f"row {name!r} (exactly {at_bits['bits']} effective bits) needs the evaluation seqlen")
-                sides = {"budget_sides": "k"} if generation else {}
-                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"], **sides)
+                sides = "k" if generation else "qk"  # a cache's queries are exact; the simulation quantizes both
+                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"],
+                                                         budget_sides=sides)
             else:
                 rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
         else:
