@@ -35,7 +35,7 @@ from pathlib import Path
 from kvquant import query_quantizer, wrapped
 from kvquant.assets import load_model
 from kvquant.codebooks import Codebooks
-from kvquant.data import load_text, make_windows
+from kvquant.data import held_out_windows, load_text
 from kvquant.fileio import write_text
 from kvquant.generation import cache_factories, evaluate_generation
 from kvquant.perplexity import evaluate, make_rows
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     books.check_fits(model)
     text = load_text(args.dataset, split="test")
-    windows = make_windows(tok, text, args.seqlen, args.windows + args.dev, from_end=False)
-    calib = make_windows(tok, text, books.calibration["seqlen"], books.calibration["windows"], from_end=True)
-    if windows.overlaps(calib):
-        raise ValueError("the evaluation/development windows overlap the codebooks' calibration windows")
+    windows = held_out_windows(tok, text, args.seqlen, args.windows + args.dev, books.calibration)
     dev, ev = windows.ids[args.windows :], windows.ids[: args.windows]
 
     def caches(names: list[str]) -> dict:

@@ -27,7 +27,7 @@ from kvquant.assets import load_model
 from kvquant.cache import make_cache
 from kvquant.codebooks import Codebooks
 from kvquant.compat import cache_kwargs
-from kvquant.data import load_text, make_windows
+from kvquant.data import held_out_windows, load_text
 from kvquant.fileio import write_text
 from kvquant.generation import kv_bits
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     books = Codebooks.load(args.codebooks)
     model, tok = load_model(args.model)
     books.check_fits(model)
-    prompt = make_windows(tok, load_text(args.dataset, split="test"), args.prompt, 1, from_end=False).ids[:1]
+    prompt = held_out_windows(tok, load_text(args.dataset, split="test"), args.prompt, 1, books.calibration).ids[:1]
     rows = {
         "fp (DynamicCache)": lambda: DynamicCache(config=model.config),
         "keys quantized, values exact": lambda: make_cache(model, books, quantize_values=False),

@@ -247,3 +247,16 @@ def split_calib_eval(
     evals = windows_from_ids(ids, seqlen, n_eval, bos_token_id=bos, from_end=False, source=source)
     assert not calib.overlaps(evals)
     return calib, evals
+
+
+def held_out_windows(tokenizer: Any, text: str, seqlen: int, n_windows: int, calibration: dict,
+                     *, source: str = "") -> Windows:
+    """The first ``n_windows`` windows of ``text``, checked disjoint from the calibration windows
+    a codebook file records (``calibration``: its ``windows`` × ``seqlen`` from the end of the same
+    text); ValueError if they overlap."""
+    windows = make_windows(tokenizer, text, seqlen, n_windows, from_end=False, source=source)
+    calib = make_windows(tokenizer, text, calibration["seqlen"], calibration["windows"], from_end=True)
+    if windows.overlaps(calib):
+        raise ValueError(f"the first {n_windows} windows of {seqlen} tokens overlap the codebooks' "
+                         f"{calibration['windows']} calibration windows: use fewer windows or a longer text")
+    return windows

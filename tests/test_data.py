@@ -176,3 +176,13 @@ def test_clean_wikitext_sample():
 
 def test_clean_wikitext_links():
     assert clean_wikitext("[[a]] [[b|c]] [[d (e)|]] [[Image:x.png|y]] [[:Category:Z|zz]]") == "a c d zz"
+
+
+def test_held_out_windows_refuse_calibration_overlap(tok):
+    text = words(200)
+    fit = 200 // (16 - int(data.needs_bos(tok)))  # windows of 16 tokens that fit the 200-word text
+    calibration = {"windows": 4, "seqlen": 16}
+    held = data.held_out_windows(tok, text, 16, 3, calibration)
+    assert held.n == 3 and held.first_token == 0
+    with pytest.raises(ValueError, match="overlap the codebooks' 4 calibration windows"):
+        data.held_out_windows(tok, text, 16, fit - 2, calibration)
