@@ -1,14 +1,16 @@
 """Greedy decoding through kvquant's KV cache with a codebook file, against transformers' DynamicCache.
 
-After a ``--prompt``-token prompt (the start of the corpus), ``--new`` tokens are generated
-greedily by every row in one process: ``fp`` (DynamicCache), the file's codebooks with exact
-values (keys quantized) and with values at ``--bits-v`` bits. Per row: decode tokens/s (the new
-tokens over the time after the prompt's prefill), the KV bytes per token held at the end, and
-agreement with the fp continuation — the tokens equal to fp's before the first difference, and
-equal at the same position overall.
+After a ``--prompt``-token prompt (the start of the corpus, disjoint from the file's calibration
+windows), ``--new`` tokens are generated greedily by every row in one process: ``--rows`` are
+generation-mode rows as ``kvquant eval-ppl --mode generation`` takes them (``fp`` =
+DynamicCache, the file's own method, ``METHOD@K/V``, ``kivi@B/V``, ``quanto@B``; values as the
+row says, else the file's ``bits_v``). Per row: decode tokens/s (the new tokens over the time
+after the prompt's prefill), the KV bytes per token held at the end, and agreement with the fp
+continuation — the tokens equal to fp's before the first difference, and equal at the same
+position overall.
 
 Usage:  python eval/deployed_decode.py --codebooks out/default.safetensors [--model smollm2-135m]
-                                       [--prompt 2048] [--new 32] [--bits-v 4] [--threads 1]
+                                       [--prompt 2048] [--new 32] [--rows fp,lambda-lloyd,...] [--threads 1]
 Prints a markdown table and writes out/deployed_decode.json.
 """
 
@@ -21,15 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-
 from kvquant.assets import load_model
-from kvquant.cache import make_cache
 from kvquant.codebooks import Codebooks
 from kvquant.compat import cache_kwargs
 from kvquant.data import held_out_windows, load_text
 from kvquant.fileio import write_text
-from kvquant.generation import kv_bits
+from kvquant.generation import cache_factories, kv_bits
+from kvquant.perplexity import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", default="enwiki-excerpt")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--bits-v", type=int, default=4)
+    ap.add_argument("--rows", default="fp,lambda-lloyd", help="comma-separated generation-mode rows, fp first")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,11 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     books.check_fits(model)
     prompt = held_out_windows(tok, load_text(args.dataset, split="test"), args.prompt, 1, books.calibration).ids[:1]
-    rows = {
-        "fp (DynamicCache)": lambda: DynamicCache(config=model.config),
-        "keys quantized, values exact": lambda: make_cache(model, books, quantize_values=False),
-        f"keys quantized, values {args.bits_v}-bit": lambda: make_cache(model, books, bits_v=args.bits_v),
-    }
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    if names[:1] != ["fp"]:
+        raise ValueError("--rows must start with fp (the continuation the others are compared with)")
+    rows = cache_factories(model, make_rows(names, books, args.prompt, generation=True))
     results, ref = {}, None
     for name, new_cache in rows.items():
         cache = new_cache()

@@ -143,8 +143,10 @@ def cmd_calibrate(args) -> None:
     bits = (f"q {args.bits_q} bits, k {args.bits_k} bits" if not args.budget else
             f"q {books.q.mean_bits:.3f} / k {books.k.mean_bits:.3f} mean bits (budget {args.budget:g}, caps "
             f"{args.bits_q}/{args.bits_k})")
-    print(f"wrote {args.out}: {args.method}, {bits}, {books.effective_bits(seqlen=args.seqlen):.3f} effective bits, "
-          f"{windows.n} windows × {args.seqlen} tokens from the end of {source}")
+    per = "per key entry (queries unallocated)" if books.config.budget_sides == "k" else "per q/k entry"
+    values = f", values {books.config.bits_v} bits in the KV cache" if books.config.bits_v else ""
+    print(f"wrote {args.out}: {args.method}, {bits}, {books.effective_bits(seqlen=args.seqlen):.3f} effective bits "
+          f"{per}{values}, {windows.n} windows × {args.seqlen} tokens from the end of {source}")
 
 
 def cmd_eval_ppl(args) -> None:
