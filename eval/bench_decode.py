@@ -233,7 +233,7 @@ class _CodeRecorder:
         self.books, self.codes = books, {}
 
     def __call__(self, x, layer, side):
-        from kvquant import codebook as cb
+        from kvquant import scalar as cb
 
         sb = self.books.q if side == "q" else self.books.k
         xn = (x.float() - sb.offset[layer][None, :, None, :]) / sb.scale[layer][None, :, None, :]

@@ -28,7 +28,7 @@ from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
 from kvquant.cli import DEFAULTS, calibration_config
-from kvquant.codebook import METHODS
+from kvquant.scalar import METHODS
 from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
 from kvquant.diagnostics import logit_errors

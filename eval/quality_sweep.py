@@ -36,7 +36,7 @@ from figures import ppl_figure
 from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import capture
-from kvquant.codebook import METHODS
+from kvquant.scalar import METHODS
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import load_text, split_calib_eval
 from kvquant.fileio import replace_section, write_text

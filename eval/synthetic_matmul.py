@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant import density as dens
 from kvquant.fileio import replace_section, write_text
 

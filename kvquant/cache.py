@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant import density as dens
 from kvquant.codebooks import Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types

@@ -159,7 +159,10 @@ def cmd_eval_ppl(args) -> None:
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    if books is not None and books.config.method not in names:
+    # the file's own configuration as a row — in simulated mode only where it quantizes queries as
+    # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
+    own = books is not None and (args.mode == "generation" or books.config.budget_sides == "qk")
+    if own and books.config.method not in names:
         names.append(books.config.method)
     if books is None:
         dropped = [n for n in names if n.split("@")[0] in ("lambda", "lambda-lloyd", "lloydmax", "uniform")]

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant.allocate import water_fill
 from kvquant.attention import Rope
 from kvquant.fileio import atomic_path

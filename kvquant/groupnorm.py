@@ -158,7 +158,7 @@ def outlier_count(p: float, entries: int) -> int:
 
 
 def check_finite(x: torch.Tensor) -> None:
-    """Raise ValueError on NaN/inf, as :func:`kvquant.codebook.quantize` does for static scales."""
+    """Raise ValueError on NaN/inf, as :func:`kvquant.scalar.quantize` does for static scales."""
     if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN propagates to min/max
         raise ValueError("cannot quantize NaN or infinite values")
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kvquant.attention import Quantizer
 from kvquant.baselines import Baseline, is_baseline
-from kvquant.codebook import METHODS
+from kvquant.scalar import METHODS
 from kvquant.codebooks import Codebooks
 from kvquant.wrap import wrapped
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant.allocate import water_fill
 from kvquant.codebooks import CodebookConfig, Codebooks
 

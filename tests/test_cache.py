@@ -13,7 +13,7 @@ import torch
 from conftest import SEQ, WINDOW, make_model, random_ids
 
 import kvquant
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant import density as dens
 from kvquant.cache import (
     KVQuantCache,

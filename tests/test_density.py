@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant import density as d
 
 RHO_C = 1.0 / math.sqrt(3.0)

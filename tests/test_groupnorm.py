@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant.baselines import int_per_channel
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
 from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore, hist_index

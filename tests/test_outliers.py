@@ -12,7 +12,7 @@ from conftest import tiny_books
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
 from kvquant.groupnorm import (
     GroupHistogram,

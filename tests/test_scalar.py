@@ -1,4 +1,4 @@
-"""Codebooks for the factors of a product, and torch (de)quantization (kvquant.codebook)."""
+"""Codebooks for the factors of a product, and torch (de)quantization (kvquant.scalar)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvquant import codebook as cb
+from kvquant import scalar as cb
 from kvquant import density as d
 
 # Max (1960) / Lloyd: minimum MSE of a K-level quantizer of N(0, 1).
