@@ -21,9 +21,8 @@ allocation, of each channel's own — and its codes packed channel by channel al
 tokens, channels bucketed by level count (:class:`kvquant.packing.ChannelPacking`: 3 and 5
 levels at 1.6 and 2.33 bits). A group is quantized once complete (KIVI's layout): until then its
 tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tokens are exact. This
-is the rule of the simulated path too (:func:`kvquant.groupnorm.causal_groups`): with 8-bit
-scales the keys the cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those
-T keys (with fp16 scales within fp16 rounding).
+is the rule of the simulated path too (:func:`kvquant.groupnorm.causal_groups`): the keys the
+cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those T keys.
 
 **Values** (quantized with the keys, when their group completes). ``values="minmax"`` (the
 default): per token and KV head, ``mid``/``half`` of the values over head_dim stored as 8-bit codes,

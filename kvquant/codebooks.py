@@ -36,15 +36,13 @@ from kvquant.groupnorm import (
     SCALE_BITS,
     GroupHistogram,
     causal_groups,
-    check_finite,
     complete_tokens,
-    group_minmax,
     group_restore,
     group_split,
     outlier_count,
 )
 from kvquant.packing import LEVEL_PACKING, level_bits
-from kvquant.quantizer import channel_codes, channel_values
+from kvquant.quantizer import channel_codes, channel_values, decode_groups, encode_groups
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
@@ -244,9 +242,8 @@ class SideBooks:
             xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
             out = group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group)
             return torch.where(exact, x.float(), out).to(x.dtype)
-        check_finite(x)
-        xt, mid, half = group_minmax(x, self.group, self.scale_bits)
-        return group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group).to(x.dtype)
+        q = encode_groups(x, self.group, self.scale_bits, bounds)  # the KV cache's quantizer
+        return decode_groups(q, centers, self.group).to(x.dtype)
 
     def _apply_static(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         dev = x.device

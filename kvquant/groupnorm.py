@@ -92,13 +92,10 @@ def code_scales(mid: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _normalise(xg: torch.Tensor, mid: torch.Tensor, half: torch.Tensor, scale_bits: int):
-    """``(x̃, mid, half)`` for grouped x (B, H, n, G, D) and its min–max (mid, half); with 8-bit
-    scales as stored (:func:`code_scales`). 16-bit scales are used unrounded here, as the
-    baselines use theirs (the KV cache stores them in fp16: a difference of fp16 rounding)."""
-    if scale_bits not in SCALE_BITS:
-        raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {scale_bits!r}")
-    if scale_bits == 8:
-        mid, half = code_scales(mid, half)
+    """``(x̃, mid, half)`` for grouped x (B, H, n, G, D) and its min–max (mid, half), the scales
+    as stored (:func:`store_scales` — fp16, or the 8-bit codes — and read back): what the KV
+    cache stores is what the simulation and calibration use."""
+    mid, half = load_scales(*store_scales(mid, half, scale_bits), scale_bits)
     return scaled(xg, mid, half), mid, half
 
 
@@ -111,7 +108,8 @@ def group_minmax(x: torch.Tensor, group: int, scale_bits: int = 16) -> tuple[tor
     """``(x̃, mid, half)``: x̃ like x (float32) in [−1, 1]; mid/half (B, H, ⌈T/G⌉, 1, D).
 
     A channel constant over its group (half = 0) maps to x̃ = 0 and is reconstructed exactly.
-    ``scale_bits=8``: mid and half as :func:`code_scales` stores them (x̃ may then reach ±(1 + 1/32)).
+    mid and half as stored (fp16, or the 8-bit codes of :func:`code_scales`; x̃ may then reach
+    slightly past ±1: ±(1 + 1/32) with 8 bits).
     """
     b, h, t, d = x.shape
     xg, mid, half = group_range(x, group)

@@ -13,9 +13,9 @@ One layer and side (queries or keys), x (B, H, T, D), groups of G consecutive to
    (:func:`channel_codes`).
 3. **Values** ``x̂ = centers[code] · half + mid`` (:func:`channel_values`, :func:`decode_groups`).
 
-``decode_groups(encode_groups(x))`` equals ``SideBooks.apply`` on whole groups with 8-bit scales
-bit for bit (tests/test_quantizer.py); with 16-bit scales the simulation uses the unrounded range
-and the stored one differs by fp16 rounding (relative 2^−11).
+``SideBooks.apply`` quantizes whole groups with these two functions (after
+:func:`kvquant.groupnorm.causal_groups`), so the simulated keys and the cache's are the same
+bits, with fp16 or 8-bit scales (tests/test_quantizer.py, tests/test_cache.py).
 """
 
 from __future__ import annotations

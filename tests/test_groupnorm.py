@@ -10,7 +10,7 @@ from conftest import tiny_books
 from kvquant import scalar as cb
 from kvquant.baselines import int_per_channel
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
-from kvquant.groupnorm import GroupHistogram, group_minmax, group_restore, hist_index
+from kvquant.groupnorm import GroupHistogram, group_minmax, group_range, group_restore, hist_index
 
 
 def test_group_minmax_round_trip_and_range():
@@ -19,10 +19,11 @@ def test_group_minmax_round_trip_and_range():
     x[:, :, 5, 2] = 40.0
     xt, mid, half = group_minmax(x, 16)
     assert xt.shape == x.shape and mid.shape == (2, 3, 3, 1, 8)
-    assert xt.abs().max() <= 1 + 1e-6
+    assert mid.dtype == torch.float32 and torch.equal(mid, mid.half().float())  # the scales as stored: fp16
+    assert xt.abs().max() <= 1 + 2e-3  # the range rounded to fp16
     assert torch.allclose(group_restore(xt, mid, half, 16), x, rtol=1e-6, atol=1e-5)
     # every full group reaches ±1 in every channel
-    assert torch.allclose(xt[:, :, :16].amax(2), torch.ones(2, 3, 8))
+    assert torch.allclose(xt[:, :, :16].amax(2), torch.ones(2, 3, 8), atol=2e-3)
 
 
 def test_constant_channel_is_exact():
@@ -41,7 +42,10 @@ def test_uniform_codebook_is_int_per_channel(bits):
     c = torch.tensor(book.centers, dtype=torch.float32).expand(2, k)
     b = torch.tensor(book.boundaries, dtype=torch.float32).expand(2, k - 1)
     side = SideBooks(bits, c[None], b[None], torch.zeros(1, 2, 8), torch.ones(1, 2, 8), group=8)
-    assert torch.allclose(side.apply(x, 0), int_per_channel(x, bits, group=8), atol=1e-5)
+    # the same up to the fp16 rounding of the stored (mid, half): an entry within it of a decision
+    # boundary may land on the neighbouring level
+    diff = (side.apply(x, 0)[:, :, :40] - int_per_channel(x, bits, group=8)).abs()
+    assert (diff > 5e-3).float().mean() < 0.01 and diff.median() < 1e-3
 
 
 def test_sink_tokens_are_exact_and_excluded_from_groups():
@@ -162,7 +166,7 @@ def test_eight_bit_scales_cover_the_range_and_count_16_over_g(tmp_path):
     x[:, :, :, 2] += 500.0  # an offset far beyond the channel's spread: |mid| ≫ 127/16 · half
     x[0, 0, :, 5] = 0.0  # an all-zero channel
     xt, mid, half = group_minmax(x, 16, scale_bits=8)
-    _, mid16, half16 = group_minmax(x, 16)
+    _, mid16, half16 = group_range(x, 16)  # unrounded
     assert (half >= half16 * (1 - 1e-6)).all() and (half <= torch.maximum(half16, mid16.abs() * 16 / 127) * 2**0.125 + 1e-9).all()
     e = 8 * torch.log2(half[half > 0])
     assert torch.allclose(e, e.round(), atol=1e-3) and e.min() >= -128 and e.max() <= 127  # 8-bit exponents

@@ -46,7 +46,7 @@ def test_exactly_ceil_p_entries_per_block_are_exact(p):
     assert torch.equal(out[exact], x[exact])
     assert not torch.equal(out[~exact], x[~exact])
     # the others lie inside their channel's reduced range, and x̃ is 0 at the exact entries
-    assert xt.abs().max() <= 1 + 1e-6 and torch.all(xt[exact] == 0)
+    assert xt.abs().max() <= 1 + 2e-3 and torch.all(xt[exact] == 0)  # (mid, half) rounded to fp16 as stored
     back = group_restore(xt, mid, half, g)
     torch.testing.assert_close(back[~exact], x[~exact], rtol=1e-5, atol=1e-5)
 
