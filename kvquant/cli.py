@@ -31,9 +31,9 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "outliers": 0.0,
     "rope": "pre",
     "budget": 0.0,
-    "effective_bits": 4.0,
-    "budget_sides": "qk",
-    "bits_v": 0,
+    "effective_bits": 3.65,
+    "budget_sides": "k",
+    "bits_v": 4,
     "scale_bits": 8,
     "dtype": "float32",
     "device": "cpu",
@@ -99,13 +99,14 @@ def codebook_config(options: dict):
 def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set[str] = frozenset()):
     """The :class:`CodebookConfig` ``kvquant calibrate`` builds from ``options``, ``defaulted`` the
     names that came from ``DEFAULTS`` (no one gave them): the default family's own options — 8-bit
-    scales and the ``effective_bits`` target — fall back to 16 and off for a static ``norm``, a
+    scales, the ``effective_bits`` target and keys-only allocation — fall back to 16, off and "qk"
+    for a static ``norm``, a
     ``budget`` given replaces the default target, and ``effective_bits`` > 0 sets the budget for
     exactly that many bits (:meth:`CodebookConfig.at_effective_bits`; caps ``bits_q``/``bits_k``
     where both were given, else ⌈budget⌉ + 2)."""
     options = dict(options)
     if options["norm"] != "channel-group":
-        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0)):
+        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0), ("budget_sides", "qk")):
             if k in defaulted:
                 options[k] = neutral
     if options.get("budget") and "effective_bits" in defaulted:
@@ -281,16 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels (3 and 5 packed at 1.6 and 2.33 bits), at most 2^--bits-q / 2^--bits-k (--norm "
                         "channel-group only; replaces the default --effective-bits)")
     c.add_argument("--effective-bits", type=float,
-                   help="bits per entry with every bit counted — codes, group scales, exact sink tokens and incomplete group at --seqlen: "
-                        "sets --budget to the code bits that make exactly this many (e.g. 4 with --group 128 "
-                        "--scale-bits 8 --sink 1 at seqlen 2048: 3.867); channels then get up to --bits-q/--bits-k "
-                        "bits, by default ⌈budget⌉ + 2 (default 4 for --norm channel-group; 0 = off, every channel at --bits-q/--bits-k)")
+                   help="bits per entry (per key entry with --budget-sides k) with every bit counted — codes, group "
+                        "scales, exact sink tokens and incomplete group at --seqlen: sets --budget to the code bits that "
+                        "make exactly this many (e.g. 4 with --group 128 --scale-bits 8 --sink 1 at seqlen 2048: 3.867); "
+                        "channels then get up to --bits-q/--bits-k bits, by default ⌈budget⌉ + 2 (default 3.65 for "
+                        "--norm channel-group, keys only: with 4-bit values 3.97 K/V bits held on SmolLM2-135M; "
+                        "0 = off, every channel at --bits-q/--bits-k)")
     c.add_argument("--budget-sides", choices=["qk", "k"],
                    help="what the code budget is spread over: qk = queries and keys (the simulated Q·Kᵀ), k = the "
-                        "keys alone (a KV cache with exact queries; --effective-bits then counts key entries)")
+                        "keys alone (a KV cache with exact queries; --effective-bits then counts key entries; default k)")
     c.add_argument("--bits-v", type=int,
                    help="bits of the values the KV cache of these codebooks stores (make_cache's default; "
-                        "0 = the keys' mean code bits)")
+                        "0 = the keys' mean code bits; default 4)")
     c.add_argument("--scale-bits", type=int, choices=[16, 8],
                    help="bits of each stored per-group mid and half-range (--norm channel-group): 16 = fp16, "
                         "8 = log-coded half-range and offset in its 16ths (default 8 for --norm channel-group)")

@@ -39,9 +39,12 @@ def run(argv) -> int:
 
 
 def calibrate_args(model_dir, text_file, out, *extra):
-    """Calibration of 2 windows of 16 tokens; groups of 8 (the default 128 would leave every token exact)."""
+    """Calibration of 2 windows of 16 tokens; groups of 8 (the default 128 would leave every token
+    exact) and, unless ``extra`` chooses the norm or the budget, 6 effective bits per key entry (the
+    default 3.65 leaves no code bits at this size: the scales cost 2 bits, the sink 1)."""
+    target = [] if {"--norm", "--budget", "--effective-bits"} & set(map(str, extra)) else ["--effective-bits", 6]
     return ["calibrate", "--model", model_dir, "--text-file", text_file, "--seqlen", 16, "--samples", 2,
-            "--group", 8, "--out", out, *extra]
+            "--group", 8, *target, "--out", out, *extra]
 
 
 def eval_args(model_dir, text_file, *extra):
@@ -159,15 +162,16 @@ def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_
     assert run(calibrate_args(model_dir, text_file, books_path)) == 0
     c = Codebooks.load(books_path).config
     assert (c.method, c.norm, c.sink, c.scale_bits, c.rope) == ("lambda-lloyd", "channel-group", 1, 8, "pre")
-    assert DEFAULTS["group"] == 128 and c.group == 8  # (2 groups of 8 at seqlen 16)
-    # exactly 4 effective bits at seqlen 16: code + 16/8 (scales) + 16/16 (the sink) = 4 → 1 code bit, caps ⌈·⌉ + 2
-    assert c.budget == pytest.approx(1.0, abs=1e-6) and (c.bits_q, c.bits_k) == (3, 3)
+    assert (c.budget_sides, c.bits_v) == ("k", 4)  # the deployed cache: keys allocated, 4-bit values
+    assert DEFAULTS["group"] == 128 and c.group == 8 and DEFAULTS["effective_bits"] == 3.65
+    # exactly 6 effective bits per key entry at seqlen 16: code + 16/8 (scales) + 16/16 (the sink) = 6 → 3 code bits, caps ⌈·⌉ + 2
+    assert c.budget == pytest.approx(3.0, abs=1e-6) and (c.bits_q, c.bits_k) == (5, 5)
     rc = run(calibrate_args(model_dir, text_file, books_path, "--group", 128))
     assert rc == 2
     # a static normalisation does not inherit the default family's allocation and 8-bit scales
     assert run(calibrate_args(model_dir, text_file, books_path, "--norm", "head", "--sink", 0)) == 0
     c = Codebooks.load(books_path).config
-    assert (c.norm, c.budget, c.scale_bits, c.bits_q) == ("head", 0.0, 16, 4)
+    assert (c.norm, c.budget, c.scale_bits, c.bits_q, c.budget_sides) == ("head", 0.0, 16, 4, "qk")
 
 
 def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
@@ -177,7 +181,7 @@ def test_calibrate_with_a_bit_budget(model_dir, text_file, tmp_path, capsys):
     assert "budget 2.5" in capsys.readouterr().out
     books = Codebooks.load(books_path)
     assert books.config.budget == 2.5 and books.hist.fisher_q is not None
-    assert 2.5 - 0.25 <= 0.5 * (books.q.mean_bits + books.k.mean_bits) <= 2.5
+    assert 2.5 - 0.25 <= books.k.mean_bits <= 2.5 and books.q.channel_levels is None  # the keys' budget (default sides k)
     assert run(calibrate_args(model_dir, text_file, books_path, "--budget", 5, "--bits-q", 4)) == 2
     assert "budget" in capsys.readouterr().err
 
