@@ -43,8 +43,9 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
       quantized). Static normalisation without a residual quantizes every token when appended:
       any split.
     - transformers' ``QuantizedCache`` (residual_length R): its first update quantizes what it
-      gets, and the update that brings the exact residual to R tokens re-quantizes everything —
-      token by token those are tokens 0, R, 2R, …: a chunk must end after each of them.
+      gets, and token by token the updates with tokens R, 2R, … re-quantize everything (5.24
+      decides from the residual *after* the update, 5.17 from the one before): a chunk of its
+      own for each of them makes both versions flush exactly there.
     - Anything else (a residual window that flushes token by token, other libraries' caches):
       every token.
     """
@@ -52,7 +53,7 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
         return [0]
     if isinstance(cache, QuantizedCache):
         r = cache.layers[0].residual_length
-        return sorted({0, 1, *range(r + 1, n, r)})
+        return sorted({0, 1, *range(r, n, r), *range(r + 1, n, r)})
     if isinstance(cache, KVQuantCache):
         o = cache.options
         if o.group:
