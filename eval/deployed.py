@@ -55,7 +55,7 @@ class KeysOnly:
     """Simulated path for one codebook row: keys through ``books.k.apply``, queries exact."""
 
     def __init__(self, books: Codebooks):
-        self.books, self.rope = books, books.config.rope
+        self.books, self.rope, self.key_group = books, books.config.rope, books.key_group
 
     def __call__(self, x, layer: int, side: str):
         return x if side == "q" else self.books.k.apply(x, layer)
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--dev", type=int, default=2)
+    ap.add_argument("--simulated-only", metavar="ROWS",
+                    help="only the simulated path (one forward per window, keys only) of these rows, e.g. the ones "
+                         "an earlier run chose (comma-separated); no selection, no generation mode")
     args = ap.parse_args(argv)
     books = Codebooks.load(args.codebooks)
     model, tok = load_model(args.model)
@@ -82,6 +85,21 @@ def main(argv: list[str] | None = None) -> None:
 
     def caches(names: list[str]) -> dict:
         return cache_factories(model, make_rows(names, books, args.seqlen, generation=True))
+
+    def simulated(names: list[str]) -> dict:
+        rows = {f"{n} simulated": KeysOnly(make_rows([n], books, args.seqlen, generation=True)[n]) for n in names}
+        return {k: r.to_dict() for k, r in evaluate(model, ev, {"fp": None, **rows}).items()}
+
+    command = "python eval/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.simulated_only:
+        res = simulated([n.split("/")[0] for n in args.simulated_only.split(",")])
+        lines = [f"`{command}` — {args.model}, {args.dataset}, seqlen {args.seqlen}, float32, the first {args.windows} "
+                 "windows, keys quantized as the cache holds them (block-causal: a key read quantized once its group "
+                 "is complete), queries and values exact", "", "| row | key effective bits | Δ vs fp |", "|---|---|---|"]
+        lines += [f"| {n} | {r['effective_bits']:.3f} | {r['ppl'] / res['fp']['ppl'] - 1:+.2%} |" for n, r in res.items()]
+        print("\n".join(lines))
+        write_text(ROOT / "out" / "deployed_simulated.json", json.dumps({"command": command, "rows": res}, indent=1))
+        return
 
     names = ["fp"] + [f"lambda-lloyd@{k:g}/{v}" for c in CANDIDATES.values() for k, v in c]
     dev_res = {k: r.to_dict() for k, r in evaluate_generation(model, dev, caches(names)).items()}
@@ -100,11 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = evaluate_generation(model, ev, caches([name]))[name].to_dict()
             ev_names.append(f"{name} +q{qbits}")
             ev_res[ev_names[-1]] = r
-    sim_rows = {f"{n} simulated": KeysOnly(make_rows([n], books, args.seqlen, generation=True)[n])
-                for n in keys_only.values()}
-    sim_res = {k: r.to_dict() for k, r in evaluate(model, ev, {"fp": None, **sim_rows}).items()}
+    sim_res = simulated(list(keys_only.values()))
 
-    command = "python eval/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     fp_dev, fp_ev, fp_sim = dev_res["fp"]["ppl"], ev_res["fp"]["ppl"], sim_res["fp"]["ppl"]
     lines = [f"`{command}` — {args.model}, {args.dataset}, seqlen {args.seqlen}, float32, generation mode (every "
              f"token reads the cache), queries exact; evaluation = the first {args.windows} windows, development = "

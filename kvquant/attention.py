@@ -10,7 +10,11 @@ and, depending on the :class:`Controller` attached to the attention module by ``
               (e.g. :meth:`kvquant.stats.PairStats.update`), then attends unchanged; in a
               forward that records gradients, a ``grad_observer`` also gets ∂loss/∂q and
               ∂loss/∂k during backward (Fisher weights, :meth:`GroupHistogram.update_grad`);
-``quantize``  replaces q and k by their quantized values, then attends with SDPA.
+``quantize``  replaces q and k by their quantized values, then attends with SDPA — or, for a
+              quantizer whose keys use causal groups (``key_group`` G > 0), reads each key
+              quantized only from the query that completes its group on, exactly what
+              decoding through :class:`kvquant.cache.KVQuantCache` reads
+              (:func:`block_causal_attention`).
 
 A mask function is registered under the same name (transformers' ``sdpa_mask``); without it
 every call would receive ``attention_mask=None`` and padding and sliding windows would be lost.
@@ -121,8 +125,39 @@ def kvquant_attention(
         if tables is not None:
             q_hat = rotate(q_hat, *tables).to(query.dtype)
             k_hat = rotate(k_hat, *tables).to(key.dtype) if keys else key
+        group = getattr(ctl.quantizer, "key_group", 0) if keys else 0
+        if group and key.shape[2] == query.shape[2]:
+            return block_causal_attention(q_hat, k_hat, key, value, attention_mask, group, **kwargs)
         query, key = q_hat, k_hat
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def block_causal_attention(query: torch.Tensor, key_q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, group: int, scaling: float | None = None,
+                           softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of one forward pass as a KV cache with causal groups serves it token by token:
+    query t reads key s quantized (``key_q``) iff s lies in a group of ``group`` tokens, aligned
+    at token 0, complete once token t is in — ``s < G·⌊(t+1)/G⌋`` — else exact (``key``; the
+    newest incomplete group). Scores in float32; query (B, H, T, D), keys and value (B, H_kv, T, D)
+    of the same T positions; ``attention_mask`` as transformers' SDPA mask (bool, True = attend)
+    or None (causal). Returns ``(B, T, H, D)`` like ``sdpa_attention_forward``; no dropout (an
+    evaluation path). Used when the quantizer has ``key_group > 0``
+    (:attr:`kvquant.codebooks.Codebooks.key_group`)."""
+    b, h, t, d = query.shape
+    rep = h // key.shape[1]
+    kq, ke, v = (x.repeat_interleave(rep, 1) if rep > 1 else x for x in (key_q, key, value))
+    scale = scaling if scaling is not None else d**-0.5
+    qf = query.float()
+    s_q, s_e = (qf @ kq.float().transpose(-1, -2)) * scale, (qf @ ke.float().transpose(-1, -2)) * scale
+    pos = torch.arange(t, device=query.device)
+    done = pos[None, :] < ((pos[:, None] + 1) // group * group)  # (T, S): key s quantized for query t
+    scores = torch.where(done, s_q, s_e)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = pair_mask(attention_mask, t, t, True, query.device)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = probs @ v.float()
+    return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
 def _observe_grads(observer: GradObserver, layer: int, sides, tables) -> None:

@@ -497,6 +497,13 @@ class Codebooks:
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
         return (self.q if side == "q" else self.k).apply(x, layer)
 
+    @property
+    def key_group(self) -> int:
+        """G of the keys' causal groups (0: static keys): the simulated attention then reads a key
+        quantized only from the query that completes its group on, as a KV cache serves it
+        (:func:`kvquant.attention.block_causal_attention`)."""
+        return self.k.group
+
     def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
         """Bits per entry, averaged over queries and keys (:meth:`CodebookConfig.effective_bits`
         of the code bits ``½(mean_q + mean_k)``), or of the keys alone for ``budget_sides="k"``;
