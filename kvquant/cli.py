@@ -37,7 +37,7 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "scale_bits": 8,
     "dtype": "float32",
     "device": "cpu",
-    "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax,uniform,lambda,lambda-lloyd",
+    "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax@4,uniform@4,lambda@4,lambda-lloyd@4",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
