@@ -339,8 +339,10 @@ class _QuantKV:
         else:
             v = self.v_codes
         m = self.sink_k.shape[2]
-        if m:  # the exact sinks over their code slots
-            k, v = torch.cat([self.sink_k, k[:, :, m:]], dim=2), torch.cat([self.sink_v, v[:, :, m:]], dim=2)
+        if m:  # the exact sinks over their code slots (k and quantized v are fresh tensors here)
+            k[:, :, :m] = self.sink_k
+            if o.quantize_values:
+                v[:, :, :m] = self.sink_v
         return k, v
 
     # --- token operations -------------------------------------------------------------
