@@ -34,7 +34,6 @@ from kvquant.compat import cache_kwargs
 from kvquant.decode import dequantize_keys, dequantize_values, pack
 from kvquant.fileio import replace_section
 
-
 # --------------------------------------------------------------------------------------------
 # (a) GPU kernel timings
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kvquant.assets import load_model
 from kvquant.codebooks import Codebooks
 from kvquant.compat import cache_kwargs

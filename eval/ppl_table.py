@@ -28,13 +28,13 @@ from kvquant.assets import load_model
 from kvquant.baselines import Baseline
 from kvquant.calibrate import CalibrationConfig, calibrate
 from kvquant.cli import DEFAULTS, calibration_config
-from kvquant.scalar import METHODS
 from kvquant.codebooks import CodebookConfig
 from kvquant.data import load_text, split_calib_eval
 from kvquant.diagnostics import logit_errors
 from kvquant.fileio import replace_section, write_text
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.perplexity import evaluate
+from kvquant.scalar import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kvquant import scalar as cb
 from kvquant import density as dens
+from kvquant import scalar as cb
 from kvquant.fileio import replace_section, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

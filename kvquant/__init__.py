@@ -9,8 +9,8 @@
 
 __version__ = "0.1.0"
 
-from kvquant.codebooks import CodebookConfig, Codebooks  # noqa: E402
 from kvquant.cache import KVQuantCache, make_cache, query_quantizer  # noqa: E402
+from kvquant.codebooks import CodebookConfig, Codebooks  # noqa: E402
 from kvquant.compat import cache_kwargs  # noqa: E402
 from kvquant.wrap import UnsupportedModelError, unwrap, wrap, wrapped  # noqa: E402
 

@@ -3,7 +3,7 @@ codebooks (the simulation's quantizer, :mod:`kvquant.quantizer`), values as asym
 per token (or the ρ = 0 codebook with an RMS scale per token).
 
     books = kvquant.calibrate(model, windows)
-    cache = make_cache(model, books)                       # keys: the books'; values: their mean bits
+    cache = make_cache(model, books)                       # keys: the books'; values: their bits_v (else the keys' mean)
     kvquant.wrap(model, query_quantizer(books.causal_queries(), model))  # optional: quantized queries too
     out = model.generate(ids, **kvquant.cache_kwargs(cache), max_new_tokens=64)  # cache= (5.24+) or past_key_values=
     cache.bytes_per_token(), cache.memory_bytes()
@@ -50,7 +50,7 @@ is not (the group's min/max change). :func:`query_quantizer` quantizes only the 
 with this cache.
 
 Memory: :meth:`KVQuantCache.memory_bytes` sums the storage of every tensor the layers hold
-(key codes, group mid/half, value codes and scales, exact sink/residual tokens); the static
+(key codes, group mid/half, value codes and scales, exact sink/residual tokens, stored positions); the static
 tables (centers, boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model.
 """
 
@@ -64,8 +64,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from kvquant import scalar as cb
 from kvquant import density as dens
+from kvquant import scalar as cb
 from kvquant.codebooks import Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack

@@ -42,7 +42,12 @@ from kvquant.groupnorm import (
     outlier_count,
 )
 from kvquant.packing import LEVEL_PACKING, level_bits
-from kvquant.quantizer import channel_codes, channel_values, decode_groups, encode_groups
+from kvquant.quantizer import (
+    channel_codes,
+    channel_values,
+    decode_groups,
+    encode_groups,
+)
 from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"

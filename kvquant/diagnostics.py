@@ -11,8 +11,8 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from kvquant.attention import Quantizer
-from kvquant.fingerprint import ModelFingerprint
 from kvquant.calibrate import run_capture
+from kvquant.fingerprint import ModelFingerprint
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from kvquant.attention import Quantizer
 from kvquant.baselines import Baseline, is_baseline
-from kvquant.scalar import METHODS
 from kvquant.codebooks import Codebooks
+from kvquant.scalar import METHODS
 from kvquant.wrap import wrapped
 
 

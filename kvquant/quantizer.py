@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from kvquant import scalar as cb
-from kvquant.groupnorm import check_finite, group_range, group_restore, load_scales, scaled, store_scales
+from kvquant.groupnorm import (
+    check_finite,
+    group_range,
+    group_restore,
+    load_scales,
+    scaled,
+    store_scales,
+)
 
 __all__ = ["GroupCodes", "channel_codes", "channel_values", "decode_groups", "encode_groups"]
 

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXPECTED_WINDOWS, FAMILIES, GQA_FAMILIES, SEQ, WINDOW, left_padded, make_model, random_ids
+from conftest import (
+    EXPECTED_WINDOWS,
+    FAMILIES,
+    GQA_FAMILIES,
+    SEQ,
+    WINDOW,
+    left_padded,
+    make_model,
+    random_ids,
+)
 
 import kvquant
-from kvquant.attention import ATTN_NAME, Controller, kvquant_attention, pair_mask, register
+from kvquant.attention import (
+    ATTN_NAME,
+    Controller,
+    kvquant_attention,
+    pair_mask,
+    register,
+)
 from kvquant.wrap import controller
 
 

@@ -13,8 +13,8 @@ import torch
 from conftest import SEQ, WINDOW, make_model, random_ids
 
 import kvquant
-from kvquant import scalar as cb
 from kvquant import density as dens
+from kvquant import scalar as cb
 from kvquant.cache import (
     KVQuantCache,
     KVQuantSlidingLayer,

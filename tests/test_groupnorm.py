@@ -10,7 +10,13 @@ from conftest import tiny_books
 from kvquant import scalar as cb
 from kvquant.baselines import int_per_channel
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
-from kvquant.groupnorm import GroupHistogram, group_minmax, group_range, group_restore, hist_index
+from kvquant.groupnorm import (
+    GroupHistogram,
+    group_minmax,
+    group_range,
+    group_restore,
+    hist_index,
+)
 
 
 def test_group_minmax_round_trip_and_range():

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import EXPECTED_WINDOWS, GQA_FAMILIES, SEQ, WINDOW, left_padded, make_model, random_ids
+from conftest import (
+    EXPECTED_WINDOWS,
+    GQA_FAMILIES,
+    SEQ,
+    WINDOW,
+    left_padded,
+    make_model,
+    random_ids,
+)
 
 import kvquant
 from kvquant.fingerprint import ModelFingerprint

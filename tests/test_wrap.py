@@ -8,7 +8,12 @@ from conftest import make_model, random_ids
 
 import kvquant
 from kvquant.attention import ATTN_NAME
-from kvquant.wrap import UnsupportedModelError, attention_modules, controller, is_wrapped
+from kvquant.wrap import (
+    UnsupportedModelError,
+    attention_modules,
+    controller,
+    is_wrapped,
+)
 
 
 def identity(x, layer, side):
