@@ -16,18 +16,16 @@ Prints a markdown table and writes out/deployed_decode.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
-from kvquant.assets import load_model
-from kvquant.codebooks import Codebooks
 from kvquant.compat import cache_kwargs
-from kvquant.data import held_out_windows, load_text
+from kvquant.data import held_out_windows
 from kvquant.fileio import write_text
 from kvquant.generation import cache_factories, kv_bits
 from kvquant.perplexity import make_rows
@@ -48,20 +46,15 @@ def decode(model, prompt: torch.Tensor, new: int, cache) -> tuple[torch.Tensor, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--codebooks", required=True)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="enwiki-excerpt")
+    ap = codebook_parser(__doc__)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rows", default="fp,lambda-lloyd", help="comma-separated generation-mode rows, fp first")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    books = Codebooks.load(args.codebooks)
-    model, tok = load_model(args.model)
-    books.check_fits(model)
-    prompt = held_out_windows(tok, load_text(args.dataset, split="test"), args.prompt, 1, books.calibration).ids[:1]
+    books, model, tok, text = load(args)
+    prompt = held_out_windows(tok, text, args.prompt, 1, books.calibration).ids[:1]
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     if names[:1] != ["fp"]:
         raise ValueError("--rows must start with fp (the continuation the others are compared with)")

@@ -15,17 +15,15 @@ Prints a markdown table and writes out/value_norm.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 from transformers import DynamicCache
 
-from kvquant.assets import load_model
 from kvquant.cache import VALUE_NORMS, make_cache
-from kvquant.codebooks import Codebooks
-from kvquant.data import held_out_windows, load_text
+from kvquant.data import held_out_windows
 from kvquant.fileio import write_text
 from kvquant.generation import evaluate_generation
 
@@ -33,19 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--codebooks", required=True)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="enwiki-excerpt")
+    ap = codebook_parser(__doc__)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--dev", type=int, default=2)
     ap.add_argument("--bits", default="4,2")
     args = ap.parse_args(argv)
-    books = Codebooks.load(args.codebooks)
-    model, tok = load_model(args.model)
-    books.check_fits(model)
-    text = load_text(args.dataset, split="test")
+    books, model, tok, text = load(args)
     windows = held_out_windows(tok, text, args.seqlen, args.windows + args.dev, books.calibration)
     ids = windows.ids
     sets = {"dev": ids[args.windows :], "eval": ids[: args.windows]}
