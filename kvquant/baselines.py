@@ -15,9 +15,13 @@ counted in the effective bits per entry:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
+
+from kvquant import scalar as cb
+from kvquant.codebooks import Codebooks, SideBooks
 
 #: Tokens per group for per-channel scales (KIVI uses 32–128).
 CHANNEL_GROUP = 128
@@ -113,28 +117,22 @@ def is_baseline(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def kivi_codebooks(books, bits: float):
+def kivi_codebooks(books: Codebooks, bits: float) -> Codebooks:
     """KIVI's key layout as :class:`kvquant.codebooks.Codebooks` for :func:`kvquant.cache.make_cache`:
     post-RoPE keys, asymmetric min–max INT per channel over ``books``' groups (the ``uniform``
     codebook: 2^bits evenly spaced levels including ±1), fp16 (mid, half), no sink, no
     allocation; only the geometry and group of ``books`` are used. ``bits`` an integer."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from kvquant.codebooks import SideBooks
-
     if bits != int(bits) or not 1 <= bits <= 8:
         raise ValueError(f"kivi@B takes integer key bits 1–8, got {bits:g}")
     bits = int(bits)
     config = replace(books.config, method="uniform", norm="channel-group", bits_q=bits, bits_k=bits, sink=0,
                      outliers=0.0, rope="post", budget=0.0, budget_sides="qk", scale_bits=16)
-    centers = torch.from_numpy(np.linspace(-1.0, 1.0, 2**bits)).float()
+    book = cb.Codebook.nearest(np.linspace(-1.0, 1.0, 2**bits))
 
     def side(held: SideBooks) -> SideBooks:
         L, H, D = held.offset.shape
-        c = centers.expand(L, H, -1).contiguous()
-        return SideBooks(bits, c, (0.5 * (c[..., 1:] + c[..., :-1])).contiguous(), torch.zeros(L, H, D),
+        table = lambda a: torch.from_numpy(a).float().expand(L, H, -1).contiguous()  # noqa: E731
+        return SideBooks(bits, table(book.centers), table(book.boundaries), torch.zeros(L, H, D),
                          torch.ones(L, H, D), config.group, 0, 0.0, None, 16)
 
     return replace(books, config=config, q=side(books.q), k=side(books.k), hist=None)

@@ -106,8 +106,7 @@ def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
     RMS; ``minmax``: 2^bits evenly spaced centers on [−1, 1]."""
     levels = cb.levels_for_bits(bits)
     if values == "minmax":
-        centers = np.linspace(-1.0, 1.0, levels)
-        return cb.Codebook(centers, 0.5 * (centers[1:] + centers[:-1]))
+        return cb.Codebook.nearest(np.linspace(-1.0, 1.0, levels))
     return cb.compand(dens.lambda_star_density(0.0), levels)
 
 
@@ -262,8 +261,7 @@ class _QuantKV:
         else:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
         self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
-        if self.rope is not None:
-            self._explicit = False  # positions = stream index until a row departs from it (then stored)
+        # pre-RoPE positions: k_pos/res_pos stay None (the stream index) until a row departs from it
         self._dev_tables = self.tables.to(dev)
 
     @property
@@ -352,7 +350,7 @@ class _QuantKV:
 
     def _quantized_positions(self) -> torch.Tensor:
         """Positions (B, n) of the quantized tokens: stored, or their stream indices."""
-        if self._explicit:
+        if self.k_pos is not None:
             return self.k_pos[:, 0]
         return self._stream(self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0])[:, 0]
 
@@ -365,11 +363,10 @@ class _QuantKV:
         are stored as int32 (counted)."""
         b, n = k.shape[0], k.shape[2]
         pos = self.rope.positions(b, n)
-        if not self._explicit and not torch.equal(pos, self._stream(self._seen, n, b)):
-            self._explicit = True
+        if self.k_pos is None and not torch.equal(pos, self._stream(self._seen, n, b)):
             self.k_pos = self._stream(self._seen - self.held_tokens, self.quantized_tokens, b).clone()
             self.res_pos = self._stream(self._seen - self.res_k.shape[2], self.res_k.shape[2], b).clone()
-        return pos if self._explicit else None
+        return pos if self.k_pos is not None else None
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         pos = self._track_positions(k) if self.rope is not None else None
@@ -464,7 +461,7 @@ class _QuantKV:
                 k, v = self._dequantized()
                 self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
                 self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
-                if self.rope is not None and self._explicit:
+                if self.res_pos is not None:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
             self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
@@ -532,7 +529,7 @@ class _QuantKV:
             per_head += packed_size(d, o.bits_v) + _VALUE_SCALE_BYTES
         else:
             per_head += d * torch.finfo(getattr(self, "dtype", torch.float16)).bits // 8
-        return h * per_head + (4 if getattr(self, "_explicit", False) else 0)
+        return h * per_head + (4 if self.k_pos is not None else 0)
 
     def fp16_bytes_per_token(self) -> int:
         """Bytes per token of the same layer's keys and values in fp16."""
