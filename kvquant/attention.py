@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvquant.compat import passed_cache
 from kvquant.rope import derotate, pullback, rotate
 
 ATTN_NAME = "kvquant"
@@ -108,7 +109,7 @@ def kvquant_attention(
     layer = module.layer_idx
     ctl.calls.add(layer)
     if ctl.mode == "off":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
     keys = ctl.mode == "capture" or "k" in getattr(ctl.quantizer, "sides", ("q", "k"))
     tables = _rotary_tables(module, query, key, keys) if ctl.rope == "pre" else None
     if tables is None:
@@ -129,7 +130,7 @@ def kvquant_attention(
         if group and key.shape[2] == query.shape[2]:
             return block_causal_attention(q_hat, k_hat, key, value, attention_mask, group, **kwargs)
         query, key = q_hat, k_hat
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
 def block_causal_attention(query: torch.Tensor, key_q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -172,9 +173,31 @@ def _observe_grads(observer: GradObserver, layer: int, sides, tables) -> None:
 
 def stash_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: keep the ``position_embeddings`` (cos, sin) and ``position_ids`` an
-    attention module is called with (the KV cache reads the positions of pre-RoPE keys there)."""
+    attention module is called with (the KV cache reads the positions of pre-RoPE keys there),
+    and tell a :class:`kvquant.cache.KVQuantCache` that a decoding step is coming: when its
+    layer reads the step from the codes, the attention function hands the step to it."""
     module.kvquant_rotary = kwargs.get("position_embeddings")
     module.kvquant_positions = kwargs.get("position_ids")
+    module.kvquant_cache_layer = None
+    begin = getattr(passed_cache(kwargs), "kvquant_begin_step", None)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if begin is not None and hidden is not None and not module.training and _keys_as_given(module.kvquant):
+        module.kvquant_cache_layer = begin(module.layer_idx, hidden.shape[1])
+
+
+def _keys_as_given(ctl: Controller) -> bool:
+    """Whether the attention function attends to the keys and values as the cache gives them."""
+    return ctl.mode == "off" or (ctl.mode == "quantize" and getattr(ctl.quantizer, "sides", ("q", "k")) == ("q",))
+
+
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention — or, for a step a KV cache layer deferred (see
+    :func:`stash_rotary`), that layer's attention from its codes (key and value are placeholders)."""
+    layer = getattr(module, "kvquant_cache_layer", None)
+    if layer is not None and layer.step_pending is not None:
+        return layer.decode_attention(query, attention_mask, kwargs.get("scaling")), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _rotary_tables(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, keys: bool = True):

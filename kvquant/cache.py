@@ -56,6 +56,7 @@ tables (centers, boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
@@ -100,6 +101,13 @@ _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
 VALUE_NORMS = ("minmax", "rms")  # the first is make_cache's default (selected on development windows: eval/value_norm.py)
 
 
+#: How a decoding step (one new token per row) reads the cache: ``codes`` — attention computed from
+#: the codes by :func:`kvquant.code_attention.attend` (channel-group keys with quantized values, on
+#: the CPU; other layouts and devices dequantize); ``dequantize`` — every held token dequantized to
+#: the model's dtype and attended with SDPA (the reference).
+DECODE_MODES = ("codes", "dequantize")
+
+
 @lru_cache(maxsize=16)
 def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
     """The values' codebook: ``rms``: ``compand(λ*(u; ρ = 0), 2^bits)``, in units of the token's
@@ -122,6 +130,7 @@ class CacheOptions:
     group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
     scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.groupnorm.store_scales)
     values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
+    decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.code_attention) where the layout allows; "dequantize"
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
@@ -134,6 +143,8 @@ class CacheOptions:
             raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}): sinks are kept inside group 0")
         if self.values not in VALUE_NORMS:
             raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
 
 _TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
@@ -217,6 +228,10 @@ class LayerRope:
         """``(cos, sin)`` (B, n, r) float32 at ``positions`` (B, n)."""
         return self._tables(self.layer, positions.long())
 
+    def frequencies(self) -> tuple[torch.Tensor, float]:
+        """``(inv_freq (r/2,), attention_scaling)`` of this layer's rotary embedding."""
+        return self._tables.frequencies(self.layer)
+
 
 class _QuantKV:
     """Storage and operations shared by the full-attention and sliding-window layers."""
@@ -228,6 +243,13 @@ class _QuantKV:
         self.sink_cap = sink
         self.group = options.group
         self.packing = ChannelPacking(tables.k_levels, options.group) if options.group else None
+        # decoding from codes (kvquant.code_attention): the layout it reads, the step's state
+        self.reads_codes = (options.decode == "codes" and options.group > 0 and options.group % 8 == 0
+                            and options.quantize_values and tables.k_offset.shape[-1] % 8 == 0)
+        self._channel_layout = self._channel_tables() if self.packing else None
+        self._wants_codes = False  # set by begin_step for the next update
+        self.step_pending: int | None = None  # an update deferred its attention: the first visible token
+        self._plan = None
         self._dev_tables: LayerTables | None = None
         self._seen = 0  # tokens appended so far, less those cropped (stream index of the next one)
         self._clear()
@@ -279,12 +301,14 @@ class _QuantKV:
         return [t for t in (getattr(self, n) for n in _STORE) if t is not None]
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._plan = None
         for name in _STORE:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
 
     def _clear(self) -> None:
+        self._plan = None
         for name in _STORE:
             setattr(self, name, None)
 
@@ -331,7 +355,8 @@ class _QuantKV:
             codes = unpack(self.v_codes, o.bits_v, self.head_dim).transpose(2, 3)
             q = GroupCodes(codes, self.v_scale[..., 0].unsqueeze(2), self.v_scale[..., 1].unsqueeze(2), 8)
             h = codes.shape[1]
-            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype)
+            # contiguous: SDPA takes its fast (flash) CPU kernel only for a unit stride along head_dim
+            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype).contiguous()
         elif o.quantize_values:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:
@@ -403,6 +428,58 @@ class _QuantKV:
                 self.v_codes = torch.cat([self.v_codes, res[1][:, :, :over]], dim=2)
             res = [_slice(t, over, None) for t in res]
         self.res_k, self.res_v, self.res_pos = res
+
+    # --- decoding from codes ----------------------------------------------------------
+    def _channel_tables(self) -> tuple[torch.Tensor, ...]:
+        """``(offset, levels, bits, centers)``: where each (head, channel)'s codes lie in a group
+        record (:meth:`ChannelPacking.channel_offsets`) and its centers (H, D, K) float32."""
+        c = self.tables.k_centers
+        h, d = self.tables.k_offset.shape
+        centers = c if c.ndim == 3 else c[:, None, :].expand(h, d, c.shape[-1])
+        return (*self.packing.channel_offsets(), centers.float().contiguous())
+
+    def begin_step(self, q_len: int) -> bool:
+        """Called before the attention module's forward (kvquant's pre-hook) with its query
+        length: for one new token, if this layer reads codes, the next :meth:`update` returns
+        placeholders and the attention calls :meth:`decode_attention`."""
+        self._wants_codes = q_len == 1 and self.reads_codes
+        return self._wants_codes
+
+    def _defer(self, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Placeholders (zero-stride) of the ``visible`` last held tokens' shape; the step waits
+        for :meth:`decode_attention`."""
+        self._wants_codes = False
+        self.step_pending = self.held_tokens - visible
+        b, h = self.res_k.shape[:2]
+        p = torch.zeros((), dtype=self.dtype, device=self.device).expand(b, h, visible, self.head_dim)
+        return p, p
+
+    def _deferrable(self) -> bool:
+        return self._wants_codes and self.device.type == "cpu"
+
+    def decode_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
+                         scaling: float | None) -> torch.Tensor:
+        """The deferred step's attention (B, 1, H_q, D), read from the codes
+        (:func:`kvquant.code_attention.attend`)."""
+        from kvquant.code_attention import attend
+
+        start, self.step_pending = self.step_pending, None
+        if start is None:
+            raise RuntimeError("decode_attention without a deferred update (begin_step, then update, first)")
+        out = attend(self, query, attention_mask, scaling, start)
+        self._end_step()
+        return out
+
+    def _end_step(self) -> None:
+        """What update leaves to after the attention (sliding layers: drop expired tokens)."""
+
+    def _rotation_plan(self):
+        from kvquant.code_attention import RotationPlan
+
+        key = (self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0], self.k_pos is not None)
+        if self._plan is None or self._plan.key != key:
+            self._plan = RotationPlan.build(self, key)
+        return self._plan
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
@@ -502,14 +579,15 @@ class _QuantKV:
 
     # --- memory -----------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        """Bytes of storage held by this layer's tensors (each storage counted once)."""
+        """Bytes of storage held by this layer's tensors (each storage counted once), with the
+        rotation plan that decoding from codes keeps between steps."""
         seen, total = set(), 0
         for t in self._tensors():
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
                 seen.add(st.data_ptr())
                 total += st.nbytes()
-        return total
+        return total + (self._plan.nbytes() if self._plan is not None else 0)
 
     def bytes_per_token(self) -> float:
         """:meth:`memory_bytes` per held token and batch row (0 when empty)."""
@@ -535,14 +613,6 @@ class _QuantKV:
         """Bytes per token of the same layer's keys and values in fp16."""
         return 2 * self.tables.k_centers.shape[0] * self.tables.k_offset.shape[-1] * 2
 
-    def quantized_state(self) -> dict:
-        """The quantized segment in :func:`kvquant.decode.decode_attention_reference`'s layout."""
-        t, o = self._dev_tables, self.options
-        if not o.quantize_values or self.group or o.values != "rms" or self.rope is not None:
-            raise ValueError("decode attention from codes needs RMS-scaled quantized values and static post-RoPE keys")
-        return dict(k_codes=self.k_codes, k_centers=t.k_centers, k_offset=t.k_offset, k_scale=t.k_scale,
-                    v_codes=self.v_codes, v_centers=t.v_centers, v_scale=self.v_scale, bits=o.bits_k, bits_v=o.bits_v)
-
 
 class KVQuantLayer(_QuantKV, DynamicLayer):
     """Full-attention layer: holds every token ([sink | quantized | residual])."""
@@ -555,6 +625,8 @@ class KVQuantLayer(_QuantKV, DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
+        if self._deferrable():
+            return self._defer(self.held_tokens)
         return self._materialize()
 
     def get_seq_length(self, *args, **kwargs) -> int:
@@ -588,6 +660,8 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
         n = key_states.shape[2]
         self.cumulative_length += n
         self._append(key_states, value_states)
+        if self._deferrable():
+            return self._defer(min(self.held_tokens, self.sliding_window - 1 + n))
         k, v = self._materialize()
         if not self.record_past:
             self._keep_last(self.sliding_window - 1)
@@ -595,6 +669,10 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
         if k.shape[2] > visible:
             k, v = k[:, :, -visible:], v[:, :, -visible:]
         return k, v
+
+    def _end_step(self) -> None:
+        if not self.record_past:
+            self._keep_last(self.sliding_window - 1)
 
     def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         if not self.is_initialized or self.k_codes is None:
@@ -626,6 +704,17 @@ class KVQuantCache(Cache):
         super().__init__(layers=layers)
         self.options = options
 
+    def kvquant_begin_step(self, layer: int, q_len: int) -> "_QuantKV | None":
+        """kvquant's attention pre-hook: the layer that will defer the coming step's attention
+        to :meth:`_QuantKV.decode_attention` (one new token, a layout read from codes), or None."""
+        target = self.layers[layer] if layer < len(self.layers) else None
+        return target if isinstance(target, _QuantKV) and target.begin_step(q_len) else None
+
+    def reads_codes(self) -> bool:
+        """Whether decoding steps read attention from the codes (every quantized layer does)."""
+        layers = self._quant_layers()
+        return bool(layers) and all(layer.reads_codes for layer in layers)
+
     def _quant_layers(self) -> list[_QuantKV]:
         return [layer for layer in self.layers if isinstance(layer, _QuantKV)]
 
@@ -655,14 +744,21 @@ class KVQuantCache(Cache):
         return sum(layer.tables.nbytes() for layer in self._quant_layers())
 
 
-def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
-    """:class:`LayerRope` of every attention layer; wraps the model (mode ``off``: logits
-    unchanged) if it is not wrapped, for the pre-hook that passes the position ids on."""
-    from kvquant.wrap import attention_modules, is_wrapped, rotary_tables, wrap
+def _wrap_for_hooks(model: torch.nn.Module) -> None:
+    """Wrap the model (mode ``off``: logits unchanged) if it is not wrapped, for kvquant's
+    pre-hook (it passes position ids on and routes decoding steps to the codes)."""
+    from kvquant.wrap import is_wrapped, wrap
 
-    tables = rotary_tables(model)
     if not is_wrapped(model):
         wrap(model, None)
+
+
+def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
+    """:class:`LayerRope` of every attention layer (wraps the model: :func:`_wrap_for_hooks`)."""
+    from kvquant.wrap import attention_modules, rotary_tables
+
+    tables = rotary_tables(model)
+    _wrap_for_hooks(model)
     return {m.layer_idx: LayerRope(m, tables, m.layer_idx) for m in attention_modules(model)}
 
 
@@ -675,12 +771,16 @@ def make_cache(
     residual: int = 0,
     sink: int | None = None,
     values: str = "minmax",
+    decode: str = "codes",
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
     scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the codebooks'
     ``config.bits_v``, or where that is 0 the keys' mean code bits, rounded); ``sink``
-    defaults to the codebooks' exact sink tokens. Pass it to ``model.generate(...,
+    defaults to the codebooks' exact sink tokens. ``decode`` (:data:`DECODE_MODES`): ``codes``
+    computes each decoding step's attention from the codes (channel-group keys, quantized values,
+    CPU; the model is wrapped, mode ``off``, for the hook that routes the step), ``dequantize``
+    dequantizes every held token first (the reference). Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
     ``past_key_values=`` before); one cache per generation."""
     codebooks.check_fits(model)
@@ -692,15 +792,24 @@ def make_cache(
         )
     if bits_v is None:
         bits_v = codebooks.config.bits_v or round(k.mean_bits)
+    if decode == "codes":
+        from kvquant import cpu_kernels
+
+        ok, why = cpu_kernels.available()
+        if not ok:
+            warnings.warn(f"decoding by dequantizing every held token (slower): {why}", stacklevel=2)
+            decode = "dequantize"
     options = CacheOptions(
         k.bits, bits_v, quantize_values, residual,
-        k.sink if sink is None else sink, k.group, k.scale_bits, values,
+        k.sink if sink is None else sink, k.group, k.scale_bits, values, decode,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types = cache_layer_types(config)
     if len(layer_types) != k.centers.shape[0]:
         raise ValueError(f"model has {len(layer_types)} layers, codebooks {k.centers.shape[0]}")
     ropes = _layer_ropes(model) if codebooks.config.rope == "pre" else {}
+    if decode == "codes" and not ropes:
+        _wrap_for_hooks(model)
     layers = []
     for i, (kind, window) in enumerate(layer_types):
         if kind == "dummy":

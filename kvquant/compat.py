@@ -38,6 +38,15 @@ def cache_layer_types(config) -> list[tuple[str, int | None]]:
             for kind, kw in zip(types, per_layer)]
 
 
+def passed_cache(kwargs: dict):
+    """The cache an attention module's forward was called with (``kwargs`` of a forward pre-hook), or
+    None: ``cache`` (5.24+), ``past_key_values``, or GPT-NeoX's ``layer_past``."""
+    for name in (_CACHE_KWARG, "past_key_values", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 def cache_kwargs(cache) -> dict:
     """Keyword arguments passing ``cache`` to ``model.generate``/``model(...)`` under the name the
     installed transformers expects: ``model.generate(ids, **cache_kwargs(cache))``."""

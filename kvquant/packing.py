@@ -144,6 +144,23 @@ class ChannelPacking:
             _level_word(n)
         self.group_bytes = sum(len(idx) * levels_size(group, n) for n, idx in self.buckets)
 
+    def channel_offsets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each (head, channel)'s codes lie in a group record, for kernels that read them:
+        ``(offset, levels, bits)`` int64 (H, D) — byte offset of its ``levels_size(G, n)``
+        bytes, level count, bits per code for powers of two (0 for 3 and 5 levels, packed as
+        base-n digits)."""
+        n_ch = self.shape[0] * self.shape[1]
+        off, lev, bits = (torch.zeros(n_ch, dtype=torch.long) for _ in range(3))
+        start = 0
+        for n, idx in self.buckets:
+            size = levels_size(self.group, n)
+            off[idx] = start + torch.arange(len(idx)) * size
+            lev[idx] = n
+            per_word, word_bits = _level_word(n)
+            bits[idx] = word_bits if per_word == 1 else 0
+            start += len(idx) * size
+        return off.view(self.shape), lev.view(self.shape), bits.view(self.shape)
+
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         b, h, t, d = codes.shape
         if (h, d) != self.shape or t % self.group:

@@ -1,26 +1,33 @@
-"""Triton decode attention on packed KV codes (optional: needs ``triton``).
+"""Triton decode attention on the deployed KV cache layout (optional: needs ``triton``).
 
-``decode_attention(q, k_codes, k_centers, k_offset, k_scale, v_codes, v_centers, v_scale, bits)``
-computes ``softmax(q·K̂ᵀ·scaling)·V̂`` for 1..few query tokens straight from the packed codes of
-:class:`kvquant.cache.KVQuantCache` (layout in :mod:`kvquant.decode`); the keys and values are
-never written out in full precision.
+:func:`decode_step` is the GPU counterpart of :func:`kvquant.code_attention.attend` (same
+arguments, same result within float rounding): one query token per row over a
+:class:`kvquant.cache.KVQuantCache` layer in ``channel-group`` mode, read from the codes.
 
-Kernel 1 (grid ``B·H_kv × splits``): one program per (batch row, KV head, chunk of the
-sequence). Its ``G = H / H_kv`` query heads × ``Tq`` query tokens form the rows of one tile
-(GQA: every key/value byte is read once for all of them). Per block of ``BLOCK_N`` tokens it
-loads the packed bytes, extracts the codes with shifts, looks the centers up in the head's small
-table, and runs an online softmax:
+Kernel 1 (grid ``B·H_kv × splits``): one program per (batch row, KV head, chunk of the quantized
+tokens — split-K over the sequence). Its ``R = H_q / H_kv`` query rows (padded to 16 for
+``tl.dot``; GQA: every code byte is read once for all of them) meet blocks of ``BLOCK_T`` tokens
+inside one group:
 
-    q·k̂ = Σ_j (q_j·scale_j)·center[code_j] + Σ_j q_j·offset_j    (per-channel affine folded into q)
-    p·v̂ = Σ_s (p_s·v_scale_s)·center_v[code_s]                  (per-token scale folded into p)
+* key codes: channel j's codes are a bit stream at byte ``offset[j]`` of the group record —
+  ``levels[j]`` a power of two: ``log2 levels`` bits per code; 3 and 5 levels: base-n digits of
+  bytes / 7-bit words (:class:`kvquant.packing.ChannelPacking`) — read as two bytes, shifted,
+  divided by the digit's power; ``k̂ = centers[j, code]·half + mid`` with the group's 8-bit
+  (or fp16) scales decoded in the kernel;
+* rotation from positions (pre-RoPE keys): ``cos``/``sin`` of ``position·inv_freq`` computed in
+  the kernel (no per-token table read); ``q·R(p)k̂ = Σ_j k̂_j (q_j cos_j + q̃_j sin_j)`` with
+  ``q̃`` the query rotated by 90° (``q̃_i = q_{i+r/2}``, ``q̃_{i+r/2} = −q_i``), so the scores are
+  two ``tl.dot`` of the query rows with ``k̂·cos`` and ``k̂·sin``;
+* values: ``bits_v`` codes along head_dim, ``v̂ = centers_v[code]·half_s + mid_s`` (8-bit
+  per-token codes) or ``·RMS_s``; online softmax (base 2), ``acc += p·V̂`` by ``tl.dot``.
 
-and writes its partial ``(max, sum, p·V)``. Kernel 2 (grid ``B·H_kv``) combines the splits
-(split-K over the sequence, log-sum-exp rescaling) and writes ``(B, H, Tq, D)``.
+Kernel 2 (grid ``B·H_kv``) combines the splits (log-sum-exp rescaling) into the quantized part's
+normalised output and log-sum-exp; the exact sinks and residual (few tokens) are attended in
+torch and merged by their log-sum-exp.
 
-Bits 1, 2, 4 and 8 (codes never straddle bytes). On a machine without a GPU the kernels run under
-Triton's interpreter: ``TRITON_INTERPRET=1`` must be in the environment before Python starts
-(torch and transformers import triton, and triton's own library functions are jitted at import);
-this is how the tests check the kernels against :func:`kvquant.decode.decode_attention_reference`.
+On a machine without a GPU the kernels run under Triton's interpreter: ``TRITON_INTERPRET=1``
+must be in the environment before Python starts (torch and transformers import triton); this is
+how the tests check the kernel against the C path and the dequantize reference.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import math
 import os
 
 import torch
+
+from kvquant.groupnorm import load_scales
 
 try:  # optional dependency
     import triton
@@ -39,9 +48,8 @@ except Exception as e:  # pragma: no cover - depends on the environment
     triton = tl = None
     _IMPORT_ERROR = e
 
-__all__ = ["available", "decode_attention", "SUPPORTED_BITS"]
+__all__ = ["available", "decode_step"]
 
-SUPPORTED_BITS = (1, 2, 4, 8)
 _LOG2E = 1.4426950408889634
 
 
@@ -69,223 +77,230 @@ def _jit(fn):
 
 
 @_jit
-def _tile_codes(base, n, n_ok, stride, PK: tl.constexpr, BITS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Codes (BLOCK_N, BLOCK_D) int32 of tokens ``n`` (rows ``base + n·stride``, PK packed bytes
-    each). Bytes are loaded contiguously and split with shifts; ``join`` + ``reshape`` put the
-    codes of one byte on consecutive channels (little-endian, as kvquant.packing)."""
-    if BITS == 8:
-        j = tl.arange(0, BLOCK_D)
-        c = tl.load(base + n[:, None] * stride + j[None, :], mask=n_ok[:, None] & (j < PK)[None, :], other=0)
-    elif BITS == 4:
-        j = tl.arange(0, BLOCK_D // 2)
-        x = tl.load(base + n[:, None] * stride + j[None, :], mask=n_ok[:, None] & (j < PK)[None, :], other=0)
-        c = tl.reshape(tl.join(x & 15, x >> 4), (BLOCK_N, BLOCK_D))
-    elif BITS == 2:
-        j = tl.arange(0, BLOCK_D // 4)
-        x = tl.load(base + n[:, None] * stride + j[None, :], mask=n_ok[:, None] & (j < PK)[None, :], other=0)
-        # channel 4j + 2a + b holds the code at bits 2(2a + b): join(join(c0, c2), join(c1, c3))
-        c = tl.reshape(tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6)), (BLOCK_N, BLOCK_D))
-    else:  # 1 bit: each channel reads its byte
-        dd = tl.arange(0, BLOCK_D)
-        x = tl.load(base + n[:, None] * stride + (dd // 8)[None, :], mask=n_ok[:, None] & (dd // 8 < PK)[None, :],
-                    other=0)
-        c = (x >> (dd % 8).to(tl.uint8)[None, :]) & 1
-    return c.to(tl.int32)
+def _digit_power(k, base: tl.constexpr):
+    """base**k for k in 0..4 (int32 tensors)."""
+    return tl.where(k == 0, 1, tl.where(k == 1, base, tl.where(k == 2, base * base,
+                    tl.where(k == 3, base * base * base, base * base * base * base))))
+
+
+@_jit
+def _key_codes(rec, off, lev, nb, t, ok, GB):
+    """Codes (D, T) int32 of channels (off, lev, nb: (D, 1)) at tokens t (1, T) of one group record."""
+    is3 = lev == 3
+    is5 = lev == 5
+    bitpos = tl.where(is3, (t // 5) * 8, tl.where(is5, (t // 3) * 7, t * nb))
+    width = tl.where(is3, 8, tl.where(is5, 7, nb))
+    byte = off + (bitpos >> 3)
+    sh = bitpos & 7
+    b0 = tl.load(rec + byte, mask=ok, other=0).to(tl.int32)
+    b1 = tl.load(rec + byte + 1, mask=ok & (byte + 1 < GB), other=0).to(tl.int32)
+    word = ((b0 | (b1 << 8)) >> sh) & ((1 << width) - 1)
+    div = tl.where(is3, _digit_power(t % 5, 3), tl.where(is5, _digit_power(t % 3, 5), 1))
+    return (word // div) % lev
+
+
+@_jit
+def _scales(mid_ptr, half_ptr, idx, ok, HALF_TAB, SCALE8: tl.constexpr):
+    """(mid, half) float32 of stored scales: 8-bit codes (load_scales' table) or float."""
+    if SCALE8:
+        e = tl.load(half_ptr + idx, mask=ok, other=0).to(tl.int32)
+        half = tl.load(HALF_TAB + e + 128, mask=ok, other=0.0)
+        mid = tl.load(mid_ptr + idx, mask=ok, other=0).to(tl.float32) * half / 16.0
+    else:
+        half = tl.load(half_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        mid = tl.load(mid_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    return mid, half
 
 
 @_jit
 def _split_kernel(
-    Q, KC, KCENT, KOFF, KSCALE, VC, VCENT, VSCALE, MPART, LPART, OPART,
-    S, CHUNK, NSPLIT, HKV, qk_scale,
-    sqb, sqh, sqt,
-    skb, skh, skn,
-    svb, svh, svn,
-    ssb, ssh, ssn,
-    vcent_sh,
-    G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr,
-    BITS_K: tl.constexpr, BITS_V: tl.constexpr, PK_K: tl.constexpr, PK_V: tl.constexpr, KLEV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, FP16_DOT: tl.constexpr,
+    Q, QT, KC, OFF, LEV, NB, KCENT, KMID, KHALF, HALF_TAB, INVF, POS,
+    VC, VCENT, VMID, VHALF, MASK, MPART, LPART, OPART,
+    S, FIRST, START, POS0, M, GB, K, HKV, ROT_A, CHUNK, NSPLIT, MASK_LEN,
+    D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    RH: tl.constexpr, RHM: tl.constexpr, PV: tl.constexpr, BITS_V: tl.constexpr,
+    SCALE8: tl.constexpr, MINMAX: tl.constexpr, HAS_POS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
-    hk = pid_bh % HKV
+    h = pid_bh % HKV
+    rows = tl.arange(0, RP)
+    j = tl.arange(0, BLOCK_D)
+    j_ok = j < D
+    q = tl.load(Q + (pid_bh * RP + rows)[:, None] * D + j[None, :], mask=j_ok[None, :], other=0.0)
+    qt = tl.load(QT + (pid_bh * RP + rows)[:, None] * D + j[None, :], mask=j_ok[None, :], other=0.0)
+    off = tl.load(OFF + h * D + j, mask=j_ok, other=0)[:, None]
+    lev = tl.load(LEV + h * D + j, mask=j_ok, other=2)[:, None]
+    nb = tl.load(NB + h * D + j, mask=j_ok, other=1)[:, None]
+    rot = j < 2 * RH
+    invf = tl.load(INVF + j % RHM, mask=rot, other=0.0)[:, None]
 
-    rows = tl.arange(0, BLOCK_M)
-    g = rows // TQ
-    t = rows % TQ
-    row_ok = rows < G * TQ
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-
-    q_ptrs = Q + b * sqb + (hk * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    ksc = tl.load(KSCALE + hk * D + d, mask=d_ok, other=0.0)
-    koff = tl.load(KOFF + hk * D + d, mask=d_ok, other=0.0)
-    qs = q * ksc[None, :] * qk_scale  # scores in log2 units
-    bias = tl.sum(q * koff[None, :], 1) * qk_scale
-    if FP16_DOT:
-        qs_dot = qs.to(tl.float16)
-    else:
-        qs_dot = qs
-
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, S)
-    last_allowed = S - TQ + t  # causal limit of each row
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        kcode = _tile_codes(KC + b * skb + hk * skh, n, n_ok, skn, PK_K, BITS_K, BLOCK_N, BLOCK_D)
-        kc = tl.load(KCENT + hk * KLEV + kcode)
-        if FP16_DOT:
-            s = tl.dot(qs_dot, tl.trans(kc.to(tl.float16)))
+    m_i = tl.full([RP], -1.0e30, tl.float32)
+    l_i = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, BLOCK_D], tl.float32)
+    lo = tl.maximum(pid_s * CHUNK, (FIRST // BLOCK_T) * BLOCK_T)
+    hi = tl.minimum(pid_s * CHUNK + CHUNK, S)
+    for n0 in range(lo, hi, BLOCK_T):
+        n = n0 + tl.arange(0, BLOCK_T)
+        n_ok = (n >= FIRST) & (n < S)
+        g = n0 // G
+        t = (n % G)[None, :]
+        ok = j_ok[:, None] & n_ok[None, :]
+        rec = KC + (b * M + g) * GB
+        code = _key_codes(rec, off, lev, nb, t, ok, GB)
+        cent = tl.load(KCENT + (h * D + j[:, None]) * K + code, mask=ok, other=0.0)
+        mid, half = _scales(KMID, KHALF, ((b * HKV + h) * M + g) * D + j, j_ok, HALF_TAB, SCALE8)
+        k = cent * half[:, None] + mid[:, None]  # (D, T)
+        if HAS_POS:
+            pos = tl.load(POS + b * S + n, mask=n_ok, other=0).to(tl.float32)
         else:
-            s = tl.dot(qs_dot, tl.trans(kc), input_precision="ieee")
-        s = s + bias[:, None]
-        valid = n_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= last_allowed[:, None])
-        s = tl.where(valid, s, float("-inf"))
+            pos = (POS0 + n).to(tl.float32)
+        ang = invf * pos[None, :]
+        c = tl.where(rot[:, None], tl.cos(ang) * ROT_A, 1.0)
+        s_ = tl.where(rot[:, None], tl.sin(ang) * ROT_A, 0.0)
+        s = tl.dot(q, k * c, input_precision="ieee") + tl.dot(qt, k * s_, input_precision="ieee")  # (RP, T), log2 units
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * MASK_LEN + n - START, mask=n_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-
-        vcode = _tile_codes(VC + b * svb + hk * svh, n, n_ok, svn, PK_V, BITS_V, BLOCK_N, BLOCK_D)
-        vc = tl.load(VCENT + hk * vcent_sh + vcode)
-        vsc = tl.load(VSCALE + b * ssb + hk * ssh + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
-        pv = p * vsc[None, :]
-        if FP16_DOT:
-            acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float16), vc.to(tl.float16))
+        # values (T, D)
+        vbit = j * BITS_V
+        vbyte = vbit >> 3
+        vrow = VC + ((b * HKV + h) * S + n)[:, None] * PV
+        vok = n_ok[:, None] & j_ok[None, :]
+        v0 = tl.load(vrow + vbyte[None, :], mask=vok, other=0).to(tl.int32)
+        v1 = tl.load(vrow + vbyte[None, :] + 1, mask=vok & (vbyte + 1 < PV)[None, :], other=0).to(tl.int32)
+        vcode = ((v0 | (v1 << 8)) >> (vbit & 7)[None, :]) & ((1 << BITS_V) - 1)
+        vc = tl.load(VCENT + vcode, mask=vok, other=0.0)
+        sidx = (b * HKV + h) * S + n
+        if MINMAX:
+            vmid, vhalf = _scales(VMID, VHALF, sidx * 2, n_ok, HALF_TAB, True)
         else:
-            acc = acc * alpha[:, None] + tl.dot(pv, vc, input_precision="ieee")
+            vhalf = tl.load(VHALF + sidx, mask=n_ok, other=0.0).to(tl.float32)
+            vmid = tl.zeros([BLOCK_T], tl.float32)
+        v = vc * vhalf[:, None] + vmid[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
-
     part = pid_bh * NSPLIT + pid_s
-    tl.store(MPART + part * BLOCK_M + rows, m_i)
-    tl.store(LPART + part * BLOCK_M + rows, l_i)
-    tl.store(OPART + (part * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(MPART + part * RP + rows, m_i)
+    tl.store(LPART + part * RP + rows, l_i)
+    tl.store(OPART + (part * RP + rows)[:, None] * BLOCK_D + j[None, :], acc)
 
 
 @_jit
-def _combine_kernel(
-    MPART, LPART, OPART, OUT, NSPLIT, HKV,
-    sob, soh, sot,
-    G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _combine_kernel(MPART, LPART, OPART, OUT, LSE, NSPLIT, RP: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh = tl.program_id(0)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    m_run = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    o_run = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    rows = tl.arange(0, RP)
+    j = tl.arange(0, BLOCK_D)
+    m_run = tl.full([RP], -1.0e30, tl.float32)
+    l_run = tl.zeros([RP], tl.float32)
+    o_run = tl.zeros([RP, BLOCK_D], tl.float32)
     for sp in range(0, NSPLIT):
         part = pid_bh * NSPLIT + sp
-        m_s = tl.load(MPART + part * BLOCK_M + rows)
-        l_s = tl.load(LPART + part * BLOCK_M + rows)
-        o_s = tl.load(OPART + (part * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :])
+        m_s = tl.load(MPART + part * RP + rows)
+        l_s = tl.load(LPART + part * RP + rows)
+        o_s = tl.load(OPART + (part * RP + rows)[:, None] * BLOCK_D + j[None, :])
         m_new = tl.maximum(m_run, m_s)
         a = tl.exp2(m_run - m_new)
         w = tl.exp2(m_s - m_new)
         l_run = l_run * a + l_s * w
         o_run = o_run * a[:, None] + o_s * w[:, None]
         m_run = m_new
-    out = o_run / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    g = rows // TQ
-    t = rows % TQ
-    ok = (rows < G * TQ)[:, None] & (d < D)[None, :]
-    ptrs = OUT + b * sob + (hk * G + g)[:, None] * soh + t[:, None] * sot + d[None, :]
-    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + (pid_bh * RP + rows)[:, None] * BLOCK_D + j[None, :], o_run / tl.where(l_run > 0, l_run, 1.0)[:, None])
+    tl.store(LSE + pid_bh * RP + rows, tl.where(l_run > 0, m_run + tl.log2(tl.where(l_run > 0, l_run, 1.0)), -1.0e30))
 
 
-def default_splits(batch_heads: int, seq: int, block_n: int, device: torch.device) -> int:
-    """Splits of the sequence: about two waves of programs on the GPU, ≥ 4 blocks per split."""
-    blocks = max(1, math.ceil(seq / block_n))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = math.ceil(2 * sms / max(batch_heads, 1))
-    else:
-        want = 4
-    return max(1, min(want, blocks // 4 if blocks >= 8 else blocks))
+def _splits(bh: int, tokens: int, block_t: int, device: torch.device) -> int:
+    """About two waves of programs on the GPU, at least 4 token blocks per split."""
+    blocks = max(1, math.ceil(tokens / block_t))
+    want = math.ceil(2 * torch.cuda.get_device_properties(device).multi_processor_count / bh) if device.type == "cuda" else 2
+    return max(1, min(want, max(blocks // 4, 1)))
 
 
-def decode_attention(
-    q: torch.Tensor,
-    k_codes: torch.Tensor,
-    k_centers: torch.Tensor,
-    k_offset: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_codes: torch.Tensor,
-    v_centers: torch.Tensor,
-    v_scale: torch.Tensor,
-    bits: int,
-    scaling: float | None = None,
-    *,
-    bits_v: int | None = None,
-    causal: bool = True,
-    num_splits: int | None = None,
-    block_n: int = 64,
-) -> torch.Tensor:
-    """Triton version of :func:`kvquant.decode.decode_attention_reference` (same arguments, no
-    ``attention_mask``): ``(B, H, Tq, D)`` in q's dtype."""
+def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                start: int, *, block_t: int = 32, num_splits: int | None = None) -> torch.Tensor:
+    """:func:`kvquant.code_attention.attend` with the quantized tokens read by the Triton kernel:
+    (B, 1, H_q, D) in ``query``'s dtype."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"Triton decode attention is unavailable: {why}")
-    bits_v = bits if bits_v is None else bits_v
-    if bits not in SUPPORTED_BITS or bits_v not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got keys {bits}, values {bits_v}")
-    b, h, tq, d = q.shape
-    hkv, s = k_codes.shape[1], k_codes.shape[2]
-    if h % hkv:
-        raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
-    if s == 0:
-        raise ValueError("empty KV cache")
-    g = h // hkv
+    b, hq, tq, d = query.shape
+    h, o, dev = layer.tables.k_centers.shape[0], layer.options, query.device
+    if tq != 1 or hq % h:
+        raise ValueError(f"decode_step takes one query token and a multiple of {h} heads, got {tuple(query.shape)}")
+    g, sq, n_sink = layer.group, layer.quantized_tokens, layer.sink_k.shape[2]
+    if g % block_t:
+        raise ValueError(f"block_t ({block_t}) must divide the group ({g})")
+    rep, rp = hq // h, max(16, triton.next_power_of_2(hq // h))
+    visible = sq + layer.res_k.shape[2] - start
     scaling = d**-0.5 if scaling is None else float(scaling)
-    dev = q.device
-    k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
-    v_scale = v_scale.contiguous()
-    q = q.contiguous()
-    kcent = k_centers.float().contiguous()
-    koff, ksc = k_offset.float().contiguous(), k_scale.float().contiguous()
-    vcent = v_centers.float().contiguous()
-    vcent_sh = 0 if vcent.ndim == 1 else vcent.shape[1]
-
-    block_m = max(16, triton.next_power_of_2(g * tq))
+    q = (query.float() * scaling).reshape(b, h, rep, d)
+    if attention_mask is not None:
+        attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
+    # exact tokens (sinks over their slots, the residual): torch, natural-log units
+    ex_k = torch.cat([layer.sink_k[:, :, start:], layer.res_k[:, :, max(start - sq, 0):]], dim=2).float()
+    ex_v = torch.cat([layer.sink_v[:, :, start:], layer.res_v[:, :, max(start - sq, 0):]], dim=2).float()
+    ex_s = q @ ex_k.transpose(-1, -2)
+    if attention_mask is not None:
+        cols = torch.cat([torch.arange(start, max(start, n_sink)), torch.arange(max(start, sq), sq + layer.res_k.shape[2])])
+        ex_s = ex_s.masked_fill(~attention_mask[:, None, None, (cols - start).to(dev)], float("-inf"))
+    first = max(start, n_sink)
+    if sq <= first:
+        out = torch.softmax(ex_s, -1).nan_to_num(0.0) @ ex_v
+        return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
+    qp = torch.zeros(b, h, rp, d, device=dev)
+    qp[:, :, :rep] = q * _LOG2E
+    plan_rot = layer.rope is not None
+    if plan_rot:
+        inv_freq, rot_a = layer.rope.frequencies()
+        rh = inv_freq.numel()
+    else:
+        inv_freq, rot_a, rh = torch.zeros(1), 1.0, 0
+    qt = torch.zeros_like(qp)
+    qt[..., :rh], qt[..., rh : 2 * rh] = qp[..., rh : 2 * rh], -qp[..., :rh]
+    off, lev, nb, centers = (x.to(dev) for x in layer._channel_layout)
+    tab = load_scales(torch.zeros(256, dtype=torch.int8), torch.arange(-128, 128).to(torch.int8), 8)[1].to(dev)
+    kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (layer.k_mid.float(), layer.k_half.float())
+    if o.values == "minmax":  # (B, H, S, 2) int8: mid at 2s, half at 2s + 1
+        vmid = layer.v_scale.contiguous().view(-1)
+        vhalf = vmid[1:]
+    else:
+        vmid = vhalf = layer.v_scale.float().contiguous()
+    pos = layer.k_pos[:, 0].contiguous() if layer.k_pos is not None else torch.zeros(1, dtype=torch.int32, device=dev)
+    mask = (attention_mask.to(torch.uint8).contiguous() if attention_mask is not None
+            else torch.zeros(1, dtype=torch.uint8, device=dev))
     block_d = max(16, triton.next_power_of_2(d))
-    splits = num_splits or default_splits(b * hkv, s, block_n, dev)
-    chunk = math.ceil(math.ceil(s / splits) / block_n) * block_n
-    splits = math.ceil(s / chunk)
-
-    m_part = torch.empty(b * hkv * splits * block_m, dtype=torch.float32, device=dev)
+    splits = num_splits or _splits(b * h, sq - first, block_t, dev)
+    chunk = math.ceil(math.ceil(sq / splits) / block_t) * block_t
+    splits = math.ceil(sq / chunk)
+    m_part = torch.empty(b * h * splits * rp, device=dev)
     l_part = torch.empty_like(m_part)
-    o_part = torch.empty(b * hkv * splits * block_m * block_d, dtype=torch.float32, device=dev)
-    out = torch.empty(b, h, tq, d, dtype=q.dtype, device=dev)
-    fp16_dot = q.dtype in (torch.float16, torch.bfloat16)
-    _split_kernel[(b * hkv, splits)](
-        q, k_codes, kcent, koff, ksc, v_codes, vcent, v_scale, m_part, l_part, o_part,
-        s, chunk, splits, hkv, scaling * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        vcent_sh,
-        G=g, TQ=tq, D=d, BITS_K=bits, BITS_V=bits_v, PK_K=k_codes.shape[-1], PK_V=v_codes.shape[-1],
-        KLEV=kcent.shape[-1],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=bool(causal and tq > 1), FP16_DOT=fp16_dot,
+    o_part = torch.empty(b * h * splits * rp * block_d, device=dev)
+    _split_kernel[(b * h, splits)](
+        qp.contiguous(), qt.contiguous(), layer.k_codes.contiguous(), off.to(torch.int32), lev.to(torch.int32),
+        nb.to(torch.int32), centers, kmid.contiguous(), khalf.contiguous(), tab, inv_freq.float().to(dev), pos,
+        layer.v_codes.contiguous(), layer._dev_tables.v_centers.float(), vmid, vhalf, mask, m_part, l_part, o_part,
+        sq, first, start, layer._seen - layer.held_tokens, sq // g, layer.k_codes.shape[-1], centers.shape[-1], h,
+        float(rot_a), chunk, splits, visible,
+        D=d, G=g, RP=rp, BLOCK_D=block_d, BLOCK_T=block_t, RH=rh, RHM=max(rh, 1), PV=layer.v_codes.shape[-1], BITS_V=o.bits_v,
+        SCALE8=o.scale_bits == 8, MINMAX=o.values == "minmax", HAS_POS=layer.k_pos is not None,
+        HAS_MASK=attention_mask is not None,
     )
-    _combine_kernel[(b * hkv,)](
-        m_part, l_part, o_part, out, splits, hkv,
-        out.stride(0), out.stride(1), out.stride(2),
-        G=g, TQ=tq, D=d, BLOCK_M=block_m, BLOCK_D=block_d,
-    )
-    return out
+    out_q = torch.empty(b * h * rp, block_d, device=dev)
+    lse_q = torch.empty(b * h * rp, device=dev)
+    _combine_kernel[(b * h,)](m_part, l_part, o_part, out_q, lse_q, splits, RP=rp, BLOCK_D=block_d)
+    out_q = out_q.view(b, h, rp, block_d)[:, :, :rep, :d]
+    lse_q = lse_q.view(b, h, rp)[:, :, :rep] / _LOG2E  # natural log
+    lse_e = torch.logsumexp(ex_s, -1)
+    top = torch.maximum(lse_q, lse_e)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w_q, w_e = torch.exp(lse_q - top), torch.exp(lse_e - top)
+    out_e = torch.softmax(ex_s, -1).nan_to_num(0.0) @ ex_v
+    total = w_q + w_e
+    out = (out_q * w_q[..., None] + out_e * w_e[..., None]) / torch.where(total > 0, total, 1.0)[..., None]
+    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

@@ -92,7 +92,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "kvquant"):
             m.kvquant_hook.remove()
             del m.kvquant, m.kvquant_hook
-        for name in ("kvquant_rotary", "kvquant_positions"):
+        for name in ("kvquant_rotary", "kvquant_positions", "kvquant_cache_layer"):
             if hasattr(m, name):
                 delattr(m, name)
     model.set_attn_implementation(getattr(model, _ORIGINAL))
@@ -103,7 +103,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def rotary_tables(model: torch.nn.Module) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``tables(layer, position_ids)`` → the ``(cos, sin)`` (B, n, r) float32 that ``model``'s
     rotary embedding gives layer ``layer`` at ``position_ids`` (B, n) — the model's own module
-    (its rope type and scaling; Gemma3's per-layer-type rope through its ``layer_type`` argument).
+    (its rope type and scaling; Gemma3's per-layer-type rope through its ``layer_type`` argument);
+    ``tables.frequencies(layer)`` → the module's ``(inv_freq, attention_scaling)`` for the layer.
     UnsupportedModelError if the model has no (or more than one) rotary embedding module."""
     rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotary) != 1:
@@ -120,6 +121,12 @@ def rotary_tables(model: torch.nn.Module) -> Callable[[int, torch.Tensor], tuple
         with torch.no_grad():
             return rot(x, position_ids, layer_types[layer]) if by_type else rot(x, position_ids)
 
+    def frequencies(layer: int) -> tuple[torch.Tensor, float]:
+        """``(inv_freq (r/2,), attention_scaling)`` the tables of ``layer`` are computed from."""
+        prefix = f"{layer_types[layer]}_" if by_type else ""
+        return getattr(rot, f"{prefix}inv_freq"), float(getattr(rot, f"{prefix}attention_scaling"))
+
+    tables.frequencies = frequencies
     return tables
 
 

@@ -1,0 +1,107 @@
+"""One decode step of attention read from a :class:`kvquant.cache.KVQuantCache` layer's codes.
+
+For a single new query token per row, ``softmax(q·Kᵀ·scaling + mask)·V`` over the layer's held
+tokens ``[quantized | exact residual]`` (the exact sinks laid over their code slots), in one call
+of :func:`kvquant.cpu_kernels.decode_step`: the quantized keys' scores from the group records
+(pre-RoPE keys rotated at their positions as ``R(p₀)·R(δ)``, :class:`RotationPlan`), the exact
+tokens', the mask, the softmax, and the values from their codes — no key or value is written out
+in full precision.
+
+The reference is the dequantize-then-SDPA path (the layer's ``_materialize`` and transformers'
+SDPA): same codes, outputs equal within float rounding (tests/test_code_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvquant import cpu_kernels
+
+__all__ = ["RotationPlan", "attend"]
+
+
+@dataclass
+class RotationPlan:
+    """What the kernel needs to rotate one layer's quantized keys, rebuilt when the held groups change.
+
+    ``base_cos``/``base_sin`` (B, m, r/2): ``cos(θ p₀)``, ``sin(θ p₀)`` at each group's base
+    position (the model's tables divided by the rotary scaling ``a``); ``cosd``/``sind``
+    (r/2, Δ): the model's ``a·cos(θ δ)``, ``a·sin(θ δ)``; ``delta`` (B, S) int32 rows into them,
+    or None when positions are the stream (δ = token index mod G); all None for keys stored
+    after the rotation. ``key`` identifies the held state it was built for."""
+
+    key: tuple
+    base_cos: torch.Tensor | None
+    base_sin: torch.Tensor | None
+    cosd: torch.Tensor | None
+    sind: torch.Tensor | None
+    delta: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        ts = (self.base_cos, self.base_sin, self.cosd, self.sind, self.delta)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    @classmethod
+    def build(cls, layer, key: tuple) -> "RotationPlan":
+        """The plan for ``layer``'s quantized tokens (pre-RoPE keys: ``layer.rope`` set)."""
+        g, b, sq = layer.group, layer.k_codes.shape[0], layer.quantized_tokens
+        if layer.rope is None:
+            return cls(key, None, None, None, None, None)
+        pos = layer._quantized_positions().long()  # (B, S)
+        grouped = pos.view(b, sq // g, g)
+        base = grouped.amin(-1)  # (B, m)
+        span = int((grouped.amax(-1) - base).max()) + 1 if sq else 1
+        stream = layer.k_pos is None
+        n_delta = g if stream else max(span, 1)
+        cos_d, sin_d = layer.rope.tables(torch.arange(n_delta).unsqueeze(0))  # (1, Δ, r), a included
+        rh = cos_d.shape[-1] // 2
+        a = layer.rope.tables(torch.zeros(1, 1, dtype=torch.long))[0][0, 0, :rh]  # a·cos(0) = a
+        cos_b, sin_b = layer.rope.tables(base)
+        delta = None if stream else (grouped - base.unsqueeze(-1)).reshape(b, sq).to(torch.int32).contiguous()
+        return cls(key, cos_b[..., :rh] / a, sin_b[..., :rh] / a,
+                   cos_d[0, :, :rh].T.contiguous(), sin_d[0, :, :rh].T.contiguous(), delta)
+
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous()
+
+
+def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+           start: int) -> torch.Tensor:
+    """Attention output (B, 1, H_q, D) in ``query``'s dtype — transformers' SDPA output layout —
+    of one query token per row (``query`` (B, H_q, 1, D), post-RoPE) over ``layer``'s held tokens
+    from ``start`` on (a sliding window's first visible token). ``attention_mask``: None or bool
+    (B|1, 1, 1, S − start), True = attend."""
+    b, hq, tq, d = query.shape
+    h, o = layer.tables.k_centers.shape[0], layer.options
+    if tq != 1 or hq % h:
+        raise ValueError(f"attend takes one query token and a multiple of {h} heads, got {tuple(query.shape)}")
+    sq, n_exact = layer.quantized_tokens, layer.res_k.shape[2]
+    visible = sq + n_exact - start
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[-1] != visible:
+            raise ValueError(f"expected a bool mask over {visible} keys, got {attention_mask.dtype} "
+                             f"{tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
+        attention_mask = attention_mask.to(torch.uint8).contiguous()
+    scaling = d**-0.5 if scaling is None else float(scaling)
+    plan = layer._rotation_plan()
+    off, lev, bits, centers = layer._channel_layout
+    kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
+    out = torch.empty(b, h, hq // h, d)
+    ints = dict(B=b, H=h, R=hq // h, D=d, G=layer.group, m=sq // layer.group, gb=layer.k_codes.shape[-1],
+                K=centers.shape[-1], nd=0 if plan.cosd is None else plan.cosd.shape[1],
+                rh=0 if plan.cosd is None else plan.cosd.shape[0], n_sink=layer.sink_k.shape[2], n_exact=n_exact,
+                start=start, pv=layer.v_codes.shape[-1], bits_v=o.bits_v, scale_bits=o.scale_bits,
+                rms_values=int(o.values == "rms"))
+    cpu_kernels.decode_step(ints, dict(
+        kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
+        base_cos=plan.base_cos, base_sin=plan.base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
+        q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
+        xk=_f32(layer.res_k), xv=_f32(layer.res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
+        vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
+    ))
+    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

@@ -1,0 +1,164 @@
+"""Decode attention from the KV cache's codes on the CPU: the C kernels of ``csrc/decode_cpu.c``,
+compiled on first use with the system C compiler and called through ctypes.
+
+Why C: a decode step is memory-bound, and a cache of ~4-bit codes reads an eighth of the bytes
+of a float32 cache — but only if the step does not first write every held key and value out in
+float32 (what the dequantize path does). :func:`decode_step` reads the codes once per step,
+unpacks them 8 at a time, looks centers up with AVX2 permutes (levels ≤ 16), fuses the rotation
+and the dot products, and runs the exact tokens, the mask, the softmax and the value sums in the
+same call, so nothing of size (tokens × head_dim) is written and no torch op runs per token.
+
+Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quantized values):
+
+* keys: per batch row and group of G tokens one record of ``group_bytes`` bytes
+  (:class:`kvquant.packing.ChannelPacking`; :meth:`~kvquant.packing.ChannelPacking.channel_offsets`
+  gives each (head, channel)'s byte offset in it), group ``(mid, half)`` per channel as stored
+  (8-bit codes decoded with :func:`kvquant.groupnorm.load_scales`'s own table, or fp16 given as
+  float32), centers per channel ``(H, D, K)``. ``k̂ = centers[code]·half + mid`` — the cache's
+  arithmetic (:func:`kvquant.quantizer.decode_groups`).
+* rotation (pre-RoPE keys): a key at position ``p = p₀ + δ`` (``p₀`` its group's base position)
+  is rotated by ``R(p) = R(p₀)·R(δ)``: the query is rotated back by ``R(p₀)`` once per group and
+  the keys by ``R(δ)`` from ``(r/2, Δ)`` tables of the model's own ``a·cos(θδ)``, ``a·sin(θδ)``
+  (``Δ = G`` while positions are the stream index), so no per-token cos/sin is read. This differs
+  from transformers' direct ``cos(θp)`` by the float rounding of the angle only.
+* values: codes of ``bits`` bits along head_dim, ``v̂ = centers[code]·half + mid`` per token
+  (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``).
+* exact tokens: the sinks ``(B, H, n_sink, D)`` laid over their code slots and the residual
+  ``(B, H, n_exact, D)``, float32; the mask ``(B, visible)`` uint8, 1 = attend.
+
+Build: ``$CC`` (default ``cc``) with ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
+it, ``-mavx2 -mfma`` when torch reports AVX2 on this CPU; the library is cached in
+``$KVQUANT_HOME/kernels/`` under a hash of the source, flags and compiler, written to a temp
+file and renamed (a killed build leaves no half-written library). :func:`available` says
+whether it builds here, and why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvquant.groupnorm import load_scales
+
+__all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
+_ABI = 2
+
+#: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
+#: codes of 5 levels): :func:`kvquant.packing.pack_levels`'s layout, as lookup tables.
+DIGITS3 = torch.from_numpy(np.array([[(w // 3**i) % 3 for i in range(5)] for w in range(256)], dtype=np.uint8))
+DIGITS5 = torch.from_numpy(np.array([[(w // 5**i) % 5 for i in range(3)] for w in range(128)], dtype=np.uint8))
+#: The half-range of each 8-bit exponent code e at index e + 128 (load_scales' own values).
+HALF_OF_CODE = load_scales(torch.zeros(256, dtype=torch.int8), torch.arange(-128, 128, dtype=torch.int32).to(torch.int8), 8)[1].contiguous()
+
+_INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_exact", "start", "pv", "bits_v",
+         "scale_bits", "rms_values", "nthreads")
+_PTRS = ("kcodes", "ch_off", "ch_levels", "ch_bits", "kcent", "kmid", "khalf", "half_of_code", "base_cos", "base_sin",
+         "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "xv", "vcodes", "vcent", "vscale", "mask", "out",
+         "d3", "d5")
+
+
+class Step(ctypes.Structure):
+    """The arguments of one ``kvq_decode_step`` (``kvq_step`` in ``csrc/decode_cpu.c``; shapes there)."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in _INTS] + [(n, ctypes.c_void_p) for n in _PTRS]
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU decode kernels cannot be built or loaded here (the message says why and what to do)."""
+
+
+def _flags(cc: str) -> list[str]:
+    flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _compiles(cc: str, flags: list[str], folder: Path) -> bool:
+    src = folder / "probe.c"
+    src.write_text("int main(void) { return 0; }\n")
+    r = subprocess.run([cc, *flags, str(src), "-o", str(folder / "probe")], capture_output=True)
+    return r.returncode == 0
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    from kvquant.assets import cache_dir
+
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise KernelUnavailable(
+            f"no C compiler ({cc!r} is not on PATH) to build kvquant's CPU decode kernels; install one "
+            "(e.g. apt install gcc) or set CC, or build the cache with make_cache(..., decode='dequantize')"
+        )
+    folder = cache_dir() / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot create {folder} for the CPU decode kernels ({e}); set KVQUANT_HOME") from e
+    flags = _flags(cc)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        if _compiles(cc, flags + ["-fopenmp"], Path(tmp)):
+            flags.append("-fopenmp")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version]).encode()).hexdigest()[:16]
+    lib = folder / f"decode_cpu-{key}.so"
+    if not lib.exists():
+        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            if r.returncode:
+                raise KernelUnavailable(f"building {_SOURCE.name} with {cc} failed:\n{r.stderr.strip()}")
+            os.replace(tmp, lib)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    dll = ctypes.CDLL(str(lib))
+    if dll.kvq_abi_version() != _ABI:
+        raise KernelUnavailable(f"{lib} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
+    dll.kvq_decode_step.argtypes = [ctypes.POINTER(Step)]
+    dll.kvq_decode_step.restype = ctypes.c_int
+    return dll
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the kernels build and load here, else (False, why)."""
+    try:
+        _library()
+    except KernelUnavailable as e:
+        return False, str(e)
+    return True, ""
+
+
+_DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int64, "ch_bits": torch.int64,
+           "delta": torch.int32, "vcodes": torch.uint8, "mask": torch.uint8, "d3": torch.uint8, "d5": torch.uint8}
+
+
+def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None]) -> None:
+    """Run ``kvq_decode_step`` on ``tensors`` (contiguous CPU tensors, float32 unless listed in
+    :data:`_DTYPES`; ``kmid``/``khalf`` int8 for 8-bit scales, ``vscale`` int8 for minmax
+    values; None for an absent optional input) and the sizes ``ints``; it writes ``tensors["out"]``."""
+    step = Step(**ints, nthreads=torch.get_num_threads(), half_of_code=HALF_OF_CODE.data_ptr(),
+                d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr())
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        want = _DTYPES.get(name, torch.float32)
+        if name in ("kmid", "khalf", "vscale") and t.dtype == torch.int8:
+            want = torch.int8
+        if t.dtype != want or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU {want} tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        setattr(step, name, t.data_ptr())
+    if _library().kvq_decode_step(ctypes.byref(step)):
+        raise MemoryError("kvq_decode_step could not allocate its scratch buffers")

@@ -1,0 +1,300 @@
+"""Decoding steps read from the codes (kvquant.code_attention, kvquant.cpu_kernels) equal the
+dequantize-then-SDPA reference: the same codes, outputs within float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, random_ids
+from test_cache import calibrated, stepwise_logits
+
+from kvquant import cpu_kernels
+from kvquant.cache import CacheOptions, KVQuantLayer, LayerTables, _QuantKV, make_cache
+from kvquant.code_attention import attend
+from kvquant.compat import cache_kwargs
+from kvquant.packing import LEVEL_PACKING
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available()[0], reason=cpu_kernels.available()[1])
+
+
+def _check_steps(monkeypatch) -> dict:
+    """Check every decoding step read from the codes against the dequantize reference on the same
+    cache state (SDPA over the layer's dequantized tokens, the step's mask and scaling), and count
+    the steps and the dequantizations made outside that check. (Comparing two whole decodes would
+    not do: float rounding differs between the paths, and a later layer's quantizer can turn that
+    into a different code.)"""
+    stats = {"codes": 0, "dequantize": 0, "max_err": 0.0}
+    decode, materialize = _QuantKV.decode_attention, _QuantKV._materialize
+    checking = []
+
+    def checked_decode(self, query, mask, scaling):
+        checking.append(True)
+        k, v = self._materialize()
+        checking.pop()
+        start = self.step_pending
+        ref = F.scaled_dot_product_attention(query, k[:, :, start:], v[:, :, start:], attn_mask=mask, scale=scaling,
+                                             enable_gqa=True).transpose(1, 2)
+        if mask is not None:  # a row with no allowed key attends to nothing
+            ref = ref.masked_fill(~mask.reshape(mask.shape[0], -1).any(-1)[:, None, None, None], 0.0)
+        out = decode(self, query, mask, scaling)
+        stats["codes"] += 1
+        stats["max_err"] = max(stats["max_err"], float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)))
+        return out
+
+    def counted_materialize(self, *a, **k):
+        stats["dequantize"] += not checking
+        return materialize(self, *a, **k)
+
+    monkeypatch.setattr(_QuantKV, "decode_attention", checked_decode)
+    monkeypatch.setattr(_QuantKV, "_materialize", counted_materialize)
+    return stats
+
+
+@pytest.mark.parametrize("family,rope", [("llama", "pre"), ("llama", "post"), ("gemma3", "pre"), ("mistral", "pre"),
+                                         ("qwen2", "pre"), ("gptneox", "pre"), ("gpt2", "post")])
+def test_decoding_steps_read_codes_and_equal_the_dequantize_path(family, rope, monkeypatch):
+    """Every family (GQA, sliding windows shorter than the sequence, partial rotary, no rotary):
+    each decoding step's attention, read from the codes, equals SDPA over the dequantized tokens
+    of the same cache; no step dequantized the held tokens; the logits stay those of the
+    dequantize path (to float rounding amplified by later layers' quantizers)."""
+    model = make_model(family)
+    books = calibrated(model, norm="channel-group", group=8, sink=1, scale_bits=8, rope=rope)
+    ids = random_ids(2, 30)
+    ref = stepwise_logits(model, ids, make_cache(model, books, decode="dequantize"), 3)
+    cache = make_cache(model, books)
+    assert cache.reads_codes()
+    stats = _check_steps(monkeypatch)
+    got = stepwise_logits(model, ids, cache, 3)
+    layers = sum(isinstance(layer, _QuantKV) for layer in cache.layers)
+    assert stats["codes"] == layers * 27 and stats["dequantize"] == layers  # only the prefill dequantized
+    assert stats["max_err"] < 1e-5
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+
+
+def test_padding_beams_allocation_and_value_widths_from_codes(monkeypatch):
+    """Left padding (positions stored: the rotation table read per token; pad queries with no key
+    to attend), bit allocation (channels of different level counts), 8- and 16-bit scales, rms
+    values and every value width, greedy and beam search: every step equals the reference."""
+    model = make_model("llama")
+    ids = random_ids(2, 26)
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    stats = _check_steps(monkeypatch)
+    for scale_bits in (8, 16):
+        books = calibrated(model, norm="channel-group", group=8, sink=1, scale_bits=scale_bits, rope="pre",
+                           budget=3.0, budget_sides="k")
+        assert books.k.channel_levels.unique().numel() > 1
+        for kw in (dict(), dict(values="rms"), *(dict(bits_v=b) for b in (1, 2, 3, 5, 8))):
+            stepwise_logits(model, ids, make_cache(model, books, **kw), 3, attention_mask=mask)
+    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=mask[:, :14])
+    for extra in (dict(), dict(num_beams=2)):
+        out = model.generate(ids[:, :14], **cache_kwargs(make_cache(model, books)), **gen, **extra)
+        assert out.shape == (2, 26)
+    assert stats["codes"] == 2 * 7 * 23 * 2 + 2 * 11 * 2 and stats["max_err"] < 1e-5
+
+
+def _synthetic_layer(levels: torch.Tensor, group: int, **options) -> KVQuantLayer:
+    """A layer whose (head, channel)s have the given level counts (Lloyd-like sorted random centers)."""
+    h, d = levels.shape
+    k_max = int(levels.max())
+    g = torch.Generator().manual_seed(3)
+    centers = torch.full((h, d, k_max), float("nan"))
+    bounds = torch.full((h, d, k_max - 1), float("inf"))
+    for i in range(h):
+        for j in range(d):
+            n = int(levels[i, j])
+            c = torch.sort(torch.rand(n, generator=g) * 2 - 1).values
+            c[0], c[-1] = -1.0, 1.0
+            centers[i, j, :n] = c
+            bounds[i, j, : n - 1] = (c[1:] + c[:-1]) / 2
+    centers = torch.nan_to_num(centers, nan=0.0)
+    opts = CacheOptions(group=group, **options)
+    v = torch.linspace(-1, 1, 2**opts.bits_v)
+    tables = LayerTables(centers, bounds, torch.zeros(h, d), torch.ones(h, d), v, (v[1:] + v[:-1]) / 2, levels.long())
+    return KVQuantLayer(tables, opts)
+
+
+@pytest.mark.parametrize("scale_bits", [8, 16])
+def test_every_level_count_window_mask_and_sinks(scale_bits):
+    """Channels of every level count the packing knows (3 and 5 as base-n digits, 2…256 as bit
+    fields), a first visible token inside a group (a sliding window), exact sinks and residual,
+    a mask with a fully masked row: attend == SDPA over the dequantized tokens."""
+    counts = sorted(LEVEL_PACKING)
+    levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
+    layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3)
+    g = torch.Generator().manual_seed(0)
+    for n in (20, 1, 30, 5):
+        layer.update(torch.randn(3, 2, n, 24, generator=g) * 3 + 1, torch.randn(3, 2, n, 24, generator=g))
+    assert layer.quantized_tokens == 48 and layer.res_k.shape[2] == 8
+    k, v = layer._materialize()
+    q = torch.randn(3, 6, 1, 24, generator=g)
+    for start in (0, 1, 21):
+        visible = k.shape[2] - start
+        mask = torch.rand(3, 1, 1, visible, generator=g) > 0.3
+        mask[2] = False
+        ref = F.scaled_dot_product_attention(q, k[:, :, start:], v[:, :, start:], attn_mask=mask, scale=0.3,
+                                             enable_gqa=True).transpose(1, 2)
+        ref[2] = 0.0  # a row with no allowed key attends to nothing
+        got = attend(layer, q, mask, 0.3, start)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(attend(layer, q, None, None, start),
+                                   F.scaled_dot_product_attention(q, k[:, :, start:], v[:, :, start:],
+                                                                  enable_gqa=True).transpose(1, 2),
+                                   atol=2e-5, rtol=1e-5)
+
+
+def test_layout_checks_and_unreadable_layouts_dequantize():
+    """Layouts the kernel does not read (static keys, exact values, groups not a multiple of 8)
+    decode by dequantizing; a wrong mask is refused with its shape named."""
+    model = make_model("llama")
+    assert not make_cache(model, calibrated(model)).reads_codes()  # static per-head keys
+    group4 = calibrated(model, norm="channel-group", group=4, sink=1)
+    assert not make_cache(model, group4).reads_codes()
+    books = calibrated(model, norm="channel-group", group=8, sink=1)
+    assert not make_cache(model, books, quantize_values=False).reads_codes()
+    assert not make_cache(model, books, decode="dequantize").reads_codes()
+    with pytest.raises(ValueError, match="decode must be one of"):
+        make_cache(model, books, decode="fast")
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(random_ids(1, 20), **cache_kwargs(cache), use_cache=True)
+    with pytest.raises(ValueError, match="bool mask over 20 keys"):
+        attend(cache.layers[0], torch.randn(1, 4, 1, 16), torch.ones(1, 1, 1, 7, dtype=torch.bool), None, 0)
+
+
+def test_without_the_kernel_make_cache_says_so_and_dequantizes(monkeypatch):
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=8, sink=1)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: (False, "no C compiler (test)"))
+    with pytest.warns(UserWarning, match="no C compiler"):
+        cache = make_cache(model, books)
+    assert cache.options.decode == "dequantize" and not cache.reads_codes()
+
+
+def test_kernel_build_is_cached_atomically_and_names_a_missing_compiler(monkeypatch, tmp_path):
+    from kvquant.assets import cache_dir
+
+    built = list((cache_dir() / "kernels").glob("decode_cpu-*.so"))
+    assert built and not list((cache_dir() / "kernels").glob("*.tmp"))
+    monkeypatch.setenv("KVQUANT_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-cc")
+    cpu_kernels._library.cache_clear()
+    try:
+        ok, why = cpu_kernels.available()
+        assert not ok and "no-such-cc" in why and "decode='dequantize'" in why
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available()[0]
+
+
+def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=8, sink=1, rope="pre")
+    cache = make_cache(model, books)
+    layer = cache.layers[0]
+    with torch.no_grad():
+        out = model(random_ids(1, 15), **cache_kwargs(cache), use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        model(nxt, **cache_kwargs(cache), use_cache=True)  # token 16 completes group 1
+        plan = layer._plan
+        assert plan is not None and plan.base_cos.shape[1] == 2 and plan.delta is None
+        held = sum(t.untyped_storage().nbytes() for t in layer._tensors())
+        assert layer.memory_bytes() == held + plan.nbytes()
+        model(nxt, **cache_kwargs(cache), use_cache=True)
+        assert layer._plan is plan  # same groups: kept
+        for _ in range(8):
+            model(nxt, **cache_kwargs(cache), use_cache=True)
+        assert layer._plan is not plan and layer._plan.base_cos.shape[1] == 3
+
+
+# --- the Triton kernel on the same layout -----------------------------------------------------
+# On the CPU the kernel runs under Triton's interpreter, which needs TRITON_INTERPRET=1 before
+# triton is first imported (torch/transformers import it), so the cases run in a subprocess.
+
+
+def run_triton_cases() -> list[tuple[str, float]]:
+    """(case, max |Triton − C path| relative to max |C path|) for synthetic layers (every level
+    count, 8- and 16-bit scales, rms and minmax values, windows, masks, sinks) and a tiny Llama's
+    and Gemma3's pre-RoPE caches (rotation computed in the kernel from positions, stored ones too)."""
+    from kvquant import triton_decode
+
+    results = []
+    g = torch.Generator().manual_seed(0)
+    counts = sorted(LEVEL_PACKING)
+    for scale_bits, values, bits_v in ((8, "minmax", 3), (16, "rms", 4), (8, "minmax", 8)):
+        levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
+        layer = _synthetic_layer(levels, 32, sink=2, residual=3, scale_bits=scale_bits, bits_v=bits_v, values=values)
+        for n in (40, 1, 30, 30):
+            layer.update(torch.randn(2, 2, n, 24, generator=g) * 3 + 1, torch.randn(2, 2, n, 24, generator=g))
+        q = torch.randn(2, 6, 1, 24, generator=g)
+        for start, masked in ((0, False), (1, True), (45, True)):
+            visible = layer.held_tokens - start
+            mask = (torch.rand(2, 1, 1, visible, generator=g) > 0.3) if masked else None
+            ref = attend(layer, q, mask, 0.3, start)
+            got = triton_decode.decode_step(layer, q, mask, 0.3, start, block_t=16, num_splits=3)
+            results.append((f"synthetic {scale_bits}-bit scales {values} V{bits_v} start {start}",
+                            float((got - ref).abs().max() / ref.abs().max())))
+    for family in ("llama", "gemma3"):
+        model = make_model(family)
+        books = calibrated(model, norm="channel-group", group=16, sink=1, scale_bits=8, rope="pre")
+        ids = random_ids(2, 40)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        for padded in (False, True):
+            cache = make_cache(model, books, decode="dequantize")
+            am = mask if padded else None
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1) if padded else None
+            with torch.no_grad():
+                model(ids, attention_mask=am, position_ids=pos, **cache_kwargs(cache), use_cache=True)
+            layer = cache.layers[1]  # full attention in both
+            assert (layer.k_pos is not None) == padded
+            q = torch.randn(2, 4, 1, 16, generator=g) * 3
+            kmask = None if am is None else am[:, None, None, :].bool()
+            ref = attend(layer, q, kmask, None, 0)
+            got = triton_decode.decode_step(layer, q, kmask, None, 0, block_t=16, num_splits=2)
+            results.append((f"{family} pre-RoPE padded={padded}", float((got - ref).abs().max() / ref.abs().max())))
+    return results
+
+
+def test_triton_kernel_matches_the_c_path():
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"triton is not importable: {e}")
+    if torch.cuda.is_available():
+        results = run_triton_cases()
+    else:
+        import json
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        code = (
+            "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+            "import test_code_attention as t; from kvquant import triton_decode as td; ok, why = td.available(); "
+            "print(json.dumps({'ok': ok, 'why': why, 'results': t.run_triton_cases() if ok else []}))"
+        )
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert res["ok"], res["why"]  # triton is installed: the interpreter must run
+        results = res["results"]
+    bad = [(case, err) for case, err in results if not err <= 1e-4]
+    assert len(results) == 13 and not bad, bad
+
+
+def test_triton_unavailable_reason_is_clear(monkeypatch):
+    try:
+        from kvquant import triton_decode as td
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"kvquant.triton_decode does not import: {e}")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the kernel is available")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, why = td.available()
+    assert not ok and ("TRITON_INTERPRET" in why or "not importable" in why)
