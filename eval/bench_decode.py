@@ -108,7 +108,9 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
     """One dict per (context, batch, row)."""
     specs = {}
     base = [n.split(":")[0] for n in names if n != "fp16"]
-    factories = cache_factories(model, make_rows(list(dict.fromkeys(base)), books, generation=True))
+    # METHOD@K/V rows: the budget allocated as for the file's calibration seqlen (as configs/3bit.yaml)
+    rows = make_rows(list(dict.fromkeys(base)), books, seqlen=books.calibration["seqlen"], generation=True)
+    factories = cache_factories(model, rows)
     for name in names:
         row, _, how = name.partition(":")
         if how not in ("", "dequantize"):
@@ -140,9 +142,9 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
                 times, transient = _steps(model16 if name == "fp16" else model, c, token, args.steps)
                 times.sort()
                 med = times[len(times) // 2]
-                k_bits, v_bits = kv_bits(c)
+                bits, _ = kv_bits(c)
                 rec = dict(context=context, batch=batch, row=name, tok_s=batch / med, step_ms=1e3 * med,
-                           kv_bytes=_held_bytes(c), transient_bytes=max(transient, 0), k_bits=k_bits, v_bits=v_bits,
+                           kv_bytes=_held_bytes(c), transient_bytes=max(transient, 0), kv_bits=bits,
                            reads_codes=bool(getattr(c, "reads_codes", lambda: False)()))
                 out.append(rec)
                 print(json.dumps(rec), flush=True)
@@ -159,7 +161,7 @@ def cpu_table(recs: list[dict], args, books) -> str:
         f"### (a) CPU decode: `{args.model}` float32, {args.threads} thread(s), median of {args.steps} steps "
         f"after a prompt of the context length (start of `{args.dataset}`, held out from the file's calibration)",
         "",
-        "| context | batch | cache | K/V bits held | decode tok/s | vs fp32 DynamicCache | KV held MiB | step transient MiB "
+        "| context | batch | cache | bits per K/V entry held | decode tok/s | vs fp32 DynamicCache | KV held MiB | step transient MiB "
         "| KV + transient vs fp16 cache |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -169,14 +171,14 @@ def cpu_table(recs: list[dict], args, books) -> str:
         vs16 = f"{mem / (f16[key]['kv_bytes'] + f16[key]['transient_bytes']):.2f}×" if key in f16 else "–"
         ratio = f"{r['tok_s'] / ref[key]['tok_s']:.2f}×" if key in ref else "–"
         name = r["row"] + (" (codes)" if r["reads_codes"] else "")
-        lines.append(f"| {r['context']} | {r['batch']} | {name} | {r['k_bits']:.2f}/{r['v_bits']:.2f} | "
+        lines.append(f"| {r['context']} | {r['batch']} | {name} | {r['kv_bits']:.2f} | "
                      f"{r['tok_s']:.2f} | {ratio} | {r['kv_bytes'] / 2**20:.1f} | {r['transient_bytes'] / 2**20:.1f} | "
                      f"{vs16} |")
     lines += ["", "`(codes)`: decoding steps read attention from the codes (`kvquant.code_attention`, the C kernel "
               "`kvquant/csrc/decode_cpu.c`); `:dequantize`: the same cache dequantizing every held token per step. "
               "fp16: the model and cache in float16 (CPU float16 matmuls are slow: this row is the memory reference). "
-              "K/V bits held: every byte the cache holds per K/V entry (scales, exact sink and residual included); "
-              "the DynamicCache rows hold the model dtype."]
+              "Bits held: every byte the cache holds per K/V entry (scales, exact sink and residual, rotation "
+              "tables included), after the steps; the DynamicCache rows hold the model dtype."]
     return "\n".join(lines) + "\n"
 
 

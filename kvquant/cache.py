@@ -211,8 +211,20 @@ class LayerRope:
     pre-hook, which :func:`kvquant.wrap` installs) and the model's own rotary embedding at any
     positions (:func:`kvquant.wrap.rotary_tables`)."""
 
-    def __init__(self, module: torch.nn.Module, tables: Callable, layer: int):
+    def __init__(self, module: torch.nn.Module, tables: Callable, layer: int, shared: dict | None = None):
         self.module, self._tables, self.layer = module, tables, layer
+        self._shared = {} if shared is None else shared  # one per cache: tables its layers share
+
+    def delta_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's ``a·cos(θδ)``, ``a·sin(θδ)`` for δ = 0 … n−1 as (r/2, n) float32, one copy per
+        cache and rotary embedding (layers of the same rope share it)."""
+        inv_freq, a = self.frequencies()
+        key = (inv_freq.data_ptr(), a, n)
+        if key not in self._shared:
+            cos, sin = self.tables(torch.arange(n).unsqueeze(0))  # (1, n, r)
+            rh = cos.shape[-1] // 2
+            self._shared[key] = (cos[0, :, :rh].T.contiguous(), sin[0, :, :rh].T.contiguous())
+        return self._shared[key]
 
     def positions(self, batch: int, n: int) -> torch.Tensor:
         """Position ids (B, 1, n) int32 of the ``n`` tokens this layer is being updated with."""
@@ -578,16 +590,21 @@ class _QuantKV:
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
     # --- memory -----------------------------------------------------------------------
-    def memory_bytes(self) -> int:
-        """Bytes of storage held by this layer's tensors (each storage counted once), with the
-        rotation plan that decoding from codes keeps between steps."""
-        seen, total = set(), 0
-        for t in self._tensors():
+    def _held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer keeps between steps: its storage and the rotation plan of
+        decoding from codes (whose δ tables the cache's layers share)."""
+        return self._tensors() + (self._plan.tensors() if self._plan is not None else [])
+
+    def memory_bytes(self, seen: set | None = None) -> int:
+        """Bytes of storage held by this layer's tensors, each storage counted once — and not at
+        all if already in ``seen`` (the storages counted so far; updated)."""
+        seen, total = set() if seen is None else seen, 0
+        for t in self._held_tensors():
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
                 seen.add(st.data_ptr())
                 total += st.nbytes()
-        return total + (self._plan.nbytes() if self._plan is not None else 0)
+        return total
 
     def bytes_per_token(self) -> float:
         """:meth:`memory_bytes` per held token and batch row (0 when empty)."""
@@ -718,14 +735,21 @@ class KVQuantCache(Cache):
     def _quant_layers(self) -> list[_QuantKV]:
         return [layer for layer in self.layers if isinstance(layer, _QuantKV)]
 
+    def _layer_bytes(self) -> list[tuple[int, int]]:
+        """``(bytes, batch × held tokens)`` per layer, a storage shared by layers counted with the first."""
+        seen: set = set()
+        return [(layer.memory_bytes(seen), layer.held_tokens * (layer.k_codes.shape[0] if layer.held_tokens else 0))
+                for layer in self._quant_layers()]
+
     def memory_bytes(self) -> int:
-        """Bytes held by all layers' tensors (codes, scales, exact sink/residual tokens)."""
-        return sum(layer.memory_bytes() for layer in self._quant_layers())
+        """Bytes held by all layers' tensors (codes, scales, exact sink/residual tokens, the
+        rotation plans of decoding from codes), each storage counted once."""
+        return sum(n for n, _ in self._layer_bytes())
 
     def bytes_per_token(self) -> float:
         """Bytes per token of context (all layers, per batch row): Σ over layers of the layer's
         held bytes / (batch × held tokens)."""
-        return sum(layer.bytes_per_token() for layer in self._quant_layers())
+        return sum(n / t for n, t in self._layer_bytes() if t)
 
     def quantized_bytes_per_token(self) -> float:
         """Steady-state bytes per quantized token, all layers (codes + their scales)."""
@@ -759,7 +783,8 @@ def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
 
     tables = rotary_tables(model)
     _wrap_for_hooks(model)
-    return {m.layer_idx: LayerRope(m, tables, m.layer_idx) for m in attention_modules(model)}
+    shared: dict = {}
+    return {m.layer_idx: LayerRope(m, tables, m.layer_idx, shared) for m in attention_modules(model)}
 
 
 def make_cache(

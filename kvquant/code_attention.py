@@ -39,9 +39,8 @@ class RotationPlan:
     sind: torch.Tensor | None
     delta: torch.Tensor | None
 
-    def nbytes(self) -> int:
-        ts = (self.base_cos, self.base_sin, self.cosd, self.sind, self.delta)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.base_cos, self.base_sin, self.cosd, self.sind, self.delta) if t is not None]
 
     @classmethod
     def build(cls, layer, key: tuple) -> "RotationPlan":
@@ -54,14 +53,12 @@ class RotationPlan:
         base = grouped.amin(-1)  # (B, m)
         span = int((grouped.amax(-1) - base).max()) + 1 if sq else 1
         stream = layer.k_pos is None
-        n_delta = g if stream else max(span, 1)
-        cos_d, sin_d = layer.rope.tables(torch.arange(n_delta).unsqueeze(0))  # (1, Δ, r), a included
-        rh = cos_d.shape[-1] // 2
-        a = layer.rope.tables(torch.zeros(1, 1, dtype=torch.long))[0][0, 0, :rh]  # a·cos(0) = a
+        cos_d, sin_d = layer.rope.delta_tables(g if stream else max(span, 1))  # (r/2, Δ), a included
+        rh = cos_d.shape[0]
+        a = cos_d[:, 0]  # a·cos(0) = a
         cos_b, sin_b = layer.rope.tables(base)
         delta = None if stream else (grouped - base.unsqueeze(-1)).reshape(b, sq).to(torch.int32).contiguous()
-        return cls(key, cos_b[..., :rh] / a, sin_b[..., :rh] / a,
-                   cos_d[0, :, :rh].T.contiguous(), sin_d[0, :, :rh].T.contiguous(), delta)
+        return cls(key, cos_b[..., :rh] / a, sin_b[..., :rh] / a, cos_d, sin_d, delta)
 
 
 

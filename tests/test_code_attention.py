@@ -201,7 +201,10 @@ def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
         plan = layer._plan
         assert plan is not None and plan.base_cos.shape[1] == 2 and plan.delta is None
         held = sum(t.untyped_storage().nbytes() for t in layer._tensors())
-        assert layer.memory_bytes() == held + plan.nbytes()
+        assert layer.memory_bytes() == held + sum(t.untyped_storage().nbytes() for t in plan.tensors())
+        # the δ tables are one copy for the cache's layers (same rope), counted once
+        assert cache.layers[1]._plan.cosd is plan.cosd
+        assert cache.memory_bytes() == sum(lay.memory_bytes() for lay in cache.layers) - 2 * plan.cosd.untyped_storage().nbytes()
         model(nxt, **cache_kwargs(cache), use_cache=True)
         assert layer._plan is plan  # same groups: kept
         for _ in range(8):
