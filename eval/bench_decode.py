@@ -84,16 +84,14 @@ def _prefill(model, prompt, cache) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _steps(model, cache, token, steps: int) -> tuple[list[float], int]:
-    """Seconds of each of ``steps`` greedy steps, and the peak resident growth during them."""
+def _step(model, cache, token) -> tuple[torch.Tensor, float, int]:
+    """One greedy step: the next token, its seconds, and the peak resident growth during it."""
     _reset_peak()
-    before, times = _rss("VmRSS"), []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        logits = model(token, **cache_kwargs(cache), use_cache=True).logits[:, -1]
-        times.append(time.perf_counter() - t0)
-        token = logits.argmax(-1, keepdim=True)
-    return times, _rss("VmHWM") - before
+    before = _rss("VmRSS")
+    t0 = time.perf_counter()
+    logits = model(token, **cache_kwargs(cache), use_cache=True).logits[:, -1]
+    seconds = time.perf_counter() - t0
+    return logits.argmax(-1, keepdim=True), seconds, _rss("VmHWM") - before
 
 
 def _to_fp16(cache: DynamicCache) -> DynamicCache:
@@ -105,52 +103,72 @@ def _to_fp16(cache: DynamicCache) -> DynamicCache:
 
 
 def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
-    """One dict per (context, batch, row)."""
-    specs = {}
+    """One dict per (context, batch, row). Per context every row's cache is prefilled (batch 1,
+    ``--prefill-threads``) and copied to each batch size; the rows then take their decoding steps
+    in turn (round robin, ``--threads``), so that a slow spell of the machine hits every row alike."""
     base = [n.split(":")[0] for n in names if n != "fp16"]
     # METHOD@K/V rows: the budget allocated as for the file's calibration seqlen (as configs/3bit.yaml)
     rows = make_rows(list(dict.fromkeys(base)), books, seqlen=books.calibration["seqlen"], generation=True)
     factories = cache_factories(model, rows)
     for name in names:
-        row, _, how = name.partition(":")
-        if how not in ("", "dequantize"):
+        if name.partition(":")[2] not in ("", "dequantize"):
             raise ValueError(f"row {name!r}: only ':dequantize' may follow a row name")
-        specs[name] = ("fp", None) if name == "fp16" else (row, how or None)
     model16 = copy.deepcopy(model).half() if "fp16" in names else None
+    kvquant.unwrap(model)
+
+    def run(name: str, fn, *a):
+        """``fn(model, *a)`` with the model this row runs: float16, plain (transformers' caches) or wrapped."""
+        if name == "fp16":
+            return fn(model16, *a)
+        plain = name == "fp"
+        if not plain:
+            kvquant.wrap(model, None)  # kvquant's hook: positions for pre-RoPE keys, steps routed to the codes
+        try:
+            return fn(model, *a)
+        finally:
+            if not plain:
+                kvquant.unwrap(model)
+
     out = []
     for context in args.contexts:
         prompt = prompt_ids[:, :context]
+        torch.set_num_threads(args.prefill_threads)
+        caches, first = {}, {}
         for name in names:
-            row, how = specs[name]
-            torch.set_num_threads(args.prefill_threads)
-            cache = factories[row]()
+            row, _, how = name.partition(":")
+            cache = factories["fp" if name == "fp16" else row]()
+            kvquant.unwrap(model)  # make_cache wraps; run() wraps where the row needs it
             if how == "dequantize":
                 for layer in cache.layers:
                     layer.reads_codes = False
-            uses_hooks = not isinstance(cache, DynamicCache)
-            if not uses_hooks:
-                kvquant.unwrap(model)  # the plain model (no hooks) for transformers' own caches
-            first = _prefill(model, prompt, cache)
-            if name == "fp16":
-                _to_fp16(cache)
-            torch.set_num_threads(args.threads)
-            for batch in args.batches:
-                c = copy.deepcopy(cache) if batch > 1 else cache
-                token = first.repeat(batch, 1)
-                if batch > 1:
+            first[name] = run("fp" if name == "fp16" else name, _prefill, prompt, cache)
+            caches[name] = _to_fp16(cache) if name == "fp16" else cache
+        torch.set_num_threads(args.threads)
+        for batch in args.batches:
+            live = {n: copy.deepcopy(c) for n, c in caches.items()} if batch > 1 else caches
+            token = {n: first[n].repeat(batch, 1) for n in names}
+            if batch > 1:
+                for c in live.values():
                     c.batch_repeat_interleave(batch)
-                times, transient = _steps(model16 if name == "fp16" else model, c, token, args.steps)
-                times.sort()
-                med = times[len(times) // 2]
-                bits, _ = kv_bits(c)
-                rec = dict(context=context, batch=batch, row=name, tok_s=batch / med, step_ms=1e3 * med,
-                           kv_bytes=_held_bytes(c), transient_bytes=max(transient, 0), kv_bits=bits,
-                           reads_codes=bool(getattr(c, "reads_codes", lambda: False)()))
+            times = {n: [] for n in names}
+            transient = dict.fromkeys(names, 0)
+            for _ in range(args.steps):
+                for n in names:
+                    token[n], sec, grow = run(n, _step, live[n], token[n])
+                    times[n].append(sec)
+                    transient[n] = max(transient[n], grow)
+            for n in names:
+                med = sorted(times[n])[len(times[n]) // 2]
+                bits, _ = kv_bits(live[n])
+                rec = dict(context=context, batch=batch, row=n, tok_s=batch / med, step_ms=1e3 * med,
+                           kv_bytes=_held_bytes(live[n]), transient_bytes=transient[n], kv_bits=bits,
+                           reads_codes=bool(getattr(live[n], "reads_codes", lambda: False)()))
                 out.append(rec)
                 print(json.dumps(rec), flush=True)
-                del c
-            del cache
+            del live
             gc.collect()
+        del caches
+        gc.collect()
     return out
 
 

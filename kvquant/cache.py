@@ -49,9 +49,17 @@ is a no-op (exact sink/residual keys would be quantized, though); in ``channel-g
 is not (the group's min/max change). :func:`query_quantizer` quantizes only the queries: use it
 with this cache.
 
+**Decoding steps** (one new token per row, ``decode="codes"``, channel-group keys with quantized
+values, CPU): kvquant's attention pre-hook tells the layer a step is coming
+(:meth:`KVQuantCache.kvquant_begin_step`); ``update`` appends the token and returns zero-stride
+placeholders, and the attention function calls :meth:`_QuantKV.decode_attention`, which reads
+the codes (:func:`kvquant.code_attention.attend`) — no held token is dequantized. Prefill and
+other layouts dequantize (``_materialize``), as ``decode="dequantize"`` does every step.
+
 Memory: :meth:`KVQuantCache.memory_bytes` sums the storage of every tensor the layers hold
-(key codes, group mid/half, value codes and scales, exact sink/residual tokens, stored positions); the static
-tables (centers, boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model.
+(key codes, group mid/half, value codes and scales, exact sink/residual tokens, stored positions,
+the rotation tables decoding from codes keeps), each storage once; the static tables (centers,
+boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model.
 """
 
 from __future__ import annotations
@@ -214,6 +222,11 @@ class LayerRope:
     def __init__(self, module: torch.nn.Module, tables: Callable, layer: int, shared: dict | None = None):
         self.module, self._tables, self.layer = module, tables, layer
         self._shared = {} if shared is None else shared  # one per cache: tables its layers share
+
+    def __deepcopy__(self, memo: dict) -> "LayerRope":
+        # a copied cache (e.g. copy.deepcopy of a prefilled prompt cache) reads the same model's
+        # modules and rotary embedding, not copies of them; the shared tables are never written
+        return LayerRope(self.module, self._tables, self.layer, self._shared)
 
     def delta_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's ``a·cos(θδ)``, ``a·sin(θδ)`` for δ = 0 … n−1 as (r/2, n) float32, one copy per
@@ -817,7 +830,7 @@ def make_cache(
         )
     if bits_v is None:
         bits_v = codebooks.config.bits_v or round(k.mean_bits)
-    if decode == "codes":
+    if decode == "codes" and k.group and quantize_values:  # a layout decoding steps read from the codes
         from kvquant import cpu_kernels
 
         ok, why = cpu_kernels.available()

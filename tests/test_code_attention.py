@@ -301,3 +301,22 @@ def test_triton_unavailable_reason_is_clear(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ok, why = td.available()
     assert not ok and ("TRITON_INTERPRET" in why or "not importable" in why)
+
+
+def test_a_copied_prompt_cache_decodes_like_the_original():
+    """copy.deepcopy of a prefilled cache (transformers' prompt-reuse pattern) keeps reading the
+    model's own modules for positions: both continue with the same logits."""
+    import copy
+
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=8, sink=1, rope="pre")
+    ids = random_ids(1, 20)
+    cache = make_cache(model, books)
+    with torch.no_grad():
+        model(ids[:, :17], **cache_kwargs(cache), use_cache=True)
+        twin = copy.deepcopy(cache)
+        assert twin.layers[0].rope.module is cache.layers[0].rope.module
+        for t in range(17, 20):
+            a = model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits
+            b = model(ids[:, t : t + 1], **cache_kwargs(twin), use_cache=True).logits
+            assert torch.equal(a, b)

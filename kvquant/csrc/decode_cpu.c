@@ -205,7 +205,7 @@ int kvq_decode_step(const kvq_step *a) {
   const int64_t G = a->G, D = a->D, R = a->R, H = a->H, sq = a->m * G, n_all = sq + a->n_exact;
   const int64_t start = a->start, n_vis = n_all - start;
   int failed = 0;
-#pragma omp parallel for num_threads(a->nthreads) schedule(static)
+#pragma omp parallel for num_threads(a->nthreads) schedule(static) if (a->nthreads > 1 && a->B * a->H > 1)
   for (int64_t bh = 0; bh < a->B * H; bh++) {
     const int64_t b = bh / H, h = bh % H, tabn = (a->K > 256 ? a->K : 256);
     float *buf = malloc(sizeof(float) * (tabn + 2 * G + R * G + R * D + R * n_vis + R * D + R + D + 256));
