@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
              plot(recs, ROOT / "docs" / "decode_speed.png")]
     if args.gpu:
         parts.append(gpu_section([int(c) for c in args.gpu_contexts.split(",")], args.batches))
+    else:
+        parts.append("### (b) GPU decode attention\n\nNot run here (`--gpu` on a CUDA machine with triton): "
+                     "the Triton kernel is tested only under `TRITON_INTERPRET=1` on the CPU so far.\n")
     parts.append(f"_total {time.perf_counter() - t0:.0f} s_")
     md = "\n".join(parts)
     print(md)

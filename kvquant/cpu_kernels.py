@@ -1,4 +1,4 @@
-"""Decode attention from the KV cache's codes on the CPU: the C kernels of ``csrc/decode_cpu.c``,
+"""Decode attention from the KV cache's codes on the CPU: the C kernel of ``csrc/decode_cpu.c``,
 compiled on first use with the system C compiler and called through ctypes.
 
 Why C: a decode step is memory-bound, and a cache of ~4-bit codes reads an eighth of the bytes
@@ -75,10 +75,10 @@ class Step(ctypes.Structure):
 
 
 class KernelUnavailable(RuntimeError):
-    """The CPU decode kernels cannot be built or loaded here (the message says why and what to do)."""
+    """The CPU decode kernel cannot be built or loaded here (the message says why and what to do)."""
 
 
-def _flags(cc: str) -> list[str]:
+def _flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
@@ -99,16 +99,16 @@ def _library() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise KernelUnavailable(
-            f"no C compiler ({cc!r} is not on PATH) to build kvquant's CPU decode kernels; install one "
+            f"no C compiler ({cc!r} is not on PATH) to build kvquant's CPU decode kernel; install one "
             "(e.g. apt install gcc) or set CC, or build the cache with make_cache(..., decode='dequantize')"
         )
     folder = cache_dir() / "kernels"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KernelUnavailable(f"cannot create {folder} for the CPU decode kernels ({e}); set KVQUANT_HOME") from e
-    flags = _flags(cc)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        raise KernelUnavailable(f"cannot create {folder} for the CPU decode kernel ({e}); set KVQUANT_HOME") from e
+    flags = _flags()
+    with tempfile.TemporaryDirectory() as tmp:
         if _compiles(cc, flags + ["-fopenmp"], Path(tmp)):
             flags.append("-fopenmp")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -133,7 +133,7 @@ def _library() -> ctypes.CDLL:
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") when the kernels build and load here, else (False, why)."""
+    """(True, "") when the kernel builds and loads here, else (False, why)."""
     try:
         _library()
     except KernelUnavailable as e:
