@@ -28,6 +28,8 @@ def stepwise_nll(model, ids, new_cache) -> float:
 
 @pytest.mark.parametrize("family,config", [
     ("llama", dict(norm="channel-group", group=4, sink=1, scale_bits=8, rope="pre", budget=3.0)),
+    # groups of 8: token by token, decoding steps read the codes (kvquant.code_attention); chunks dequantize
+    ("llama", dict(norm="channel-group", group=8, sink=1, scale_bits=8, rope="pre", budget=3.0)),
     ("gemma3", dict(norm="channel-group", group=4, sink=2, rope="pre")),
     ("llama", dict(norm="channel", sink=0)),
 ])
