@@ -179,7 +179,8 @@ def cpu_table(recs: list[dict], args, books) -> str:
         f"### (a) CPU decode: `{args.model}` float32, {args.threads} thread(s), median of {args.steps} steps "
         f"after a prompt of the context length (start of `{args.dataset}`, held out from the file's calibration)",
         "",
-        "| context | batch | cache | bits per K/V entry held | decode tok/s | vs fp32 DynamicCache | KV held MiB | step transient MiB "
+        "| context | batch | cache | bits per K/V entry held | decode tok/s | vs fp32 DynamicCache | KV held MiB "
+        "| step transient MiB "
         "| KV + transient vs fp16 cache |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

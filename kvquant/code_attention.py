@@ -61,7 +61,6 @@ class RotationPlan:
         return cls(key, cos_b[..., :rh] / a, sin_b[..., :rh] / a, cos_d, sin_d, delta)
 
 
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 

@@ -59,7 +59,8 @@ _ABI = 2
 DIGITS3 = torch.from_numpy(np.array([[(w // 3**i) % 3 for i in range(5)] for w in range(256)], dtype=np.uint8))
 DIGITS5 = torch.from_numpy(np.array([[(w // 5**i) % 5 for i in range(3)] for w in range(128)], dtype=np.uint8))
 #: The half-range of each 8-bit exponent code e at index e + 128 (load_scales' own values).
-HALF_OF_CODE = load_scales(torch.zeros(256, dtype=torch.int8), torch.arange(-128, 128, dtype=torch.int32).to(torch.int8), 8)[1].contiguous()
+_CODES = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)
+HALF_OF_CODE = load_scales(torch.zeros(256, dtype=torch.int8), _CODES, 8)[1].contiguous()
 
 _INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_exact", "start", "pv", "bits_v",
          "scale_bits", "rms_values", "nthreads")

@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from kvquant.groupnorm import load_scales
+from kvquant import cpu_kernels
 
 try:  # optional dependency
     import triton
@@ -255,8 +255,7 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
         return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
     qp = torch.zeros(b, h, rp, d, device=dev)
     qp[:, :, :rep] = q * _LOG2E
-    plan_rot = layer.rope is not None
-    if plan_rot:
+    if layer.rope is not None:  # pre-RoPE keys: rotated in the kernel from positions
         inv_freq, rot_a = layer.rope.frequencies()
         rh = inv_freq.numel()
     else:
@@ -264,7 +263,7 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
     qt = torch.zeros_like(qp)
     qt[..., :rh], qt[..., rh : 2 * rh] = qp[..., rh : 2 * rh], -qp[..., :rh]
     off, lev, nb, centers = (x.to(dev) for x in layer._channel_layout)
-    tab = load_scales(torch.zeros(256, dtype=torch.int8), torch.arange(-128, 128).to(torch.int8), 8)[1].to(dev)
+    tab = cpu_kernels.HALF_OF_CODE.to(dev)  # load_scales' half-range of each 8-bit exponent code
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (layer.k_mid.float(), layer.k_half.float())
     if o.values == "minmax":  # (B, H, S, 2) int8: mid at 2s, half at 2s + 1
         vmid = layer.v_scale.contiguous().view(-1)
