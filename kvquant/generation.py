@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvquant.cache import KVQuantCache
 from kvquant.compat import cache_kwargs
-from kvquant.perplexity import PplRow
+from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
 
-__all__ = ["LibraryCache", "cache_factories", "chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
+__all__ = ["LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
 
 #: Longest chunk fed at once (bounds the logits' memory); any finer split gives the same result.
 MAX_CHUNK = 256
@@ -64,27 +61,32 @@ def chunk_starts(cache: Cache, n: int) -> list[int]:
 
 
 @torch.no_grad()
+def cache_logits(model: torch.nn.Module, x: torch.Tensor, cache: Cache) -> Iterator[tuple[int, torch.Tensor]]:
+    """Feed one sequence ``x`` (1, n) through ``cache`` in the chunks of :func:`chunk_starts` (and
+    at most :data:`MAX_CHUNK` tokens): yields ``(a, logits)``, the logits (m, vocab) at positions
+    a … a+m−1, every one what token-by-token decoding through ``cache`` gives (up to rounding)."""
+    n = x.shape[1]
+    cuts = sorted({n, *range(0, n, MAX_CHUNK), *(p for p in chunk_starts(cache, n) if p < n)})
+    for a, b in itertools.pairwise(cuts):
+        yield a, model(x[:, a:b], **cache_kwargs(cache), use_cache=True).logits[0]
+
+
+@torch.no_grad()
 def generation_nll(model: torch.nn.Module, windows, new_cache: Callable[[], Cache], progress: bool = True,
                    desc: str = "generation") -> tuple[float, int, Cache]:
     """Σ NLL (nats, float64) and number of predicted tokens over ``windows`` (n, seqlen), each
-    window fed through a fresh ``new_cache()`` in the chunks of :func:`chunk_starts`; also the last
-    window's cache (for its memory)."""
+    window fed through a fresh ``new_cache()`` (:func:`cache_logits`); also the last window's
+    cache (for its memory)."""
     ids = getattr(windows, "ids", windows)
     device = next(model.parameters()).device
     total, count, cache = 0.0, 0, None
     for row in tqdm(ids, desc=desc, unit="window", disable=not progress, leave=False):
         x = row[None].to(device)
-        n = x.shape[1]
         cache = new_cache()
-        cuts = sorted({n, *range(0, n, MAX_CHUNK), *(p for p in chunk_starts(cache, n) if p < n)})
-        for a, b in itertools.pairwise(cuts):
-            logits = model(x[:, a:b], **cache_kwargs(cache), use_cache=True).logits[0].float()
-            target = x[0, a + 1 : b + 1]
-            nll = F.cross_entropy(logits[: target.numel()], target, reduction="sum")
-            if not math.isfinite(float(nll)):
-                raise FloatingPointError(f"non-finite NLL in {desc} at tokens {a}–{b}: the cache returned NaN/inf")
-            total += float(nll.double())
-        count += n - 1
+        for a, logits in cache_logits(model, x, cache):
+            target = x[0, a + 1 : a + 1 + logits.shape[0]]
+            total += chunk_nll(logits[: target.numel()], target, f"{desc} at tokens {a}–")
+        count += x.shape[1] - 1
     return total, count, cache
 
 
@@ -134,16 +136,25 @@ def kv_bits(cache: Cache) -> tuple[float, float]:
 
 def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Callable[[], Cache]],
                         progress: bool = True) -> dict[str, PplRow]:
-    """Generation-mode perplexity of every row (a factory of fresh caches) on the same windows;
-    ``effective_bits`` is the K/V bits per entry the last window's cache held at its end
-    (:func:`kv_bits`), ``kv_bytes_per_token`` its bytes per token."""
-    out: dict[str, PplRow] = {}
-    for name, new in tqdm(caches.items(), desc="rows", unit="row", disable=not progress):
-        t0 = time.perf_counter()
-        total, count, cache = generation_nll(model, windows, new, progress, desc=name)
-        bits, per_token = kv_bits(cache)
-        out[name] = PplRow(name, math.exp(total / count), total / count, count, bits, time.perf_counter() - t0,
-                           kv_bytes_per_token=per_token)
+    """Generation-mode perplexity of every row (a factory of fresh caches) on the same windows,
+    with the KL divergence from the ``fp`` row and top-token agreement when there is one
+    (:func:`kvquant.perplexity.score_windows`); ``effective_bits`` is the K/V bits per entry the
+    last window's cache held at its end (:func:`kv_bits`), ``kv_bytes_per_token`` its bytes per
+    token."""
+    last: dict[str, Cache] = {}
+
+    def run(name: str, new: Callable[[], Cache]) -> WindowLogits:
+        def logits(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+            last[name] = new()
+            return cache_logits(model, x, last[name])
+
+        return logits
+
+    scores = score_windows(model, windows, {name: run(name, new) for name, new in caches.items()}, progress=progress)
+    out = {}
+    for name, s in scores.items():
+        bits, per_token = kv_bits(last[name])
+        out[name] = s.row(name, bits, kv_bytes_per_token=per_token)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from kvquant.attention import Quantizer
 from kvquant.baselines import Baseline, is_baseline
 from kvquant.codebooks import Codebooks
+from kvquant.divergence import Agreement, log_probs
 from kvquant.scalar import METHODS
 from kvquant.wrap import wrapped
 
@@ -37,6 +39,9 @@ class PplRow:
     effective_bits: float
     seconds: float
     kv_bytes_per_token: float | None = None  # generation mode: bytes the cache holds per token (kvquant.generation)
+    kld: float | None = None  # mean KL(p_fp ‖ p_row) per predicted token, nats (kvquant.divergence); None: no fp row
+    kld_p99: float | None = None  # its 99th percentile over predicted tokens
+    top1: float | None = None  # share of predicted tokens whose most likely next token is fp's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,13 +54,78 @@ def nll_sum(model: torch.nn.Module, ids: torch.Tensor, progress: bool = True, de
     total, count = 0.0, 0
     for row in tqdm(ids, desc=desc, unit="window", disable=not progress, leave=False):
         x = row[None].to(device)
-        logits = model(x, use_cache=False).logits[0, :-1].float()
-        nll = F.cross_entropy(logits, x[0, 1:], reduction="sum")
-        if not torch.isfinite(nll):
-            raise FloatingPointError(f"non-finite NLL in {desc}: the quantized model produced NaN/inf logits")
-        total += float(nll.double())
+        total += chunk_nll(model(x, use_cache=False).logits[0, :-1], x[0, 1:], desc)
         count += x.shape[1] - 1
     return total, count
+
+
+def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, desc: str = "ppl") -> float:
+    """Σ NLL (nats, float64) of ``targets`` (n,) under ``logits`` (n, vocab); NaN/inf is an error."""
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if not torch.isfinite(nll):
+        raise FloatingPointError(f"non-finite NLL in {desc}: the model produced NaN/inf logits")
+    return float(nll.double())
+
+
+#: A row's logits on one window ``x`` (1, n): yields ``(a, logits)``, the logits (m, vocab) at
+#: positions a … a+m−1, covering 0 … n−1 in order (one chunk, or several through a KV cache).
+WindowLogits = Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
+
+
+@dataclass
+class RowScore:
+    """What :func:`score_windows` accumulates for one row."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    agreement: Agreement | None = None
+
+    def row(self, name: str, effective_bits: float, **extra) -> PplRow:
+        kld = self.agreement.summary() if self.agreement else (None, None, None)
+        return PplRow(name, math.exp(self.nll / self.tokens), self.nll / self.tokens, self.tokens, effective_bits,
+                      self.seconds, kld=kld[0], kld_p99=kld[1], top1=kld[2], **extra)
+
+
+@torch.no_grad()
+def score_windows(model: torch.nn.Module, windows, runs: dict[str, WindowLogits], reference: str | None = "fp",
+                  progress: bool = True) -> dict[str, RowScore]:
+    """Σ NLL of every row on the same windows (n, seqlen), windows outer, rows inner: for each
+    window the ``reference`` row (if among ``runs``) runs first and its log-probabilities — one
+    window's, float32 (seqlen × vocab × 4 bytes) — are what every other row's KL divergence and
+    top-token agreement (:class:`kvquant.divergence.Agreement`) are measured against; only that
+    one window's reference is ever held."""
+    ids = getattr(windows, "ids", windows)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise ValueError("perplexity needs at least one window of >= 2 tokens")
+    device = next(model.parameters()).device
+    order = sorted(runs, key=lambda name: name != reference)  # the reference first, then as given
+    scores = {name: RowScore(agreement=Agreement() if reference in runs else None) for name in runs}
+    bar = tqdm(total=len(ids) * len(runs), desc="windows × rows", unit="pass", disable=not progress)
+    for row in ids:
+        x = row[None].to(device)
+        n = x.shape[1]
+        ref: list[torch.Tensor] = []  # the reference row's log-probs (n − 1, vocab), once it has run
+        for name in order:
+            s, t0 = scores[name], time.perf_counter()
+            bar.set_postfix_str(name)
+            for a, logits in runs[name](x):
+                logits = logits[: n - 1 - a]  # the last position predicts nothing
+                if not logits.shape[0]:
+                    continue
+                s.nll += chunk_nll(logits, x[0, a + 1 : a + 1 + logits.shape[0]], f"row {name} at tokens {a}–")
+                if name == reference:
+                    ref.append(log_probs(logits))
+                elif s.agreement is not None:
+                    s.agreement.add(ref[0][a : a + logits.shape[0]], logits)
+            if name == reference:
+                ref = [torch.cat(ref)]
+                s.agreement.add_same(n - 1)
+            s.tokens += n - 1
+            s.seconds += time.perf_counter() - t0
+            bar.update()
+    bar.close()
+    return scores
 
 
 #: Row ``method@B``: that codebook method rebuilt from the file's statistics at exactly B effective
@@ -135,33 +205,41 @@ def effective_bits(quantizer: Quantizer | None, head_dim: int, seqlen: int, dtyp
 
 
 def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None], progress: bool = True) -> dict[str, PplRow]:
-    """Perplexity of every row on the same windows (n, seqlen), in the order given."""
-    ids = getattr(windows, "ids", windows)
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
-        raise ValueError("perplexity needs at least one window of >= 2 tokens")
+    """Perplexity of every row on the same windows (n, seqlen), one forward pass per window and
+    row (the simulated path), in the order given; with an ``fp`` row also every row's KL divergence
+    from it and top-token agreement (:func:`score_windows`)."""
     from kvquant.fingerprint import ModelFingerprint
 
     head_dim = ModelFingerprint.from_model(model).head_dim
     dtype = next(model.parameters()).dtype
-    out: dict[str, PplRow] = {}
-    for name, quantizer in tqdm(rows.items(), desc="rows", unit="row", disable=not progress):
-        t0 = time.perf_counter()
-        with wrapped(model, quantizer):
-            total, count = nll_sum(model, ids, progress, desc=name)
-        out[name] = PplRow(name, math.exp(total / count), total / count, count,
-                           effective_bits(quantizer, head_dim, ids.shape[1], dtype), time.perf_counter() - t0)
-    return out
+    ids = getattr(windows, "ids", windows)
+
+    def run(quantizer: Quantizer | None) -> WindowLogits:
+        def logits(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+            with wrapped(model, quantizer):
+                out = model(x, use_cache=False).logits[0]
+            yield 0, out
+
+        return logits
+
+    scores = score_windows(model, ids, {name: run(q) for name, q in rows.items()}, progress=progress)
+    return {name: scores[name].row(name, effective_bits(q, head_dim, ids.shape[1], dtype)) for name, q in rows.items()}
 
 
 def format_table(rows: dict[str, PplRow], ref: str = "fp") -> str:
     """Markdown table: row, effective bits (generation mode: K/V bits and bytes per token the
-    cache holds), perplexity, change vs ``ref``."""
+    cache holds), perplexity, change vs ``ref``; with KL divergences measured, the mean KLD (nats),
+    its 99th percentile and the top-token agreement."""
     base = rows[ref].ppl if ref in rows else None
     kv = any(r.kv_bytes_per_token is not None for r in rows.values())
-    lines = (["| row | K/V bits held | bytes/token | ppl | Δ vs fp |", "|---|---|---|---|---|"] if kv else
-             ["| row | eff. bits (q,k) | ppl | Δ vs fp |", "|---|---|---|---|"])
+    kld = any(r.kld is not None for r in rows.values())
+    head = ["row", *(["K/V bits held", "bytes/token"] if kv else ["eff. bits (q,k)"]), "ppl", "Δ vs fp",
+            *(["KLD", "KLD p99", "top-1"] if kld else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
-        delta = f"{(r.ppl / base - 1):+.2%}" if base else "–"
-        held = f" {r.kv_bytes_per_token:.0f} |" if kv else ""
-        lines.append(f"| {r.name} | {r.effective_bits:.2f} |{held} {r.ppl:.3f} | {delta} |")
+        cells = [r.name, f"{r.effective_bits:.2f}", *([f"{r.kv_bytes_per_token:.0f}"] if kv else []), f"{r.ppl:.3f}",
+                 f"{(r.ppl / base - 1):+.2%}" if base else "–"]
+        if kld:
+            cells += ([f"{r.kld:.5f}", f"{r.kld_p99:.4f}", f"{r.top1:.2%}"] if r.kld is not None else ["–"] * 3)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -120,3 +120,29 @@ def test_quanto_row_chunked_equals_stepwise_and_counts_its_codes():
     assert 4 < bits < 16 and per_token > 0
     with pytest.raises(ValueError, match="backend"):
         LibraryCache("int", 4)
+
+
+def test_generation_mode_divergence_from_the_fp_cache():
+    """Generation mode: the KLD of a row is measured against the fp row (DynamicCache) on the
+    same chunks — a second DynamicCache row gives exactly 0 and full agreement; kvquant's cache
+    gives the KLD of its chunked logits computed directly."""
+    from kvquant.divergence import Agreement
+    from kvquant.generation import cache_logits, evaluate_generation
+
+    model = make_model("llama")
+    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
+        "lambda", 2, 2, norm="channel-group", group=4, sink=1, rope="pre")), progress=False)
+    ids = random_ids(2, 19, seed=5)
+    dyn = lambda: DynamicCache(config=model.config)  # noqa: E731
+    quant = lambda: make_cache(model, books, bits_v=2)  # noqa: E731
+    rows = evaluate_generation(model, ids, {"q": quant, "fp": dyn, "fp again": dyn}, progress=False)
+    assert list(rows) == ["q", "fp", "fp again"]
+    assert (rows["fp again"].kld, rows["fp again"].top1) == (0.0, 1.0)
+    want = Agreement()
+    with torch.no_grad():
+        for row in ids:
+            ref = torch.cat([lg for _, lg in cache_logits(model, row[None], dyn())])[:-1].log_softmax(-1)
+            want.add(ref, torch.cat([lg for _, lg in cache_logits(model, row[None], quant())])[:-1])
+    mean, p99, top1 = want.summary()
+    assert rows["q"].kld == pytest.approx(mean, rel=1e-6) and mean > 0
+    assert rows["q"].kld_p99 == pytest.approx(p99, rel=1e-6) and rows["q"].top1 == top1

@@ -119,3 +119,45 @@ def test_rows_at_effective_bits_need_fisher_weights_and_seqlen(books):
         make_rows(["lambda@2"], books)
     with pytest.raises(ValueError, match="METHOD@BITS"):
         make_rows(["int4@2"], books, seqlen=SEQ)
+
+
+def _direct_divergence(model, ids, quantizer):
+    """KL(p_fp ‖ p_row) per predicted token and top-1 agreement from full logits, held at once."""
+    from kvquant.wrap import wrapped
+
+    with torch.no_grad(), wrapped(model, None):
+        fp = torch.cat([model(r[None]).logits[0, :-1] for r in ids]).log_softmax(-1)
+    with torch.no_grad(), wrapped(model, quantizer):
+        q = torch.cat([model(r[None]).logits[0, :-1] for r in ids]).log_softmax(-1)
+    kld = (fp.exp() * (fp - q)).sum(-1).double()
+    return kld, (fp.argmax(-1) == q.argmax(-1)).double().mean()
+
+
+def test_kl_divergence_and_top1_against_fp(llama, books):
+    """Every row's KLD/top-1 against the fp row equal the direct computation on all logits held at
+    once; the fp row gives 0, 0, 1; without an fp row they are not computed."""
+    ids = random_ids(3, SEQ, seed=4)
+    rows = evaluate(llama, ids, make_rows(["int4", "fp", "int2"], books), progress=False)
+    fp = rows["fp"]
+    assert (fp.kld, fp.kld_p99, fp.top1) == (0.0, 0.0, 1.0)
+    for name in ("int4", "int2"):
+        kld, top1 = _direct_divergence(llama, ids, make_rows([name], books)[name])
+        r = rows[name]
+        assert r.kld == pytest.approx(float(kld.mean()), rel=1e-4) and r.kld > 0
+        assert r.kld_p99 == pytest.approx(float(torch.quantile(kld, 0.99)), rel=1e-4)
+        assert r.top1 == pytest.approx(float(top1), abs=1e-12) and r.top1 < 1
+    assert rows["int2"].kld > rows["int4"].kld  # 2 bits are further from fp than 4
+    table = format_table(rows)
+    assert "| KLD | KLD p99 | top-1 |" in table and "| fp | 32.00 | " in table and "| 0.00000 | 0.0000 | 100.00% |" in table
+    alone = evaluate(llama, ids, make_rows(["int4"], books), progress=False)["int4"]
+    assert alone.kld is None and alone.ppl == pytest.approx(rows["int4"].ppl, rel=1e-12)
+    assert "KLD" not in format_table({"int4": alone})
+
+
+def test_agreement_refuses_shape_mismatch():
+    from kvquant.divergence import Agreement
+
+    with pytest.raises(ValueError, match="differ"):
+        Agreement().add(torch.zeros(3, 5), torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="no positions"):
+        Agreement().summary()
