@@ -1,4 +1,4 @@
-"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``, ``generate``. Thin: parses, calls the library.
+"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``, ``eval-passkey``, ``generate``. Thin: parses, calls the library.
 
 Options may also come from a YAML file (``--config configs/default.yaml``) whose keys are the
 long option names with ``_`` for ``-``; options given on the command line win.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -150,6 +151,24 @@ def cmd_calibrate(args) -> None:
           f"{per}{values}, {windows.n} windows × {args.seqlen} tokens from the end of {source}")
 
 
+def _row_names(baselines: str, books, own: bool) -> list[str]:
+    """Row names from ``--baselines``: fp first if not given (the reference of Δ, KL divergence,
+    top-1 and passkey judgement), the codebook file's own method appended when ``own``, codebook
+    rows dropped (with a note) when there is no file."""
+    names = [n.strip() for n in baselines.split(",") if n.strip()]
+    if "fp" not in names:
+        print("adding row fp: the unquantized reference", file=sys.stderr)
+        names.insert(0, "fp")
+    if own and books.config.method not in names:
+        names.append(books.config.method)
+    if books is None:
+        dropped = [n for n in names if n.split("@")[0] in ("lambda", "lambda-lloyd", "lloydmax", "uniform", "kivi")]
+        if dropped:
+            print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
+            names = [n for n in names if n not in dropped]
+    return names
+
+
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import load_text, make_windows
@@ -159,17 +178,10 @@ def cmd_eval_ppl(args) -> None:
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    # the file's own configuration as a row — in simulated mode only where it quantizes queries as
-    # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
-    own = books is not None and (args.mode == "generation" or books.config.budget_sides == "qk")
-    if own and books.config.method not in names:
-        names.append(books.config.method)
-    if books is None:
-        dropped = [n for n in names if n.split("@")[0] in ("lambda", "lambda-lloyd", "lloydmax", "uniform")]
-        if dropped:
-            print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
-            names = [n for n in names if n not in dropped]
+    names = _row_names(args.baselines, books, own=books is not None and (
+        # the file's own configuration as a row — in simulated mode only where it quantizes queries as
+        # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
+        args.mode == "generation" or books.config.budget_sides == "qk"))
     rows = make_rows(names, books, args.seqlen, generation=args.mode == "generation")
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
@@ -205,6 +217,67 @@ def cmd_eval_ppl(args) -> None:
             "codebooks": str(args.codebooks) if args.codebooks else None,
             "rows": {k: v.to_dict() for k, v in results.items()},
         }
+        write_text(args.json, json.dumps(payload, indent=1))
+
+
+def _numbers(option: str, text: str, kind=float) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values
+
+
+def cmd_eval_passkey(args) -> None:
+    from kvquant.codebooks import Codebooks
+    from kvquant.data import needs_bos
+    from kvquant.fileio import write_text
+    from kvquant.generation import cache_factories
+    from kvquant.passkey import format_passkey, plot_heatmap, run_passkey
+    from kvquant.perplexity import make_rows
+
+    _resolve(args, ["model", "dtype", "device"])
+    depths = _numbers("--depths", args.depths)
+    if any(not 0 <= d <= 100 for d in depths):
+        raise ValueError(f"--depths are percentages in 0..100, got {args.depths}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.plots:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plots needs matplotlib: pip install 'kvquant-density[plot]'")
+    books = Codebooks.load(args.codebooks) if args.codebooks else None
+    names = _row_names(args.baselines or "fp", books, own=books is not None)
+    seqlen = int(books.calibration.get("seqlen", 2048)) if books is not None else None
+    rows = make_rows(names, books, seqlen, generation=True)
+    model, tok = _load(args)
+    if books is not None:
+        books.check_fits(model)
+    trained = getattr(model.config, "max_position_embeddings", None)
+    lengths = (_numbers("--lengths", args.lengths, int) if args.lengths else
+               [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if trained is None or n <= trained])
+    if trained and max(lengths) > trained:
+        raise ValueError(f"--lengths {max(lengths)} is beyond {args.model}'s trained context ({trained} tokens)")
+    fractions = [d / 100 for d in depths]
+    results = run_passkey(model, tok, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"),
+                          lengths, fractions, args.seeds, bos=needs_bos(tok))
+    title = f"{args.model} · passkey · {args.seeds} seed(s) per cell · greedy through each row's cache · {args.dtype}"
+    print(title)
+    print(format_passkey(results, lengths))
+    print("(* : fp retrieves < 90% at that length — not judged there)")
+    if args.plots:
+        out = Path(args.plots)
+        for name, r in results.items():
+            safe = re.sub(r"[^A-Za-z0-9.-]+", "_", name)
+            plot_heatmap(r, lengths, fractions, out / f"passkey_{Path(args.model).name}_{safe}.png", f"{name}\n{title}")
+        print(f"heatmaps: {out}/passkey_{Path(args.model).name}_<row>.png")
+    if args.json:
+        payload = {"model": args.model, "lengths": lengths, "depths": fractions, "seeds": args.seeds,
+                   "dtype": args.dtype, "codebooks": str(args.codebooks) if args.codebooks else None,
+                   "rows": {k: v.to_dict() for k, v in results.items()}}
         write_text(args.json, json.dumps(payload, indent=1))
 
 
@@ -300,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="codebook file to write (.safetensors)")
     c.set_defaults(func=cmd_calibrate)
 
-    e = sub.add_parser("eval-ppl", help="perplexity: unquantized, baselines and codebooks in one run")
+    e = sub.add_parser("eval-ppl", help="perplexity, KL divergence from fp and top-token agreement: unquantized, "
+                       "baselines and codebooks in one run")
     common(e)
     e.add_argument("--windows", type=int, help="evaluation windows, the FIRST N of the text (default 8)")
     e.add_argument("--codebooks", help="codebook file from `kvquant calibrate`")
     e.add_argument("--baselines", help=f"comma-separated rows (default {DEFAULTS['baselines']}); METHOD@B (e.g. "
-                   "lambda@2): that codebook method rebuilt from --codebooks' statistics at exactly B effective bits")
+                   "lambda@2): that codebook method rebuilt from --codebooks' statistics at exactly B effective bits; "
+                   "fp is always run (first, per window): every row's KLD and top-1 are measured against it")
     e.add_argument("--mode", choices=["simulated", "generation"], default="simulated",
                    help="simulated: q and k quantized inside one forward pass per window (default); generation: "
                         "every token reads the keys (and values) a KV cache returns — fp through transformers' "
@@ -316,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")
     e.add_argument("--json", help="write the rows to this JSON file")
     e.set_defaults(func=cmd_eval_ppl)
+
+    k = sub.add_parser("eval-passkey", help="long-context retrieval (passkey) through each row's KV cache")
+    k.add_argument("--config", help="YAML file of options (e.g. configs/default.yaml)")
+    model_options(k)
+    k.add_argument("--codebooks", help="codebook file from `kvquant calibrate`")
+    k.add_argument("--baselines", help="comma-separated rows as in eval-ppl --mode generation (fp, the file's own "
+                   "method, METHOD@K/V, kivi@B/V, quanto@B); fp is always run (default: fp and the file's own)")
+    k.add_argument("--lengths", help="prompt lengths in tokens (default 1024, 2048, … up to the model's trained context)")
+    k.add_argument("--depths", default="0,25,50,75,100", help="where the key sits, percent of the filler (default 0,25,50,75,100)")
+    k.add_argument("--seeds", type=int, default=3, help="prompts (keys) per length and depth (default 3)")
+    k.add_argument("--bits-v", type=int, help="bits of the cached values (default: each row's /V, else the file's)")
+    k.add_argument("--values", choices=["minmax", "rms"], help="value normalisation per token (default minmax)")
+    k.add_argument("--json", help="write accuracies and every answer to this JSON file")
+    k.add_argument("--plots", help="folder for one accuracy heatmap (depth × length) PNG per row (the plot extra)")
+    k.set_defaults(func=cmd_eval_passkey)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt through kvquant's quantized KV cache")
     g.add_argument("--codebooks", required=True, help="codebook file from `kvquant calibrate`")

@@ -234,11 +234,15 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
     fp, q = payload["rows"]["fp"], payload["rows"]["lambda-lloyd"]
     assert fp["effective_bits"] == 32.0 and fp["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers × 2 heads × 16, fp32
     assert q["kv_bytes_per_token"] < fp["kv_bytes_per_token"] / 2 and q["ppl"] != fp["ppl"]
+    assert (fp["kld"], fp["kld_p99"], fp["top1"]) == (0.0, 0.0, 1.0)
+    assert 0 < q["kld"] <= q["kld_p99"] and 0 < q["top1"] <= 1 and "| KLD | KLD p99 | top-1 |" in out
     # per-row value bits, keys-only allocation at exact key bits, the KIVI-style INT cache
     rc = run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "lambda-lloyd@5/2,kivi@4/2,kivi@4",
                        "--mode", "generation", "--json", js))
     assert rc == 0, capsys.readouterr().err
     rows = json.loads(js.read_text())["rows"]
+    assert list(rows) == ["fp", "lambda-lloyd@5/2", "kivi@4/2", "kivi@4", "lambda-lloyd"]  # fp added: the reference
+    assert "adding row fp" in capsys.readouterr().err
     exact_v, v2 = rows["kivi@4"], rows["kivi@4/2"]
     assert exact_v["kv_bytes_per_token"] > v2["kv_bytes_per_token"]  # the same keys, values 2-bit vs exact fp32
     assert rows["lambda-lloyd@5/2"]["kv_bytes_per_token"] < exact_v["kv_bytes_per_token"]
@@ -262,3 +266,29 @@ def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_fi
     assert rc == 0, captured.err
     assert captured.out.strip() and "bytes per token held" in captured.err and "for an fp16 cache" in captured.err
     assert run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", "x", "--max-new-tokens", 0]) == 2
+
+
+def test_eval_passkey(model_dir, text_file, tmp_path, capsys):
+    """eval-passkey: every row answers the same prompts through its cache; accuracy table, JSON of
+    every answer, one heatmap per row; lengths beyond the trained context and bad depths refused."""
+    pytest.importorskip("matplotlib")
+    books_path = tmp_path / "books.safetensors"
+    assert run(calibrate_args(model_dir, text_file, books_path)) == 0
+    js, plots = tmp_path / "pk.json", tmp_path / "plots"
+    rc = run(["eval-passkey", "--model", model_dir, "--codebooks", books_path, "--baselines", "kivi@4/4",
+              "--lengths", "56,64", "--depths", "0,100", "--seeds", 2, "--json", js, "--plots", plots])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "| row | 56 tokens | 64 tokens |" in out
+    payload = json.loads(js.read_text())
+    assert list(payload["rows"]) == ["fp", "kivi@4/4", "lambda-lloyd"] and payload["depths"] == [0.0, 1.0]
+    for r in payload["rows"].values():
+        assert len(r["answers"]) == 2 * 2 * 2 and r["trials"] == {"56@0": 2, "56@1": 2, "64@0": 2, "64@1": 2}
+    assert sorted(p.name for p in plots.iterdir()) == [f"passkey_{model_dir.name}_{n}.png" for n in
+                                                       ("fp", "kivi_4_4", "lambda-lloyd")]
+    assert run(["eval-passkey", "--model", model_dir, "--lengths", "128"]) == 2
+    assert "trained context (64 tokens)" in capsys.readouterr().err
+    assert run(["eval-passkey", "--model", model_dir, "--lengths", "64", "--depths", "0,150"]) == 2
+    assert "0..100" in capsys.readouterr().err
+    assert run(["eval-passkey", "--model", model_dir, "--lengths", "64,x"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
