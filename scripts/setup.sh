@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/kvquant ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-  .venv/bin/python -m pip install -q -e ".[dev,gguf]"
+  .venv/bin/python -m pip install -q -e ".[dev,gguf,lm-eval]"
 fi
 if [ -n "${KVQUANT_TRANSFORMERS:-}" ]; then
   .venv/bin/python -m pip install -q "transformers==$KVQUANT_TRANSFORMERS"
