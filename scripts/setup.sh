@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the project's virtualenv .venv (once) with CPU torch pinned first — plain `torch` would
-# pull several GB of CUDA wheels — then kvquant with its test and GGUF extras.
+# pull several GB of CUDA wheels — then kvquant with its test, GGUF and lm-eval extras.
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
 # takes the CPU-only torch wheel from PyTorch's own index, for machines where PyPI's
 # torch==2.13.0 would be the CUDA build (on these project machines PyPI serves the CPU build).
