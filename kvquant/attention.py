@@ -44,7 +44,8 @@ ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
 Rope = Literal["post", "pre"]
 #: ``quantizer(x, layer, side)`` returns dequantized ``x`` (same shape/dtype); side is "q" or "k".
-#: A quantizer with ``sides = ("q",)`` quantizes queries only (keys come quantized from a KV cache).
+#: A quantizer with ``sides = ("q",)`` quantizes queries only (keys come quantized from a KV cache);
+#: one with ``sides = ("k",)`` keys only (queries exact, e.g. :class:`kvquant.diagnostics.KeysOnly`).
 Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
 #: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -110,27 +111,53 @@ def kvquant_attention(
     ctl.calls.add(layer)
     if ctl.mode == "off":
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
-    keys = ctl.mode == "capture" or "k" in getattr(ctl.quantizer, "sides", ("q", "k"))
-    tables = _rotary_tables(module, query, key, keys) if ctl.rope == "pre" else None
-    if tables is None:
-        q_in, k_in = query, key
-    else:  # a queries-only quantizer (beside a KV cache) gets the keys as they are
-        q_in, k_in = derotate(query, *tables), (derotate(key, *tables) if keys else key)
     if ctl.mode == "capture":
+        tables = _rotary_tables(module, query, key) if ctl.rope == "pre" else None
+        q_in, k_in = (query, key) if tables is None else (derotate(query, *tables), derotate(key, *tables))
         mask = pair_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", True), query.device)
         ctl.observer(layer, q_in, k_in, mask)
         if ctl.grad_observer is not None and query.requires_grad:
             _observe_grads(ctl.grad_observer, layer, (("q", query, q_in), ("k", key, k_in)), tables)
-    else:
-        q_hat, k_hat = ctl.quantizer(q_in, layer, "q"), (ctl.quantizer(k_in, layer, "k") if keys else key)
-        if tables is not None:
-            q_hat = rotate(q_hat, *tables).to(query.dtype)
-            k_hat = rotate(k_hat, *tables).to(key.dtype) if keys else key
-        group = getattr(ctl.quantizer, "key_group", 0) if keys else 0
-        if group and key.shape[2] == query.shape[2]:
-            return block_causal_attention(q_hat, k_hat, key, value, attention_mask, group, **kwargs)
-        query, key = q_hat, k_hat
-    return _sdpa(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
+    q_hat, k_hat = quantize_qk(module, ctl.quantizer, ctl.rope, query, key)
+    group = key_group(ctl.quantizer)
+    if group and key.shape[2] == query.shape[2]:
+        return block_causal_attention(q_hat, k_hat, key, value, attention_mask, group, **kwargs)
+    return _sdpa(module, q_hat, k_hat, value, attention_mask, **kwargs)
+
+
+def quantize_qk(module: torch.nn.Module, quantizer: Quantizer, rope: Rope, query: torch.Tensor,
+                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q̂, k̂)`` post-RoPE, as quantize mode hands them to attention: ``quantizer`` applied to the
+    post-RoPE ``query`` (B, H, T, D) and ``key`` (B, H_kv, S, D) of one call of ``module``, or
+    (``rope="pre"``) to them with the rotary embedding undone — the tables ``module`` was called
+    with, stashed by ``wrap``'s pre-hook — and rotated back. A side missing from the quantizer's
+    ``sides`` (default ``("q", "k")``; ``("q",)`` beside a KV cache, whose keys come quantized)
+    is returned as given, without the round trip through the rotation."""
+    layer, sides = module.layer_idx, getattr(quantizer, "sides", ("q", "k"))
+    keys = "k" in sides
+    tables = _rotary_tables(module, query, key, keys) if rope == "pre" else None
+    q_hat, k_hat = query, key
+    if "q" in sides:
+        q_hat = quantizer(query if tables is None else derotate(query, *tables), layer, "q")
+        q_hat = q_hat if tables is None else rotate(q_hat, *tables).to(query.dtype)
+    if keys:
+        k_hat = quantizer(key if tables is None else derotate(key, *tables), layer, "k")
+        k_hat = k_hat if tables is None else rotate(k_hat, *tables).to(key.dtype)
+    return q_hat, k_hat
+
+
+def key_group(quantizer: Quantizer) -> int:
+    """G of a quantizer whose keys use causal groups (``key_group``; 0: none, or keys not quantized)."""
+    return getattr(quantizer, "key_group", 0) if "k" in getattr(quantizer, "sides", ("q", "k")) else 0
+
+
+def keys_read_quantized(t: int, group: int, device=None) -> torch.Tensor:
+    """(T, T) bool: query t reads key s quantized iff s lies in a group of ``group`` tokens aligned at
+    token 0 that is complete once token t is in, ``s < G·⌊(t+1)/G⌋`` (the newest incomplete group
+    is read exact) — what a KV cache with causal groups serves (:func:`block_causal_attention`)."""
+    pos = torch.arange(t, device=device)
+    return pos[None, :] < ((pos[:, None] + 1) // group * group)
 
 
 def block_causal_attention(query: torch.Tensor, key_q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -150,9 +177,7 @@ def block_causal_attention(query: torch.Tensor, key_q: torch.Tensor, key: torch.
     scale = scaling if scaling is not None else d**-0.5
     qf = query.float()
     s_q, s_e = (qf @ kq.float().transpose(-1, -2)) * scale, (qf @ ke.float().transpose(-1, -2)) * scale
-    pos = torch.arange(t, device=query.device)
-    done = pos[None, :] < ((pos[:, None] + 1) // group * group)  # (T, S): key s quantized for query t
-    scores = torch.where(done, s_q, s_e)
+    scores = torch.where(keys_read_quantized(t, group, query.device), s_q, s_e)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     allowed = pair_mask(attention_mask, t, t, True, query.device)

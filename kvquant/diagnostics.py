@@ -1,8 +1,17 @@
 """Attention-logit error per head: how far ``Q̂K̂ᵀ`` is from ``QKᵀ`` over the allowed pairs.
 
 For layer l, query head h: ``err = ‖(Q̂K̂ᵀ − QKᵀ) ⊙ M‖_F / ‖QKᵀ ⊙ M‖_F`` summed over all
-calibration windows (M = allowed pairs: causal, window, padding). Scaling by 1/√d cancels.
-This is the metric of the seed paper's LLM experiment.
+windows (M = allowed pairs: causal, window, padding). Scaling by 1/√d cancels. This is the
+metric of the seed paper's LLM experiment.
+
+The logits are always the post-RoPE ones the model attends with; each quantizer is applied
+where kvquant's attention function applies it in quantize mode
+(:func:`kvquant.attention.quantize_qk`): after the rotary embedding, or before it (``rope =
+"pre"``: rotation undone, entries quantized, rotated back), on its ``sides`` only, and — for a
+quantizer with ``key_group`` G > 0, such as the deployed KV cache's codebooks — with each key
+read quantized only by the queries after its group of G is complete
+(:func:`kvquant.attention.keys_read_quantized`): the logits of a query with a key of the newest
+incomplete group are exact, as decoding through the cache reads them.
 """
 
 from __future__ import annotations
@@ -10,30 +19,57 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from kvquant.attention import Quantizer
+from kvquant.attention import Quantizer, key_group, keys_read_quantized, quantize_qk
 from kvquant.calibrate import run_capture
 from kvquant.fingerprint import ModelFingerprint
+from kvquant.wrap import attention_modules
+
+
+class KeysOnly:
+    """``quantizer`` on the keys only, queries exact (``sides = ("k",)``), in the quantizer's frame:
+    the deployed KV cache's quantizer beside exact queries. ``key_group`` (default: the quantizer's
+    own, e.g. :attr:`kvquant.codebooks.Codebooks.key_group`) > 0 reads keys quantized only once
+    their group is complete; give a per-token baseline the codebooks' G to quantize the same keys.
+    Works with :func:`logit_errors` and, as any quantizer, with :func:`kvquant.wrap`."""
+
+    sides = ("k",)
+
+    def __init__(self, quantizer: Quantizer, key_group: int | None = None):
+        self.quantizer = quantizer
+        self.rope = getattr(quantizer, "rope", "post")
+        self.key_group = int(getattr(quantizer, "key_group", 0) if key_group is None else key_group)
+
+    def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
+        return x if side == "q" else self.quantizer(x, layer, "k")
 
 
 @torch.no_grad()
 def logit_errors(model: torch.nn.Module, windows, quantizers: dict[str, Quantizer], progress: bool = True) -> dict[str, torch.Tensor]:
-    """Relative Frobenius error (L, H) of the attention logits for every named quantizer."""
-    pre = [name for name, quant in quantizers.items() if getattr(quant, "rope", "post") != "post"]
-    if pre:
-        raise ValueError(f"logit errors are measured on post-RoPE quantizers only; {pre} quantize pre-RoPE")
+    """Relative Frobenius error (L, H) of the post-RoPE attention logits for every named quantizer,
+    each applied as the attention function applies it: in its frame (attribute ``rope``, ``"post"``
+    if absent; ``"pre"`` needs a rotary model), on its ``sides`` (default both) and block-causally
+    for a ``key_group`` > 0 (module docstring). ``windows``: (n, seqlen) token ids or Windows."""
     ids = getattr(windows, "ids", windows)
     fp = ModelFingerprint.from_model(model)
     g = fp.num_heads // fp.num_kv_heads
+    modules = {m.layer_idx: m for m in attention_modules(model)}  # carry the rotary tables of the call
     num = {name: torch.zeros(fp.num_layers, fp.num_heads, dtype=torch.float64) for name in quantizers}
     den = torch.zeros(fp.num_layers, fp.num_heads, dtype=torch.float64)
 
     def observe(layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
-        m = mask.to(torch.float32)
+        masks = {0: mask.to(torch.float32)}  # by key group: the pairs whose logit can change
         s = q.float() @ repeat_kv(k, g).float().transpose(-1, -2)
-        den[layer] += ((s * m) ** 2).sum(dim=(0, 2, 3)).double().cpu()
+        den[layer] += (s * masks[0]).pow_(2).sum(dim=(0, 2, 3)).double().cpu()
         for name, quant in quantizers.items():
-            s_hat = quant(q, layer, "q").float() @ repeat_kv(quant(k, layer, "k"), g).float().transpose(-1, -2)
-            num[name][layer] += (((s_hat - s) * m) ** 2).sum(dim=(0, 2, 3)).double().cpu()
+            q_hat, k_hat = quantize_qk(modules[layer], quant, getattr(quant, "rope", "post"), q, k)
+            if q_hat is q:  # queries exact: the error is q·(k̂ − k)ᵀ, without cancellation
+                err = q.float() @ repeat_kv(k_hat.float() - k.float(), g).transpose(-1, -2)
+            else:
+                err = (q_hat.float() @ repeat_kv(k_hat, g).float().transpose(-1, -2)).sub_(s)
+            group = key_group(quant) if k.shape[2] == q.shape[2] else 0
+            if group not in masks:
+                masks[group] = masks[0] * keys_read_quantized(q.shape[2], group, q.device)
+            num[name][layer] += err.mul_(masks[group]).pow_(2).sum(dim=(0, 2, 3)).double().cpu()
 
     run_capture(model, ids, observe, progress=progress, desc="logit error")
     return {name: (n / den.clamp_min(1e-300)).sqrt() for name, n in num.items()}

@@ -191,9 +191,3 @@ def test_config_validates_rope():
     with pytest.raises(ValueError, match="rope"):
         CodebookConfig(rope="middle")
 
-
-def test_logit_errors_refuse_pre_rope_quantizers():
-    from kvquant.diagnostics import logit_errors
-
-    with pytest.raises(ValueError, match="post-RoPE"):
-        logit_errors(make_model("llama"), random_ids(1, SEQ), {"pre": PreQuantizer()}, progress=False)
