@@ -199,7 +199,7 @@ def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
         nxt = out.logits[:, -1:].argmax(-1)
         model(nxt, **cache_kwargs(cache), use_cache=True)  # token 16 completes group 1
         plan = layer._plan
-        assert plan is not None and plan.base_cos.shape[1] == 2 and plan.delta is None
+        assert plan is not None and plan.base.shape[1] == 2 and plan.delta is None
         held = sum(t.untyped_storage().nbytes() for t in layer._tensors())
         assert layer.memory_bytes() == held + sum(t.untyped_storage().nbytes() for t in plan.tensors())
         # the δ tables are one copy for the cache's layers (same rope), counted once
@@ -209,7 +209,7 @@ def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
         assert layer._plan is plan  # same groups: kept
         for _ in range(8):
             model(nxt, **cache_kwargs(cache), use_cache=True)
-        assert layer._plan is not plan and layer._plan.base_cos.shape[1] == 3
+        assert layer._plan is not plan and layer._plan.base.shape[1] == 3
 
 
 # --- the Triton kernel on the same layout -----------------------------------------------------
