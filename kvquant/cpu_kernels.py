@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvquant.fileio import atomic_path
 from kvquant.groupnorm import load_scales
 
 __all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
@@ -116,15 +117,10 @@ def _library() -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version]).encode()).hexdigest()[:16]
     lib = folder / f"decode_cpu-{key}.so"
     if not lib.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        with atomic_path(lib) as tmp:
+            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
             if r.returncode:
                 raise KernelUnavailable(f"building {_SOURCE.name} with {cc} failed:\n{r.stderr.strip()}")
-            os.replace(tmp, lib)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     dll = ctypes.CDLL(str(lib))
     if dll.kvq_abi_version() != _ABI:
         raise KernelUnavailable(f"{lib} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
