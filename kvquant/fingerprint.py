@@ -9,6 +9,27 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+class UnsupportedModelError(ValueError):
+    """The model has no attention kvquant can quantize, or it does not route through
+    ``transformers.AttentionInterface``."""
+
+
+SUPPORTED = "Llama, Qwen2, Mistral, Gemma/Gemma3, GPT-2, GPT-NeoX and other decoders with AttentionInterface support"
+
+
+def check_architecture(config, name: str = "") -> None:
+    """Raise :class:`UnsupportedModelError` for a model config without attention heads (Mamba,
+    RWKV, …) — read from the config, before any weights are loaded."""
+    cfg = getattr(config, "text_config", None) or config
+    missing = [k for k in ("num_attention_heads", "num_hidden_layers") if not getattr(cfg, k, None)]
+    if missing:
+        raise UnsupportedModelError(
+            f"model {name or getattr(cfg, '_name_or_path', '')} ({getattr(cfg, 'model_type', '?')}) has no attention "
+            f"heads (its config has no {' or '.join(missing)}): kvquant quantizes attention's queries and keys; "
+            f"use a transformer decoder ({SUPPORTED})"
+        )
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """Attention geometry and identity of a causal LM, read from its config.
@@ -28,6 +49,7 @@ class ModelFingerprint:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ModelFingerprint":
+        check_architecture(model.config)
         cfg = model.config
         cfg = getattr(cfg, "text_config", None) or cfg
         heads = int(cfg.num_attention_heads)

@@ -16,12 +16,9 @@ import torch
 
 from kvquant.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
 from kvquant.codebooks import Codebooks
+from kvquant.fingerprint import SUPPORTED, UnsupportedModelError
 
 _ORIGINAL = "_kvquant_original_attn"
-
-
-class UnsupportedModelError(ValueError):
-    """The model's attention does not route through ``transformers.AttentionInterface``."""
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -54,6 +51,11 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
     """
     if isinstance(codebooks, Codebooks):
         codebooks.check_fits(model)
+    elif codebooks is not None and not callable(codebooks):
+        raise TypeError(
+            f"wrap(model, codebooks): codebooks must be a kvquant.Codebooks (Codebooks.load(path)), a quantizer "
+            f"f(x, layer, side) or None, got {type(codebooks).__name__}"
+        )
     if is_wrapped(model):
         ctl = controller(model)
     else:
@@ -61,8 +63,7 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
         if not mods:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: no attention modules with a layer_idx were found; kvquant supports "
-                "decoder models whose attention routes through transformers.AttentionInterface "
-                "(Llama, Qwen2, Mistral, Gemma3, GPT-2, GPT-NeoX, …)"
+                f"decoder models whose attention routes through transformers.AttentionInterface ({SUPPORTED})"
             )
         register()
         original = model.config._attn_implementation
