@@ -112,6 +112,12 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
              for key in sorted(keys)}
 
     def observe(layer, q, k, mask):
+        for side, x in (("queries", q), ("keys", k)):
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"calibration: the {side} of attention layer {layer} hold NaN/inf — the unquantized model "
+                    f"overflows on this text in {str(x.dtype).removeprefix('torch.')} (nothing is quantized during "
+                    "calibration); try --dtype float32")
         stats.update(layer, q.detach(), k.detach(), mask)
         for hist in hists.values():
             hist.update(layer, q.detach(), k.detach(), mask)
@@ -135,6 +141,9 @@ def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None 
                            fisher=bool(cbc.budget))
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
+    for k in ("first_token", "end_token", "total_tokens"):  # what eval-ppl checks its windows against
+        if hasattr(windows, k):
+            calibration[k] = int(getattr(windows, k))
     books = Codebooks.from_stats(stats, cbc, ModelFingerprint.from_model(model), calibration, hists.get(gs))
     for line in summary(books):
         logger.info(line)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -41,40 +43,103 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax@4,uniform@4,lambda@4,lambda-lloyd@4",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PATHS = ("out", "json", "text_file", "codebooks")  # config-file keys beyond DEFAULTS, all strings
+#: Allowed ranges (inclusive; None: unbounded) of the numeric options, checked before any model loads.
+RANGES = {"seqlen": (2, None), "samples": (1, None), "windows": (1, None), "bits_q": (1, 8), "bits_k": (1, 8),
+          "group": (2, None), "sink": (0, None), "outliers": (0.0, 0.5), "budget": (0.0, 8.0),
+          "effective_bits": (0.0, 16.0), "bits_v": (0, 8), "seeds": (1, None), "max_new_tokens": (1, None)}
 
 
 def _config_values(path: str | None) -> dict:
+    """The options of a YAML config file, keys with ``_`` for ``-``, each checked for its type."""
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = set(values) - set(DEFAULTS) - set(PATHS)
+    if unknown:
+        raise ValueError(f"config file {p}: unknown option(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted([*DEFAULTS, *PATHS]))})")
+    for k, v in values.items():
+        want = type(DEFAULTS.get(k, ""))
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+              isinstance(v, want) and not isinstance(v, bool) if want is int else isinstance(v, str))
+        if not ok:
+            kind = {int: "an integer", float: "a number", str: "a string"}[want]
+            raise ValueError(f"config file {p}: {k} must be {kind}, got {v!r}")
+    return values
 
 
 def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
-    """Command line > config file > DEFAULTS, for every key."""
+    """Command line > config file > DEFAULTS, for every key; then every value checked (types and
+    ranges, output paths writable, inputs readable) — before any model is loaded."""
     cfg = _config_values(getattr(args, "config", None))
-    unknown = set(cfg) - set(DEFAULTS) - {"out", "json", "text_file", "codebooks"}
-    if unknown:
-        raise ValueError(f"unknown option(s) in config file: {', '.join(sorted(unknown))}")
     args.defaulted = set()  # options that no one gave (calibration_config adapts the family-specific ones)
     for k in keys:
         if getattr(args, k, None) is None:
             if k not in cfg:
                 args.defaulted.add(k)
             setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
+    _check_values(args)
     return args
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Ranges of the numeric options, the dtype, and every output path writable before work starts."""
+    for key, (low, high) in RANGES.items():
+        v = getattr(args, key, None)
+        if v is None:
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            span = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"{_option(key)} must be {span}, got {v}")
+    if getattr(args, "dtype", None) is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for key in ("out", "json"):
+        if getattr(args, key, None):
+            check_writable(_option(key), getattr(args, key))
+    if getattr(args, "plots", None):
+        check_writable("--plots", Path(args.plots) / ".probe", folder=True)
+
+
+def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -> None:
+    """Raise ValueError naming ``option`` unless a file can be written at ``path`` (its folder created
+    if missing): not a directory itself, the nearest existing ancestor a writable directory."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not folder:
+        raise ValueError(f"{option} {p} is a directory: give a file name")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        with open(parent / f".kvquant-probe.{os.getpid()}", "w"):
+            pass
+        os.unlink(parent / f".kvquant-probe.{os.getpid()}")
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); choose a writable place") from None
 
 
 def _load(args):
     from kvquant.assets import load_model
 
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
     return model.to(args.device), tok
 
@@ -86,7 +151,7 @@ def cmd_assets(args) -> None:
         for name, desc in assets.list_assets().items():
             print(f"{name:20s} {desc}")
         return
-    for name, path in assets.fetch_all(args.names or None).items():
+    for name, path in assets.fetch_all(args.names or None, force=args.force).items():
         print(f"{name}: {path}")
 
 
@@ -97,6 +162,20 @@ def codebook_config(options: dict):
     return CodebookConfig(**{f.name: options[f.name] for f in fields(CodebookConfig) if f.name in options})
 
 
+def _family_options(options: dict, defaulted: set[str]) -> dict:
+    """``options`` with the default family's own options (8-bit scales, the ``effective_bits`` target,
+    keys-only allocation) set to 16, off and "qk" where no one gave them and a static ``norm`` or a
+    ``budget`` makes them moot."""
+    options = dict(options)
+    if options["norm"] != "channel-group":
+        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0), ("budget_sides", "qk")):
+            if k in defaulted:
+                options[k] = neutral
+    if options.get("budget") and "effective_bits" in defaulted:
+        options["effective_bits"] = 0.0
+    return options
+
+
 def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set[str] = frozenset()):
     """The :class:`CodebookConfig` ``kvquant calibrate`` builds from ``options``, ``defaulted`` the
     names that came from ``DEFAULTS`` (no one gave them): the default family's own options — 8-bit
@@ -105,16 +184,8 @@ def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set
     ``budget`` given replaces the default target, and ``effective_bits`` > 0 sets the budget for
     exactly that many bits (:meth:`CodebookConfig.at_effective_bits`; caps ``bits_q``/``bits_k``
     where both were given, else ⌈budget⌉ + 2)."""
-    options = dict(options)
-    if options["norm"] != "channel-group":
-        for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0), ("budget_sides", "qk")):
-            if k in defaulted:
-                options[k] = neutral
-    if options.get("budget") and "effective_bits" in defaulted:
-        options["effective_bits"] = 0.0
+    options = _check_combination(options, defaulted)
     target = options.get("effective_bits")
-    if target and options.get("budget"):
-        raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
     config = codebook_config(options)
     if not target:
         return config
@@ -132,12 +203,13 @@ def cmd_calibrate(args) -> None:
                     "device", "out"])
     if not args.out:
         raise ValueError("--out FILE is required (where to write the codebooks)")
+    _check_combination(vars(args), args.defaulted)
+    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
+    source = args.text_file or args.dataset
     model, tok = _load(args)
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
     args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
-    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
-    source = args.text_file or args.dataset
     windows = make_windows(tok, text, args.seqlen, args.samples, from_end=True, source=source)
     books = calibrate(model, windows, config, source=source)
     books.save(args.out)
@@ -149,6 +221,22 @@ def cmd_calibrate(args) -> None:
     values = f", values {books.config.bits_v} bits in the KV cache" if books.config.bits_v else ""
     print(f"wrote {args.out}: {args.method}, {bits}, {books.effective_bits(seqlen=args.seqlen):.3f} effective bits "
           f"{per}{values}, {windows.n} windows × {args.seqlen} tokens from the end of {source}")
+
+
+def _check_combination(options: dict, defaulted: set[str]) -> dict:
+    """:func:`_family_options` of ``options``, refusing combinations where one option would be
+    silently overridden or ignored (errors that say why and what to give instead)."""
+    options = _family_options(options, defaulted)
+    given = {"bits_q", "bits_k"} - set(defaulted)
+    if options["effective_bits"] and options["budget"]:
+        raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
+    if options["effective_bits"] and len(given) == 1:
+        raise ValueError(f"{_option(given.pop())} alone would be ignored: under --effective-bits, --bits-q and --bits-k "
+                         "are together the most bits one channel may get; give both, or --effective-bits 0 for fixed bits")
+    if "budget_sides" not in defaulted and not (options["budget"] or options["effective_bits"]):
+        raise ValueError("--budget-sides would be ignored: it says what --effective-bits/--budget spread bits over; "
+                         "give one of them, or drop --budget-sides")
+    return options
 
 
 def _row_names(baselines: str, books, own: bool) -> list[str]:
@@ -171,7 +259,7 @@ def _row_names(baselines: str, books, own: bool) -> list[str]:
 
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
-    from kvquant.data import load_text, make_windows
+    from kvquant.data import calibration_overlap, load_text, make_windows
     from kvquant.fileio import write_text
     from kvquant.generation import cache_factories, evaluate_generation
     from kvquant.perplexity import evaluate, format_table, make_rows
@@ -187,12 +275,19 @@ def cmd_eval_ppl(args) -> None:
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
     if args.values is not None and not args.bits_v:
         raise ValueError("--values normalises quantized values: give it with --mode generation --bits-v B")
+    if args.allow_overlap and books is None:
+        raise ValueError("--allow-overlap would be ignored: it allows evaluation windows that overlap a codebook "
+                         "file's calibration; give --codebooks or drop it")
+    source = args.text_file or args.dataset
+    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
-    source = args.text_file or args.dataset
-    text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
+    overlap = calibration_overlap(books.calibration, windows) if books is not None else None
+    if overlap and not args.allow_overlap:
+        raise ValueError(f"{overlap}: the table would not be held out. Use fewer --windows or --seqlen, calibrate on "
+                         f"other text, or give --allow-overlap to report it labelled NOT HELD OUT")
     if args.mode == "generation":
         results = evaluate_generation(model, windows, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
     else:
@@ -206,6 +301,8 @@ def cmd_eval_ppl(args) -> None:
               + (f" · codebooks {args.codebooks} (q {books.q.mean_bits:.4g}, k {books.k.mean_bits:.4g} code bits"
                  + (" on average, allocated per channel" if books.config.budget else "")
                  + f", norm {books.config.norm}, {books.config.rope}-RoPE; baselines post-RoPE)" if books else ""))
+    if overlap:
+        header += f" · NOT HELD OUT: {overlap}"
     print(header)
     print(format_table(results))
     if args.json:
@@ -215,6 +312,7 @@ def cmd_eval_ppl(args) -> None:
             "values": (args.values or "minmax") if args.bits_v else None,
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,
+            "held_out": overlap is None, "overlap": overlap,
             "rows": {k: v.to_dict() for k, v in results.items()},
         }
         write_text(args.json, json.dumps(payload, indent=1))
@@ -316,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="fetch the offline default model and corpus into $KVQUANT_HOME")
     a.add_argument("names", nargs="*", help="asset names (default: all); see --list")
     a.add_argument("--list", action="store_true", help="list the offline asset names")
+    a.add_argument("--force", action="store_true",
+                   help="delete what the cache holds of these assets and fetch them again (repairs a damaged cache)")
     a.set_defaults(func=cmd_assets)
 
     def model_options(p):
@@ -390,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")
     e.add_argument("--json", help="write the rows to this JSON file")
+    e.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even where the windows overlap the codebooks' calibration windows (same text); "
+                        "the table is then labelled NOT HELD OUT (default: refused)")
     e.set_defaults(func=cmd_eval_ppl)
 
     k = sub.add_parser("eval-passkey", help="long-context retrieval (passkey) through each row's KV cache")
@@ -418,14 +521,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: What a run reports as one line (exit 2) rather than a traceback: bad options and files, missing
+#: or damaged assets (AssetError is a RuntimeError), I/O failures, NaN/inf (FloatingPointError).
+USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 on success; 2 with one line ``kvquant CMD: error: …`` on stderr for a bad
+    input or a fault (the traceback too with ``-v``); 130 on Ctrl-C. SIGTERM/SIGHUP exit through
+    ``SystemExit`` (status 128 + signal) so that every temp file is removed on the way."""
+    from kvquant.fileio import signals_raise
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"kvquant {args.command}: error: {e}", file=sys.stderr)
+        with signals_raise():
+            args.func(args)
+    except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"kvquant {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"kvquant {args.command}: interrupted (nothing half-written is left)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -55,7 +55,11 @@ def load_text(source: str, split: str = "test") -> str:
     if source in assets.CORPORA:
         text = assets.ensure_corpus(source).read_text(encoding="utf-8")
     elif Path(source).expanduser().is_file():
-        text = Path(source).expanduser().read_text(encoding="utf-8")
+        try:
+            text = Path(source).expanduser().read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text file {source} is not UTF-8 (byte {e.start}: {e.reason}); convert it, e.g. "
+                             f"iconv -f latin1 -t utf-8 {source} > {Path(source).stem}.utf8.txt") from None
     else:
         name, config = ("wikitext", "wikitext-2-raw-v1") if source == "wikitext2" else (source, None)
         try:
@@ -138,6 +142,36 @@ class Windows:
 
     def __len__(self) -> int:
         return self.n
+
+
+def calibration_overlap(calibration: dict, windows: Windows) -> str | None:
+    """Why ``windows`` are not held out from the calibration a codebook file records (its
+    ``calibration`` metadata), or None: same text source and overlapping token ranges. Files that
+    do not record their token range were cut from the end of the same stream
+    (:func:`windows_from_ids` with ``from_end=True``), which gives it; hub datasets are calibrated
+    on their train split and evaluated on their test split, never the same text."""
+    source = calibration.get("source")
+    if not source or not _same_source(source, windows.source):
+        return None
+    if "first_token" in calibration and calibration.get("total_tokens") == windows.total_tokens:
+        first, end = int(calibration["first_token"]), int(calibration["end_token"])
+    elif "first_token" not in calibration and calibration.get("seqlen") and calibration.get("windows"):
+        end = windows.total_tokens
+        first = end - int(calibration["windows"]) * _step(int(calibration["seqlen"]), windows.bos_prepended)
+    else:  # another tokenization of the text: positions are not comparable
+        return None
+    if windows.first_token < end and first < windows.end_token:
+        return (f"the evaluation windows (tokens {windows.first_token}–{windows.end_token} of {windows.source}) overlap "
+                f"the codebooks' calibration windows (tokens {first}–{end})")
+    return None
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Same text: the same offline corpus or the same local file; hub datasets split train/test."""
+    if a in assets.CORPORA or b in assets.CORPORA:
+        return a == b
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
 
 
 def _step(seqlen: int, bos: bool) -> int:

@@ -24,7 +24,7 @@ from kvquant.baselines import Baseline, is_baseline
 from kvquant.codebooks import Codebooks
 from kvquant.divergence import Agreement, log_probs
 from kvquant.scalar import METHODS
-from kvquant.wrap import wrapped
+from kvquant.wrap import attention_modules, wrapped
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,39 @@ def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, desc: str = "ppl") ->
     return float(nll.double())
 
 
+def first_nonfinite_layer(model: torch.nn.Module, run: Callable[[], object]) -> int | None:
+    """Index of the first attention layer whose output holds NaN/inf while ``run()`` runs the model
+    (forward hooks on :func:`kvquant.wrap.attention_modules`), or None."""
+    found: list[int] = []
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if not found and torch.is_tensor(out) and not torch.isfinite(out).all():
+            found.append(int(module.layer_idx))
+
+    handles = [m.register_forward_hook(hook) for m in attention_modules(model)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _nonfinite_error(model, runs, name: str, reference: str | None, x: torch.Tensor, window: int) -> FloatingPointError:
+    """Where a row's NaN/inf logits arise: its first attention layer with NaN/inf output, and whether
+    the unquantized reference itself is to blame."""
+    layer = first_nonfinite_layer(model, lambda: [None for _ in runs[name](x)])
+    where = f"from attention layer {layer} on" if layer is not None else "after the last attention layer"
+    dtype = next(model.parameters()).dtype
+    if name == reference:
+        return FloatingPointError(
+            f"the unquantized model ({name}) gives NaN/inf logits on evaluation window {window}, {where}: it overflows "
+            f"on this text in {str(dtype).removeprefix('torch.')} before any quantization; try --dtype float32")
+    return FloatingPointError(f"row {name} gives NaN/inf logits on evaluation window {window}, {where} "
+                              f"(the unquantized reference is finite there): its quantized attention produced them")
+
+
 #: A row's logits on one window ``x`` (1, n): yields ``(a, logits)``, the logits (m, vocab) at
 #: positions a … a+m−1, covering 0 … n−1 in order (one chunk, or several through a KV cache).
 WindowLogits = Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
@@ -102,7 +135,7 @@ def score_windows(model: torch.nn.Module, windows, runs: dict[str, WindowLogits]
     order = sorted(runs, key=lambda name: name != reference)  # the reference first, then as given
     scores = {name: RowScore(agreement=Agreement() if reference in runs else None) for name in runs}
     bar = tqdm(total=len(ids) * len(runs), desc="windows × rows", unit="pass", disable=not progress)
-    for row in ids:
+    for i, row in enumerate(ids):
         x = row[None].to(device)
         n = x.shape[1]
         ref: list[torch.Tensor] = []  # the reference row's log-probs (n − 1, vocab), once it has run
@@ -113,7 +146,10 @@ def score_windows(model: torch.nn.Module, windows, runs: dict[str, WindowLogits]
                 logits = logits[: n - 1 - a]  # the last position predicts nothing
                 if not logits.shape[0]:
                     continue
-                s.nll += chunk_nll(logits, x[0, a + 1 : a + 1 + logits.shape[0]], f"row {name} at tokens {a}–")
+                try:
+                    s.nll += chunk_nll(logits, x[0, a + 1 : a + 1 + logits.shape[0]], f"row {name} at tokens {a}–")
+                except FloatingPointError:
+                    raise _nonfinite_error(model, runs, name, reference, x, i) from None
                 if name == reference:
                     ref.append(log_probs(logits))
                 elif s.agreement is not None:
