@@ -95,7 +95,7 @@ def _assert_refused(rc, capsys, tmp_path, *needles, keep=()):
 
 def test_calibrate_refuses_bits_9(model_dir, text_file, tmp_path, capsys):
     rc = run(calibrate_args(model_dir, text_file, tmp_path / "b.safetensors", "--bits-k", 9))
-    _assert_refused(rc, capsys, tmp_path, "bits_k", "9", keep=["corpus.txt"])
+    _assert_refused(rc, capsys, tmp_path, "--bits-k", "9", keep=["corpus.txt"])
 
 
 def test_calibrate_refuses_missing_text_file(model_dir, tmp_path, capsys):
