@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.fileio import atomic_path, temp_folder, write_text
+from kvquant.fileio import atomic_path, remove_stale, temp_folder, write_text
 from kvquant.wikitext import clean_wikitext, wikidump_to_text
 
 logger = logging.getLogger(__name__)
@@ -197,10 +197,13 @@ def cache_dir() -> Path:
 
 
 def _cache_folder(*parts: str) -> Path:
-    """``$KVQUANT_HOME/<parts>``, created; an unwritable cache is an AssetError naming the fix."""
+    """``$KVQUANT_HOME/<parts>``, created, cleared of the temps of killed runs (:func:`remove_stale`);
+    an unwritable cache is an AssetError naming the fix."""
     folder = cache_dir().joinpath(*parts)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for p in remove_stale(folder):
+            logger.warning("removed %s, left by a killed run", p)
         probe = folder / f".kvquant-probe.{os.getpid()}"
         probe.touch()
         probe.unlink()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+_LEGACY_TEMP = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # kvquant <= 0.1's asset temps: <name>.tmp-<pid>
 _SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
 
 
@@ -75,7 +76,7 @@ def remove_stale(folder: str | os.PathLike, name: str | None = None) -> list[Pat
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        m = _TEMP.match(entry.name)
+        m = _TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name)
         if m and (name is None or m["name"] == name) and not pid_running(int(m["pid"])):
             _remove(entry)
             removed.append(entry)

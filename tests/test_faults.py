@@ -338,6 +338,15 @@ def test_damaged_gguf_and_corpus_named_then_repaired(home, monkeypatch):
     assert gguf in assets.remove_cached("smollm2-135m") and not gguf.exists()
 
 
+def test_killed_conversion_debris_removed_by_the_next_run(home):
+    folder = _cached_model(home)
+    debris = home / "models" / f"smollm2-135m.tmp-{2**22 + 7}"  # what SIGKILL left mid-conversion
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"x" * 100)
+    assert assets.ensure_model("smollm2-135m") == folder
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m"]
+
+
 def test_unwritable_cache_named(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "home-is-a-file"
     blocker.write_text("x")
@@ -442,8 +451,10 @@ def test_stale_download_temps_removed_live_ones_kept(tmp_path):
     dead = tmp_path / f".kvquant-pip.{2**22 + 12345}.abcd.tmp"  # above the usual pid_max: not running
     dead.mkdir()
     (dead / "wheel.whl").write_bytes(b"x")
+    legacy = tmp_path / f"kvquant-pip.tmp-{2**22 + 12345}"  # an earlier kvquant's name for the same
+    legacy.mkdir()
     live = fileio.temp_path(tmp_path / "kvquant-pip")
     live.mkdir()  # this process's own, still in use
     with fileio.temp_folder(tmp_path, "kvquant-pip") as scratch:
         assert scratch.is_dir()
-    assert not dead.exists() and live.exists() and not scratch.exists()
+    assert not dead.exists() and not legacy.exists() and live.exists() and not scratch.exists()
