@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from kvquant.attention import GradObserver, Observer, Rope
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.density import RHO_CRITICAL
+from kvquant.distributed import is_main, reduce_statistics, shard
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.groupnorm import GroupHistogram
 from kvquant.stats import PairStats
@@ -101,7 +102,8 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
     for, keyed by ``(group, sink, outliers, scale_bits)`` (0.0 and 16 where not given); q and k in
     the ``rope`` frame.
     ``fisher``: the histograms also get Fisher weights (a backward pass per batch), which bit
-    allocation (``CodebookConfig.budget``) needs."""
+    allocation (``CodebookConfig.budget``) needs. In a process group (:mod:`kvquant.distributed`)
+    each process passes its own windows and gets the statistics of all of them."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
     keys = {(int(gs[0]), int(gs[1]), float(gs[2]) if len(gs) > 2 else 0.0, int(gs[3]) if len(gs) > 3 else 16)
@@ -127,18 +129,22 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
             hist.update_grad(layer, side, x, grad)
 
     run_capture(model, windows, observe, batch_size, progress, rope=rope, grad_observer=observe_grad if fisher else None)
+    reduce_statistics(stats, hists)
     return stats, hists
 
 
 def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None = None, *,
               source: str = "", progress: bool = True) -> Codebooks:
-    """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them."""
+    """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them. In a process
+    group (``accelerate launch``, :mod:`kvquant.distributed`) every process passes the same windows,
+    captures its share (rows rank, rank + N, …) and gets the same codebooks, built from the sums
+    over all processes."""
     config = config or CalibrationConfig()
     ids = _ids(windows)
     cbc = config.codebooks
     gs = (cbc.group, cbc.sink, float(cbc.outliers), cbc.scale_bits)
-    stats, hists = capture(model, ids, [gs] if cbc.dynamic else [], config.batch_size, progress, cbc.rope,
-                           fisher=bool(cbc.budget))
+    stats, hists = capture(model, shard(ids), [gs] if cbc.dynamic else [], config.batch_size,
+                           progress and is_main(), cbc.rope, fisher=bool(cbc.budget))
     calibration = {"source": source or getattr(windows, "source", ""), "windows": int(ids.shape[0]),
                    "seqlen": int(ids.shape[1])}
     for k in ("first_token", "end_token", "total_tokens"):  # what eval-ppl checks its windows against

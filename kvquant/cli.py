@@ -194,6 +194,7 @@ def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set
 
 
 def cmd_calibrate(args) -> None:
+    from kvquant import distributed
     from kvquant.calibrate import CalibrationConfig, calibrate, summary
     from kvquant.data import load_text, make_windows
     from kvquant.fingerprint import ModelFingerprint
@@ -206,12 +207,15 @@ def cmd_calibrate(args) -> None:
     _check_combination(vars(args), args.defaulted)
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
+    args.device = distributed.init(args.device)  # one process of `accelerate launch`, or alone
     model, tok = _load(args)
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
     args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
     windows = make_windows(tok, text, args.seqlen, args.samples, from_end=True, source=source)
     books = calibrate(model, windows, config, source=source)
+    if not distributed.is_main():  # every process built the same codebooks; the main one writes them
+        return
     books.save(args.out)
     print("\n".join(summary(books)))
     bits = (f"q {args.bits_q} bits, k {args.bits_k} bits" if not args.budget else
