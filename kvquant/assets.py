@@ -487,7 +487,8 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device_map: Any = None
+    name_or_path: str, dtype: torch.dtype = torch.float32, device_map: Any = None, max_memory: dict | None = None,
+    offload_folder: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode from a registered name, a local folder or a hub id.
 
@@ -495,6 +496,8 @@ def load_model(
         name_or_path: offline name (see :func:`list_assets`), local model folder, or hub id.
         dtype: torch dtype of the weights.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``, ``"cuda:0"``); None = CPU.
+        max_memory, offload_folder: with ``device_map``, accelerate's limits per device and the
+            folder of the weights offloaded to disk (models larger than memory).
 
     Raises:
         AssetError: a non-registered, non-local name could not be loaded (hub unreachable or
@@ -510,7 +513,8 @@ def load_model(
         config = AutoConfig.from_pretrained(path)
         check_architecture(config, name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **placement)
     except UnsupportedModelError:
         raise
     except Exception as e:

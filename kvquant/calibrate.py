@@ -15,6 +15,7 @@ from kvquant.density import RHO_CRITICAL
 from kvquant.distributed import is_main, reduce_statistics, shard
 from kvquant.fingerprint import ModelFingerprint
 from kvquant.groupnorm import GroupHistogram
+from kvquant.placement import input_device
 from kvquant.stats import PairStats
 from kvquant.wrap import UnsupportedModelError, controller, wrapped
 
@@ -57,7 +58,7 @@ def run_capture(model: torch.nn.Module, windows, observer: Observer, batch_size:
     """
     ids = _ids(windows)
     layers = ModelFingerprint.from_model(model).num_layers
-    device = next(model.parameters()).device
+    device = input_device(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     embed = model.get_input_embeddings()
     with wrapped(model, None), torch.set_grad_enabled(grad_observer is not None):

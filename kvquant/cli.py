@@ -137,11 +137,31 @@ def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -
         raise ValueError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); choose a writable place") from None
 
 
+def _placement(args) -> dict:
+    """``from_pretrained`` placement options of ``--device-map`` (with ``--max-memory`` and
+    ``--offload-folder``): accelerate's big-model inference; {} without it."""
+    from kvquant.placement import parse_max_memory
+
+    device_map = getattr(args, "device_map", None)
+    if not device_map:
+        if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
+            raise ValueError("--max-memory and --offload-folder would be ignored: give them with --device-map auto")
+        return {}
+    out = {"device_map": device_map}
+    if args.max_memory:
+        out["max_memory"] = parse_max_memory(args.max_memory)
+    if args.offload_folder:
+        check_writable("--offload-folder", Path(args.offload_folder) / ".probe", folder=True)
+        out["offload_folder"] = args.offload_folder
+    return out
+
+
 def _load(args):
     from kvquant.assets import load_model
 
-    model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
-    return model.to(args.device), tok
+    placement = _placement(args)
+    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], **placement)
+    return (model if placement else model.to(args.device)), tok
 
 
 def cmd_assets(args) -> None:
@@ -208,6 +228,9 @@ def cmd_calibrate(args) -> None:
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="train")
     source = args.text_file or args.dataset
     args.device = distributed.init(args.device)  # one process of `accelerate launch`, or alone
+    if distributed.world()[1] > 1 and args.device_map:
+        raise ValueError("--device-map places one model over several devices; with several processes each holds "
+                         "its own copy: drop one of them")
     model, tok = _load(args)
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
     args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
@@ -426,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
         p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
         p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
+        p.add_argument("--device-map", help="auto | balanced | sequential: place the layers over the GPUs, the CPU and "
+                       "disk with accelerate (models larger than one device; replaces --device)")
+        p.add_argument("--max-memory", help="with --device-map: memory per device, e.g. 0=20GiB,cpu=8GiB")
+        p.add_argument("--offload-folder", help="with --device-map: folder for the layers offloaded to disk")
 
     def common(p):
         p.add_argument("--config", help="YAML file of options (e.g. configs/default.yaml)")

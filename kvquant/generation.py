@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 from kvquant.cache import KVQuantCache
 from kvquant.compat import cache_kwargs
 from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
+from kvquant.placement import input_device
 
 __all__ = ["LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
 
@@ -78,7 +79,7 @@ def generation_nll(model: torch.nn.Module, windows, new_cache: Callable[[], Cach
     window fed through a fresh ``new_cache()`` (:func:`cache_logits`); also the last window's
     cache (for its memory)."""
     ids = getattr(windows, "ids", windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count, cache = 0.0, 0, None
     for row in tqdm(ids, desc=desc, unit="window", disable=not progress, leave=False):
         x = row[None].to(device)

@@ -101,8 +101,9 @@ def run_passkey(model: torch.nn.Module, tokenizer: Any, caches: dict[str, Callab
     answers every prompt of ``lengths`` × ``depths`` × ``range(seeds)``, greedily through its own
     fresh cache (prefill of the prompt, then :data:`ANSWER_TOKENS` decoding steps)."""
     from kvquant.compat import cache_kwargs
+    from kvquant.placement import input_device
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     results = {name: PasskeyResult(name) for name in caches}
     grid = [(n, d, s) for n in lengths for d in depths for s in range(seeds)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -23,6 +23,7 @@ from kvquant.attention import Quantizer
 from kvquant.baselines import Baseline, is_baseline
 from kvquant.codebooks import Codebooks
 from kvquant.divergence import Agreement, log_probs
+from kvquant.placement import input_device
 from kvquant.scalar import METHODS
 from kvquant.wrap import attention_modules, wrapped
 
@@ -50,7 +51,7 @@ class PplRow:
 @torch.no_grad()
 def nll_sum(model: torch.nn.Module, ids: torch.Tensor, progress: bool = True, desc: str = "ppl") -> tuple[float, int]:
     """Σ NLL (nats, float64) and number of predicted tokens over windows ``ids`` (n, seqlen)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for row in tqdm(ids, desc=desc, unit="window", disable=not progress, leave=False):
         x = row[None].to(device)
@@ -131,7 +132,7 @@ def score_windows(model: torch.nn.Module, windows, runs: dict[str, WindowLogits]
     ids = getattr(windows, "ids", windows)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError("perplexity needs at least one window of >= 2 tokens")
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(runs, key=lambda name: name != reference)  # the reference first, then as given
     scores = {name: RowScore(agreement=Agreement() if reference in runs else None) for name in runs}
     bar = tqdm(total=len(ids) * len(runs), desc="windows × rows", unit="pass", disable=not progress)
