@@ -59,7 +59,8 @@ other layouts dequantize (``_materialize``), as ``decode="dequantize"`` does eve
 Memory: :meth:`KVQuantCache.memory_bytes` sums the storage of every tensor the layers hold
 (key codes, group mid/half, value codes and scales, exact sink/residual tokens, stored positions,
 the rotation tables decoding from codes keeps), each storage once; the static tables (centers,
-boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model.
+boundaries, offsets, scales; :meth:`KVQuantCache.table_bytes`) are per model. :func:`kv_bytes_per_token`
+gives the same bytes per token on paper, for any model geometry and sequence length (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from kvquant import density as dens
 from kvquant import scalar as cb
-from kvquant.codebooks import Codebooks
+from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
-from kvquant.groupnorm import SCALE_BITS, causal_groups
+from kvquant.groupnorm import SCALE_BITS, causal_groups, complete_tokens
 from kvquant.packing import ChannelPacking, packed_size
 from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.rope import derotate, rotate
@@ -90,6 +91,7 @@ __all__ = [
     "KVQuantSlidingLayer",
     "LayerTables",
     "QueryQuantizer",
+    "kv_bytes_per_token",
     "make_cache",
     "query_quantizer",
     "value_codebook",
@@ -124,6 +126,50 @@ def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
     if values == "minmax":
         return cb.Codebook.nearest(np.linspace(-1.0, 1.0, levels))
     return cb.compand(dens.lambda_star_density(0.0), levels)
+
+
+def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int, head_dim: int, kv_heads: int,
+                       layers: int, seqlen: int) -> float:
+    """Bytes per token (all ``layers``, one sequence) that a :class:`KVQuantCache` of codebooks
+    built with ``config`` holds after ``seqlen`` tokens — :func:`make_cache`'s defaults (no exact
+    ``residual``; values quantized, ``minmax`` or ``rms``: 16 bits of scale per token and head),
+    full-attention layers, exact tokens in a 16-bit dtype (fp16/bf16; a float32 model holds them at
+    32 bits).
+
+    Per layer and KV head, with D = ``head_dim``, T = ``seqlen``, C = tokens held as codes
+    (``channel-group``: the complete groups, ``⌊T/G⌋·G``; static norms: all T) and
+    E = T − C + min(sink, T) tokens whose values are held exact (the newest incomplete group and
+    the sinks' exact copies, which keep their code slots too):
+
+        keys   = D · effective_bits(key_code_bits, D, T) / 8                 (CodebookConfig.effective_bits:
+                                                                             codes, 2·scale_bits/G of group
+                                                                             mid/half, exact tail and sinks)
+        values = (C · (packed_size(D, bits_v) + _VALUE_SCALE_BYTES) + E · 2·D) / T
+        bytes/token = layers · kv_heads · (keys + values)
+
+    ``key_code_bits`` is the *packed* code bits per key entry of complete groups, averaged over
+    layers, heads and channels — for a cache, ``8·Σ_l ChannelPacking.group_bytes / (L·G·H·D)``. With
+    bit allocation this exceeds :attr:`SideBooks.mean_bits` (which counts 3 and 5 levels at 1.6
+    and 2.33 bits) by the padding of each channel's G codes to whole words: ``levels_size(128, 3)``
+    is 26 bytes (1.625 bits/code), ``levels_size(128, 5)`` 42 bytes (2.625 bits/code).
+
+    Equal to :meth:`KVQuantCache.bytes_per_token` of a cache holding T tokens per row (no padding,
+    so no stored int32 positions), except that decoding from codes also holds a rotation plan per
+    layer for pre-RoPE keys (int64 base position per group and row: 8/G bytes per token and layer,
+    plus one (r/2, G) float32 cos/sin pair per cache), which this does not count
+    (tests/test_serving_accounting.py). ValueError for ``outliers`` (the cache stores none) and
+    for T < G in group mode (no group is complete yet: every token is exact and the sinks are not
+    yet split off, which :meth:`CodebookConfig.effective_bits` does not model)."""
+    if config.outliers:
+        raise ValueError(f"outliers ({config.outliers:g}) are not held by KVQuantCache; use outliers=0")
+    least = config.group if config.dynamic else 1  # group mode: one complete group
+    if seqlen < least:
+        raise ValueError(f"seqlen must be >= {least}, got {seqlen}")
+    quantized = complete_tokens(seqlen, config.group) if config.dynamic else seqlen
+    exact_values = seqlen - quantized + min(config.sink, seqlen)
+    keys = head_dim * config.effective_bits(key_code_bits, head_dim, seqlen) / 8
+    values = (quantized * (packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES) + exact_values * 2 * head_dim) / seqlen
+    return layers * kv_heads * (keys + values)
 
 
 @dataclass(frozen=True)
