@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -56,7 +57,7 @@ def _config_values(path: str | None) -> dict:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {p} not found")
+        raise ValueError(f"config file {p} " + ("is a directory, not a YAML file" if p.is_dir() else "not found"))
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -82,17 +83,32 @@ def _config_values(path: str | None) -> dict:
     return values
 
 
+#: Config-file keys a command does not take from the file although it has an option of that name:
+#: ``bits_v`` is the codebook file's value bits in ``calibrate`` but a run's override elsewhere.
+_NOT_FROM_CONFIG = {"eval-ppl": {"bits_v"}, "eval-passkey": {"bits_v"}, "generate": {"bits_v"}}
+
+
 def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
-    """Command line > config file > DEFAULTS, for every key; then every value checked (types and
-    ranges, output paths writable, inputs readable) — before any model is loaded."""
+    """Command line > config file > DEFAULTS, for every key (and the config file's values of any
+    other option this command has, paths included); then every value checked (types and ranges,
+    output paths writable, inputs readable) — before any model is loaded."""
     cfg = _config_values(getattr(args, "config", None))
+    skip = _NOT_FROM_CONFIG.get(getattr(args, "command", ""), set())
     args.defaulted = set()  # options that no one gave (calibration_config adapts the family-specific ones)
-    for k in keys:
-        if getattr(args, k, None) is None:
-            if k not in cfg:
-                args.defaulted.add(k)
-            setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
-    _check_values(args)
+    args.from_config = set()
+    for k in dict.fromkeys([*keys, *cfg]):
+        if k in skip or not hasattr(args, k) and k not in keys or getattr(args, k, None) is not None:
+            continue
+        if k in cfg:
+            args.from_config.add(k)
+        else:
+            args.defaulted.add(k)
+        setattr(args, k, cfg.get(k, DEFAULTS.get(k)))
+    try:
+        _check_values(args)
+    except ValueError as e:
+        given = [k for k in args.from_config if _option(k) in str(e).split()]
+        raise ValueError(f"{e} (from config file {args.config})" if given else str(e)) from None
     return args
 
 
@@ -106,25 +122,53 @@ def _check_values(args: argparse.Namespace) -> None:
         v = getattr(args, key, None)
         if v is None:
             continue
-        if (low is not None and v < low) or (high is not None and v > high):
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
             span = f">= {low}" if high is None else f"in {low}..{high}"
             raise ValueError(f"{_option(key)} must be {span}, got {v}")
     if getattr(args, "dtype", None) is not None and args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for key in ("out", "json", "text_file", "codebooks", "plots", "offload_folder"):
+        if getattr(args, key, None) == "":
+            raise ValueError(f"{_option(key)} is empty: give a path")
     for key in ("out", "json"):
         if getattr(args, key, None):
             check_writable(_option(key), getattr(args, key))
     if getattr(args, "plots", None):
-        check_writable("--plots", Path(args.plots) / ".probe", folder=True)
+        check_writable("--plots", args.plots, folder=True)
+    if getattr(args, "text_file", None):
+        f = Path(args.text_file).expanduser()
+        if not f.is_file():
+            raise ValueError(f"--text-file {args.text_file}: " + ("is a directory, not a text file" if f.is_dir() else
+                                                                  "no such file"))
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
+
+
+def _check_device(device: str) -> None:
+    """``--device``: a device torch knows and this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:0 …") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__} sees none); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {device}: kvquant runs on cpu or cuda")
 
 
 def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -> None:
     """Raise ValueError naming ``option`` unless a file can be written at ``path`` (its folder created
-    if missing): not a directory itself, the nearest existing ancestor a writable directory."""
+    if missing) — or, with ``folder``, files inside the folder ``path``: not a directory (a file)
+    itself, the nearest existing ancestor a writable directory."""
     p = Path(path).expanduser()
     if p.is_dir() and not folder:
         raise ValueError(f"{option} {p} is a directory: give a file name")
-    parent = p.parent
+    if folder and p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {p} is a file, not a folder")
+    parent = p if folder and p.is_dir() else p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -168,6 +212,8 @@ def cmd_assets(args) -> None:
     from kvquant import assets
 
     if args.list:
+        if args.force or args.names:
+            raise ValueError("--list only lists the asset names: drop --force and the names, or --list")
         for name, desc in assets.list_assets().items():
             print(f"{name:20s} {desc}")
         return
@@ -210,7 +256,11 @@ def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set
     if not target:
         return config
     caps = None if {"bits_q", "bits_k"} & set(defaulted) else (options["bits_q"], options["bits_k"])
-    return config.at_effective_bits(target, head_dim, seqlen, caps)
+    try:
+        return config.at_effective_bits(target, head_dim, seqlen, caps)
+    except ValueError as e:
+        raise ValueError(f"--effective-bits {target:g}: {as_options(str(e))}; raise --effective-bits, or use a longer "
+                         "--seqlen or --group (the scales and the exact sink cost less per entry)") from None
 
 
 def cmd_calibrate(args) -> None:
@@ -232,6 +282,7 @@ def cmd_calibrate(args) -> None:
         raise ValueError("--device-map places one model over several devices; with several processes each holds "
                          "its own copy: drop one of them")
     model, tok = _load(args)
+    _check_context(model, args.seqlen, "--seqlen")
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
     args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
@@ -263,25 +314,73 @@ def _check_combination(options: dict, defaulted: set[str]) -> dict:
     if "budget_sides" not in defaulted and not (options["budget"] or options["effective_bits"]):
         raise ValueError("--budget-sides would be ignored: it says what --effective-bits/--budget spread bits over; "
                          "give one of them, or drop --budget-sides")
+    if options["norm"] != "channel-group" and "group" not in defaulted:
+        raise ValueError(f"--group would be ignored: it is the token group of --norm channel-group, not of --norm "
+                         f"{options['norm']}; drop it or use --norm channel-group")
+    try:
+        codebook_config(options)  # the configuration's own checks, before any model loads
+    except ValueError as e:
+        raise ValueError(as_options(str(e))) from None
     return options
 
 
-def _row_names(baselines: str, books, own: bool) -> list[str]:
-    """Row names from ``--baselines``: fp first if not given (the reference of Δ, KL divergence,
-    top-1 and passkey judgement), the codebook file's own method appended when ``own``, codebook
-    rows dropped (with a note) when there is no file."""
+def as_options(message: str) -> str:
+    """``message`` with the configuration's field names (``scale_bits``) as the options that set
+    them (``--scale-bits``)."""
+    return re.sub(r"(?<![-'\"\w])(" + "|".join(sorted(DEFAULTS, key=len, reverse=True)) + r")\b(?![-'\"])",
+                  lambda m: _option(m[1]) if "_" in m[1] or m[1] in ("budget", "group", "sink", "outliers", "norm", "rope",
+                                                                     "method") else m[1], message)
+
+
+def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool) -> dict:
+    """The rows of ``--baselines`` (:func:`kvquant.perplexity.make_rows`): fp first if not given (the
+    reference of Δ, KL divergence, top-1 and passkey judgement), the codebook file's own method
+    appended when ``own``, codebook rows dropped when there is no file — each such change printed
+    as a note once every row is known to be valid."""
+    from kvquant.perplexity import make_rows
+
     names = [n.strip() for n in baselines.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--baselines {baselines!r} names no row: give e.g. fp,int8,lambda-lloyd")
+    notes = []
     if "fp" not in names:
-        print("adding row fp: the unquantized reference", file=sys.stderr)
+        notes.append("adding row fp: the unquantized reference")
         names.insert(0, "fp")
     if own and books.config.method not in names:
         names.append(books.config.method)
-    if books is None:
-        dropped = [n for n in names if n.split("@")[0] in ("lambda", "lambda-lloyd", "lloydmax", "uniform", "kivi")]
-        if dropped:
-            print(f"no --codebooks given: skipping rows {', '.join(dropped)}", file=sys.stderr)
-            names = [n for n in names if n not in dropped]
-    return names
+    try:
+        if books is None:  # rows that need a codebook file are dropped (noted); unknown ones are errors
+            dropped = []
+            for n in names:
+                try:
+                    make_rows([n], None, seqlen, generation=generation)
+                except ValueError as e:
+                    if "--codebooks" not in str(e):
+                        raise
+                    dropped.append(n)
+            if dropped:
+                notes.append(f"no --codebooks given: skipping rows {', '.join(dropped)}")
+                names = [n for n in names if n not in dropped]
+        rows = make_rows(names, books, seqlen, generation=generation)
+    except ValueError as e:
+        raise ValueError(f"--baselines: {e}") from None
+    if books is not None and not any(isinstance(q, type(books)) for q in rows.values()):
+        notes.append(f"the codebooks give no row here: add METHOD@B rows (e.g. {books.config.method}@4)"
+                     + ("" if generation else " or use --mode generation"))
+    for note in notes:
+        print(note, file=sys.stderr)
+    return rows
+
+
+def _check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
+    """``seqlen`` (+ ``extra`` generated) tokens within the model's trained context
+    (``max_position_embeddings``)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    trained = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if trained and seqlen + extra > trained:
+        plus = f" + {extra} generated tokens" if extra else ""
+        raise ValueError(f"{option} {seqlen}{plus} is beyond the model's trained context ({trained} tokens): "
+                         f"use at most {trained - extra}")
 
 
 def cmd_eval_ppl(args) -> None:
@@ -289,15 +388,15 @@ def cmd_eval_ppl(args) -> None:
     from kvquant.data import calibration_overlap, load_text, make_windows
     from kvquant.fileio import write_text
     from kvquant.generation import cache_factories, evaluate_generation
-    from kvquant.perplexity import evaluate, format_table, make_rows
+    from kvquant.perplexity import evaluate, format_table
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    names = _row_names(args.baselines, books, own=books is not None and (
+    rows = _rows(args.baselines, books, own=books is not None and (
         # the file's own configuration as a row — in simulated mode only where it quantizes queries as
         # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
-        args.mode == "generation" or books.config.budget_sides == "qk"))
-    rows = make_rows(names, books, args.seqlen, generation=args.mode == "generation")
+        args.mode == "generation" or books.config.budget_sides == "qk"),
+        seqlen=args.seqlen, generation=args.mode == "generation")
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
     if args.values is not None and not args.bits_v:
@@ -310,6 +409,7 @@ def cmd_eval_ppl(args) -> None:
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
+    _check_context(model, args.seqlen, "--seqlen")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
     overlap = calibration_overlap(books.calibration, windows) if books is not None else None
     if overlap and not args.allow_overlap:
@@ -360,10 +460,12 @@ def cmd_eval_passkey(args) -> None:
     from kvquant.data import needs_bos
     from kvquant.fileio import write_text
     from kvquant.generation import cache_factories
-    from kvquant.passkey import format_passkey, plot_heatmap, run_passkey
-    from kvquant.perplexity import make_rows
+    from kvquant.passkey import ANSWER_TOKENS, format_passkey, passkey_prompt, plot_heatmap, run_passkey
 
     _resolve(args, ["model", "dtype", "device"])
+    lengths = _numbers("--lengths", args.lengths, int) if args.lengths else None
+    if lengths and min(lengths) < 1:
+        raise ValueError(f"--lengths are token counts >= 1, got {args.lengths}")
     depths = _numbers("--depths", args.depths)
     if any(not 0 <= d <= 100 for d in depths):
         raise ValueError(f"--depths are percentages in 0..100, got {args.depths}")
@@ -375,17 +477,20 @@ def cmd_eval_passkey(args) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plots needs matplotlib: pip install 'kvquant-density[plot]'")
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    names = _row_names(args.baselines or "fp", books, own=books is not None)
     seqlen = int(books.calibration.get("seqlen", 2048)) if books is not None else None
-    rows = make_rows(names, books, seqlen, generation=True)
+    rows = _rows(args.baselines or "fp", books, own=books is not None, seqlen=seqlen, generation=True)
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
-    trained = getattr(model.config, "max_position_embeddings", None)
-    lengths = (_numbers("--lengths", args.lengths, int) if args.lengths else
-               [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if trained is None or n <= trained])
-    if trained and max(lengths) > trained:
-        raise ValueError(f"--lengths {max(lengths)} is beyond {args.model}'s trained context ({trained} tokens)")
+    trained = getattr(getattr(model.config, "text_config", None) or model.config, "max_position_embeddings", None)
+    lengths = lengths or [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
+                          if trained is None or n + ANSWER_TOKENS <= trained]
+    _check_context(model, max(lengths), "--lengths", extra=ANSWER_TOKENS)
+    for n in lengths:  # too short for the prompt's fixed parts: an error before the first answer
+        try:
+            passkey_prompt(tok, n, 0.5, 0, bos=needs_bos(tok))
+        except ValueError as e:
+            raise ValueError(f"--lengths: {e}") from None
     fractions = [d / 100 for d in depths]
     results = run_passkey(model, tok, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"),
                           lengths, fractions, args.seeds, bos=needs_bos(tok))
@@ -433,8 +538,15 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``kvquant CMD: error: …``, exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="kvquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = ap.add_subparsers(dest="command", required=True)
 

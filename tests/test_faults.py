@@ -57,7 +57,10 @@ def books_file(model_dir, tmp_path_factory):
 
 def refused(argv, capsys, *needles) -> str:
     """Run the CLI: it must fail with exit 2 and one line naming every needle, no traceback."""
-    rc = main([str(a) for a in argv])
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (a value of the wrong type)
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [line for line in err.splitlines() if ": error: " in line]  # beside progress bars of loading
@@ -90,6 +93,52 @@ def test_bad_options_refused_before_the_model_loads(tmp_path, text_file, capsys,
     argv = calib(tmp_path / "no-such-model", text_file, tmp_path / "b.safetensors", *extra)  # the last value wins
     refused(argv, capsys, *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["calibrate", "--seqlen", "1.5"], ("--seqlen", "invalid int value")),
+    (["calibrate", "--outliers", "nan"], ("--outliers", "got nan")),
+    (["calibrate", "--norm", "head", "--group", 8], ("--group would be ignored",)),
+    (["calibrate", "--norm", "channel", "--scale-bits", 8, "--effective-bits", 0], ("--scale-bits 8 needs --norm",)),
+    (["calibrate", "--budget", 0.5, "--effective-bits", 0], ("--budget", "must be in [1")),
+    (["calibrate", "--device", "cuda:7"] if torch.cuda.device_count() < 8 else ["calibrate", "--device", "bogus"],
+     ("--device",)),
+    (["calibrate", "--device", "bogus"], ("--device 'bogus' is not a device",)),
+    (["calibrate", "--text-file", "no/such/file.txt"], ("--text-file no/such/file.txt: no such file",)),
+    (["eval-ppl", "--json", ""], ("--json is empty",)),
+    (["eval-ppl", "--baselines", ",,"], ("--baselines ',,' names no row",)),
+    (["eval-ppl", "--baselines", "fp,kivi@2/9", "--mode", "generation"], ("--baselines: unknown row 'kivi@2/9'",
+                                                                            "kivi@BITS")),
+    (["eval-passkey", "--lengths", "abc"], ("--lengths takes comma-separated numbers",)),
+    (["eval-passkey", "--lengths", "0"], ("--lengths are token counts >= 1",)),
+    (["assets", "--list", "--force"], ("--list only lists",)),
+])
+def test_more_bad_options_one_line_before_load(tmp_path, text_file, capsys, argv, needles):
+    """Found by a hostile pass: each refused in one line, before the (missing) model is loaded."""
+    if argv[0] in ("calibrate", "eval-ppl") and "--text-file" not in argv:
+        argv = argv + ["--text-file", text_file]
+    if argv[0] == "calibrate":
+        argv = argv + ["--out", tmp_path / "b.safetensors"]
+    if argv[0] != "assets":
+        argv = argv + ["--model", tmp_path / "no-such-model"]
+    refused(argv, capsys, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+def test_config_file_paths_are_applied_and_named(tmp_path, text_file, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"text_file: {tmp_path / 'missing.txt'}\n")  # applied: an ignored key would not fail
+    refused(["calibrate", "--config", cfg, "--out", tmp_path / "b.safetensors"], capsys, "--text-file", "no such file")
+    cfg.write_text("seqlen: 0\n")
+    refused(["calibrate", "--config", cfg, "--text-file", text_file, "--out", tmp_path / "b.safetensors"], capsys,
+            "--seqlen must be >= 2", "from config file", "run.yaml")
+
+
+def test_seqlen_beyond_the_trained_context_refused(model_dir, text_file, tmp_path, capsys):
+    refused(calib(model_dir, text_file, tmp_path / "b.safetensors", "--seqlen", 100), capsys,
+            "--seqlen 100 is beyond the model's trained context (64 tokens)")
+    refused(["eval-ppl", "--model", model_dir, "--text-file", text_file, "--seqlen", 65, "--windows", 1,
+             "--baselines", "fp"], capsys, "--seqlen 65")
 
 
 def test_unwritable_outputs_refused_before_work(tmp_path, text_file, capsys):
