@@ -221,8 +221,11 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
                 if not seqlen:
                     raise ValueError(f"row {name!r} (exactly {at_bits['bits']} effective bits) needs the evaluation seqlen")
                 sides = "k" if generation else "qk"  # a cache's queries are exact; the simulation quantizes both
-                rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"],
-                                                         budget_sides=sides)
+                try:
+                    rows[name] = codebooks.at_effective_bits(float(at_bits["bits"]), seqlen, method=at_bits["method"],
+                                                             budget_sides=sides)
+                except ValueError as e:
+                    raise ValueError(f"row {name!r}: {e}") from None
             else:
                 rows[name] = codebooks if name == codebooks.config.method else codebooks.rebuilt(method=name)
         else:
