@@ -161,3 +161,20 @@ def tiny_books(**cfg):
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
     ids = torch.randint(0, 64, (2, 24))
     return model, ids, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a model folder (what ``--model`` takes)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A 400-word text file (``--text-file``)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(text_of(400), encoding="utf-8")
+    return path

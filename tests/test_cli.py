@@ -12,21 +12,6 @@ from kvquant.cli import DEFAULTS, main
 from kvquant.codebooks import Codebooks
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(text_of(400), encoding="utf-8")
-    return path
-
-
 def run(argv) -> int:
     """``main``'s exit status, also when it exits through SystemExit."""
     try:

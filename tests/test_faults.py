@@ -29,21 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(text_of(400), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def books_file(model_dir, tmp_path_factory):
     """A small allocated codebook file (2 windows of 16 tokens from the end of a 400-word text)."""
     folder = tmp_path_factory.mktemp("books")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from kvquant.assets import load_model
 from kvquant.calibrate import CalibrationConfig, calibrate
@@ -15,14 +14,6 @@ from kvquant.placement import input_device, parse_max_memory
 CONFIG = CalibrationConfig(CodebookConfig(norm="channel-group", group=4, sink=1, budget=3.0, bits_q=5, bits_k=5,
                                           rope="pre"))
 WINDOWS = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_offloaded_model_calibrates_and_evaluates_as_in_memory(model_dir, tmp_path):
