@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.fileio import atomic_path, remove_stale, temp_folder, write_text
+from kvquant.fileio import atomic_path, probe_write, remove_stale, temp_folder, write_text
 from kvquant.wikitext import clean_wikitext, wikidump_to_text
 
 logger = logging.getLogger(__name__)
@@ -204,9 +204,7 @@ def _cache_folder(*parts: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for p in remove_stale(folder):
             logger.warning("removed %s, left by a killed run", p)
-        probe = folder / f".kvquant-probe.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        probe_write(folder)
     except OSError as e:
         raise AssetError(
             f"the asset cache {folder} is not writable ({e.strerror or e}): set KVQUANT_HOME to a writable folder"

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from kvquant.fileio import probe_write
+
 DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "model": "smollm2-135m",
     "dataset": "enwiki-excerpt",
@@ -174,9 +176,7 @@ def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -
     if not parent.is_dir():
         raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
     try:
-        with open(parent / f".kvquant-probe.{os.getpid()}", "w"):
-            pass
-        os.unlink(parent / f".kvquant-probe.{os.getpid()}")
+        probe_write(parent)
     except OSError as e:
         raise ValueError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); choose a writable place") from None
 
@@ -195,7 +195,7 @@ def _placement(args) -> dict:
     if args.max_memory:
         out["max_memory"] = parse_max_memory(args.max_memory)
     if args.offload_folder:
-        check_writable("--offload-folder", Path(args.offload_folder) / ".probe", folder=True)
+        check_writable("--offload-folder", args.offload_folder, folder=True)
         out["offload_folder"] = args.offload_folder
     return out
 
@@ -337,7 +337,7 @@ def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool
     reference of Δ, KL divergence, top-1 and passkey judgement), the codebook file's own method
     appended when ``own``, codebook rows dropped when there is no file — each such change printed
     as a note once every row is known to be valid."""
-    from kvquant.perplexity import make_rows
+    from kvquant.perplexity import CodebooksRequired, make_rows
 
     names = [n.strip() for n in baselines.split(",") if n.strip()]
     if not names:
@@ -354,9 +354,7 @@ def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool
             for n in names:
                 try:
                     make_rows([n], None, seqlen, generation=generation)
-                except ValueError as e:
-                    if "--codebooks" not in str(e):
-                        raise
+                except CodebooksRequired:
                     dropped.append(n)
             if dropped:
                 notes.append(f"no --codebooks given: skipping rows {', '.join(dropped)}")
@@ -372,11 +370,15 @@ def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool
     return rows
 
 
-def _check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
-    """``seqlen`` (+ ``extra`` generated) tokens within the model's trained context
-    (``max_position_embeddings``)."""
+def _trained_context(model) -> int | None:
+    """The model's trained context in tokens (``max_position_embeddings``, GPT-2's ``n_positions``)."""
     cfg = getattr(model.config, "text_config", None) or model.config
-    trained = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def _check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
+    """``seqlen`` (+ ``extra`` generated) tokens within the model's trained context."""
+    trained = _trained_context(model)
     if trained and seqlen + extra > trained:
         plus = f" + {extra} generated tokens" if extra else ""
         raise ValueError(f"{option} {seqlen}{plus} is beyond the model's trained context ({trained} tokens): "
@@ -469,8 +471,6 @@ def cmd_eval_passkey(args) -> None:
     depths = _numbers("--depths", args.depths)
     if any(not 0 <= d <= 100 for d in depths):
         raise ValueError(f"--depths are percentages in 0..100, got {args.depths}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.plots:
         import importlib.util
 
@@ -482,7 +482,7 @@ def cmd_eval_passkey(args) -> None:
     model, tok = _load(args)
     if books is not None:
         books.check_fits(model)
-    trained = getattr(getattr(model.config, "text_config", None) or model.config, "max_position_embeddings", None)
+    trained = _trained_context(model)
     lengths = lengths or [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
                           if trained is None or n + ANSWER_TOKENS <= trained]
     _check_context(model, max(lengths), "--lengths", extra=ANSWER_TOKENS)

@@ -83,6 +83,14 @@ def remove_stale(folder: str | os.PathLike, name: str | None = None) -> list[Pat
     return removed
 
 
+def probe_write(folder: str | os.PathLike) -> None:
+    """Create and remove a file in ``folder``: raises the OSError a write there would (permissions
+    alone do not tell, e.g. for root or on a read-only mount)."""
+    probe = Path(folder) / f".kvquant-probe.{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+
+
 def temp_path(target: str | os.PathLike) -> Path:
     """A fresh temp name beside ``target`` (nothing is created): ``.<name>.<pid>.<random>.tmp``."""
     target = Path(target)

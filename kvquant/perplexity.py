@@ -176,6 +176,10 @@ def row_value_bits(name: str) -> int | None:
     return int(m["bits_v"]) if m and m["bits_v"] else None
 
 
+class CodebooksRequired(ValueError):
+    """A row that is built from a codebook file's statistics, asked for without one."""
+
+
 def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None = None,
               generation: bool = False) -> dict[str, Quantizer | Codebooks | None]:
     """Quantizers for row names: ``fp``; baselines (``int8``, ``int4-channel``, ``fp8``, ``fp4``…);
@@ -210,13 +214,13 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
             rows[name] = LibraryCache(at_bits["method"], int(float(at_bits["bits"])))
         elif generation and at_bits and at_bits["method"] == "kivi":
             if codebooks is None:
-                raise ValueError(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")
+                raise CodebooksRequired(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")
             from kvquant.baselines import kivi_codebooks
 
             rows[name] = kivi_codebooks(codebooks, float(at_bits["bits"]))
         elif name in METHODS or (at_bits and at_bits["method"] in METHODS):
             if codebooks is None:
-                raise ValueError(f"row {name!r} needs calibration statistics: pass --codebooks FILE")
+                raise CodebooksRequired(f"row {name!r} needs calibration statistics: pass --codebooks FILE")
             if at_bits:
                 if not seqlen:
                     raise ValueError(f"row {name!r} (exactly {at_bits['bits']} effective bits) needs the evaluation seqlen")
