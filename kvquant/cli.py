@@ -1,7 +1,8 @@
-"""``kvquant`` command line: ``assets``, ``calibrate``, ``eval-ppl``, ``eval-passkey``, ``generate``. Thin: parses, calls the library.
+"""kvquant: quantized queries, keys and values for Hugging Face causal LMs, with codebooks from the
+optimal point density for products. Run "kvquant COMMAND --help" for a command's options.
 
-Options may also come from a YAML file (``--config configs/default.yaml``) whose keys are the
-long option names with ``_`` for ``-``; options given on the command line win.
+Options may also come from a YAML file (--config configs/default.yaml) whose keys are the
+long option names with _ for - ; options given on the command line win.
 """
 
 from __future__ import annotations

@@ -279,3 +279,11 @@ def test_eval_passkey(model_dir, text_file, tmp_path, capsys):
     assert "0..100" in capsys.readouterr().err
     assert run(["eval-passkey", "--model", model_dir, "--lengths", "64,x"]) == 2
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_help_is_plain_text(capsys):
+    """``kvquant --help`` reads as a terminal page: no reST markup from the module docstring."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "eval-ppl" in out and "``" not in out and ":func:" not in out

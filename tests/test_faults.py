@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -270,19 +271,45 @@ def test_nan_in_calibration_named_by_layer_and_side():
         calibrate(model, torch.randint(3, 128, (1, 12)), progress=False)
 
 
+def _nan_out_of_attention(model, layer: int):
+    """A forward hook that makes attention layer ``layer``'s output NaN (one entry): a fault that
+    reaches the logits on every CPU, unlike a NaN weight, which some SDPA kernels (AVX-512) absorb."""
+
+    def hook(module, args, output):
+        out = output[0].clone()
+        out[..., 0, 0] = float("nan")
+        return (out, *output[1:])
+
+    model.model.layers[layer].self_attn.register_forward_hook(hook)
+    return model
+
+
 def test_nan_in_evaluation_blames_the_right_step():
     from kvquant.perplexity import evaluate
 
     ids = torch.randint(3, 128, (1, 12))
-    model = _nan_in_layer(make_model("llama"), 1)
+    model = _nan_out_of_attention(make_model("llama"), 1)
+    with torch.no_grad():
+        assert not torch.isfinite(model(ids).logits).all()  # the fault is really there
     with pytest.raises(FloatingPointError, match=r"unquantized model \(fp\).*attention layer 1.*before any quantization"):
         evaluate(model, ids, {"fp": None}, progress=False)
 
-    def nan_keys(x, layer, side):
-        return x * float("nan") if (layer, side) == (1, "k") else x
+    def nan_keys(x, layer, side):  # the first token's key NaN: every query reads it beside finite ones
+        # (a key that is NaN for every token is not a fault everywhere: AVX-512 SDPA treats a row of
+        # NaN scores as fully masked and gives zeros)
+        if (layer, side) != (1, "k"):
+            return x
+        x = x.clone()
+        x[:, :, 0] = float("nan")
+        return x
 
+    from kvquant.wrap import wrapped
+
+    clean = make_model("llama")
+    with wrapped(clean, nan_keys), torch.no_grad():
+        assert not torch.isfinite(clean(ids).logits).all()  # NaN keys do reach the logits
     with pytest.raises(FloatingPointError, match=r"row broken .*attention layer 1 .*reference is finite"):
-        evaluate(make_model("llama"), ids, {"fp": None, "broken": nan_keys}, progress=False)
+        evaluate(clean, ids, {"fp": None, "broken": nan_keys}, progress=False)
 
 
 # --- models and wrap -------------------------------------------------------------------------------------------
@@ -433,10 +460,26 @@ _CLI = textwrap.dedent("""
 """)
 
 
-def _start(script: str, *args) -> subprocess.Popen:
+_CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _dispositions(ignored: tuple[int, ...] = ()) -> Callable[[], None]:
+    """A ``preexec_fn`` giving the child default dispositions for the signals these tests send, whatever
+    the test runner inherited (a background job or ``nohup`` ignores SIGINT/SIGHUP, and a child
+    inherits SIG_IGN), then ignoring ``ignored`` (as ``nohup`` does SIGHUP)."""
+
+    def preexec() -> None:
+        for s in _CAUGHT:
+            signal.signal(s, signal.SIG_IGN if s in ignored else signal.SIG_DFL)
+
+    return preexec
+
+
+def _start(script: str, *args, ignored: tuple[int, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=_dispositions(ignored))
     line = proc.stdout.readline()
     assert line.strip() == "writing", proc.stderr.read()
     return proc
@@ -451,6 +494,36 @@ def test_signal_during_a_write_leaves_the_target_as_it_was(tmp_path, sig):
     proc.wait(timeout=30)
     assert proc.returncode != 0
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"] and target.read_text() == "previous"
+
+
+def test_an_ignored_sighup_stays_ignored_during_a_write(tmp_path):
+    """Under ``nohup`` (SIGHUP ignored) a hang-up must not end a run that writes: only signals whose
+    handler is the default are turned into a clean exit."""
+    target = tmp_path / "result.json"
+    target.write_text("previous")
+    proc = _start(_WRITER, target, ignored=(signal.SIGHUP,))
+    proc.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)  # still writing
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"] and target.read_text() == "previous"
+
+
+def test_signals_raise_leaves_other_handlers_alone():
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with fileio.signals_raise():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is fileio._raise_exit
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_sigkill_debris_is_removed_by_the_next_write(tmp_path):
