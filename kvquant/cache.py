@@ -49,6 +49,14 @@ is a no-op (exact sink/residual keys would be quantized, though); in ``channel-g
 is not (the group's min/max change). :func:`query_quantizer` quantizes only the queries: use it
 with this cache.
 
+**Rollback** (``crop``, what assisted decoding and chat editing call). With past recording on
+(``activate_past_recording``; transformers' assisted decoding turns it on), each layer keeps
+exact copies of its last update until the next one or a crop; a crop inside that update puts
+the layer back as it was before it and appends the kept tokens again, so it equals a layer fed
+only them. Any other crop keeps the kept tokens' keys and values as they were served (in group
+mode the kept part of a split group goes back to the exact residual as served: its originals
+are gone).
+
 **Decoding steps** (one new token per row, ``decode="codes"``, channel-group keys with quantized
 values, CPU): kvquant's attention pre-hook tells the layer a step is coming
 (:meth:`KVQuantCache.kvquant_begin_step`); ``update`` appends the token and returns zero-stride
@@ -304,6 +312,44 @@ class LayerRope:
         return self._tables.frequencies(self.layer)
 
 
+@dataclass
+class _Undo:
+    """What a layer needs to take back its last update: the state before it (held tokens as
+    codes, exact sink copies, the residual tensors, the stream index, whether positions were
+    stored) and the update's own keys, values (B, H, n, D) and position ids (B, 1, n) as given.
+    Kept only while past recording is on; its tensors are counted in the layer's memory."""
+
+    quantized: int
+    sinks: int
+    residual: tuple
+    seen: int
+    positions_stored: bool
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor | None
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def of(cls, layer: "_QuantKV", k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> "_Undo":
+        return cls(layer.quantized_tokens, layer.sink_k.shape[2], (layer.res_k, layer.res_v, layer.res_pos),
+                   layer._seen, layer.k_pos is not None, k.clone(), v.clone(), None if pos is None else pos.clone())
+
+    def restore(self, layer: "_QuantKV") -> None:
+        """Put ``layer`` back as it was before the update (codes appended since are sliced off)."""
+        layer._slice_quantized(None, self.quantized)
+        layer.sink_k, layer.sink_v = _slice(layer.sink_k, None, self.sinks), _slice(layer.sink_v, None, self.sinks)
+        layer.res_k, layer.res_v, layer.res_pos = self.residual
+        layer._seen = self.seen
+        if not self.positions_stored:
+            layer.k_pos = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.residual, self.k, self.v, self.pos) if t is not None]
+
+
 class _QuantKV:
     """Storage and operations shared by the full-attention and sliding-window layers."""
 
@@ -324,8 +370,9 @@ class _QuantKV:
         self._dev_tables: LayerTables | None = None
         self._seen = 0  # tokens appended so far, less those cropped (stream index of the next one)
         self._clear()
-        # A rollback cannot give exact recent tokens (or a split group's) their precision back.
-        self.is_croppable = options.residual == 0 and options.group == 0
+        # transformers' assisted decoding calls activate_past_recording, then crops the rejected drafts
+        self.record_past = False
+        self.is_croppable = True
 
     # --- storage --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
@@ -373,6 +420,7 @@ class _QuantKV:
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._plan = None
+        self._undo = None  # rows moved: a later crop keeps what is served (_drop_back)
         for name in _STORE:
             t = getattr(self, name)
             if t is not None:
@@ -380,6 +428,7 @@ class _QuantKV:
 
     def _clear(self) -> None:
         self._plan = None
+        self._undo = None
         for name in _STORE:
             setattr(self, name, None)
 
@@ -450,7 +499,7 @@ class _QuantKV:
             return self.k_pos[:, 0]
         return self._stream(self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0])[:, 0]
 
-    def _track_positions(self, k: torch.Tensor) -> torch.Tensor | None:
+    def _track_positions(self, k: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor | None:
         """Positions (B, 1, n) of the ``n`` tokens being appended if they must be stored, else None.
 
         Keys of pre-RoPE codebooks need their positions when read. While every row's position
@@ -458,14 +507,21 @@ class _QuantKV:
         step that departs (left padding, custom position_ids) the positions of all held tokens
         are stored as int32 (counted)."""
         b, n = k.shape[0], k.shape[2]
-        pos = self.rope.positions(b, n)
+        pos = self.rope.positions(b, n) if pos is None else pos
         if self.k_pos is None and not torch.equal(pos, self._stream(self._seen, n, b)):
             self.k_pos = self._stream(self._seen - self.held_tokens, self.quantized_tokens, b).clone()
             self.res_pos = self._stream(self._seen - self.res_k.shape[2], self.res_k.shape[2], b).clone()
         return pos if self.k_pos is not None else None
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        pos = self._track_positions(k) if self.rope is not None else None
+    def _append(self, k: torch.Tensor, v: torch.Tensor, given_pos: torch.Tensor | None = None) -> None:
+        """Append ``n`` tokens' keys and values (B, H, n, D) as given to the layer (post-RoPE);
+        ``given_pos`` (B, 1, n): their position ids, else those the attention module was called
+        with (pre-RoPE codebooks only). While past recording is on, what a :meth:`crop` of these
+        tokens needs to replay them exactly is kept (:class:`_Undo`)."""
+        if self.rope is not None:
+            given_pos = self.rope.positions(k.shape[0], k.shape[2]) if given_pos is None else given_pos
+        self._undo = _Undo.of(self, k, v, given_pos) if self.record_past else None
+        pos = self._track_positions(k, given_pos) if self.rope is not None else None
         self._seen += k.shape[2]
         res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
                None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
@@ -563,6 +619,7 @@ class _QuantKV:
 
     def _slice_quantized(self, start: int | None, stop: int | None) -> None:
         """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
+        self._plan = None
         for name in _PER_TOKEN_Q:
             setattr(self, name, _slice(getattr(self, name), start, stop))
         if self.group:
@@ -593,12 +650,30 @@ class _QuantKV:
             self._slice_residual(m, None)
 
     def _drop_back(self, n: int) -> None:
-        """Drop the ``n`` newest tokens. In group mode, the kept part of a split group goes back
-        to the exact residual as its dequantized values (sinks as their exact copies)."""
-        self._seen -= min(n, self.held_tokens)
+        """Drop the ``n`` newest tokens. Within the last update while past recording is on (the
+        drafts assisted decoding rejects), the layer is put back as it was before that update
+        and the kept tokens are appended again from their exact copies: the layer then equals
+        one fed only the kept tokens. Otherwise, in group mode, the kept part of a split group goes back
+        to the exact residual as the keys and values the cache served for it (dequantized,
+        rotated at its positions; sinks as their exact copies): a group's codes cannot be
+        re-encoded without its dropped tokens, and the exact originals are gone.
+
+        ``_seen`` is lowered with each part removed, so that ``_seen − held_tokens`` stays the
+        stream index of the first held token: the split group is read (and pre-RoPE keys
+        rotated) at its own positions."""
+        undo, self._undo = self._undo, None
+        if undo is not None and 0 < n <= undo.tokens:
+            undo.restore(self)
+            kept = undo.tokens - n
+            if kept:
+                self._append(undo.k[:, :, :kept], undo.v[:, :, :kept],
+                             None if undo.pos is None else undo.pos[:, :, :kept])
+            self._undo = None  # what was cropped is gone
+            return
         m = min(n, self.res_k.shape[2])
         if m:
             self._slice_residual(None, self.res_k.shape[2] - m)
+            self._seen -= m
             n -= m
         have = self.quantized_tokens
         m = min(n, have)
@@ -613,6 +688,7 @@ class _QuantKV:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
             self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
+            self._seen -= m
 
     def _keep_last(self, n: int) -> None:
         extra = self.held_tokens - max(n, 0)
@@ -620,6 +696,11 @@ class _QuantKV:
             self._drop_front(extra)
 
     # --- Cache-layer API --------------------------------------------------------------
+    def activate_past_recording(self) -> None:
+        """Keep what a crop of the last update needs to replay it exactly (transformers calls this
+        before assisted decoding; sliding layers also keep past tokens until the crop)."""
+        self.record_past = True
+
     def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
         if self.is_initialized and self.k_codes is not None:
             idx = beam_idx.to(self.device)
@@ -652,7 +733,8 @@ class _QuantKV:
     def _held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps between steps: its storage and the rotation plan of
         decoding from codes (whose δ tables the cache's layers share)."""
-        return self._tensors() + (self._plan.tensors() if self._plan is not None else [])
+        undo = self._undo.tensors() if self._undo is not None else []
+        return self._tensors() + (self._plan.tensors() if self._plan is not None else []) + undo
 
     def memory_bytes(self, seen: set | None = None) -> int:
         """Bytes of storage held by this layer's tensors, each storage counted once — and not at
@@ -716,6 +798,7 @@ class KVQuantLayer(_QuantKV, DynamicLayer):
                 "Please use a negative integer to remove that number of tokens from the cache instead."
             )
         if tokens_to_remove == 0 or not self.is_initialized or self.k_codes is None:
+            self._undo = None  # the update was kept: nothing to take back
             return
         self._drop_back(-tokens_to_remove)
 
@@ -753,6 +836,8 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
     def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         if not self.is_initialized or self.k_codes is None:
             return
+        if not tokens_to_remove:
+            self._undo = None  # the update was kept: nothing to take back
         if self.get_seq_length() >= self.sliding_window:
             if not self.record_past:
                 raise RuntimeError(
