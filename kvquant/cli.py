@@ -178,8 +178,12 @@ def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -
         raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
     try:
         probe_write(parent)
+        if p.is_file() and not folder:  # an existing target that cannot be replaced (e.g. immutable)
+            with open(p, "ab"):
+                pass
     except OSError as e:
-        raise ValueError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); choose a writable place") from None
+        where = p if p.is_file() and not folder else f"in {parent}"
+        raise ValueError(f"{option} {path}: cannot write {where} ({e.strerror or e}); choose a writable place") from None
 
 
 def _placement(args) -> dict:
@@ -386,6 +390,22 @@ def _check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
                          f"use at most {trained - extra}")
 
 
+def _check_rows_quantize(rows: dict, seqlen: int) -> None:
+    """Generation mode: refuse rows whose cache would hold every token of a ``seqlen`` window exact
+    (a key group, or transformers' 128 exact recent tokens, not smaller than the window) — they
+    would equal fp and say nothing."""
+    from kvquant.codebooks import Codebooks
+    from kvquant.generation import LIBRARY_RESIDUAL, LibraryCache
+
+    exact = {name: row.k.group if isinstance(row, Codebooks) else LIBRARY_RESIDUAL
+             for name, row in rows.items() if isinstance(row, (Codebooks, LibraryCache))}
+    short = {name: n for name, n in exact.items() if n and seqlen <= n}
+    if short:
+        raise ValueError(
+            f"--seqlen {seqlen}: rows {', '.join(short)} hold the first {max(short.values())} tokens of a window exact "
+            f"(a key group completes only then), so they would equal fp; use --seqlen > {max(short.values())}")
+
+
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import calibration_overlap, load_text, make_windows
@@ -400,6 +420,8 @@ def cmd_eval_ppl(args) -> None:
         # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
         args.mode == "generation" or books.config.budget_sides == "qk"),
         seqlen=args.seqlen, generation=args.mode == "generation")
+    if args.mode == "generation":
+        _check_rows_quantize(rows, args.seqlen)
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
     if args.values is not None and not args.bits_v:
@@ -455,18 +477,21 @@ def _numbers(option: str, text: str, kind=float) -> list:
         raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
     if not values:
         raise ValueError(f"{option} is empty")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # the same cell twice would be counted as two trials
+        raise ValueError(f"{option} lists {', '.join(f'{v:g}' for v in repeated)} more than once: give each value once")
     return values
 
 
 def cmd_eval_passkey(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import needs_bos
-    from kvquant.fileio import write_text
+    from kvquant.fileio import atomic_paths
     from kvquant.generation import cache_factories
     from kvquant.passkey import ANSWER_TOKENS, format_passkey, passkey_prompt, plot_heatmap, run_passkey
 
     _resolve(args, ["model", "dtype", "device"])
-    lengths = _numbers("--lengths", args.lengths, int) if args.lengths else None
+    lengths = _numbers("--lengths", args.lengths, int) if args.lengths is not None else None
     if lengths and min(lengths) < 1:
         raise ValueError(f"--lengths are token counts >= 1, got {args.lengths}")
     depths = _numbers("--depths", args.depths)
@@ -478,7 +503,7 @@ def cmd_eval_passkey(args) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plots needs matplotlib: pip install 'kvquant-density[plot]'")
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    seqlen = int(books.calibration.get("seqlen", 2048)) if books is not None else None
+    seqlen = int(books.calibration["seqlen"]) if books is not None else None
     rows = _rows(args.baselines or "fp", books, own=books is not None, seqlen=seqlen, generation=True)
     model, tok = _load(args)
     if books is not None:
@@ -486,6 +511,9 @@ def cmd_eval_passkey(args) -> None:
     trained = _trained_context(model)
     lengths = lengths or [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
                           if trained is None or n + ANSWER_TOKENS <= trained]
+    if not lengths:
+        raise ValueError(f"the model's trained context ({trained} tokens) is below the default lengths "
+                         f"(1024 + {ANSWER_TOKENS} answer tokens and up): give --lengths")
     _check_context(model, max(lengths), "--lengths", extra=ANSWER_TOKENS)
     for n in lengths:  # too short for the prompt's fixed parts: an error before the first answer
         try:
@@ -499,17 +527,22 @@ def cmd_eval_passkey(args) -> None:
     print(title)
     print(format_passkey(results, lengths))
     print("(* : fp retrieves < 90% at that length — not judged there)")
+    plots = {}
     if args.plots:
-        out = Path(args.plots)
-        for name, r in results.items():
+        for name in results:
             safe = re.sub(r"[^A-Za-z0-9.-]+", "_", name)
-            plot_heatmap(r, lengths, fractions, out / f"passkey_{Path(args.model).name}_{safe}.png", f"{name}\n{title}")
-        print(f"heatmaps: {out}/passkey_{Path(args.model).name}_<row>.png")
-    if args.json:
-        payload = {"model": args.model, "lengths": lengths, "depths": fractions, "seeds": args.seeds,
-                   "dtype": args.dtype, "codebooks": str(args.codebooks) if args.codebooks else None,
-                   "rows": {k: v.to_dict() for k, v in results.items()}}
-        write_text(args.json, json.dumps(payload, indent=1))
+            plots[name] = Path(args.plots) / f"passkey_{Path(args.model).name}_{safe}.png"
+    outputs = list(plots.values()) + ([Path(args.json)] if args.json else [])
+    with atomic_paths(outputs) as temps:  # the heatmaps and the JSON appear together or not at all
+        for (name, r), tmp in zip(((n, results[n]) for n in plots), temps):
+            plot_heatmap(r, lengths, fractions, tmp, f"{name}\n{title}")
+        if args.json:
+            payload = {"model": args.model, "lengths": lengths, "depths": fractions, "seeds": args.seeds,
+                       "dtype": args.dtype, "codebooks": str(args.codebooks) if args.codebooks else None,
+                       "rows": {k: v.to_dict() for k, v in results.items()}}
+            temps[-1].write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    if plots:
+        print(f"heatmaps: {args.plots}/passkey_{Path(args.model).name}_<row>.png")
 
 
 def cmd_generate(args) -> None:
@@ -521,6 +554,13 @@ def cmd_generate(args) -> None:
     _resolve(args, ["model", "dtype", "device"])
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.bits_v == 0:
+        raise ValueError("--bits-v 0: the cached values are quantized at 1..8 bits; leave --bits-v out for the "
+                         "codebooks' own value bits")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
+        raise ValueError("--prompt is not valid UTF-8 text: pass the prompt as UTF-8") from None
     books = Codebooks.load(args.codebooks)
     model, tok = _load(args)
     books.check_fits(model)
@@ -528,6 +568,10 @@ def cmd_generate(args) -> None:
     enc = tok(args.prompt, return_tensors="pt").to(args.device)
     if enc.input_ids.shape[1] == 0:
         raise ValueError("--prompt is empty after tokenization")
+    trained, held = _trained_context(model), enc.input_ids.shape[1]
+    if trained and held + args.max_new_tokens > trained:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {held} tokens + {args.max_new_tokens} "
+                         f"are beyond the model's trained context ({trained} tokens): use at most {trained - held}")
     with torch.no_grad():
         out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

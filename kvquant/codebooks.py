@@ -52,6 +52,9 @@ from kvquant.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
 FORMAT_VERSION = 1
+#: What a codebook file's calibration record must hold: the text, window count and length it was
+#: calibrated on (held-out checks and METHOD@B budgets read them; token ranges are optional).
+CALIBRATION_RECORD = ("source", "windows", "seqlen")
 Norm = Literal["head", "channel", "channel-group"]
 NORMS = ("head", "channel", "channel-group")
 
@@ -567,12 +570,22 @@ class Codebooks:
         if "q.head_bits" in t:
             raise ValueError(f"{path} allocates bits per head (an earlier kvquant); this one allocates per channel: "
                              "re-run `kvquant calibrate`")
+        damaged = lambda e: ValueError(  # noqa: E731
+            f"{path}: its metadata is damaged ({type(e).__name__}: {e}); re-run `kvquant calibrate`")
         try:
-            config = CodebookConfig(**json.loads(meta["config"]))
+            config_dict, calibration = json.loads(meta["config"]), json.loads(meta.get("calibration", "{}"))
+        except (KeyError, ValueError) as e:
+            raise damaged(e) from None
+        missing = [f"config.{f.name}" for f in fields(CodebookConfig) if f.name not in config_dict]
+        missing += [f"calibration.{k}" for k in CALIBRATION_RECORD if k not in calibration]
+        if missing:  # defaults would change what the file means (bits held, held-out checks, budgets)
+            raise ValueError(f"{path} lacks {', '.join(missing)} (written by an earlier kvquant, or edited): "
+                             "re-run `kvquant calibrate`")
+        try:
+            config = CodebookConfig(**config_dict)
             fingerprint = ModelFingerprint.from_json(meta["fingerprint"])
-            calibration = json.loads(meta.get("calibration", "{}"))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: its metadata is damaged ({type(e).__name__}: {e}); re-run `kvquant calibrate`") from None
+            raise damaged(e) from None
         problem = file_problem(t, config, fingerprint)
         if problem:
             raise ValueError(f"{path} is damaged or was not written by kvquant: {problem}; re-run `kvquant calibrate`")

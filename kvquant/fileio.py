@@ -17,7 +17,7 @@ import secrets
 import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -130,6 +130,15 @@ def temp_folder(parent: str | os.PathLike, name: str) -> Iterator[Path]:
             yield tmp
         finally:
             _remove(tmp)
+
+
+@contextmanager
+def atomic_paths(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several outputs of one run: the temps (one per path, in order) are
+    renamed onto their targets only once the block has written all of them; an exception or a
+    terminating signal before that removes every temp and leaves every target as it was."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

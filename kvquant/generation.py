@@ -161,6 +161,10 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
 
 #: transformers ``QuantizedCache`` backends a row may name, with the module each needs.
 LIBRARY_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
+#: Recent tokens transformers' ``QuantizedCache`` holds exact (its ``residual_length`` default).
+LIBRARY_RESIDUAL = 128
+#: The bits each backend takes (transformers' ``QuantoQuantizedLayer`` / ``HQQQuantizedLayer`` checks).
+LIBRARY_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,10 @@ class LibraryCache:
     def __post_init__(self) -> None:
         if self.backend not in LIBRARY_BACKENDS:
             raise ValueError(f"unknown QuantizedCache backend {self.backend!r}; use {', '.join(LIBRARY_BACKENDS)}")
+        allowed = LIBRARY_BITS[self.backend]
+        if self.nbits not in allowed:  # refused here, before any row runs (transformers refuses at the first update)
+            raise ValueError(f"row {self.backend}@{self.nbits:g}: transformers' {self.backend} cache takes "
+                             f"{', '.join(map(str, allowed))} bits")
         if importlib.util.find_spec(LIBRARY_BACKENDS[self.backend].split(".")[0]) is None or (
                 importlib.util.find_spec(LIBRARY_BACKENDS[self.backend]) is None):
             raise ValueError(f"row {self.backend}@{self.nbits} needs {LIBRARY_BACKENDS[self.backend]}: "

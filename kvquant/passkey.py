@@ -144,14 +144,13 @@ def format_passkey(results: dict[str, PasskeyResult], lengths: list[int], ref: s
 
 
 def plot_heatmap(result: PasskeyResult, lengths: list[int], depths: list[float], path, title: str) -> None:
-    """Accuracy heatmap (depth × length) of one row, written atomically to ``path`` (PNG;
-    matplotlib, the ``plot`` extra)."""
+    """Accuracy heatmap (depth × length) of one row, written to ``path`` as it is (PNG; matplotlib,
+    the ``plot`` extra): the caller makes it atomic, e.g. with the run's other outputs
+    (:func:`kvquant.fileio.atomic_paths`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from kvquant.fileio import atomic_path
 
     acc = [[result.accuracy(n, d) for n in lengths] for d in depths]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
@@ -166,7 +165,6 @@ def plot_heatmap(result: PasskeyResult, lengths: list[int], depths: list[float],
         ax.set_ylabel("key depth")
         ax.set_title(title, fontsize=8)
         fig.colorbar(im, ax=ax, label="retrieved")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)

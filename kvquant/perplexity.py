@@ -211,7 +211,10 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
         elif generation and at_bits and at_bits["method"] in ("quanto", "hqq") and not at_bits["bits_v"]:
             from kvquant.generation import LibraryCache
 
-            rows[name] = LibraryCache(at_bits["method"], int(float(at_bits["bits"])))
+            bits = float(at_bits["bits"])
+            if bits != int(bits):
+                raise ValueError(f"row {name!r}: {at_bits['method']}@B takes whole bits (e.g. {at_bits['method']}@4)")
+            rows[name] = LibraryCache(at_bits["method"], int(bits))
         elif generation and at_bits and at_bits["method"] == "kivi":
             if codebooks is None:
                 raise CodebooksRequired(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")

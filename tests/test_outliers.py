@@ -178,9 +178,8 @@ def test_save_load_round_trip_and_old_files(tmp_path):
     meta["config"] = json.dumps(cfg)
     old = tmp_path / "old.safetensors"
     save_file(t, str(old), metadata=meta)
-    loaded = Codebooks.load(old)
-    assert loaded.config.outliers == 0 and loaded.hist.outliers == 0 and loaded.q.outliers == 0
-    assert torch.equal(loaded(x[:, :2], 0, "k"), plain(x[:, :2], 0, "k"))
+    with pytest.raises(ValueError, match="lacks config.outliers"):  # refused, not read with a default
+        Codebooks.load(old)
 
 
 def test_one_capture_pass_for_several_outlier_settings(tmp_path):

@@ -161,3 +161,14 @@ def test_agreement_refuses_shape_mismatch():
         Agreement().add(torch.zeros(3, 5), torch.zeros(3, 6))
     with pytest.raises(ValueError, match="no positions"):
         Agreement().summary()
+
+
+@pytest.mark.parametrize("row,why", [("quanto@4.5", "whole bits"), ("hqq@2.99", "whole bits"),
+                                     ("quanto@3", "takes 2, 4 bits"), ("hqq@5", "takes 1, 2, 3, 4, 8 bits")])
+def test_library_rows_refuse_bits_they_cannot_run(row, why):
+    """A row runs at the bits it names or is refused before anything runs (quanto@4.5 ran at 4 bits,
+    labelled 4.5; quanto@3 failed only after the fp row)."""
+    from kvquant.perplexity import make_rows
+
+    with pytest.raises(ValueError, match=why):
+        make_rows(["fp", row], None, seqlen=16, generation=True)
