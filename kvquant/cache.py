@@ -780,12 +780,17 @@ class KVQuantLayer(_QuantKV, DynamicLayer):
         self._setup(tables, options, options.sink, rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._append(key_states, value_states)
+        self.store(key_states, value_states)
         if self._deferrable():
             return self._defer(self.held_tokens)
         return self._materialize()
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """What :meth:`update` stores, without returning the held tokens (``positions`` (B, 1, n):
+        the tokens' position ids for pre-RoPE keys, else the attention module's)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states, positions)
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.held_tokens
@@ -814,11 +819,8 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
         self._setup(tables, options, options.sink, rope)  # sinks stay exact while inside the window
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
-        self.cumulative_length += n
-        self._append(key_states, value_states)
+        self._store(key_states, value_states)
         if self._deferrable():
             return self._defer(min(self.held_tokens, self.sliding_window - 1 + n))
         k, v = self._materialize()
@@ -832,6 +834,17 @@ class KVQuantSlidingLayer(_QuantKV, DynamicSlidingWindowLayer):
     def _end_step(self) -> None:
         if not self.record_past:
             self._keep_last(self.sliding_window - 1)
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[2]
+        self._append(key_states, value_states, positions)
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """What :meth:`update` stores (expired tokens dropped), without returning the window."""
+        self._store(key_states, value_states, positions)
+        self._end_step()
 
     def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         if not self.is_initialized or self.k_codes is None:

@@ -23,7 +23,8 @@ from kvquant.compat import cache_kwargs
 from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
 from kvquant.placement import input_device
 
-__all__ = ["LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation", "generation_nll", "kv_bits"]
+__all__ = ["HeldBits", "LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation",
+           "generation_nll", "held_bits", "kv_bits"]
 
 #: Longest chunk fed at once (bounds the logits' memory); any finer split gives the same result.
 MAX_CHUNK = 256
@@ -135,13 +136,56 @@ def kv_bits(cache: Cache) -> tuple[float, float]:
     return (16 * per_token / fp16 if fp16 else 0.0), per_token
 
 
+@dataclass(frozen=True)
+class HeldBits:
+    """K/V bits per entry a cache holds over a window of ``tokens`` tokens, after each token:
+    their mean (what a user decoding through the window holds on average), the value at the end
+    and the largest (:func:`held_bits`)."""
+
+    mean: float
+    end: float
+    max: float
+    tokens: int
+
+
+def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) -> HeldBits:
+    """The bits per K/V entry (:func:`kv_bits`) a fresh ``new_cache()`` holds after each of ``n``
+    tokens, t = 1 … n.
+
+    What a cache holds depends on how many tokens it holds, not on their values (codes, group
+    scales, exact sinks and tail, expired window tokens; evaluation stores no positions), so it is
+    replayed shape only: one synthetic token (the model's KV heads, head_dim and dtype) appended
+    to every layer at a time, storage only (:meth:`kvquant.cache.KVQuantLayer.store`; other caches'
+    ``update``). ``DynamicCache`` holds every token alike: its bits are the same after each."""
+    cache = new_cache()
+    if type(cache) is DynamicCache:
+        bits = torch.finfo(model.dtype).bits
+        return HeldBits(float(bits), float(bits), float(bits), n)
+    cfg = model.config.get_text_config(decoder=True)
+    h = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    device = input_device(model)
+    k = torch.zeros(1, h, 1, d, dtype=model.dtype, device=device)
+    curve = []
+    for t in range(n):
+        pos = torch.full((1, 1, 1), t, dtype=torch.int32, device=device)
+        for layer in cache.layers:
+            if hasattr(layer, "store"):
+                layer.store(k, k, pos)
+            elif hasattr(layer, "update"):
+                layer.update(k, k)
+        curve.append(kv_bits(cache)[0])
+    return HeldBits(sum(curve) / n, curve[-1], max(curve), n)
+
+
 def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Callable[[], Cache]],
                         progress: bool = True) -> dict[str, PplRow]:
     """Generation-mode perplexity of every row (a factory of fresh caches) on the same windows,
     with the KL divergence from the ``fp`` row and top-token agreement when there is one
-    (:func:`kvquant.perplexity.score_windows`); ``effective_bits`` is the K/V bits per entry the
-    last window's cache held at its end (:func:`kv_bits`), ``kv_bytes_per_token`` its bytes per
-    token."""
+    (:func:`kvquant.perplexity.score_windows`). ``effective_bits`` is the mean K/V bits per entry
+    the row's cache holds over a window, after each token (:func:`held_bits`), beside the value
+    at the window's end and the largest (``kv_bits_end``, ``kv_bits_max``);
+    ``kv_bytes_per_token`` is the bytes per token the last window's cache held at its end."""
     last: dict[str, Cache] = {}
 
     def run(name: str, new: Callable[[], Cache]) -> WindowLogits:
@@ -153,9 +197,11 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
 
     scores = score_windows(model, windows, {name: run(name, new) for name, new in caches.items()}, progress=progress)
     out = {}
+    n = int(getattr(windows, "ids", windows).shape[1])
     for name, s in scores.items():
-        bits, per_token = kv_bits(last[name])
-        out[name] = s.row(name, bits, kv_bytes_per_token=per_token)
+        _, per_token = kv_bits(last[name])
+        held = held_bits(caches[name], model, n)
+        out[name] = s.row(name, held.mean, kv_bytes_per_token=per_token, kv_bits_end=held.end, kv_bits_max=held.max)
     return out
 
 

@@ -40,6 +40,8 @@ class PplRow:
     effective_bits: float
     seconds: float
     kv_bytes_per_token: float | None = None  # generation mode: bytes the cache holds per token (kvquant.generation)
+    kv_bits_end: float | None = None  # generation mode: K/V bits held at the window's end (effective_bits: the mean)
+    kv_bits_max: float | None = None  # … and the largest after any token of the window
     kld: float | None = None  # mean KL(p_fp ‖ p_row) per predicted token, nats (kvquant.divergence); None: no fp row
     kld_p99: float | None = None  # its 99th percentile over predicted tokens
     top1: float | None = None  # share of predicted tokens whose most likely next token is fp's
@@ -280,11 +282,14 @@ def format_table(rows: dict[str, PplRow], ref: str = "fp") -> str:
     base = rows[ref].ppl if ref in rows else None
     kv = any(r.kv_bytes_per_token is not None for r in rows.values())
     kld = any(r.kld is not None for r in rows.values())
-    head = ["row", *(["K/V bits held", "bytes/token"] if kv else ["eff. bits (q,k)"]), "ppl", "Δ vs fp",
+    head = ["row", *(["K/V bits held (mean / end / max)", "bytes/token (end)"] if kv else ["eff. bits (q,k)"]),
+            "ppl", "Δ vs fp",
             *(["KLD", "KLD p99", "top-1"] if kld else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
-        cells = [r.name, f"{r.effective_bits:.2f}", *([f"{r.kv_bytes_per_token:.0f}"] if kv else []), f"{r.ppl:.3f}",
+        bits = (f"{r.effective_bits:.2f} / {r.kv_bits_end:.2f} / {r.kv_bits_max:.2f}" if r.kv_bits_end is not None
+                else f"{r.effective_bits:.2f}")
+        cells = [r.name, bits, *([f"{r.kv_bytes_per_token:.0f}"] if kv else []), f"{r.ppl:.3f}",
                  f"{(r.ppl / base - 1):+.2%}" if base else "–"]
         if kld:
             cells += ([f"{r.kld:.5f}", f"{r.kld_p99:.4f}", f"{r.top1:.2%}"] if r.kld is not None else ["–"] * 3)

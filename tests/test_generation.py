@@ -146,3 +146,45 @@ def test_generation_mode_divergence_from_the_fp_cache():
     mean, p99, top1 = want.summary()
     assert rows["q"].kld == pytest.approx(mean, rel=1e-6) and mean > 0
     assert rows["q"].kld_p99 == pytest.approx(p99, rel=1e-6) and rows["q"].top1 == top1
+
+
+@pytest.mark.parametrize("family,row", [("llama", "kvquant"), ("gemma3", "kvquant"), ("llama", "quanto"),
+                                        ("llama", "dynamic")])
+def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
+    """The mean / end / max bits of a window come from a shape-only replay: after t tokens it must
+    give what a cache holds after decoding t real tokens one by one (group 4 with a sink: the exact tail grows and
+    shrinks; gemma3's sliding layer drops expired groups; quanto re-quantizes every 4 tokens)."""
+    from kvquant.generation import LibraryCache, held_bits, kv_bits
+
+    model = make_model(family)
+    if row == "quanto":
+        pytest.importorskip("optimum.quanto")
+        lib = LibraryCache("quanto", 4)
+
+        def new():
+            cache = lib.new(model)
+            for layer in cache.layers:
+                layer.residual_length, layer.q_group_size = 4, 16  # the tiny model has 2 × 16 values per token
+            return cache
+    elif row == "kvquant":
+        books = calibrate(model, random_ids(2, 16, seed=7),
+                          CalibrationConfig(CodebookConfig("lambda", 4, 4, norm="channel-group", group=4, sink=1,
+                                                           rope="pre")), progress=False)
+
+        def new():
+            return make_cache(model, books)
+    else:
+        def new():
+            return DynamicCache(config=model.config)
+
+    ids = random_ids(1, 14, seed=2)
+    curve, cache = [], new()
+    for t in range(1, 15):  # decoding token by token: the bits after each token
+        with torch.no_grad():
+            model(ids[:, t - 1:t], **cache_kwargs(cache), use_cache=True)
+        curve.append(kv_bits(cache)[0])
+        assert held_bits(new, model, t).end == pytest.approx(curve[-1], rel=1e-12), t
+    held = held_bits(new, model, 14)
+    assert held.mean == pytest.approx(sum(curve) / 14, rel=1e-12) and held.max == pytest.approx(max(curve), rel=1e-12)
+    if row != "dynamic":
+        assert held.max > held.end  # the exact tail costs more while a group fills
