@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     text = load_text("enwiki-excerpt")
     calib, evals = split_calib_eval(tok, text, args.seqlen, args.calib, args.windows + args.dev, source="enwiki-excerpt")
     dev, evals = evals.ids[args.windows:], evals.ids[: args.windows]

@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     distributed.init("cpu")
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     windows = make_windows(tok, load_text(DEFAULTS["dataset"], split="train"), args.seqlen, args.samples,
                            from_end=True, source=DEFAULTS["dataset"])
     config = CalibrationConfig(calibration_config({**DEFAULTS, "seqlen": args.seqlen},

@@ -205,7 +205,7 @@ def measure(args, argv) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     fp = ModelFingerprint.from_model(model)
     text = load_text(args.dataset)
     if args.codebooks:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from kvquant.assets import load_model
 from kvquant.codebooks import Codebooks
 from kvquant.data import load_text
@@ -23,6 +25,6 @@ def load(args: argparse.Namespace):
     """``(books, model, tokenizer, text)``: the codebook file, its model (checked to fit) and the text
     (test split; pass ``books.calibration`` to :func:`kvquant.data.held_out_windows`)."""
     books = Codebooks.load(args.codebooks)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     books.check_fits(model)
     return books, model, tok, load_text(args.dataset, split="test")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
     default = calibration_config(DEFAULTS, ModelFingerprint.from_model(model).head_dim, args.seqlen, set(DEFAULTS))
     books = calibrate(model, calib, CalibrationConfig(default))  # with Fisher weights (allocation)

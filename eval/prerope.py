@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     calib, evals = split_calib_eval(tok, load_text("enwiki-excerpt"), args.seqlen, args.calib, args.windows,
                                     source="enwiki-excerpt")
     fp = ModelFingerprint.from_model(model)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
     calib, evals = split_calib_eval(tok, load_text(args.dataset), args.seqlen, args.calib, args.windows, source=args.dataset)
     results = evaluate(model, evals, build_rows(model, calib, bits_list))
     command = ("python eval/quality_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype=torch.float32)
     calib, evals = split_calib_eval(tok, load_text("enwiki-excerpt"), args.seqlen, args.calib, args.windows,
                                     source="enwiki-excerpt")
     fp = ModelFingerprint.from_model(model)

@@ -109,6 +109,7 @@ class ModelAsset:
     gguf_name: str
     parts: tuple[WheelFile, ...]
     sha256: str | None = None
+    dtype: str = "bfloat16"  # what the original checkpoint ships in: load_model's dtype="auto"
 
 
 @dataclass(frozen=True)
@@ -484,15 +485,22 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def shipped_dtype(name_or_path: str) -> torch.dtype | str:
+    """The dtype a model ships in: an offline asset's original checkpoint dtype (its GGUF is
+    de-quantized, then held in it), else ``"auto"`` (the config's ``dtype``, as transformers reads it)."""
+    return getattr(torch, MODELS[name_or_path].dtype) if name_or_path in MODELS else "auto"
+
+
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device_map: Any = None, max_memory: dict | None = None,
+    name_or_path: str, dtype: torch.dtype | str = "auto", device_map: Any = None, max_memory: dict | None = None,
     offload_folder: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode from a registered name, a local folder or a hub id.
 
     Args:
         name_or_path: offline name (see :func:`list_assets`), local model folder, or hub id.
-        dtype: torch dtype of the weights.
+        dtype: torch dtype of the weights, or ``"auto"``: the dtype the model ships in
+            (:func:`shipped_dtype`; bfloat16 for the offline models).
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``, ``"cuda:0"``); None = CPU.
         max_memory, offload_folder: with ``device_map``, accelerate's limits per device and the
             folder of the weights offloaded to disk (models larger than memory).
@@ -512,6 +520,7 @@ def load_model(
         check_architecture(config, name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v}
+        dtype = shipped_dtype(name_or_path) if dtype == "auto" else dtype
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **placement)
     except UnsupportedModelError:
         raise

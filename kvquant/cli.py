@@ -42,7 +42,7 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "budget_sides": "k",
     "bits_v": 4,
     "scale_bits": 8,
-    "dtype": "float32",
+    "dtype": "auto",  # the dtype the model ships in (kvquant.assets.shipped_dtype)
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax@4,uniform@4,lambda@4,lambda-lloyd@4",
 }
@@ -128,8 +128,8 @@ def _check_values(args: argparse.Namespace) -> None:
         if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
             span = f">= {low}" if high is None else f"in {low}..{high}"
             raise ValueError(f"{_option(key)} must be {span}, got {v}")
-    if getattr(args, "dtype", None) is not None and args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if getattr(args, "dtype", None) is not None and args.dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {args.dtype!r}")
     for key in ("out", "json", "text_file", "codebooks", "plots", "offload_folder"):
         if getattr(args, key, None) == "":
             raise ValueError(f"{_option(key)} is empty: give a path")
@@ -206,10 +206,13 @@ def _placement(args) -> dict:
 
 
 def _load(args):
+    """The model and tokenizer of ``--model`` in ``--dtype`` (``auto``: the dtype it ships in);
+    ``args.dtype`` becomes the dtype loaded, for the tables."""
     from kvquant.assets import load_model
 
     placement = _placement(args)
-    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], **placement)
+    model, tok = load_model(args.model, dtype="auto" if args.dtype == "auto" else DTYPES[args.dtype], **placement)
+    args.dtype = str(model.dtype).removeprefix("torch.")
     return (model if placement else model.to(args.device)), tok
 
 
@@ -604,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p):
         p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
-        p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
+        p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: the dtype the model ships in, "
+                       "bfloat16 for the offline models)")
         p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
         p.add_argument("--device-map", help="auto | balanced | sequential: place the layers over the GPUs, the CPU and "
                        "disk with accelerate (models larger than one device; replaces --device)")

@@ -168,7 +168,7 @@ def _logits_match_gguf(name: str, n_tokens: int = 48) -> tuple:
     from transformers import AutoModelForCausalLM
 
     folder = assets.ensure_model(name)
-    model, tok = assets.load_model(name)
+    model, tok = assets.load_model(name, dtype=torch.float32)
     assert Path(assets.resolve_model(name)) == folder
     assert model.config.to_dict().get("quantization_config") is None
     assert not model.training and model.dtype == torch.float32

@@ -112,3 +112,23 @@ def test_codebook_file_without_what_it_needs_refused(books_file, tmp_path, drop)
     save_file(t, str(path), metadata=meta)
     with pytest.raises(ValueError, match=f"lacks {drop if key else 'calibration.source'}"):
         Codebooks.load(path)
+
+
+def test_dtype_defaults_to_what_the_model_ships_in(tmp_path, text_file, capsys):
+    """--dtype auto (the default): the offline models load in bfloat16, a local folder in its config's dtype."""
+    import torch
+    from conftest import make_model, make_tokenizer
+
+    from kvquant import assets
+
+    assert assets.shipped_dtype("smollm2-135m") == assets.shipped_dtype("gemma3-270m") == torch.bfloat16
+    folder = tmp_path / "bf16-model"
+    make_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    assert assets.load_model(str(folder))[0].dtype == torch.bfloat16
+    assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
+                     "--windows", "1", "--baselines", "fp"]) == 0
+    assert "dtype bfloat16" in capsys.readouterr().out
+    assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
+                     "--windows", "1", "--baselines", "fp", "--dtype", "float32"]) == 0
+    assert "dtype float32" in capsys.readouterr().out

@@ -62,11 +62,11 @@ def test_gemma3_offloaded_calibration_equals_in_memory(tmp_path):
     """Gemma3-270M (sliding-window layers) under a 200 MiB CPU limit: most layers on disk."""
     from kvquant.data import load_text, make_windows
 
-    model, tok = load_model("gemma3-270m")
+    model, tok = load_model("gemma3-270m", dtype=torch.float32)
     windows = make_windows(tok, load_text("enwiki-excerpt"), 256, 1, from_end=True, source="enwiki-excerpt")
     a = calibrate(model, windows, CONFIG, progress=False)
     del model
-    offloaded, _ = load_model("gemma3-270m", device_map="auto", max_memory={"cpu": "200MiB"},
+    offloaded, _ = load_model("gemma3-270m", dtype=torch.float32, device_map="auto", max_memory={"cpu": "200MiB"},
                               offload_folder=str(tmp_path / "offload"))
     assert "disk" in set(offloaded.hf_device_map.values()), offloaded.hf_device_map
     b = calibrate(offloaded, windows, CONFIG, progress=False)
