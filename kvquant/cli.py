@@ -241,6 +241,10 @@ def _family_options(options: dict, defaulted: set[str]) -> dict:
     keys-only allocation) set to 16, off and "qk" where no one gave them and a static ``norm`` or a
     ``budget`` makes them moot."""
     options = dict(options)
+    if _bits_as_target(options, defaulted):  # --bits-q B --bits-k B: Q·Kᵀ at B bits per entry, every bit counted
+        options["effective_bits"] = float(options["bits_q"])
+        if "budget_sides" in defaulted:
+            options["budget_sides"] = "qk"
     if options["norm"] != "channel-group":
         for k, neutral in (("scale_bits", 16), ("effective_bits", 0.0), ("budget_sides", "qk")):
             if k in defaulted:
@@ -248,6 +252,14 @@ def _family_options(options: dict, defaulted: set[str]) -> dict:
     if options.get("budget") and "effective_bits" in defaulted:
         options["effective_bits"] = 0.0
     return options
+
+
+def _bits_as_target(options: dict, defaulted: set[str]) -> bool:
+    """Whether ``--bits-q B --bits-k B`` (both given, equal, no --effective-bits or --budget) set the
+    target: B effective bits per query and key entry, group scales and sinks included (the default
+    family's keys-only target would otherwise apply)."""
+    return (not {"bits_q", "bits_k"} & set(defaulted) and {"effective_bits", "budget"} <= set(defaulted)
+            and options["bits_q"] == options["bits_k"] and options["norm"] == "channel-group")
 
 
 def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set[str] = frozenset()):
@@ -292,6 +304,11 @@ def cmd_calibrate(args) -> None:
     model, tok = _load(args)
     _check_context(model, args.seqlen, "--seqlen")
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
+    if _bits_as_target(vars(args), args.defaulted):
+        print(f"--bits-q {args.bits_q} --bits-k {args.bits_k}: {args.bits_q} effective bits per query and key entry, "
+              f"every bit counted (code bits water-filled over the channels, at most {args.bits_q}, to pay for the group "
+              f"scales and the exact sink) — as --effective-bits {args.bits_q} --budget-sides qk; give --effective-bits 0 "
+              f"for {args.bits_q} code bits everywhere", file=sys.stderr)
     args.budget, args.bits_q, args.bits_k = config.budget, config.bits_q, config.bits_k
     config = CalibrationConfig(config)
     windows = make_windows(tok, text, args.seqlen, args.samples, from_end=True, source=source)
@@ -370,9 +387,6 @@ def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool
         rows = make_rows(names, books, seqlen, generation=generation)
     except ValueError as e:
         raise ValueError(f"--baselines: {e}") from None
-    if books is not None and not any(isinstance(q, type(books)) for q in rows.values()):
-        notes.append(f"the codebooks give no row here: add METHOD@B rows (e.g. {books.config.method}@4)"
-                     + ("" if generation else " or use --mode generation"))
     for note in notes:
         print(note, file=sys.stderr)
     return rows
@@ -409,6 +423,16 @@ def _check_rows_quantize(rows: dict, seqlen: int) -> None:
             f"(a key group completes only then), so they would equal fp; use --seqlen > {max(short.values())}")
 
 
+def _keys_only_own_row(rows: dict, books) -> dict:
+    """Simulated mode, a keys-only file (``budget_sides`` k: its bits were allocated over the keys of
+    a KV cache, its queries left unallocated): the file's own row quantizes the keys only, queries
+    exact, and says so in its name."""
+    from kvquant.diagnostics import KeysOnly
+
+    return {(f"{n} (keys only, exact queries)" if r is books else n): (KeysOnly(books) if r is books else r)
+            for n, r in rows.items()}
+
+
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.data import calibration_overlap, load_text, make_windows
@@ -418,11 +442,9 @@ def cmd_eval_ppl(args) -> None:
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    rows = _rows(args.baselines, books, own=books is not None and (
-        # the file's own configuration as a row — in simulated mode only where it quantizes queries as
-        # it was allocated for (a keys-only file's queries are unallocated: use METHOD@B rows there)
-        args.mode == "generation" or books.config.budget_sides == "qk"),
-        seqlen=args.seqlen, generation=args.mode == "generation")
+    rows = _rows(args.baselines, books, own=books is not None, seqlen=args.seqlen, generation=args.mode == "generation")
+    if args.mode != "generation" and books is not None and books.config.budget_sides == "k":
+        rows = _keys_only_own_row(rows, books)
     if args.mode == "generation":
         _check_rows_quantize(rows, args.seqlen)
     if args.bits_v is not None and args.mode != "generation":

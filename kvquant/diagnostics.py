@@ -42,6 +42,10 @@ class KeysOnly:
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
         return x if side == "q" else self.quantizer(x, layer, "k")
 
+    def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
+        """The quantizer's bits per entry (for keys-only codebooks, ``budget_sides`` k: per key entry)."""
+        return float(self.quantizer.effective_bits(head_dim=head_dim, seqlen=seqlen))
+
 
 @torch.no_grad()
 def logit_errors(model: torch.nn.Module, windows, quantizers: dict[str, Quantizer], progress: bool = True) -> dict[str, torch.Tensor]:

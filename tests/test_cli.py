@@ -287,3 +287,27 @@ def test_help_is_plain_text(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "eval-ppl" in out and "``" not in out and ":func:" not in out
+
+
+def test_bare_qk_path_works_as_typed(model_dir, text_file, tmp_path, capsys):
+    """``calibrate --bits-q B --bits-k B`` quantizes queries and keys at B bits per entry (the budget
+    it adds is named), and ``eval-ppl --codebooks FILE`` shows the file's own row in simulated mode;
+    a keys-only file's own row there quantizes the keys only and says so."""
+    qk = tmp_path / "qk.safetensors"
+    argv = ["calibrate", "--model", model_dir, "--text-file", text_file, "--seqlen", 16, "--samples", 2, "--group", 8,
+            "--bits-q", 6, "--bits-k", 6, "--method", "lambda", "--out", qk]
+    assert run(argv) == 0
+    err = capsys.readouterr().err
+    assert "6 effective bits per query and key entry" in err and "--effective-bits 6 --budget-sides qk" in err
+    books = Codebooks.load(qk)
+    assert books.config.budget_sides == "qk" and books.effective_bits(seqlen=16) <= 6 + 1e-9
+    assert books.q.mean_bits < 6 and books.k.mean_bits < 6  # the scales and the sink are paid from the code bits
+    assert run(eval_args(model_dir, text_file, "--codebooks", qk, "--baselines", "fp,int4", "--allow-overlap")) == 0
+    out = capsys.readouterr().out
+    assert "| lambda | 6.00 |" in out
+    keys = tmp_path / "keys.safetensors"
+    assert run(calibrate_args(model_dir, text_file, keys)) == 0  # the default family: keys-only budget
+    assert Codebooks.load(keys).config.budget_sides == "k"
+    capsys.readouterr()
+    assert run(eval_args(model_dir, text_file, "--codebooks", keys, "--baselines", "fp", "--allow-overlap")) == 0
+    assert "| lambda-lloyd (keys only, exact queries) | 6.00 |" in capsys.readouterr().out
