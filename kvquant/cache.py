@@ -964,7 +964,16 @@ def make_cache(
     CPU; the model is wrapped, mode ``off``, for the hook that routes the step), ``dequantize``
     dequantizes every held token first (the reference). Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
-    ``past_key_values=`` before); one cache per generation."""
+    ``past_key_values=`` before); one cache per generation. TypeError if ``codebooks`` is not a
+    :class:`~kvquant.codebooks.Codebooks` (a file path: load it with ``Codebooks.load(path)``)."""
+    if not isinstance(codebooks, Codebooks):
+        import os
+
+        given = f" {os.fspath(codebooks)!r}" if isinstance(codebooks, (str, os.PathLike)) else ""
+        raise TypeError(
+            f"make_cache(model, codebooks): codebooks must be a kvquant.Codebooks, got "
+            f"{type(codebooks).__name__}{given}; load a codebook file with Codebooks.load(path)"
+        )
     codebooks.check_fits(model)
     k = codebooks.k
     if k.outliers:

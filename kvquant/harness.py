@@ -26,6 +26,7 @@ plugin discovery (EleutherAI/lm-evaluation-harness#4013) reads.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ CACHE_ARGS = ("bits_v", "values", "quantize_values", "residual", "sink", "decode
 HFLM_ARGS = ("max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "logits_cache", "truncation",
              "softmax_dtype")
 MODEL_ARGS = ("pretrained", "codebooks", *CACHE_ARGS, "dtype", "device", "batch_size", *HFLM_ARGS)
+#: Whole-number model_args: (smallest, largest or None, what to write).
+_WHOLE_ARGS = {
+    "bits_v": (1, 8, "the bits of each cached value, e.g. bits_v=4; leave bits_v out for the codebook file's"),
+    "residual": (0, None, "the newest tokens kept exact, e.g. residual=0"),
+    "sink": (0, None, "the first tokens kept exact; leave sink out for the codebook file's"),
+    "max_batch_size": (1, None, "the largest batch batch_size=auto tries"),
+    "max_length": (1, None, "the longest sequence in tokens"),
+    "prefix_token_id": (0, None, "a token id"),
+}
+#: True/false model_args.
+_BOOL_ARGS = ("quantize_values", "add_bos_token", "logits_cache", "truncation")
 
 #: HFLM's warnings for a model passed as an object, written for users who pass their own model
 #: (kvquant loads it itself): dropped while HFLM.__init__ runs.
@@ -62,6 +74,85 @@ _HFLM_NOISE = ("`pretrained` model kwarg is not of type `str`", "Passed an alrea
 class _DropHFLMNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_HFLM_NOISE)
+
+
+def _required_pretrained() -> ValueError:
+    from kvquant.assets import MODELS
+
+    return ValueError(f"model_args pretrained= is required: the model to evaluate, e.g. pretrained=smollm2-135m "
+                      f"(offline names: {', '.join(MODELS)}), a local model folder or a hub id")
+
+
+def _path(key: str, value: Any) -> str | None:
+    """``pretrained``/``codebooks`` as a string (None where not given)."""
+    if value is None:
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        fix = ("e.g. pretrained=smollm2-135m or a local model folder" if key == "pretrained" else
+               "the .safetensors file of `kvquant calibrate`, or leave codebooks out to run the unquantized model")
+        raise ValueError(f"model_args {key}={value!r} is not a {'model name' if key == 'pretrained' else 'file'}: "
+                         f"give {fix}")
+    return value
+
+
+def _whole(key: str, value: Any) -> int:
+    """A whole-number model_arg (lm-eval passes ``9`` as int, ``banana`` or a JSON ``"9"`` as str)."""
+    lo, hi, what = _WHOLE_ARGS[key]
+    v = value
+    if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v):
+        v = int(v)
+    elif isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        span = f"{lo}–{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"model_args {key}={value!r}: use a whole number {span} ({what})")
+    return v
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"model_args {key}={value!r}: use true or false")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"model_args {key}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def _checked(key: str, value: Any) -> Any:
+    """One cache or HFLM model_arg, checked for its type and range before any model loads."""
+    from kvquant.cache import DECODE_MODES, VALUE_NORMS
+
+    if key in _WHOLE_ARGS:
+        return _whole(key, value)
+    if key in _BOOL_ARGS:
+        return _bool(key, value)
+    if key == "values":
+        return _choice(key, value, VALUE_NORMS)
+    if key == "decode":
+        return _choice(key, value, DECODE_MODES)
+    return value
+
+
+def _batch_size(value: Any) -> int | str:
+    """``batch_size``: a whole number >= 1 or ``auto``/``auto:N`` (lm-eval's ``--batch_size`` is a string)."""
+    if isinstance(value, str) and re.fullmatch(r"auto(:\d+)?", value.strip()):
+        return value.strip()
+    v = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"model_args batch_size={value!r} (or --batch_size): use a whole number >= 1 or auto "
+                         "(1 is best: each row runs through its own cache)")
+    return v
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -85,8 +176,8 @@ class KVQuantLM(HFLM):
     quantized one with ``codebooks``, else transformers' ``DynamicCache``.
 
     Args (``--model_args key=value,...``):
-        pretrained: offline name (``smollm2-135m``, ``gemma3-270m``), local model folder or hub id
-            (:func:`kvquant.assets.load_model`).
+        pretrained: required: offline name (``smollm2-135m``, ``gemma3-270m``), local model folder or
+            hub id (:func:`kvquant.assets.load_model`).
         codebooks: codebook file from ``kvquant calibrate`` (``.safetensors``) for this model; None
             runs the unquantized model through ``DynamicCache``.
         bits_v, values, quantize_values, residual, sink, decode: :func:`kvquant.make_cache`'s options
@@ -101,15 +192,21 @@ class KVQuantLM(HFLM):
     ``model_args`` take precedence over lm-eval's ``--batch_size``/``--device`` (whose defaults,
     1 and ``cuda:0``, lm-eval always passes).
 
+    Every argument is checked (type and range) before the model loads; each error is one message
+    naming the model_arg, what was given and what to write instead.
+
     Raises:
-        ValueError: an unknown key, a cache option without ``codebooks``, a bad ``dtype``/
-            ``device``, or codebooks made for another model.
+        ValueError: no ``pretrained``, an unknown key, a value of the wrong type or out of range
+            (e.g. ``bits_v=9``, ``bits_v=banana``), a cache option without ``codebooks``, a bad
+            ``dtype``/``device``, a file at ``codebooks`` that is no codebook file, or codebooks made
+            for another model.
         FileNotFoundError: no file at ``codebooks``.
+        kvquant.assets.AssetError: ``pretrained`` could not be found or loaded.
     """
 
     def __init__(
         self,
-        pretrained: str = "smollm2-135m",
+        pretrained: str | None = None,
         codebooks: str | Path | None = None,
         bits_v: int | None = None,
         values: str | None = None,
@@ -126,24 +223,43 @@ class KVQuantLM(HFLM):
         if unknown:
             raise ValueError(f"unknown model_args for --model kvquant: {', '.join(unknown)}; "
                              f"known: {', '.join(MODEL_ARGS)}")
+        if pretrained is None or (isinstance(pretrained, str) and not pretrained.strip()):
+            raise _required_pretrained()
+        pretrained = _path("pretrained", pretrained)
+        codebooks = _path("codebooks", codebooks)
         given = {"bits_v": bits_v, "values": values, "quantize_values": quantize_values, "residual": residual,
                  "sink": sink, "decode": decode}
-        options = {k: v for k, v in given.items() if v is not None}
+        options = {k: _checked(k, v) for k, v in given.items() if v is not None}
+        kwargs = {k: v if v is None else _checked(k, v) for k, v in kwargs.items()}
         if codebooks is None and options:
             raise ValueError(f"model_args {', '.join(options)} set kvquant's quantized cache: add codebooks=FILE "
                              "(from `kvquant calibrate`), or drop them to run the unquantized model (DynamicCache)")
-        if isinstance(dtype, str) and dtype not in DTYPES:
+        if not isinstance(dtype, torch.dtype) and not (isinstance(dtype, str) and dtype in DTYPES):
             raise ValueError(f"model_args dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        batch_size = _batch_size(batch_size)
+        dev = _device(device)
         from kvquant.assets import load_model
         from kvquant.codebooks import Codebooks
 
-        books = Codebooks.load(codebooks) if codebooks is not None else None  # FileNotFoundError names the fix
-        model, tokenizer = load_model(str(pretrained), dtype=DTYPES.get(dtype, dtype))
-        model.to(_device(device))
+        books = None
+        if codebooks is not None:
+            try:
+                books = Codebooks.load(codebooks)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"model_args codebooks={codebooks}: {e}, or leave codebooks out to run the "
+                                        "unquantized model") from None
+            except ValueError as e:
+                raise ValueError(f"model_args codebooks={codebooks}: {e}") from None
+        model, tokenizer = load_model(pretrained, dtype=DTYPES.get(dtype, dtype))
+        model.to(dev)
         if books is not None:
-            books.check_fits(model)
-        self.kv_pretrained = str(pretrained)
-        self.kv_codebooks_path = str(codebooks) if codebooks is not None else None
+            try:
+                books.check_fits(model)
+            except ValueError as e:
+                raise ValueError(f"model_args codebooks={codebooks} do not fit pretrained={pretrained} (pass the "
+                                 f"codebooks calibrated for it): {e}") from None
+        self.kv_pretrained = pretrained
+        self.kv_codebooks_path = codebooks
         self.kv_codebooks = books
         self.kv_options = options
         noise = _DropHFLMNoise()
@@ -153,7 +269,11 @@ class KVQuantLM(HFLM):
             super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kwargs)
         finally:
             hf_logger.removeFilter(noise)
-        self.new_cache()  # checks the cache options (and wraps the model for pre-RoPE keys) before any request
+        try:
+            self.new_cache()  # checks the cache options (and wraps the model for pre-RoPE keys) before any request
+        except ValueError as e:
+            given = ", ".join([f"codebooks={codebooks}", *(f"{k}={v!r}" for k, v in options.items())])
+            raise ValueError(f"model_args {given}: {e}") from None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> KVQuantLM:
@@ -224,13 +344,22 @@ if __name__ != "__main__":  # `python -m kvquant.harness` registers the class of
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvquant.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with the model
-    type ``kvquant`` registered. ``argv``: the arguments (default ``sys.argv[1:]``)."""
+    type ``kvquant`` registered. ``argv``: the arguments (default ``sys.argv[1:]``). Returns 0 on
+    success; 2 with one line ``kvquant.harness: error: …`` on stderr (no traceback) for what the
+    kvquant command line reports as user errors (:data:`kvquant.cli.USER_ERRORS`: bad
+    ``--model_args``, missing or mismatched files, missing assets, I/O failures, NaN/inf)."""
     from lm_eval.__main__ import cli_evaluate
+
+    from kvquant.cli import USER_ERRORS
 
     saved = sys.argv
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"kvquant.harness: error: {message}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0

@@ -565,3 +565,18 @@ def test_stale_download_temps_removed_live_ones_kept(tmp_path):
     with fileio.temp_folder(tmp_path, "kvquant-pip") as scratch:
         assert scratch.is_dir()
     assert not dead.exists() and not legacy.exists() and live.exists() and not scratch.exists()
+
+
+def test_make_cache_refuses_a_codebook_path_naming_codebooks_load():
+    """make_cache(model, "FILE"): a TypeError naming Codebooks.load(path), not an AttributeError of
+    the string (as wrap(model, codebooks) refuses what is no quantizer)."""
+    from kvquant.cache import make_cache
+
+    model = make_model("llama")
+    for path in ("out/default.safetensors", Path("out/default.safetensors")):
+        with pytest.raises(TypeError, match=r"^make_cache\(model, codebooks\): codebooks must be a kvquant\.Codebooks, "
+                                            r"got \w+ 'out/default\.safetensors'; load a codebook file with "
+                                            r"Codebooks\.load\(path\)$"):
+            make_cache(model, path)
+    with pytest.raises(TypeError, match=r"got NoneType; load a codebook file with Codebooks\.load\(path\)$"):
+        make_cache(model, None)

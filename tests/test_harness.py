@@ -206,8 +206,27 @@ def test_bad_model_args_name_the_fix(assets, tmp_path):
         KVQuantLM(pretrained=assets.model, codebooks=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="dtype='fp32': use one of float32"):
         KVQuantLM(pretrained=assets.model, dtype="fp32")
-    with pytest.raises(ValueError, match="values must be one of"):  # make_cache's own check, before any request
+    with pytest.raises(ValueError, match="values='absmax': use one of minmax, rms"):  # before the model loads
         KVQuantLM(pretrained=assets.model, codebooks=assets.codebooks, values="absmax")
+
+
+def only_tiny_tasks(monkeypatch) -> None:
+    """The command line indexes lm-eval's ~15k built-in task configs first (14 s here): skip those
+    (the tiny tasks' YAMLs name their data files relative to ROOT). lm-eval's log handler, made
+    once per process, writes to this test's stderr (not an earlier test's closed capture)."""
+    import logging
+
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger("lm_eval").handlers:
+        if type(handler) is logging.StreamHandler:  # lm-eval's (not pytest's capture handlers)
+            handler.stream = sys.__stderr__  # where it is left after the test
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+    real_manager = TaskManager
+    monkeypatch.setattr("lm_eval.tasks.TaskManager",
+                        lambda include_path=None, **kw: real_manager(include_path=include_path, include_defaults=False, **kw))
+    monkeypatch.chdir(ROOT)
 
 
 @pytest.mark.filterwarnings("ignore:'kvquant.harness' found in sys.modules:RuntimeWarning")  # runpy: already imported
@@ -225,11 +244,7 @@ def test_registration_entry_point_and_command_line(assets, monkeypatch, tmp_path
     reg.register("kvquant", target=ep)
     assert reg.get("kvquant") is KVQuantLM
 
-    # the command line indexes lm-eval's ~15k built-in task configs first (14 s here): skip those
-    real_manager = TaskManager
-    monkeypatch.setattr("lm_eval.tasks.TaskManager",
-                        lambda include_path=None, **kw: real_manager(include_path=include_path, include_defaults=False, **kw))
-    monkeypatch.chdir(ROOT)
+    only_tiny_tasks(monkeypatch)
     monkeypatch.setattr(sys, "argv", [
         "kvquant.harness", "--model", "kvquant", "--model_args",
         f"pretrained={assets.model},codebooks={assets.codebooks},bits_v={BITS_V},device=cpu,batch_size=1",
@@ -243,3 +258,126 @@ def test_registration_entry_point_and_command_line(assets, monkeypatch, tmp_path
     data = json.loads(result.read_text())
     assert data["config"]["kvquant_cache"] == "KVQuantCache"
     assert 0.0 <= data["results"]["kvquant_tiny_mc"]["acc,none"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> str:
+    """A tiny Qwen2 folder: the Llama's codebooks do not fit it."""
+    folder = tmp_path_factory.mktemp("other") / "qwen2"
+    make_model("qwen2").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def no_model_loads(monkeypatch) -> None:
+    """Fail where KVQuantLM loads a model: its argument checks come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("KVQuantLM loaded a model before it checked its model_args")
+
+    monkeypatch.setattr("kvquant.assets.load_model", refuse)
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("bits_v=9", r"^model_args bits_v=9: use a whole number 1–8 \(the bits of each cached value, e\.g\. bits_v=4; "
+                 r"leave bits_v out for the codebook file's\)$"),
+    ("bits_v=banana", r"^model_args bits_v='banana': use a whole number 1–8 "),
+    ("bits_v=2.5", r"^model_args bits_v=2\.5: use a whole number 1–8 "),
+    ("bits_v=0", r"^model_args bits_v=0: use a whole number 1–8 "),
+    ("bits_v=true", r"^model_args bits_v=True: use a whole number 1–8 "),
+    ("residual=x", r"^model_args residual='x': use a whole number >= 0 "),
+    ("sink=-1", r"^model_args sink=-1: use a whole number >= 0 "),
+    ("quantize_values=3", r"^model_args quantize_values=3: use true or false$"),
+    ("values=absmax", r"^model_args values='absmax': use one of minmax, rms$"),
+    ("decode=fast", r"^model_args decode='fast': use one of codes, dequantize$"),
+    ("dtype=3", r"^model_args dtype=3: use one of float32, bfloat16, float16$"),
+    ("batch_size=banana", r"^model_args batch_size='banana' \(or --batch_size\): use a whole number >= 1 or auto "),
+    ("batch_size=0", r"^model_args batch_size=0 "),
+    ("max_length=banana", r"^model_args max_length='banana': use a whole number >= 1 "),
+    ("logits_cache=maybe", r"^model_args logits_cache='maybe': use true or false$"),
+    ("codebooks=true", r"^model_args codebooks=True is not a file: give the \.safetensors file of `kvquant calibrate`, "
+                       r"or leave codebooks out"),
+])
+def test_model_args_of_a_wrong_type_or_range_name_key_value_and_fix_before_any_model_loads(assets, monkeypatch, arg,
+                                                                                            match):
+    """As lm-eval parses --model_args ("9" an int, "banana" a str, "true" a bool): each bad value
+    is a ValueError naming the key, the value and what to write, raised before the model loads."""
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        KVQuantLM.create_from_arg_string(f"pretrained={assets.model},codebooks={assets.codebooks},device=cpu,{arg}")
+
+
+def test_model_args_as_strings_are_accepted(assets):
+    """JSON --model_args and lm-eval's --batch_size give numbers as strings: taken as the numbers."""
+    lm = KVQuantLM.create_from_arg_obj({"pretrained": assets.model, "codebooks": assets.codebooks, "bits_v": "3",
+                                        "quantize_values": "true", "device": "cpu"}, {"batch_size": "2"})
+    assert lm.kv_options == {"bits_v": 3, "quantize_values": True} and lm.batch_size == 2
+    assert lm.new_cache().options.bits_v == 3
+
+
+@pytest.mark.parametrize("build", [
+    lambda a: KVQuantLM(device="cpu"),
+    lambda a: KVQuantLM(pretrained="", codebooks=a.codebooks),
+    lambda a: KVQuantLM.create_from_arg_string(f"codebooks={a.codebooks},device=cpu"),
+    lambda a: KVQuantLM.create_from_arg_string("pretrained=None,device=cpu"),
+    lambda a: KVQuantLM.create_from_arg_obj({}, {"batch_size": 1, "device": "cuda:0"}),  # lm-eval without --model_args
+], ids=["no-args", "empty", "string-without", "none", "dict-without"])
+def test_pretrained_is_required(assets, monkeypatch, build):
+    """No pretrained= is an error naming it (not the quiet default model), before any model loads."""
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match=r"^model_args pretrained= is required: the model to evaluate, "
+                                         r"e\.g\. pretrained=smollm2-135m \(offline names: smollm2-135m, .*\), "
+                                         r"a local model folder or a hub id$"):
+        build(assets)
+
+
+def test_codebook_file_errors_name_model_args_codebooks(assets, other_model, tmp_path):
+    """No file, not a codebook file, codebooks for another model, a cache option the codebooks
+    refuse: each error names codebooks= (and the option) and the fix."""
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"^model_args codebooks={re.escape(str(missing))}: no codebook file "
+                                                r"at .*; create one with `kvquant calibrate --out .*`, or leave "
+                                                r"codebooks out to run the unquantized model$"):
+        KVQuantLM(pretrained=assets.model, codebooks=str(missing), device="cpu")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=rf"^model_args codebooks={re.escape(str(junk))}: .* is not a safetensors "
+                                         r"file"):
+        KVQuantLM(pretrained=assets.model, codebooks=str(junk), device="cpu")
+    with pytest.raises(ValueError, match=rf"(?s)^model_args codebooks={re.escape(assets.codebooks)} do not fit "
+                                         rf"pretrained={re.escape(other_model)} \(pass the codebooks calibrated for "
+                                         r"it\): codebooks were calibrated for llama .*model has 'qwen2'"):
+        KVQuantLM(pretrained=other_model, codebooks=assets.codebooks, device="cpu")
+    with pytest.raises(ValueError, match=rf"^model_args codebooks={re.escape(assets.codebooks)}, sink=5: sink \(5\) "
+                                         r"must be smaller than group \(4\)"):
+        KVQuantLM(pretrained=assets.model, codebooks=assets.codebooks, sink=5, device="cpu")
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("pretrained={model},codebooks={codebooks},bits_v=9,device=cpu", "model_args bits_v=9: use a whole number 1–8 ("),
+    ("pretrained={model},codebooks={codebooks},bits_v=banana,device=cpu", "model_args bits_v='banana': use a whole "),
+    ("pretrained={model},codebooks={codebooks},bits_k=4,device=cpu",
+     "unknown model_args for --model kvquant: bits_k; known: pretrained, codebooks, bits_v,"),
+    ("pretrained={model},codebooks={missing},device=cpu", "model_args codebooks={missing}: no codebook file at "),
+    ("pretrained={other},codebooks={codebooks},device=cpu",
+     "model_args codebooks={codebooks} do not fit pretrained={other} (pass the codebooks calibrated for it): "
+     "codebooks were calibrated for llama and do not fit this model: - model_type: "),
+    ("device=cpu", "model_args pretrained= is required: "),
+    (None, "model_args pretrained= is required: "),
+], ids=["bits_v-9", "bits_v-banana", "unknown-key", "no-codebook-file", "other-model", "no-pretrained",
+        "no-model_args"])
+def test_command_line_user_errors_are_one_line_and_exit_2(assets, other_model, monkeypatch, tmp_path, capsys,
+                                                         model_args, message):
+    """`python -m kvquant.harness --model kvquant --model_args ...` with a user error: exit status 2,
+    the last line of stderr `kvquant.harness: error: <message>` (multi-line messages joined), no
+    traceback."""
+    from kvquant.harness import main
+
+    only_tiny_tasks(monkeypatch)
+    names = dict(model=assets.model, codebooks=assets.codebooks, other=other_model,
+                 missing=str(tmp_path / "missing.safetensors"))
+    args = [] if model_args is None else ["--model_args", model_args.format(**names)]
+    code = main(["--model", "kvquant", *args, "--tasks", "kvquant_tiny_mc", "--include_path", str(TASK_DIR)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("kvquant.harness: error: " + message.format(**names))
