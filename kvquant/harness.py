@@ -182,7 +182,8 @@ class KVQuantLM(HFLM):
             runs the unquantized model through ``DynamicCache``.
         bits_v, values, quantize_values, residual, sink, decode: :func:`kvquant.make_cache`'s options
             (default: the file's; e.g. ``bits_v=4``); only with ``codebooks``.
-        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (default: the dtype the model ships in, bfloat16 for the offline models),
+            ``float32``, ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:0`` … (default: CUDA where available, else the CPU).
         batch_size: requests per batch (default 1). Each row of a batch still runs through its own
             cache, right padding included: a batch saves nothing here, so keep 1.
@@ -214,7 +215,7 @@ class KVQuantLM(HFLM):
         residual: int | None = None,
         sink: int | None = None,
         decode: str | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         batch_size: int | str = 1,
         **kwargs: Any,
@@ -234,8 +235,8 @@ class KVQuantLM(HFLM):
         if codebooks is None and options:
             raise ValueError(f"model_args {', '.join(options)} set kvquant's quantized cache: add codebooks=FILE "
                              "(from `kvquant calibrate`), or drop them to run the unquantized model (DynamicCache)")
-        if not isinstance(dtype, torch.dtype) and not (isinstance(dtype, str) and dtype in DTYPES):
-            raise ValueError(f"model_args dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        if not isinstance(dtype, torch.dtype) and not (isinstance(dtype, str) and dtype in (*DTYPES, "auto")):
+            raise ValueError(f"model_args dtype={dtype!r}: use auto or one of {', '.join(DTYPES)}")
         batch_size = _batch_size(batch_size)
         dev = _device(device)
         from kvquant.assets import load_model
