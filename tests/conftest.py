@@ -193,3 +193,11 @@ def pytest_collection_modifyitems(config, items):
         if "integration" in item.keywords:
             item.add_marker(skip)
 
+
+
+@pytest.fixture(autouse=True)
+def _alone(monkeypatch):
+    """A test is one process, whatever launched the suite: torchrun / SLURM / accelerate variables
+    would make calibration join (or wait for) a process group."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)

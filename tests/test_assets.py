@@ -153,6 +153,7 @@ def test_load_model_unknown_name_offline(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)  # no hub request from a test
     with pytest.raises(AssetError) as err:
         assets.load_model("org/not-here")
     msg = str(err.value)

@@ -469,6 +469,7 @@ def _dispositions(ignored: tuple[int, ...] = ()) -> Callable[[], None]:
     inherits SIG_IGN), then ignoring ``ignored`` (as ``nohup`` does SIGHUP)."""
 
     def preexec() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CAUGHT)  # a blocked mask also passes through fork and exec
         for s in _CAUGHT:
             signal.signal(s, signal.SIG_IGN if s in ignored else signal.SIG_DFL)
 
@@ -476,13 +477,35 @@ def _dispositions(ignored: tuple[int, ...] = ()) -> Callable[[], None]:
 
 
 def _start(script: str, *args, ignored: tuple[int, ...] = ()) -> subprocess.Popen:
+    """The child running ``script``, once it printed "writing" (at most 120 s, then the test fails)."""
+    import selectors
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             preexec_fn=_dispositions(ignored))
-    line = proc.stdout.readline()
-    assert line.strip() == "writing", proc.stderr.read()
+    _CHILDREN.append(proc)
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout=120)
+    line = proc.stdout.readline() if ready else ""
+    why = proc.stderr.read() if proc.poll() is not None else "(still running)"
+    assert line.strip() == "writing", f"the child did not start writing: {line!r} {why}"
     return proc
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left():
+    """Children of a failed signal test are killed, not left sleeping."""
+    yield
+    while _CHILDREN:
+        proc = _CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

@@ -128,7 +128,8 @@ def test_tasks_run_through_the_quantized_cache(assets, monkeypatch):
         for choice, ((ll, _greedy),) in zip(doc["choices"], sample["resps"], strict=True):
             ids = tok(doc["query"] + " " + choice).input_ids
             want.append(float(stepwise_logprobs(assets.ref, ids, quantized_cache(assets))[len(ctx) - 1 :].sum()))
-            assert ll == pytest.approx(want[-1], abs=1e-4), (doc["query"], choice)
+            # chunked (lm-eval) vs one token at a time: other matmul shapes, so a 2-bit code may flip on a last bit
+            assert ll == pytest.approx(want[-1], abs=1e-3), (doc["query"], choice)
         correct.append(max(range(len(want)), key=want.__getitem__) == doc["label"])
     assert res["kvquant_tiny_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
