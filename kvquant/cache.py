@@ -84,6 +84,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from kvquant import density as dens
 from kvquant import scalar as cb
+from kvquant.code_attention import DECODE_KERNELS, step_kernel
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
@@ -193,6 +194,7 @@ class CacheOptions:
     scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.groupnorm.store_scales)
     values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
     decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.code_attention) where the layout allows; "dequantize"
+    kernel: str = "auto"  # which kernel reads them (kvquant.code_attention.DECODE_KERNELS): auto = the device's
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
@@ -207,6 +209,8 @@ class CacheOptions:
             raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.kernel not in DECODE_KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {self.kernel!r}")
 
 
 _TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
@@ -365,6 +369,7 @@ class _QuantKV:
                             and options.quantize_values and tables.k_offset.shape[-1] % 8 == 0)
         self._channel_layout = self._channel_tables() if self.packing else None
         self._wants_codes = False  # set by begin_step for the next update
+        self._step_kernel = None  # the kernel reading a step from the codes (lazy_initialization: the device's)
         self.step_pending: int | None = None  # an update deferred its attention: the first visible token
         self._plan = None
         self._dev_tables: LayerTables | None = None
@@ -387,6 +392,8 @@ class _QuantKV:
             )
         self.head_dim = d
         dev, dt, o = key_states.device, key_states.dtype, self.options
+        if self.reads_codes:
+            self._step_kernel = step_kernel(o.kernel, dev, o.group)[0]  # None: steps dequantize
         e = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)  # noqa: E731
         self.sink_k, self.sink_v = e(b, h, 0, d), e(b, h, 0, d)
         if self.group:
@@ -582,18 +589,16 @@ class _QuantKV:
         return p, p
 
     def _deferrable(self) -> bool:
-        return self._wants_codes and self.device.type == "cpu"
+        return self._wants_codes and self._step_kernel is not None
 
     def decode_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
                          scaling: float | None) -> torch.Tensor:
-        """The deferred step's attention (B, 1, H_q, D), read from the codes
-        (:func:`kvquant.code_attention.attend`)."""
-        from kvquant.code_attention import attend
-
+        """The deferred step's attention (B, 1, H_q, D), read from the codes by the layer's kernel
+        (:func:`kvquant.code_attention.step_kernel`: C on the CPU, Triton on CUDA)."""
         start, self.step_pending = self.step_pending, None
         if start is None:
             raise RuntimeError("decode_attention without a deferred update (begin_step, then update, first)")
-        out = attend(self, query, attention_mask, scaling, start)
+        out = self._step_kernel(self, query, attention_mask, scaling, start)
         self._end_step()
         return out
 
@@ -954,6 +959,7 @@ def make_cache(
     sink: int | None = None,
     values: str = "minmax",
     decode: str = "codes",
+    kernel: str = "auto",
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
@@ -962,7 +968,10 @@ def make_cache(
     defaults to the codebooks' exact sink tokens. ``decode`` (:data:`DECODE_MODES`): ``codes``
     computes each decoding step's attention from the codes (channel-group keys, quantized values,
     CPU; the model is wrapped, mode ``off``, for the hook that routes the step), ``dequantize``
-    dequantizes every held token first (the reference). Pass it to ``model.generate(...,
+    dequantizes every held token first (the reference). ``kernel``
+    (:data:`kvquant.code_attention.DECODE_KERNELS`): which kernel reads the steps — ``auto``, the
+    device's (C on the CPU, Triton on CUDA; where it cannot run, a warning and steps dequantize),
+    ``c`` or ``triton`` (ValueError where it cannot run). Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
     ``past_key_values=`` before); one cache per generation. TypeError if ``codebooks`` is not a
     :class:`~kvquant.codebooks.Codebooks` (a file path: load it with ``Codebooks.load(path)``)."""
@@ -984,15 +993,16 @@ def make_cache(
     if bits_v is None:
         bits_v = codebooks.config.bits_v or round(k.mean_bits)
     if decode == "codes" and k.group and quantize_values:  # a layout decoding steps read from the codes
-        from kvquant import cpu_kernels
-
-        ok, why = cpu_kernels.available()
-        if not ok:
+        device = next(model.parameters()).device
+        fn, why = step_kernel(kernel, torch.device("cpu") if device.type == "meta" else device, k.group)
+        if fn is None and kernel != "auto":
+            raise ValueError(f"make_cache(kernel={kernel!r}) cannot run here: {why}")
+        if fn is None:
             warnings.warn(f"decoding by dequantizing every held token (slower): {why}", stacklevel=2)
             decode = "dequantize"
     options = CacheOptions(
         k.bits, bits_v, quantize_values, residual,
-        k.sink if sink is None else sink, k.group, k.scale_bits, values, decode,
+        k.sink if sink is None else sink, k.group, k.scale_bits, values, decode, kernel,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types = cache_layer_types(config)

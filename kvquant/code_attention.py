@@ -9,17 +9,52 @@ in full precision.
 
 The reference is the dequantize-then-SDPA path (the layer's ``_materialize`` and transformers'
 SDPA): same codes, outputs equal within float rounding (tests/test_code_attention.py).
+
+:func:`step_kernel` is the one place that chooses which kernel reads a step: this C one on the
+CPU, :func:`kvquant.triton_decode.decode_step` on a GPU (the same arguments and result).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kvquant import cpu_kernels
 
-__all__ = ["RotationPlan", "attend"]
+__all__ = ["DECODE_KERNELS", "RotationPlan", "attend", "step_kernel"]
+
+#: Which kernel computes a decoding step from the codes: ``auto`` — the device's (the C kernel on
+#: the CPU, Triton on CUDA); ``c``; ``triton`` (on the CPU only under ``TRITON_INTERPRET=1``: tests).
+DECODE_KERNELS = ("auto", "c", "triton")
+
+StepKernel = Callable[..., torch.Tensor]  # (layer, query, attention_mask, scaling, start) -> (B, 1, H_q, D)
+
+
+def step_kernel(kernel: str, device: torch.device, group: int) -> tuple[StepKernel | None, str]:
+    """``(function, "")`` computing a decoding step from the codes of layers on ``device`` with
+    key groups of ``group`` tokens — :func:`attend` or :func:`kvquant.triton_decode.decode_step` —
+    or ``(None, why)`` where the chosen kernel cannot run (the cache then dequantizes)."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {kernel!r}")
+    device = torch.device(device)
+    if kernel == "auto":
+        kernel = "c" if device.type == "cpu" else "triton"
+    if kernel == "c":
+        if device.type != "cpu":
+            return None, f"the C decode kernel runs on the CPU; the cache is on {device}"
+        ok, why = cpu_kernels.available()
+        return (attend, "") if ok else (None, why)
+    from kvquant import triton_decode
+
+    ok, why = triton_decode.available()
+    if not ok:
+        return None, why
+    if group % 16:
+        return None, f"the Triton decode kernel reads key groups of a multiple of 16 tokens, these have {group}"
+    return functools.partial(triton_decode.decode_step, block_t=32 if group % 32 == 0 else 16), ""
 
 
 @dataclass
