@@ -84,7 +84,7 @@ def generate_check(name: str, geometry: tuple, device: torch.device, prompt: int
     model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **cache_kwargs(DynamicCache(config=cfg)),
                    max_new_tokens=new, min_new_tokens=new, do_sample=False)
     t_dynamic = time.perf_counter() - t0
-    (a, sa, na, ta, kernel), (b, sb, nb, tb, _) = runs["codes"], runs["dequantize"]
+    (a, sa, na, ta, kernel), (b, sb, _, tb, _) = runs["codes"], runs["dequantize"]
     finite = torch.isfinite(sb)
     return {"geometry": name, "kernel": getattr(getattr(kernel, "func", kernel), "__module__", None),
             "tokens_equal": bool(torch.equal(a, b)), "max_score_diff": float((sa - sb)[finite].abs().max()),

@@ -412,7 +412,7 @@ def _check_rows_quantize(rows: dict, seqlen: int) -> None:
     (a key group, or transformers' 128 exact recent tokens, not smaller than the window) — they
     would equal fp and say nothing."""
     from kvquant.codebooks import Codebooks
-    from kvquant.generation import LIBRARY_RESIDUAL, LibraryCache
+    from kvquant.library_cache import LIBRARY_RESIDUAL, LibraryCache
 
     exact = {name: row.k.group if isinstance(row, Codebooks) else LIBRARY_RESIDUAL
              for name, row in rows.items() if isinstance(row, (Codebooks, LibraryCache))}

@@ -9,7 +9,6 @@ token-by-token decoding gives it (up to matmul rounding; tests/test_generation.p
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvquant.cache import KVQuantCache
 from kvquant.compat import cache_kwargs
+from kvquant.library_cache import LibraryCache
 from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
 from kvquant.placement import input_device
 
@@ -203,40 +203,6 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
         held = held_bits(caches[name], model, n)
         out[name] = s.row(name, held.mean, kv_bytes_per_token=per_token, kv_bits_end=held.end, kv_bits_max=held.max)
     return out
-
-
-#: transformers ``QuantizedCache`` backends a row may name, with the module each needs.
-LIBRARY_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
-#: Recent tokens transformers' ``QuantizedCache`` holds exact (its ``residual_length`` default).
-LIBRARY_RESIDUAL = 128
-#: The bits each backend takes (transformers' ``QuantoQuantizedLayer`` / ``HQQQuantizedLayer`` checks).
-LIBRARY_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
-
-
-@dataclass(frozen=True)
-class LibraryCache:
-    """A row of transformers' own quantized KV cache: ``QuantizedCache(backend, config, nbits)``
-    with the library's defaults (quanto: INT per token and head over groups of 64 channels,
-    residual_length 128 exact tokens, then the whole cache re-quantized). ``--baselines
-    quanto@4`` in generation mode; needs the ``compare`` extra."""
-
-    backend: str
-    nbits: int
-
-    def __post_init__(self) -> None:
-        if self.backend not in LIBRARY_BACKENDS:
-            raise ValueError(f"unknown QuantizedCache backend {self.backend!r}; use {', '.join(LIBRARY_BACKENDS)}")
-        allowed = LIBRARY_BITS[self.backend]
-        if self.nbits not in allowed:  # refused here, before any row runs (transformers refuses at the first update)
-            raise ValueError(f"row {self.backend}@{self.nbits:g}: transformers' {self.backend} cache takes "
-                             f"{', '.join(map(str, allowed))} bits")
-        if importlib.util.find_spec(LIBRARY_BACKENDS[self.backend].split(".")[0]) is None or (
-                importlib.util.find_spec(LIBRARY_BACKENDS[self.backend]) is None):
-            raise ValueError(f"row {self.backend}@{self.nbits} needs {LIBRARY_BACKENDS[self.backend]}: "
-                             "pip install 'kvquant-density[compare]'")
-
-    def new(self, model: torch.nn.Module) -> Cache:
-        return QuantizedCache(self.backend, model.config, nbits=self.nbits)
 
 
 def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax") -> dict:

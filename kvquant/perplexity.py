@@ -196,7 +196,7 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
     the value bits V (:func:`row_value_bits`); ``kivi@B[/V]`` is the KIVI-style INT cache
     (:func:`kvquant.baselines.kivi_codebooks`: B-bit min–max keys per channel over the codebooks'
     groups, post-RoPE, fp16 scales, no sink); ``quanto@B`` / ``hqq@B`` transformers' own
-    ``QuantizedCache`` (:class:`kvquant.generation.LibraryCache`, K and V at B bits). Classic
+    ``QuantizedCache`` (:class:`kvquant.library_cache.LibraryCache`, K and V at B bits). Classic
     baselines quantize inside attention only and are refused there."""
     rows: dict[str, Quantizer | Codebooks | None] = {}
     for name in names:
@@ -211,7 +211,7 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
                                  "only (use --mode simulated for it, or kivi@B for the KIVI-style INT cache)")
             rows[name] = Baseline(name)
         elif generation and at_bits and at_bits["method"] in ("quanto", "hqq") and not at_bits["bits_v"]:
-            from kvquant.generation import LibraryCache
+            from kvquant.library_cache import LibraryCache
 
             bits = float(at_bits["bits"])
             if bits != int(bits):
