@@ -33,7 +33,7 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "bits_k": 4,
     "method": "lambda-lloyd",
     "norm": "channel-group",
-    "group": 128,
+    "group": 64,
     "sink": 1,
     "outliers": 0.0,
     "rope": "pre",
