@@ -1,8 +1,8 @@
 """The one prepared GPU check: what a user with a GPU runs, checked and timed in one script that
 installs nothing (torch, transformers, triton and kvquant as they are on the machine).
 
-(a) the Triton kernel's tests (tests/test_code_attention.py, ``-k triton``): on CUDA they run the
-    kernel directly against the C path (the C kernel is built on the host CPU);
+(a) the Triton kernel's tests (tests/test_code_attention.py, ``-k triton``: under Triton's
+    interpreter against the C path, as on any machine — that the installed triton agrees);
 (b) ``generate()`` through ``make_cache`` — whose one-token steps the Triton kernel reads on CUDA —
     on a SmolLM2-135M-like and a Llama-3-8B-like geometry (random weights; 4 layers of the 8B) with
     pre-RoPE group codebooks calibrated on random tokens, against ``decode="dequantize"`` (the

@@ -261,32 +261,37 @@ def run_triton_cases() -> list[tuple[str, float]]:
     return results
 
 
-def test_triton_kernel_matches_the_c_path():
+def under_triton(function: str):
+    """``function()`` of this module under Triton's interpreter, on CPU tensors (a subprocess with
+    ``TRITON_INTERPRET=1``, which must be set before triton is first imported), also where a GPU
+    is present (eval/gpu_check.py runs the kernel on CUDA tensors); skips where triton does not
+    import. Returns what it returns (JSON-serialisable)."""
     try:
         import triton  # noqa: F401
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"triton is not importable: {e}")
-    if torch.cuda.is_available():
-        results = run_triton_cases()
-    else:
-        import json
-        import os
-        import subprocess
-        import sys
-        from pathlib import Path
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-        code = (
-            "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
-            "import test_code_attention as t; from kvquant import triton_decode as td; ok, why = td.available(); "
-            "print(json.dumps({'ok': ok, 'why': why, 'results': t.run_triton_cases() if ok else []}))"
-        )
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert res["ok"], res["why"]  # triton is installed: the interpreter must run
-        results = res["results"]
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+        "import test_code_attention as t; from kvquant import triton_decode as td; ok, why = td.available(); "
+        f"print(json.dumps({{'ok': ok, 'why': why, 'result': t.{function}() if ok else None}}))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["ok"], res["why"]  # triton is installed: the interpreter must run
+    return res["result"]
+
+
+def test_triton_kernel_matches_the_c_path():
+    results = [tuple(r) for r in under_triton("run_triton_cases")]
     bad = [(case, err) for case, err in results if not err <= 1e-4]
     assert len(results) == 13 and not bad, bad
 
@@ -366,25 +371,7 @@ def test_generate_with_the_triton_kernel_equals_the_c_kernel_and_the_reference()
     """make_cache(kernel="triton") on CPU tensors (Triton's interpreter): generate() reads every
     one-token step of every layer from the codes with the Triton kernel, and gives the C kernel's
     and the dequantize reference's tokens."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"triton is not importable: {e}")
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
-        "import test_code_attention as t; print(json.dumps(t.run_generate_through_kernels()))"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = under_triton("run_generate_through_kernels")
     for family, r in res.items():
         layers = 2
         assert r["steps_from_codes"] == [19 * layers, 19 * layers, 0], (family, r)  # 19 one-token steps each
