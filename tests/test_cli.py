@@ -150,7 +150,7 @@ def test_calibrate_defaults_are_the_best_measured_configuration(model_dir, text_
     c = Codebooks.load(books_path).config
     assert (c.method, c.norm, c.sink, c.scale_bits, c.rope) == ("lambda-lloyd", "channel-group", 1, 8, "pre")
     assert (c.budget_sides, c.bits_v) == ("k", 4)  # the deployed cache: keys allocated, 4-bit values
-    assert DEFAULTS["group"] == 128 and c.group == 8 and DEFAULTS["effective_bits"] == 3.65
+    assert DEFAULTS["group"] == 64 and c.group == 8 and DEFAULTS["effective_bits"] == 3.65
     # exactly 6 effective bits per key entry at seqlen 16: code + 16/8 (scales) + 16/16 (the sink) = 6 → 3 code bits, caps ⌈·⌉ + 2
     assert c.budget == pytest.approx(3.0, abs=1e-6) and (c.bits_q, c.bits_k) == (5, 5)
     rc = run(calibrate_args(model_dir, text_file, books_path, "--group", 128))
