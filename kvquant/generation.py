@@ -215,6 +215,15 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
     from kvquant.cache import make_cache
     from kvquant.perplexity import row_value_bits
 
+    if any(isinstance(row, LibraryCache) for row in rows.values()):
+        from kvquant.compat import cache_layer_types
+
+        kinds = {kind for kind, _ in cache_layer_types(model.config.get_text_config(decoder=True))}
+        if kinds - {"full_attention"}:  # transformers refuses it at the row's first window, after the others ran
+            names = ", ".join(n for n, r in rows.items() if isinstance(r, LibraryCache))
+            raise ValueError(f"rows {names}: transformers' QuantizedCache holds full-attention layers only, this model "
+                             f"also has {', '.join(sorted(kinds - {'full_attention'}))} layers; drop those rows")
+
     def factory(name, row):
         if row is None:
             return lambda: DynamicCache(config=model.config)

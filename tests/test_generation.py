@@ -188,3 +188,13 @@ def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
     assert held.mean == pytest.approx(sum(curve) / 14, rel=1e-12) and held.max == pytest.approx(max(curve), rel=1e-12)
     if row != "dynamic":
         assert held.max > held.end  # the exact tail costs more while a group fills
+
+
+def test_library_rows_refused_for_sliding_window_models_before_any_row_runs():
+    """transformers' QuantizedCache refuses sliding layers only at its first window (after the other
+    rows ran): the rows are refused when the caches are set up."""
+    from kvquant.generation import LibraryCache, cache_factories
+
+    with pytest.raises(ValueError, match="quanto@4: transformers' QuantizedCache holds full-attention layers only"):
+        cache_factories(make_model("gemma3"), {"fp": None, "quanto@4": LibraryCache("quanto", 4)})
+    assert set(cache_factories(make_model("llama"), {"fp": None, "quanto@4": LibraryCache("quanto", 4)})) == {"fp", "quanto@4"}
