@@ -90,6 +90,17 @@ def test_keys_only_allocation_and_kivi_cache():
         kivi_codebooks(books, 2.5)
 
 
+def _small_quanto(model, residual: int):
+    """transformers' 4-bit quanto cache at the tiny model's size: ``residual`` exact recent tokens,
+    groups of 16 (the tiny model has 2 × 16 values per token)."""
+    from kvquant.generation import LibraryCache
+
+    cache = LibraryCache("quanto", 4).new(model)
+    for layer in cache.layers:
+        layer.residual_length, layer.q_group_size = residual, 16
+    return cache
+
+
 def test_quanto_row_chunked_equals_stepwise_and_counts_its_codes():
     """transformers' QuantizedCache (quanto) as a generation-mode row: the chunks of
     chunk_starts give what token-by-token decoding gives, and kv_bits counts its packed codes,
@@ -99,13 +110,8 @@ def test_quanto_row_chunked_equals_stepwise_and_counts_its_codes():
 
     model = make_model("llama")
     ids = random_ids(1, 40, seed=3)
-    row = LibraryCache("quanto", 4)
-
     def small():
-        cache = row.new(model)
-        for layer in cache.layers:
-            layer.residual_length, layer.q_group_size = 8, 16  # the tiny model has 2 × 16 values per token
-        return cache
+        return _small_quanto(model, 8)
 
     assert chunk_starts(small(), 40) == [0, 1, 8, 9, 16, 17, 24, 25, 32, 33]
     chunked, n, cache = generation_nll(model, ids, small, progress=False)
@@ -159,13 +165,8 @@ def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
     model = make_model(family)
     if row == "quanto":
         pytest.importorskip("optimum.quanto")
-        lib = LibraryCache("quanto", 4)
-
         def new():
-            cache = lib.new(model)
-            for layer in cache.layers:
-                layer.residual_length, layer.q_group_size = 4, 16  # the tiny model has 2 × 16 values per token
-            return cache
+            return _small_quanto(model, 4)
     elif row == "kvquant":
         books = calibrate(model, random_ids(2, 16, seed=7),
                           CalibrationConfig(CodebookConfig("lambda", 4, 4, norm="channel-group", group=4, sink=1,
