@@ -160,7 +160,7 @@ def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
     """The mean / end / max bits of a window come from a shape-only replay: after t tokens it must
     give what a cache holds after decoding t real tokens one by one (group 4 with a sink: the exact tail grows and
     shrinks; gemma3's sliding layer drops expired groups; quanto re-quantizes every 4 tokens)."""
-    from kvquant.generation import LibraryCache, held_bits, kv_bits
+    from kvquant.generation import held_bits, kv_bits
 
     model = make_model(family)
     if row == "quanto":
