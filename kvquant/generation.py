@@ -24,7 +24,7 @@ from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
 from kvquant.placement import input_device
 
 __all__ = ["HeldBits", "LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation",
-           "generation_nll", "held_bits", "kv_bits"]
+           "generation_nll", "held_bits", "held_bits_curve", "kv_bits"]
 
 #: Longest chunk fed at once (bounds the logits' memory); any finer split gives the same result.
 MAX_CHUNK = 256
@@ -148,7 +148,7 @@ class HeldBits:
     tokens: int
 
 
-def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) -> HeldBits:
+def held_bits_curve(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) -> list[float]:
     """The bits per K/V entry (:func:`kv_bits`) a fresh ``new_cache()`` holds after each of ``n``
     tokens, t = 1 … n.
 
@@ -159,8 +159,7 @@ def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) ->
     ``update``). ``DynamicCache`` holds every token alike: its bits are the same after each."""
     cache = new_cache()
     if type(cache) is DynamicCache:
-        bits = torch.finfo(model.dtype).bits
-        return HeldBits(float(bits), float(bits), float(bits), n)
+        return [float(torch.finfo(model.dtype).bits)] * n
     cfg = model.config.get_text_config(decoder=True)
     h = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -175,6 +174,12 @@ def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) ->
             elif hasattr(layer, "update"):
                 layer.update(k, k)
         curve.append(kv_bits(cache)[0])
+    return curve
+
+
+def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) -> HeldBits:
+    """Mean, end and largest of :func:`held_bits_curve` over ``n`` tokens."""
+    curve = held_bits_curve(new_cache, model, n)
     return HeldBits(sum(curve) / n, curve[-1], max(curve), n)
 
 
