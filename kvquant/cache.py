@@ -88,7 +88,7 @@ from kvquant.code_attention import DECODE_KERNELS, step_kernel
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
 from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
-from kvquant.groupnorm import SCALE_BITS, causal_groups
+from kvquant.groupnorm import SCALE_BITS, causal_groups, complete_tokens
 from kvquant.packing import ChannelPacking, packed_size
 from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.rope import derotate, rotate
@@ -147,13 +147,13 @@ def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int
 
     Per layer and KV head, with D = ``head_dim``, T = ``seqlen``, C = tokens held as codes
     (``channel-group``: the complete groups, ``⌊T/G⌋·G``; static norms: all T) and
-    min(sink, T) tokens whose values are also held exact (the sinks' exact copies, over their code
-    slots; every value is codes from its arrival):
+    E = T − C + min(sink, T) tokens whose values are held exact (the newest incomplete group and
+    the sinks' exact copies, which keep their code slots too):
 
         keys   = D · effective_bits(key_code_bits, D, T) / 8                 (CodebookConfig.effective_bits:
                                                                              codes, 2·scale_bits/G of group
                                                                              mid/half, exact tail and sinks)
-        values = packed_size(D, bits_v) + _VALUE_SCALE_BYTES + min(sink, T) · 2·D / T
+        values = (C · (packed_size(D, bits_v) + _VALUE_SCALE_BYTES) + E · 2·D) / T
         bytes/token = layers · kv_heads · (keys + values)
 
     ``key_code_bits`` is the *packed* code bits per key entry of complete groups, averaged over
@@ -174,8 +174,10 @@ def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int
     least = config.group if config.dynamic else 1  # group mode: one complete group
     if seqlen < least:
         raise ValueError(f"seqlen must be >= {least}, got {seqlen}")
+    quantized = complete_tokens(seqlen, config.group) if config.dynamic else seqlen
+    exact_values = seqlen - quantized + min(config.sink, seqlen)
     keys = head_dim * config.effective_bits(key_code_bits, head_dim, seqlen) / 8
-    values = packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES + min(config.sink, seqlen) * 2 * head_dim / seqlen
+    values = (quantized * (packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES) + exact_values * 2 * head_dim) / seqlen
     return layers * kv_heads * (keys + values)
 
 
@@ -250,20 +252,18 @@ class LayerTables:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _TABLES)
 
 
-# Per-layer storage, in token order. Values: codes of every held token, quantized as they arrive
-# (v_codes (B, H, S, bytes), v_scale per token; exact values there when values are not quantized).
-# Keys: [quantized | residual (exact)] — per token (static normalisation: k_codes (B, H, n, bytes))
-# or per group (group mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D); the
-# residual is the incomplete newest group). sink_v / sink_k: exact copies of the stream's first
-# ``sink`` values (from their arrival) and keys (once quantized), laid over their code slots when read.
+# Per-layer storage, in token order: [quantized | residual (exact)], plus sink_k/sink_v: exact copies
+# of the first held quantized tokens while they are the stream's first ``sink`` tokens. Values are
+# per token; keys per token (static normalisation: k_codes (B, H, n, bytes)) or per group (group
+# mode: k_codes (B, 1, n/G, bytes) and k_mid/k_half (B, H, n/G, D)).
 # Pre-RoPE keys (``rope="pre"`` codebooks): the quantized keys are stored before the rotation and
 # rotated at their positions when read: the stream indices while the position ids equal them
 # (nothing stored), else k_pos (B, 1, n) and res_pos (B, 1, r), the position ids of the quantized
-# and residual keys (int32, counted).
-_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_pos")
-_VALUES = ("v_codes", "v_scale")
+# and residual tokens (int32, counted).
+_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_v", "res_pos")
+_PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
-_RESIDUAL = ("res_k", "res_pos")
+_RESIDUAL = ("res_k", "res_v", "res_pos")
 
 
 def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
@@ -318,14 +318,13 @@ class LayerRope:
 
 @dataclass
 class _Undo:
-    """What a layer needs to take back its last update: the state before it (tokens held, keys
-    held as codes, exact sink copies, the residual tensors, the stream index, whether positions
-    were stored) and the update's own keys, values (B, H, n, D) and position ids (B, 1, n) as given.
+    """What a layer needs to take back its last update: the state before it (held tokens as
+    codes, exact sink copies, the residual tensors, the stream index, whether positions were
+    stored) and the update's own keys, values (B, H, n, D) and position ids (B, 1, n) as given.
     Kept only while past recording is on; its tensors are counted in the layer's memory."""
 
-    held: int
     quantized: int
-    sinks: tuple[int, int]
+    sinks: int
     residual: tuple
     seen: int
     positions_stored: bool
@@ -339,17 +338,14 @@ class _Undo:
 
     @classmethod
     def of(cls, layer: "_QuantKV", k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> "_Undo":
-        return cls(layer.held_tokens, layer.quantized_tokens, (layer.sink_k.shape[2], layer.sink_v.shape[2]),
-                   (layer.res_k, layer.res_pos),
+        return cls(layer.quantized_tokens, layer.sink_k.shape[2], (layer.res_k, layer.res_v, layer.res_pos),
                    layer._seen, layer.k_pos is not None, k.clone(), v.clone(), None if pos is None else pos.clone())
 
     def restore(self, layer: "_QuantKV") -> None:
         """Put ``layer`` back as it was before the update (codes appended since are sliced off)."""
         layer._slice_quantized(None, self.quantized)
-        layer._slice_values(None, self.held)
-        layer.sink_k, layer.sink_v = (_slice(layer.sink_k, None, self.sinks[0]),
-                                      _slice(layer.sink_v, None, self.sinks[1]))
-        layer.res_k, layer.res_pos = self.residual
+        layer.sink_k, layer.sink_v = _slice(layer.sink_k, None, self.sinks), _slice(layer.sink_v, None, self.sinks)
+        layer.res_k, layer.res_v, layer.res_pos = self.residual
         layer._seen = self.seen
         if not self.positions_stored:
             layer.k_pos = None
@@ -411,7 +407,7 @@ class _QuantKV:
             self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE) if o.values == "rms" else e(b, h, 0, 2, dtype=torch.int8)
         else:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
-        self.res_k = e(b, h, 0, d)
+        self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
         # pre-RoPE positions: k_pos/res_pos stay None (the stream index) until a row departs from it
         self._dev_tables = self.tables.to(dev)
 
@@ -419,12 +415,12 @@ class _QuantKV:
     def held_tokens(self) -> int:
         if not self.is_initialized or self.k_codes is None:
             return 0
-        return self.v_codes.shape[2]
+        return self.quantized_tokens + self.res_k.shape[2]
 
     @property
     def quantized_tokens(self) -> int:
-        """Tokens whose keys are held as codes (the first ones; every held value is codes)."""
-        return self.held_tokens - self.res_k.shape[2]
+        """Tokens held as codes (values are stored per token in both modes)."""
+        return self.v_codes.shape[2]
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, n) for n in _STORE) if t is not None]
@@ -475,42 +471,29 @@ class _QuantKV:
         codes = cb.quantize(vn, t.v_boundaries.expand(v.shape[1], -1), dim=1)
         return pack(codes, self.options.bits_v), scale
 
-    def _dequantized_keys(self) -> torch.Tensor:
-        """Keys of the quantized segment (B, H, n, D) in the model's dtype, rotated at their
-        positions for pre-RoPE codebooks, the sinks' exact copies over their slots."""
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized segment, dequantized to the model's dtype, the sinks exact."""
+        t, o = self._dev_tables, self.options
         k = self._dequantize_keys(self.k_codes, self.k_mid, self.k_half)
         if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
             k = rotate(k, *self.rope.tables(self._quantized_positions()))
         k = k.to(self.dtype)
-        m = self.sink_k.shape[2]
-        if m:  # k is a fresh tensor here
-            k[:, :, :m] = self.sink_k
-        return k
-
-    def _decode_values(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Values (B, H, n, D) in the model's dtype of :meth:`_quantize_values`' codes and scales."""
-        t, o = self._dev_tables, self.options
-        if o.values == "minmax":
-            codes = unpack(codes, o.bits_v, self.head_dim).transpose(2, 3)
-            q = GroupCodes(codes, scale[..., 0].unsqueeze(2), scale[..., 1].unsqueeze(2), 8)
+        if o.quantize_values and o.values == "minmax":
+            codes = unpack(self.v_codes, o.bits_v, self.head_dim).transpose(2, 3)
+            q = GroupCodes(codes, self.v_scale[..., 0].unsqueeze(2), self.v_scale[..., 1].unsqueeze(2), 8)
             h = codes.shape[1]
             # contiguous: SDPA takes its fast (flash) CPU kernel only for a unit stride along head_dim
-            return decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype).contiguous()
-        return dequantize_values(codes, t.v_centers, scale, o.bits_v, self.head_dim).to(self.dtype)
-
-    def _dequantized_values(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Values of held tokens ``start … stop − 1`` (B, H, n, D) in the model's dtype, the sinks'
-        exact copies over their slots."""
-        stop = self.held_tokens if stop is None else stop
-        if not self.options.quantize_values:
-            return self.v_codes[:, :, start:stop]
-        if stop <= start:
-            return self.res_k[:, :, :0]
-        v = self._decode_values(self.v_codes[:, :, start:stop], self.v_scale[:, :, start:stop])
-        m = self.sink_v.shape[2]
-        if m > start:  # v is a fresh tensor here
-            v[:, :, : min(m, stop) - start] = self.sink_v[:, :, start : min(m, stop)]
-        return v
+            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype).contiguous()
+        elif o.quantize_values:
+            v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
+        else:
+            v = self.v_codes
+        m = self.sink_k.shape[2]
+        if m:  # the exact sinks over their code slots (k and quantized v are fresh tensors here)
+            k[:, :, :m] = self.sink_k
+            if o.quantize_values:
+                v[:, :, :m] = self.sink_v
+        return k, v
 
     # --- token operations -------------------------------------------------------------
     def _stream(self, start: int, n: int, batch: int) -> torch.Tensor:
@@ -540,40 +523,30 @@ class _QuantKV:
     def _append(self, k: torch.Tensor, v: torch.Tensor, given_pos: torch.Tensor | None = None) -> None:
         """Append ``n`` tokens' keys and values (B, H, n, D) as given to the layer (post-RoPE);
         ``given_pos`` (B, 1, n): their position ids, else those the attention module was called
-        with (pre-RoPE codebooks only). Values are quantized now; keys join the exact residual
-        and are quantized once more than ``options.residual`` are there (group mode: whole
-        groups). While past recording is on, what a :meth:`crop` of these tokens needs to replay
-        them exactly is kept (:class:`_Undo`)."""
+        with (pre-RoPE codebooks only). While past recording is on, what a :meth:`crop` of these
+        tokens needs to replay them exactly is kept (:class:`_Undo`)."""
         if self.rope is not None:
             given_pos = self.rope.positions(k.shape[0], k.shape[2]) if given_pos is None else given_pos
         self._undo = _Undo.of(self, k, v, given_pos) if self.record_past else None
         pos = self._track_positions(k, given_pos) if self.rope is not None else None
-        first_new = self._seen  # stream index of k[:, :, 0]
         self._seen += k.shape[2]
-        take = min(max(self.sink_cap - first_new, 0), k.shape[2])
-        if take:  # exact copies of the sinks' values, laid over their code slots when read
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
-        if self.options.quantize_values:
-            vcodes, scale = self._quantize_values(v)
-            self.v_codes = torch.cat([self.v_codes, vcodes], dim=2)
-            self.v_scale = torch.cat([self.v_scale, scale], dim=2)
-        else:
-            self.v_codes = torch.cat([self.v_codes, v], dim=2)
-        res = [torch.cat([self.res_k, k], dim=2), None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
+        res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
+               None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
         over = res[0].shape[2] - self.options.residual
         if self.group:
             over = over // self.group * self.group  # whole groups only
         if over > 0:
             first = self._seen - res[0].shape[2]  # stream index of res[0]; in group mode a multiple of G
             take = min(max(self.sink_cap - first, 0), over)
-            if take:  # exact copies of the sinks' keys, laid over their code slots when read
+            if take:  # exact copies of the sinks, laid over their code slots when read
                 self.sink_k = torch.cat([self.sink_k, res[0][:, :, :take]], dim=2)
+                self.sink_v = torch.cat([self.sink_v, res[1][:, :, :take]], dim=2)
             keys = res[0][:, :, :over]
             if self.rope is not None:
-                at = res[1][:, 0, :over] if pos is not None else self._stream(first, over, keys.shape[0])[:, 0]
+                at = res[2][:, 0, :over] if pos is not None else self._stream(first, over, keys.shape[0])[:, 0]
                 keys = derotate(keys, *self.rope.tables(at))
                 if pos is not None:
-                    self.k_pos = torch.cat([self.k_pos, res[1][:, :, :over]], dim=2)
+                    self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
             if self.group and first == 0:  # the sinks are left out of group 0's range, as simulated
                 keys = causal_groups(keys, self.group, self.sink_cap)
             codes, mid, half = self._quantize_keys(keys)
@@ -581,8 +554,14 @@ class _QuantKV:
             if self.group:
                 self.k_mid = torch.cat([self.k_mid, mid], dim=2)
                 self.k_half = torch.cat([self.k_half, half], dim=2)
+            if self.options.quantize_values:
+                vcodes, scale = self._quantize_values(res[1][:, :, :over])
+                self.v_codes = torch.cat([self.v_codes, vcodes], dim=2)
+                self.v_scale = torch.cat([self.v_scale, scale], dim=2)
+            else:
+                self.v_codes = torch.cat([self.v_codes, res[1][:, :, :over]], dim=2)
             res = [_slice(t, over, None) for t in res]
-        self.res_k, self.res_pos = res
+        self.res_k, self.res_v, self.res_pos = res
 
     # --- decoding from codes ----------------------------------------------------------
     def _channel_tables(self) -> tuple[torch.Tensor, ...]:
@@ -636,21 +615,18 @@ class _QuantKV:
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
-        v = self._dequantized_values()
         if not self.quantized_tokens:
-            return self.res_k, v
-        k = self._dequantized_keys()
-        return (torch.cat([k, self.res_k], dim=2) if self.res_k.shape[2] else k), v
-
-    def _slice_values(self, start: int | None, stop: int | None) -> None:
-        """Keep the values of held tokens ``[start:stop]``."""
-        for name in _VALUES:
-            setattr(self, name, _slice(getattr(self, name), start, stop))
+            return self.res_k, self.res_v
+        k, v = self._dequantized()
+        if not self.res_k.shape[2]:
+            return k, v
+        return torch.cat([k, self.res_k], dim=2), torch.cat([v, self.res_v], dim=2)
 
     def _slice_quantized(self, start: int | None, stop: int | None) -> None:
-        """Keep the quantized keys of tokens ``[start:stop]`` (group mode: whole groups)."""
+        """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
         self._plan = None
-        self.k_pos = _slice(self.k_pos, start, stop)
+        for name in _PER_TOKEN_Q:
+            setattr(self, name, _slice(getattr(self, name), start, stop))
         if self.group:
             g = lambda i: None if i is None else i // self.group  # noqa: E731
             for name in _PER_GROUP_K:
@@ -668,26 +644,26 @@ class _QuantKV:
         m = min(n, self.quantized_tokens)
         if self.group:
             m = m // self.group * self.group
-        if not self.group and m == self.quantized_tokens:  # static keys: the residual's oldest too
-            m = min(n, self.held_tokens)
-        if not m:
+        if m:
+            self._slice_quantized(m, None)
+            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
+            n -= m
+        if n <= 0 or self.quantized_tokens or self.group:  # group mode: the residual is the next group
             return
-        q = min(m, self.quantized_tokens)
-        self._slice_quantized(q, None)
-        self._slice_residual(m - q, None)
-        self._slice_values(m, None)
-        self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
+        m = min(n, self.res_k.shape[2])
+        if m:
+            self._slice_residual(m, None)
 
     def _drop_back(self, n: int) -> None:
         """Drop the ``n`` newest tokens. Within the last update while past recording is on (the
         drafts assisted decoding rejects), the layer is put back as it was before that update
         and the kept tokens are appended again from their exact copies: the layer then equals
-        one fed only the kept tokens. Otherwise, in group mode, the kept keys of a split group go
-        back to the exact residual as the keys the cache served for them (dequantized, rotated at
-        their positions; sinks as their exact copies): a group's codes cannot be re-encoded
-        without its dropped tokens, and the exact originals are gone. Values are per token.
+        one fed only the kept tokens. Otherwise, in group mode, the kept part of a split group goes back
+        to the exact residual as the keys and values the cache served for it (dequantized,
+        rotated at its positions; sinks as their exact copies): a group's codes cannot be
+        re-encoded without its dropped tokens, and the exact originals are gone.
 
-        ``_seen`` is lowered by the tokens removed, so that ``_seen − held_tokens`` stays the
+        ``_seen`` is lowered with each part removed, so that ``_seen − held_tokens`` stays the
         stream index of the first held token: the split group is read (and pre-RoPE keys
         rotated) at its own positions."""
         undo, self._undo = self._undo, None
@@ -699,26 +675,25 @@ class _QuantKV:
                              None if undo.pos is None else undo.pos[:, :, :kept])
             self._undo = None  # what was cropped is gone
             return
-        n = min(n, self.held_tokens)
-        if not n:
-            return
-        keep, residual, quantized = self.held_tokens - n, self.res_k.shape[2], self.quantized_tokens
-        have = min(keep, quantized)  # quantized keys kept
-        partial = have % self.group if self.group and have < quantized else 0
-        if partial:  # read while the layer is whole: the split group's kept keys, as served
-            split_k = self._dequantized_keys()[:, :, have - partial : have]
-            split_pos = None if self.res_pos is None else self.k_pos[:, :, have - partial : have]
-        self._slice_residual(None, max(residual - n, 0))
-        if have < quantized:
+        m = min(n, self.res_k.shape[2])
+        if m:
+            self._slice_residual(None, self.res_k.shape[2] - m)
+            self._seen -= m
+            n -= m
+        have = self.quantized_tokens
+        m = min(n, have)
+        if m:
+            keep = have - m
+            partial = keep % self.group if self.group else 0
             if partial:
-                self.res_k = torch.cat([split_k, self.res_k], dim=2)
-                if split_pos is not None:
-                    self.res_pos = torch.cat([split_pos, self.res_pos], dim=2)
-            self._slice_quantized(None, have - partial)
-            self.sink_k = _slice(self.sink_k, None, have - partial)
-        self._slice_values(None, keep)
-        self.sink_v = _slice(self.sink_v, None, keep)
-        self._seen -= n
+                k, v = self._dequantized()
+                self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
+                self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
+                if self.res_pos is not None:
+                    self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
+            self._slice_quantized(None, keep - partial)
+            self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
+            self._seen -= m
 
     def _keep_last(self, n: int) -> None:
         extra = self.held_tokens - max(n, 0)

@@ -133,15 +133,14 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     out = torch.empty(b, h, hq // h, d)
     ints = dict(B=b, H=h, R=hq // h, D=d, G=layer.group, m=sq // layer.group, gb=layer.k_codes.shape[-1],
                 K=centers.shape[-1], nd=0 if plan.cosd is None else plan.cosd.shape[1],
-                rh=0 if plan.cosd is None else plan.cosd.shape[0], n_sink=layer.sink_k.shape[2],
-                n_sink_v=layer.sink_v.shape[2], n_exact=n_exact,
+                rh=0 if plan.cosd is None else plan.cosd.shape[0], n_sink=layer.sink_k.shape[2], n_exact=n_exact,
                 start=start, pv=layer.v_codes.shape[-1], bits_v=o.bits_v, scale_bits=o.scale_bits,
                 rms_values=int(o.values == "rms"))
     cpu_kernels.decode_step(ints, dict(
         kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
         base_cos=base_cos, base_sin=base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
         q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
-        xk=_f32(layer.res_k), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
+        xk=_f32(layer.res_k), xv=_f32(layer.res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
     ))
     return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

@@ -23,10 +23,8 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
   from transformers' direct ``cos(θp)`` by the float rounding of the angle only.
 * values: codes of ``bits`` bits along head_dim, ``v̂ = centers[code]·half + mid`` per token
   (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``).
-* values are codes for every held token (quantized as they arrive); keys for the first ``m·G``,
-  then the exact residual keys ``(B, H, n_exact, D)``; the sinks' exact keys ``(B, H, n_sink, D)``
-  and values ``(B, H, n_sink_v, D)`` laid over their code slots; float32; the mask
-  ``(B, visible)`` uint8, 1 = attend.
+* exact tokens: the sinks ``(B, H, n_sink, D)`` laid over their code slots and the residual
+  ``(B, H, n_exact, D)``, float32; the mask ``(B, visible)`` uint8, 1 = attend.
 
 Build: ``$CC`` (default ``cc``) with ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
 it, ``-mavx2 -mfma`` when torch reports AVX2 on this CPU; the library is cached in
@@ -55,7 +53,7 @@ from kvquant.groupnorm import load_scales
 __all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 3
+_ABI = 2
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.packing.pack_levels`'s layout, as lookup tables.
@@ -65,10 +63,10 @@ DIGITS5 = torch.from_numpy(np.array([[(w // 5**i) % 5 for i in range(3)] for w i
 _CODES = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)
 HALF_OF_CODE = load_scales(torch.zeros(256, dtype=torch.int8), _CODES, 8)[1].contiguous()
 
-_INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_sink_v", "n_exact", "start", "pv", "bits_v",
+_INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_exact", "start", "pv", "bits_v",
          "scale_bits", "rms_values", "nthreads")
 _PTRS = ("kcodes", "ch_off", "ch_levels", "ch_bits", "kcent", "kmid", "khalf", "half_of_code", "base_cos", "base_sin",
-         "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "vcodes", "vcent", "vscale", "mask", "out",
+         "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "xv", "vcodes", "vcent", "vscale", "mask", "out",
          "d3", "d5")
 
 

@@ -22,8 +22,8 @@ inside one group:
   per-token codes) or ``·RMS_s``; online softmax (base 2), ``acc += p·V̂`` by ``tl.dot``.
 
 Kernel 2 (grid ``B·H_kv``) combines the splits (log-sum-exp rescaling) into the quantized part's
-normalised output and log-sum-exp; the sinks and the residual (few tokens: exact keys, values
-dequantized from their codes) are attended in torch and merged by their log-sum-exp.
+normalised output and log-sum-exp; the exact sinks and residual (few tokens) are attended in
+torch and merged by their log-sum-exp.
 
 On a machine without a GPU the kernels run under Triton's interpreter: ``TRITON_INTERPRET=1``
 must be in the environment before Python starts (torch and transformers import triton); this is
@@ -116,7 +116,7 @@ def _scales(mid_ptr, half_ptr, idx, ok, HALF_TAB, SCALE8: tl.constexpr):
 def _split_kernel(
     Q, QT, KC, OFF, LEV, NB, KCENT, KMID, KHALF, HALF_TAB, INVF, POS,
     VC, VCENT, VMID, VHALF, MASK, MPART, LPART, OPART,
-    S, SV, FIRST, START, POS0, M, GB, K, HKV, ROT_A, CHUNK, NSPLIT, MASK_LEN,
+    S, FIRST, START, POS0, M, GB, K, HKV, ROT_A, CHUNK, NSPLIT, MASK_LEN,
     D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     RH: tl.constexpr, RHM: tl.constexpr, PV: tl.constexpr, BITS_V: tl.constexpr,
     SCALE8: tl.constexpr, MINMAX: tl.constexpr, HAS_POS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -171,13 +171,13 @@ def _split_kernel(
         # values (T, D)
         vbit = j * BITS_V
         vbyte = vbit >> 3
-        vrow = VC + ((b * HKV + h) * SV + n)[:, None] * PV
+        vrow = VC + ((b * HKV + h) * S + n)[:, None] * PV
         vok = n_ok[:, None] & j_ok[None, :]
         v0 = tl.load(vrow + vbyte[None, :], mask=vok, other=0).to(tl.int32)
         v1 = tl.load(vrow + vbyte[None, :] + 1, mask=vok & (vbyte + 1 < PV)[None, :], other=0).to(tl.int32)
         vcode = ((v0 | (v1 << 8)) >> (vbit & 7)[None, :]) & ((1 << BITS_V) - 1)
         vc = tl.load(VCENT + vcode, mask=vok, other=0.0)
-        sidx = (b * HKV + h) * SV + n
+        sidx = (b * HKV + h) * S + n
         if MINMAX:
             vmid, vhalf = _scales(VMID, VHALF, sidx * 2, n_ok, HALF_TAB, True)
         else:
@@ -242,11 +242,9 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
     q = (query.float() * scaling).reshape(b, h, rep, d)
     if attention_mask is not None:
         attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
-    # exact keys (sinks over their slots, the residual): torch, natural-log units
-    n_all = sq + layer.res_k.shape[2]
+    # exact tokens (sinks over their slots, the residual): torch, natural-log units
     ex_k = torch.cat([layer.sink_k[:, :, start:], layer.res_k[:, :, max(start - sq, 0):]], dim=2).float()
-    ex_v = torch.cat([layer._dequantized_values(start, max(start, n_sink)),
-                      layer._dequantized_values(max(start, sq), n_all)], dim=2).float()
+    ex_v = torch.cat([layer.sink_v[:, :, start:], layer.res_v[:, :, max(start - sq, 0):]], dim=2).float()
     ex_s = q @ ex_k.transpose(-1, -2)
     if attention_mask is not None:
         cols = torch.cat([torch.arange(start, max(start, n_sink)), torch.arange(max(start, sq), sq + layer.res_k.shape[2])])
@@ -286,7 +284,7 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
         qp.contiguous(), qt.contiguous(), layer.k_codes.contiguous(), off.to(torch.int32), lev.to(torch.int32),
         nb.to(torch.int32), centers, kmid.contiguous(), khalf.contiguous(), tab, inv_freq.float().to(dev), pos,
         layer.v_codes.contiguous(), layer._dev_tables.v_centers.float(), vmid, vhalf, mask, m_part, l_part, o_part,
-        sq, n_all, first, start, layer._seen - layer.held_tokens, sq // g, layer.k_codes.shape[-1], centers.shape[-1], h,
+        sq, first, start, layer._seen - layer.held_tokens, sq // g, layer.k_codes.shape[-1], centers.shape[-1], h,
         float(rot_a), chunk, splits, visible,
         D=d, G=g, RP=rp, BLOCK_D=block_d, BLOCK_T=block_t, RH=rh, RHM=max(rh, 1), PV=layer.v_codes.shape[-1], BITS_V=o.bits_v,
         SCALE8=o.scale_bits == 8, MINMAX=o.values == "minmax", HAS_POS=layer.k_pos is not None,

@@ -106,7 +106,7 @@ def test_requantizing_cached_keys_is_identity():
     with torch.no_grad():
         model(random_ids(), **cache_kwargs(cache), use_cache=True)
     for layer_idx, layer in enumerate(cache.layers):
-        k = layer._dequantized_keys()
+        k, _ = layer._dequantized()
         assert torch.equal(books.k.apply(k, layer_idx), k)
 
 
@@ -141,32 +141,29 @@ def test_layer_holds_sink_quantized_residual(sink, residual):
     for lo, hi in [(0, 4), (4, 5), (5, 9), (9, 10), (10, 11)]:
         kk, vv = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
         n = hi
-        sinks = torch.zeros(n, dtype=torch.bool)
-        sinks[: min(sink, n)] = True
-        exact = sinks.clone()
-        exact[max(n - residual, 0) :] = True  # keys only: values are quantized as they arrive
+        exact = torch.zeros(n, dtype=torch.bool)
+        exact[: min(sink, n)] = True
+        exact[max(n - residual, 0) :] = True
         kq, vq = books.k.apply(k[:, :, :n], 1), _expected_values(v[:, :, :n], 4)
         ek = torch.where(exact[None, None, :, None], k[:, :, :n], kq)
-        ev = torch.where(sinks[None, None, :, None], v[:, :, :n], vq)
+        ev = torch.where(exact[None, None, :, None], v[:, :, :n], vq)
         assert torch.equal(kk, ek)
         torch.testing.assert_close(vv, ev, atol=1e-6, rtol=1e-6)
         assert layer.get_seq_length() == n
-        # every key past the residual has a code slot, every value too; the sinks' exact copies laid over
+        # every token past the residual has a code slot, the sinks too (their exact copies laid over)
         assert layer.k_codes.shape[2] == max(n - residual, 0) and layer.sink_k.shape[2] == min(sink, max(n - residual, 0))
-        assert layer.v_codes.shape[2] == n and layer.sink_v.shape[2] == min(sink, n)
 
 
 def test_residual_and_sink_tokens_are_exact_in_the_model():
-    """With every token exact (sinks ≥ length; or residual ≥ length with exact values), the cached
-    model equals the model with quantized queries and exact keys and values."""
+    """With every token exact (sink or residual ≥ length), the cached model equals the model
+    with quantized queries and exact keys and values."""
     from transformers import DynamicCache
 
     model, books = setup("llama")
     ids = random_ids()
     kvquant.wrap(model, query_quantizer(books, model))
     ref = stepwise_logits(model, ids, DynamicCache(config=model.config), prefill=3)  # the same matmul shapes
-    for opts in (dict(residual=SEQ, quantize_values=False), dict(sink=SEQ),
-                 dict(sink=5, residual=SEQ - 5, quantize_values=False)):
+    for opts in (dict(residual=SEQ), dict(sink=SEQ), dict(sink=5, residual=SEQ - 5)):
         got = stepwise_logits(model, ids, make_cache(model, books, **opts), prefill=3)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     # and fewer exact tokens change the result
@@ -252,13 +249,13 @@ def test_memory_per_token_head_dim_64():
     assert ratio == pytest.approx(66 / 256) and ratio <= 0.30  # 25.8 % of fp16, metadata included
     assert cache.table_bytes() > 0  # static, per model
 
-    # exact sinks (key + value) and residual keys are counted in the model's dtype (float32 here);
-    # the sinks keep their code slots too, and every value is codes
+    # exact sink/residual tokens are counted in the model's dtype (float32 here); the sinks keep
+    # their code slots too
     cache = make_cache(model, books, sink=2, residual=5)
     with torch.no_grad():
         model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
-    exact, k_code, v_code = d * 4, d * 4 // 8, d * 4 // 8 + 2  # one float32 key or value; a key's, a value's codes
-    expect = layers * b * hkv * ((s - 5) * k_code + s * v_code + (5 + 2) * exact + 2 * exact)
+    exact = 2 * d * 4  # key + value, float32
+    expect = layers * b * hkv * ((s - 5) * per_head + 7 * exact)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
     assert cache.bytes_per_token() == pytest.approx(expect / (b * s))
 
@@ -471,9 +468,8 @@ def test_group_mode_memory():
         model(random_ids(b, s), **cache_kwargs(cache), use_cache=True)
     per_head_q = 8 + 8 + 2 + 2 * d * 2 / 4  # key codes, value codes + scale, fp16 mid/half per group of 4
     quantized = s // 4 * 4  # the sink's slot included
-    exact_k = s - quantized + 1  # keys of the incomplete group and the sink's exact copy
-    values = s * (8 + 2) + 1 * d * 4  # every value as codes + scale, the sink's exact copy
-    expect = 2 * b * 2 * (quantized * (per_head_q - 10) + values + exact_k * d * 4)
+    exact = s - quantized + 1  # the incomplete group and the sink's exact copy
+    expect = 2 * b * 2 * (quantized * per_head_q + exact * 2 * d * 4)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
     assert cache.quantized_bytes_per_token() == 2 * 2 * per_head_q
 

@@ -62,24 +62,10 @@ def _next_logits(model, cache, token: torch.Tensor) -> torch.Tensor:
     return model(token, **cache_kwargs(cache), use_cache=True).logits
 
 
-class _ValuesAsCoded(DynamicCache):
-    """A DynamicCache whose new values are held as ``like``'s layers code them (values are
-    quantized as they arrive, so a token attends to its own value's codes)."""
-
-    def __init__(self, model, like):
-        super().__init__(config=model.config)
-        self.like = like
-
-    def update(self, k, v, i, *args, **kwargs):
-        lay = self.like.layers[i]
-        return super().update(k, lay._decode_values(*lay._quantize_values(v)), i, *args, **kwargs)
-
-
-def _dynamic_with(model, served: list[tuple[torch.Tensor, torch.Tensor]], like) -> DynamicCache:
-    """A cache holding ``served`` as given, whose next values are coded as ``like`` codes them."""
-    ref = _ValuesAsCoded(model, like)
+def _dynamic_with(model, served: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    ref = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(served):
-        DynamicCache.update(ref, k, v, i)
+        ref.update(k, v, i)
     return ref
 
 
@@ -148,8 +134,7 @@ def test_crop_at_every_offset(family, config, record):
 def test_logits_after_a_crop_into_a_group(config):
     """Through the model: after a crop of a prefill (no recording), the next token's logits equal
     those of a DynamicCache holding exactly the keys and values the cache served for the kept
-    tokens and the next token's value as coded (its key stays exact; one that completes a group is
-    quantized)."""
+    tokens (where the next token stays exact; one that completes a group is quantized)."""
     model = make_model("llama")
     books = _books(model, config)
     ids = random_ids(2, T + 1, seed=3)
@@ -160,7 +145,7 @@ def test_logits_after_a_crop_into_a_group(config):
         cache = _prefilled(model, books, ids[:, :T])
         before = _served(cache)
         cache.crop(-removed)
-        want = _next_logits(model, _dynamic_with(model, [(k[:, :, :kept], v[:, :, :kept]) for k, v in before], cache),
+        want = _next_logits(model, _dynamic_with(model, [(k[:, :, :kept], v[:, :, :kept]) for k, v in before]),
                             ids[:, kept:kept + 1])
         torch.testing.assert_close(_next_logits(model, cache, ids[:, kept:kept + 1]), want, atol=1e-4, rtol=0)
 

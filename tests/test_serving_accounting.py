@@ -97,11 +97,11 @@ def test_static_norm_and_the_formula_by_hand():
     kbits = packed_size(D, 4) * 8 / D
     assert cache.bytes_per_token() == pytest.approx(kv_bytes_per_token(books.config, kbits, 4, D, H, L, 11), rel=1e-12)
 
-    # G = 128, D = 128, 8-bit scales, sink 1, 3 code bits, 4-bit values, 200 tokens: keys of 128 as
-    # codes, 72 exact (+1 sink copy); every value as codes (+1 sink copy); per layer and head
+    # G = 128, D = 128, 8-bit scales, sink 1, 3 code bits, 4-bit values, 200 tokens: 128 as codes,
+    # 72 exact (+1 sink copy); per layer and head
     cfg = replace(books.config, norm="channel-group", group=128, sink=1, scale_bits=8)
     keys = (128 * 128 * 3 / 8 + 2 * 128) + (72 + 1) * 128 * 2  # codes + one group's mid/half + exact
-    values = 200 * (64 + 2) + 1 * 128 * 2
+    values = 128 * (64 + 2) + (72 + 1) * 128 * 2
     assert kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 200) == pytest.approx(32 * 8 * (keys + values) / 200, rel=1e-12)
     with pytest.raises(ValueError, match="seqlen"):
         kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 100)  # no complete group yet

@@ -4,8 +4,8 @@
  * kvq_decode_step runs, per (batch row, KV head) — in parallel with OpenMP when the compiler
  * has it — scores of the R query rows against the quantized keys (codes unpacked 8 at a time,
  * centers looked up with AVX2 permutes where the target has them, rotation and dot products
- * fused), the exact sinks and the exact residual keys; the mask; the softmax; and the value sums
- * from the value codes (every held token) and the sinks' exact values. Nothing of size (tokens x head_dim) is written.
+ * fused), the exact sinks and the exact residual; the mask; the softmax; and the value sums
+ * from the value codes and the exact values. Nothing of size (tokens x head_dim) is written.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #endif
 
-int kvq_abi_version(void) { return 3; }
+int kvq_abi_version(void) { return 2; }
 
 /* ---- codes ------------------------------------------------------------------------------ */
 
@@ -94,8 +94,7 @@ static void lookup_codes(const uint8_t *rec, int64_t levels, int64_t nbits, int6
 /* Keep in step with cpu_kernels.Step (ctypes). Shapes: B rows, H KV heads, R query rows per KV
  * head, D head dim, G tokens per group, m groups held, gb bytes per group record. */
 typedef struct {
-  int64_t B, H, R, D, G, m, gb, K, nd, rh, n_sink, n_sink_v, n_exact, start, pv, bits_v, scale_bits, rms_values,
-      nthreads;
+  int64_t B, H, R, D, G, m, gb, K, nd, rh, n_sink, n_exact, start, pv, bits_v, scale_bits, rms_values, nthreads;
   const uint8_t *kcodes;                     /* (B, m, gb) */
   const int64_t *ch_off, *ch_levels, *ch_bits; /* (H, D) */
   const float *kcent;                        /* (H, D, K) */
@@ -105,11 +104,11 @@ typedef struct {
   const float *cosd, *sind;                  /* (rh, nd): a cos(theta delta), a sin(theta delta) */
   const int32_t *delta;                      /* (B, m G) rows into cosd / sind, or NULL: delta = s mod G */
   const float *q;                            /* (B, H, R, D), scaled */
-  const float *sink_k, *sink_v;              /* (B, H, n_sink, D), (B, H, n_sink_v, D) */
-  const float *xk;                           /* (B, H, n_exact, D): the exact residual keys */
-  const uint8_t *vcodes;                     /* (B, H, m G + n_exact, pv): every held token */
+  const float *sink_k, *sink_v;              /* (B, H, n_sink, D) */
+  const float *xk, *xv;                      /* (B, H, n_exact, D): the exact residual */
+  const uint8_t *vcodes;                     /* (B, H, m G, pv) */
   const float *vcent;                        /* (2^bits_v,) */
-  const void *vscale;                        /* (B, H, m G + n_exact, 2) int8 (mid, half), or (..) float32 RMS */
+  const void *vscale;                        /* (B, H, m G, 2) int8 (mid, half) codes, or (B, H, m G) float32 RMS */
   const uint8_t *mask;                       /* (B, visible tokens) 1 = attend, or NULL */
   float *out;                                /* (B, H, R, D) */
   const uint8_t *d3, *d5;
@@ -252,24 +251,18 @@ int kvq_decode_step(const kvq_step *a) {
       float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       for (int64_t t = 0; t < n_vis; t++) pr[t] *= inv;
     }
-    /* values: the sinks' exact copies, then codes */
+    /* values: codes, then exact sinks and residual */
     memset(acc, 0, sizeof(float) * (R * D + R));
-    for (int64_t s = start; s < a->n_sink_v; s++) {
-      const float *v = a->sink_v + (bh * a->n_sink_v + s) * D;
-      for (int64_t r = 0; r < R; r++) {
-        float pr = p[r * n_vis + s - start], *ac = acc + r * D;
-        for (int64_t j = 0; j < D; j++) ac[j] += pr * v[j];
-      }
-    }
-    for (int64_t s = (start > a->n_sink_v ? start : a->n_sink_v); s < n_all; s++) {
-      lookup_codes(a->vcodes + (bh * n_all + s) * a->pv, (int64_t)1 << a->bits_v, a->bits_v, D, vtab, vals, codes,
+    const int64_t first_code = start > a->n_sink ? start : a->n_sink;
+    for (int64_t s = first_code; s < sq; s++) {
+      lookup_codes(a->vcodes + (bh * sq + s) * a->pv, (int64_t)1 << a->bits_v, a->bits_v, D, vtab, vals, codes,
                    NULL, NULL);
       float mul, add;
       if (a->rms_values) {
-        mul = ((const float *)a->vscale)[bh * n_all + s];
+        mul = ((const float *)a->vscale)[bh * sq + s];
         add = 0.0f;
       } else {
-        const int8_t *sc8 = (const int8_t *)a->vscale + (bh * n_all + s) * 2;
+        const int8_t *sc8 = (const int8_t *)a->vscale + (bh * sq + s) * 2;
         mul = a->half_of_code[sc8[1] + 128];
         add = (float)sc8[0] * mul / 16.0f;
       }
@@ -278,6 +271,14 @@ int kvq_decode_step(const kvq_step *a) {
         if (pr == 0.0f) continue;
         cst[r] += pr * add;
         for (int64_t j = 0; j < D; j++) ac[j] += w * vals[j];
+      }
+    }
+    for (int64_t s = start; s < n_all; s++) {
+      if (s >= first_code && s < sq) continue;
+      const float *v = s < sq ? a->sink_v + (bh * a->n_sink + s) * D : a->xv + (bh * a->n_exact + s - sq) * D;
+      for (int64_t r = 0; r < R; r++) {
+        float pr = p[r * n_vis + s - start], *ac = acc + r * D;
+        for (int64_t j = 0; j < D; j++) ac[j] += pr * v[j];
       }
     }
     for (int64_t r = 0; r < R; r++)
