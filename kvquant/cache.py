@@ -111,6 +111,11 @@ SCALE_DTYPE = torch.float16
 #: Bytes of value scale per token and head: the fp16 RMS (``rms``) or the int8 (mid, half) (``minmax``).
 _VALUE_SCALE_BYTES = 2
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
+#: How the residual (the newest incomplete group; ``residual`` recent tokens) holds keys and values
+#: until they are quantized: ``exact`` in the model's dtype; ``int8`` symmetric INT8 per token and
+#: KV head with an fp16 absmax scale (8 + 16/D bits per entry), quantized from those when their
+#: group completes (exact values of ``quantize_values=False`` stay exact).
+TAIL_FORMATS = ("exact", "int8")
 
 
 #: How values are normalised per token: ``minmax`` — ``(v − mid)/half`` over the head dimension on
@@ -195,6 +200,7 @@ class CacheOptions:
     values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
     decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.code_attention) where the layout allows; "dequantize"
     kernel: str = "auto"  # which kernel reads them (kvquant.code_attention.DECODE_KERNELS): auto = the device's
+    tail: str = "exact"  # the residual's keys and values (TAIL_FORMATS): "exact" (model dtype) or "int8" per token
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
@@ -211,6 +217,8 @@ class CacheOptions:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.kernel not in DECODE_KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {self.kernel!r}")
+        if self.tail not in TAIL_FORMATS:
+            raise ValueError(f"tail must be one of {', '.join(TAIL_FORMATS)}, got {self.tail!r}")
 
 
 _TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
@@ -260,10 +268,11 @@ class LayerTables:
 # rotated at their positions when read: the stream indices while the position ids equal them
 # (nothing stored), else k_pos (B, 1, n) and res_pos (B, 1, r), the position ids of the quantized
 # and residual tokens (int32, counted).
-_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_v", "res_pos")
+_STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale", "k_pos", "res_k", "res_k_scale",
+          "res_v", "res_v_scale", "res_pos")
 _PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
-_RESIDUAL = ("res_k", "res_v", "res_pos")
+_RESIDUAL = ("res_k", "res_k_scale", "res_v", "res_v_scale", "res_pos")
 
 
 def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
@@ -338,14 +347,15 @@ class _Undo:
 
     @classmethod
     def of(cls, layer: "_QuantKV", k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> "_Undo":
-        return cls(layer.quantized_tokens, layer.sink_k.shape[2], (layer.res_k, layer.res_v, layer.res_pos),
+        return cls(layer.quantized_tokens, layer.sink_k.shape[2], tuple(getattr(layer, n) for n in _RESIDUAL),
                    layer._seen, layer.k_pos is not None, k.clone(), v.clone(), None if pos is None else pos.clone())
 
     def restore(self, layer: "_QuantKV") -> None:
         """Put ``layer`` back as it was before the update (codes appended since are sliced off)."""
         layer._slice_quantized(None, self.quantized)
         layer.sink_k, layer.sink_v = _slice(layer.sink_k, None, self.sinks), _slice(layer.sink_v, None, self.sinks)
-        layer.res_k, layer.res_v, layer.res_pos = self.residual
+        for name, t in zip(_RESIDUAL, self.residual):
+            setattr(layer, name, t)
         layer._seen = self.seen
         if not self.positions_stored:
             layer.k_pos = None
@@ -407,7 +417,14 @@ class _QuantKV:
             self.v_scale = e(b, h, 0, dtype=SCALE_DTYPE) if o.values == "rms" else e(b, h, 0, 2, dtype=torch.int8)
         else:
             self.v_codes, self.v_scale = e(b, h, 0, d), None
-        self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
+        if o.tail == "int8":
+            self.res_k, self.res_k_scale = e(b, h, 0, d, dtype=torch.int8), e(b, h, 0, dtype=SCALE_DTYPE)
+            if o.quantize_values:
+                self.res_v, self.res_v_scale = e(b, h, 0, d, dtype=torch.int8), e(b, h, 0, dtype=SCALE_DTYPE)
+            else:
+                self.res_v = e(b, h, 0, d)
+        else:
+            self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
         # pre-RoPE positions: k_pos/res_pos stay None (the stream index) until a row departs from it
         self._dev_tables = self.tables.to(dev)
 
@@ -488,11 +505,36 @@ class _QuantKV:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:
             v = self.v_codes
-        m = self.sink_k.shape[2]
+        m = min(self.sink_k.shape[2], k.shape[2])
         if m:  # the exact sinks over their code slots (k and quantized v are fresh tensors here)
-            k[:, :, :m] = self.sink_k
+            k[:, :, :m] = self.sink_k[:, :, :m]
             if o.quantize_values:
-                v[:, :, :m] = self.sink_v
+                v[:, :, :m] = self.sink_v[:, :, :m]
+        return k, v
+
+    def _encode_tail(self, x: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys or values (B, H, n, D) as the residual holds them (``options.tail``, or ``exact``):
+        as given, or INT8 codes ``round(x / s)`` with ``s = max|x| / 127`` per token and head in
+        fp16 (B, H, n)."""
+        if exact or self.options.tail == "exact":
+            return x, None
+        xf = x.float()
+        scale = (xf.abs().amax(-1) / 127).clamp(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
+        return (xf / scale.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), scale
+
+    def _decode_tail(self, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """What :meth:`_encode_tail` holds, in the model's dtype."""
+        return codes if scale is None else (codes.float() * scale.float().unsqueeze(-1)).to(self.dtype)
+
+    def _residual(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual's keys and values (B, H, r, D) in the model's dtype, sinks still there as
+        their exact copies."""
+        k, v = self._decode_tail(self.res_k, self.res_k_scale), self._decode_tail(self.res_v, self.res_v_scale)
+        q, m = self.quantized_tokens, self.sink_k.shape[2]
+        if self.options.tail == "int8" and m > q:  # k (and quantized v) are fresh tensors here
+            k[:, :, : m - q] = self.sink_k[:, :, q:m]
+            if self.res_v_scale is not None:
+                v[:, :, : m - q] = self.sink_v[:, :, q:m]
         return k, v
 
     # --- token operations -------------------------------------------------------------
@@ -529,24 +571,29 @@ class _QuantKV:
             given_pos = self.rope.positions(k.shape[0], k.shape[2]) if given_pos is None else given_pos
         self._undo = _Undo.of(self, k, v, given_pos) if self.record_past else None
         pos = self._track_positions(k, given_pos) if self.rope is not None else None
+        first_new = self._seen  # stream index of k[:, :, 0]
         self._seen += k.shape[2]
-        res = [torch.cat([self.res_k, k], dim=2), torch.cat([self.res_v, v], dim=2),
-               None if pos is None else torch.cat([self.res_pos, pos], dim=2)]
-        over = res[0].shape[2] - self.options.residual
+        take = min(max(self.sink_cap - first_new, 0), k.shape[2])
+        if take:  # exact copies of the sinks, laid over their slots when read
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :take]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
+        (ck, sk), (cv, sv) = self._encode_tail(k), self._encode_tail(v, exact=not self.options.quantize_values)
+        cat = lambda a, b: None if b is None else torch.cat([a, b], dim=2)  # noqa: E731
+        res = dict(zip(_RESIDUAL, (cat(self.res_k, ck), cat(self.res_k_scale, sk), cat(self.res_v, cv),
+                                   cat(self.res_v_scale, sv), cat(self.res_pos, pos))))
+        over = res["res_k"].shape[2] - self.options.residual
         if self.group:
             over = over // self.group * self.group  # whole groups only
         if over > 0:
-            first = self._seen - res[0].shape[2]  # stream index of res[0]; in group mode a multiple of G
-            take = min(max(self.sink_cap - first, 0), over)
-            if take:  # exact copies of the sinks, laid over their code slots when read
-                self.sink_k = torch.cat([self.sink_k, res[0][:, :, :take]], dim=2)
-                self.sink_v = torch.cat([self.sink_v, res[1][:, :, :take]], dim=2)
-            keys = res[0][:, :, :over]
+            first = self._seen - res["res_k"].shape[2]  # stream index of the residual; in group mode a multiple of G
+            head = {n: None if t is None else t[:, :, :over] for n, t in res.items()}
+            keys = self._decode_tail(head["res_k"], head["res_k_scale"])
+            values = self._decode_tail(head["res_v"], head["res_v_scale"])
             if self.rope is not None:
-                at = res[2][:, 0, :over] if pos is not None else self._stream(first, over, keys.shape[0])[:, 0]
+                at = head["res_pos"][:, 0] if pos is not None else self._stream(first, over, keys.shape[0])[:, 0]
                 keys = derotate(keys, *self.rope.tables(at))
                 if pos is not None:
-                    self.k_pos = torch.cat([self.k_pos, res[2][:, :, :over]], dim=2)
+                    self.k_pos = torch.cat([self.k_pos, head["res_pos"]], dim=2)
             if self.group and first == 0:  # the sinks are left out of group 0's range, as simulated
                 keys = causal_groups(keys, self.group, self.sink_cap)
             codes, mid, half = self._quantize_keys(keys)
@@ -555,13 +602,14 @@ class _QuantKV:
                 self.k_mid = torch.cat([self.k_mid, mid], dim=2)
                 self.k_half = torch.cat([self.k_half, half], dim=2)
             if self.options.quantize_values:
-                vcodes, scale = self._quantize_values(res[1][:, :, :over])
+                vcodes, scale = self._quantize_values(values)
                 self.v_codes = torch.cat([self.v_codes, vcodes], dim=2)
                 self.v_scale = torch.cat([self.v_scale, scale], dim=2)
             else:
-                self.v_codes = torch.cat([self.v_codes, res[1][:, :, :over]], dim=2)
-            res = [_slice(t, over, None) for t in res]
-        self.res_k, self.res_v, self.res_pos = res
+                self.v_codes = torch.cat([self.v_codes, values], dim=2)
+            res = {n: _slice(t, over, None) for n, t in res.items()}
+        for name, t in res.items():
+            setattr(self, name, t)
 
     # --- decoding from codes ----------------------------------------------------------
     def _channel_tables(self) -> tuple[torch.Tensor, ...]:
@@ -616,11 +664,12 @@ class _QuantKV:
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens as (B, H_kv, S, D) keys and values in the model's dtype."""
         if not self.quantized_tokens:
-            return self.res_k, self.res_v
+            return self._residual()
         k, v = self._dequantized()
         if not self.res_k.shape[2]:
             return k, v
-        return torch.cat([k, self.res_k], dim=2), torch.cat([v, self.res_v], dim=2)
+        rk, rv = self._residual()
+        return torch.cat([k, rk], dim=2), torch.cat([v, rv], dim=2)
 
     def _slice_quantized(self, start: int | None, stop: int | None) -> None:
         """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
@@ -653,15 +702,16 @@ class _QuantKV:
         m = min(n, self.res_k.shape[2])
         if m:
             self._slice_residual(m, None)
+            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
 
     def _drop_back(self, n: int) -> None:
         """Drop the ``n`` newest tokens. Within the last update while past recording is on (the
         drafts assisted decoding rejects), the layer is put back as it was before that update
         and the kept tokens are appended again from their exact copies: the layer then equals
         one fed only the kept tokens. Otherwise, in group mode, the kept part of a split group goes back
-        to the exact residual as the keys and values the cache served for it (dequantized,
-        rotated at its positions; sinks as their exact copies): a group's codes cannot be
-        re-encoded without its dropped tokens, and the exact originals are gone.
+        to the residual as the keys and values the cache served for it (dequantized, rotated at
+        its positions; sinks as their exact copies; INT8 again with an ``int8`` tail): a group's
+        codes cannot be re-encoded without its dropped tokens, and the exact originals are gone.
 
         ``_seen`` is lowered with each part removed, so that ``_seen − held_tokens`` stays the
         stream index of the first held token: the split group is read (and pre-RoPE keys
@@ -687,13 +737,17 @@ class _QuantKV:
             partial = keep % self.group if self.group else 0
             if partial:
                 k, v = self._dequantized()
-                self.res_k = torch.cat([k[:, :, keep - partial : keep], self.res_k], dim=2)
-                self.res_v = torch.cat([v[:, :, keep - partial : keep], self.res_v], dim=2)
+                (ck, sk), (cv, sv) = (self._encode_tail(k[:, :, keep - partial : keep]),
+                                      self._encode_tail(v[:, :, keep - partial : keep],
+                                                        exact=not self.options.quantize_values))
+                for name, t in zip(_RESIDUAL[:4], (ck, sk, cv, sv)):
+                    if t is not None:
+                        setattr(self, name, torch.cat([t, getattr(self, name)], dim=2))
                 if self.res_pos is not None:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
-            self.sink_k, self.sink_v = _slice(self.sink_k, None, keep - partial), _slice(self.sink_v, None, keep - partial)
             self._seen -= m
+        self.sink_k, self.sink_v = _slice(self.sink_k, None, self.held_tokens), _slice(self.sink_v, None, self.held_tokens)
 
     def _keep_last(self, n: int) -> None:
         extra = self.held_tokens - max(n, 0)
@@ -960,6 +1014,7 @@ def make_cache(
     values: str = "minmax",
     decode: str = "codes",
     kernel: str = "auto",
+    tail: str = "exact",
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
@@ -1002,7 +1057,7 @@ def make_cache(
             decode = "dequantize"
     options = CacheOptions(
         k.bits, bits_v, quantize_values, residual,
-        k.sink if sink is None else sink, k.group, k.scale_bits, values, decode, kernel,
+        k.sink if sink is None else sink, k.group, k.scale_bits, values, decode, kernel, tail,
     )
     config = model.config.get_text_config(decoder=True)
     layer_types = cache_layer_types(config)

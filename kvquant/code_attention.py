@@ -127,6 +127,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         attention_mask = attention_mask.to(torch.uint8).contiguous()
     scaling = d**-0.5 if scaling is None else float(scaling)
     plan = layer._rotation_plan()
+    res_k, res_v = layer._residual()  # sinks still there as their exact copies
     base_cos, base_sin = plan.base_tables(layer.rope)
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
@@ -140,7 +141,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
         base_cos=base_cos, base_sin=base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
         q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
-        xk=_f32(layer.res_k), xv=_f32(layer.res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
+        xk=_f32(res_k), xv=_f32(res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
     ))
     return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

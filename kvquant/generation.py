@@ -210,13 +210,14 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
     return out
 
 
-def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax") -> dict:
+def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax",
+                    tail: str = "exact") -> dict:
     """A factory of fresh caches per row of :func:`kvquant.perplexity.make_rows` (generation mode):
     ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
     (:func:`kvquant.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
     ``config.bits_v`` (0 everywhere: exact values), normalised per token by ``values``
-    (:data:`kvquant.cache.VALUE_NORMS`)."""
+    (:data:`kvquant.cache.VALUE_NORMS`), the residual held as ``tail`` (:data:`kvquant.cache.TAIL_FORMATS`)."""
     from kvquant.cache import make_cache
     from kvquant.perplexity import row_value_bits
 
@@ -235,6 +236,6 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
         if isinstance(row, LibraryCache):
             return lambda: row.new(model)
         bv = row_value_bits(name) or bits_v or row.config.bits_v
-        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values)
+        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values, tail=tail)
 
     return {name: factory(name, row) for name, row in rows.items()}

@@ -233,7 +233,8 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
     h, o, dev = layer.tables.k_centers.shape[0], layer.options, query.device
     if tq != 1 or hq % h:
         raise ValueError(f"decode_step takes one query token and a multiple of {h} heads, got {tuple(query.shape)}")
-    g, sq, n_sink = layer.group, layer.quantized_tokens, layer.sink_k.shape[2]
+    g, sq = layer.group, layer.quantized_tokens
+    n_sink = min(layer.sink_k.shape[2], sq)  # sinks over code slots (any later ones are in the residual)
     if g % block_t:
         raise ValueError(f"block_t ({block_t}) must divide the group ({g})")
     rep, rp = hq // h, max(16, triton.next_power_of_2(hq // h))
@@ -243,8 +244,9 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
     if attention_mask is not None:
         attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
     # exact tokens (sinks over their slots, the residual): torch, natural-log units
-    ex_k = torch.cat([layer.sink_k[:, :, start:], layer.res_k[:, :, max(start - sq, 0):]], dim=2).float()
-    ex_v = torch.cat([layer.sink_v[:, :, start:], layer.res_v[:, :, max(start - sq, 0):]], dim=2).float()
+    res_k, res_v = layer._residual()
+    ex_k = torch.cat([layer.sink_k[:, :, start:n_sink], res_k[:, :, max(start - sq, 0):]], dim=2).float()
+    ex_v = torch.cat([layer.sink_v[:, :, start:n_sink], res_v[:, :, max(start - sq, 0):]], dim=2).float()
     ex_s = q @ ex_k.transpose(-1, -2)
     if attention_mask is not None:
         cols = torch.cat([torch.arange(start, max(start, n_sink)), torch.arange(max(start, sq), sq + layer.res_k.shape[2])])

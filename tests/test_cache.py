@@ -150,8 +150,8 @@ def test_layer_holds_sink_quantized_residual(sink, residual):
         assert torch.equal(kk, ek)
         torch.testing.assert_close(vv, ev, atol=1e-6, rtol=1e-6)
         assert layer.get_seq_length() == n
-        # every token past the residual has a code slot, the sinks too (their exact copies laid over)
-        assert layer.k_codes.shape[2] == max(n - residual, 0) and layer.sink_k.shape[2] == min(sink, max(n - residual, 0))
+        # every token past the residual has a code slot, the sinks too (their exact copies, taken on arrival, laid over)
+        assert layer.k_codes.shape[2] == max(n - residual, 0) and layer.sink_k.shape[2] == min(sink, n)
 
 
 def test_residual_and_sink_tokens_are_exact_in_the_model():
@@ -472,6 +472,40 @@ def test_group_mode_memory():
     expect = 2 * b * 2 * (quantized * per_head_q + exact * 2 * d * 4)
     assert cache.memory_bytes() == expect == sum(_held_nbytes(layer) for layer in cache.layers)
     assert cache.quantized_bytes_per_token() == 2 * 2 * per_head_q
+
+
+def test_int8_tail_holds_the_newest_group_per_token_and_quantizes_from_it():
+    """tail="int8": keys and values not yet in a complete group are held as INT8 per token and
+    head with an fp16 absmax scale (counted: D + 2 bytes each), served as that round trip (the
+    sink as its exact copies, also while still in the residual); a completed group is quantized
+    from the round trip, so its codes equal those of an exact-tail cache fed the round trip."""
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=4, sink=1)
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(2, 2, 11, 16, generator=g) * 3 + 0.5, torch.randn(2, 2, 11, 16, generator=g)
+
+    def int8(x):
+        scale = (x.abs().amax(-1, keepdim=True) / 127).half().float()
+        y = (x / scale).round().clamp(-127, 127) * scale
+        y[:, :, 0] = x[:, :, 0]  # the sink
+        return y, scale
+
+    (k8, k_step), (v8, _) = int8(k), int8(v)
+    layer, ref = (make_cache(model, books, tail=t).layers[1] for t in ("int8", "exact"))
+    sk, sv = layer.update(k[:, :, :2], v[:, :, :2])  # no group complete yet: the sink is in the residual
+    assert layer.quantized_tokens == 0 and layer.res_k.dtype == layer.res_v.dtype == torch.int8
+    assert torch.equal(sk, k8[:, :, :2]) and torch.equal(sv, v8[:, :, :2])
+    for lo, hi in [(2, 9), (9, 11)]:
+        sk, sv = layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
+    ref.update(k8, v8)
+    assert layer.quantized_tokens == 8
+    for name in ("k_codes", "k_mid", "k_half", "v_codes", "v_scale", "sink_k", "sink_v"):
+        assert torch.equal(getattr(layer, name), getattr(ref, name)), name
+    rk, rv = ref._materialize()
+    assert torch.equal(sk, rk) and torch.equal(sv, rv)
+    assert ((sk[:, :, 8:] - k[:, :, 8:]).abs() <= k_step[:, :, 8:] / 2 * 1.001).all()
+    tail_int8, tail_exact = 2 * 2 * 3 * 2 * (16 + 2), 2 * 2 * 3 * 2 * 16 * 4  # 3 tokens' K and V: int8 + scale, float32
+    assert layer.memory_bytes() == ref.memory_bytes() - tail_exact + tail_int8
 
 
 def test_group_mode_crop_keeps_split_group_exact():

@@ -36,12 +36,19 @@ CONFIGS = {
     "group-pre-rope": dict(norm="channel-group", group=G, sink=1, scale_bits=8, rope="pre"),
     "group-post-rope": dict(norm="channel-group", group=G, sink=1),
     "static-channel": dict(norm="channel"),
+    "group-pre-rope-int8-tail": dict(norm="channel-group", group=G, sink=1, scale_bits=8, rope="pre", tail="int8"),
 }
 
 
 def _books(model, config: str):
-    cfg = CalibrationConfig(CodebookConfig("lambda", 4, 4, **CONFIGS[config]))
+    book = {k: v for k, v in CONFIGS[config].items() if k != "tail"}
+    cfg = CalibrationConfig(CodebookConfig("lambda", 4, 4, **book))
     return calibrate(model, random_ids(2, 24, seed=7), cfg, progress=False)
+
+
+def _cache(model, books, config: str):
+    """A fresh cache of ``books`` with the residual's format ``config`` names."""
+    return make_cache(model, books, tail=CONFIGS[config].get("tail", "exact"))
 
 
 def _served(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,8 +56,8 @@ def _served(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def _prefilled(model, books, ids, record: bool = False):
-    cache = make_cache(model, books)
+def _prefilled(model, books, ids, config: str, record: bool = False):
+    cache = _cache(model, books, config)
     if record:
         cache.activate_past_recording()
     model(ids, **cache_kwargs(cache), use_cache=True)
@@ -62,10 +69,25 @@ def _next_logits(model, cache, token: torch.Tensor) -> torch.Tensor:
     return model(token, **cache_kwargs(cache), use_cache=True).logits
 
 
-def _dynamic_with(model, served: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    ref = DynamicCache(config=model.config)
+class _AsHeld(DynamicCache):
+    """A DynamicCache whose new keys and values are held as ``like``'s residual holds a new token's
+    (exact, or the INT8 round trip)."""
+
+    def __init__(self, model, like):
+        super().__init__(config=model.config)
+        self.like = like
+
+    def update(self, k, v, i, *args, **kwargs):
+        lay = self.like.layers[i]
+        k, v = lay._decode_tail(*lay._encode_tail(k)), lay._decode_tail(*lay._encode_tail(v))
+        return super().update(k, v, i, *args, **kwargs)
+
+
+def _dynamic_with(model, served: list[tuple[torch.Tensor, torch.Tensor]], like) -> DynamicCache:
+    """A cache holding ``served`` as given, whose next keys and values are held as ``like`` holds them."""
+    ref = _AsHeld(model, like)
     for i, (k, v) in enumerate(served):
-        ref.update(k, v, i)
+        DynamicCache.update(ref, k, v, i)
     return ref
 
 
@@ -96,25 +118,26 @@ def _same_state(a, b) -> bool:
 def test_crop_at_every_offset(family, config, record):
     """Layer by layer (gemma3: layer 0 slides, window 4), keys and values fed directly. With past
     recording (what assisted decoding turns on), a crop inside the last update leaves the layer
-    equal to one fed only the kept tokens; any other crop keeps what was served."""
+    equal to one fed only the kept tokens; any other crop keeps what was served (an INT8 tail holds
+    a split group's kept part as INT8 again: within half a step of what was served)."""
     model = make_model(family)
     books = _books(model, config)
     g = torch.Generator().manual_seed(11)
     k, v = torch.randn(2, 2, T, 16, generator=g) * 2 + 0.5, torch.randn(2, 2, T, 16, generator=g)
     for i in range(2):
-        sliding = getattr(make_cache(model, books).layers[i], "sliding_window", None)
+        sliding = getattr(_cache(model, books, config).layers[i], "sliding_window", None)
         if sliding and not record:
             continue  # beyond its window a sliding layer crops only with past recording, as in transformers
         for removed in range(1, T):
             kept = T - removed
-            layer = make_cache(model, books).layers[i]
+            layer = _cache(model, books, config).layers[i]
             if record:
                 layer.activate_past_recording()
             _feed(layer, k, v, CHUNKS)
             before = layer._materialize()
             layer.crop(-removed)
             assert layer.get_seq_length() == kept
-            fresh = make_cache(model, books).layers[i]
+            fresh = _cache(model, books, config).layers[i]
             if record:
                 fresh.activate_past_recording()
             _feed(fresh, k, v, [CHUNKS[0], kept - CHUNKS[0]] if kept > CHUNKS[0] else [kept])
@@ -125,16 +148,22 @@ def test_crop_at_every_offset(family, config, record):
                 continue
             k1, v1 = layer._materialize()
             n = layer.held_tokens
-            assert torch.equal(k1, before[0][:, :, kept - n:kept]) and torch.equal(v1, before[1][:, :, kept - n:kept])
+            if splits and CONFIGS[config].get("tail") == "int8":  # the split group held as INT8 again
+                for got, was in ((k1, before[0][:, :, kept - n:kept]), (v1, before[1][:, :, kept - n:kept])):
+                    assert ((got - was).abs() <= was.abs().amax(-1, keepdim=True) / 127 * 0.51).all()
+            else:
+                assert torch.equal(k1, before[0][:, :, kept - n:kept]) and torch.equal(v1, before[1][:, :, kept - n:kept])
             if not splits:
                 assert _same_state(layer, fresh), (i, removed)
 
 
-@pytest.mark.parametrize("config", ["group-pre-rope", "group-post-rope"])
+@pytest.mark.parametrize("config", ["group-pre-rope", "group-post-rope", "group-pre-rope-int8-tail"])
 def test_logits_after_a_crop_into_a_group(config):
     """Through the model: after a crop of a prefill (no recording), the next token's logits equal
-    those of a DynamicCache holding exactly the keys and values the cache served for the kept
-    tokens (where the next token stays exact; one that completes a group is quantized)."""
+    those of a DynamicCache holding exactly the keys and values the cache serves for the kept
+    tokens (those it served before the crop, but for an INT8 tail's split group:
+    test_crop_at_every_offset) and the next token's as the residual holds it (one that completes
+    a group is quantized)."""
     model = make_model("llama")
     books = _books(model, config)
     ids = random_ids(2, T + 1, seed=3)
@@ -142,11 +171,9 @@ def test_logits_after_a_crop_into_a_group(config):
         kept = T - removed
         if (kept + 1) % G == 0:
             continue
-        cache = _prefilled(model, books, ids[:, :T])
-        before = _served(cache)
+        cache = _prefilled(model, books, ids[:, :T], config)
         cache.crop(-removed)
-        want = _next_logits(model, _dynamic_with(model, [(k[:, :, :kept], v[:, :, :kept]) for k, v in before]),
-                            ids[:, kept:kept + 1])
+        want = _next_logits(model, _dynamic_with(model, _served(cache), cache), ids[:, kept:kept + 1])
         torch.testing.assert_close(_next_logits(model, cache, ids[:, kept:kept + 1]), want, atol=1e-4, rtol=0)
 
 
@@ -160,7 +187,7 @@ def test_reorder_and_select_rows_equal_a_fresh_cache_of_those_rows(config):
     k, v = torch.randn(3, 2, T, 16, generator=g) * 2 + 0.5, torch.randn(3, 2, T, 16, generator=g)
     for op, rows in (("reorder_cache", [2, 0, 0]), ("batch_select_indices", [2, 1])):
         for i in range(2):
-            layer, fresh = make_cache(model, books).layers[i], make_cache(model, books).layers[i]
+            layer, fresh = _cache(model, books, config).layers[i], _cache(model, books, config).layers[i]
             _feed(layer, k, v, CHUNKS)
             getattr(layer, op)(torch.tensor(rows))
             _feed(fresh, k[rows], v[rows], CHUNKS)
@@ -179,7 +206,7 @@ def test_assisted_generation_leaves_the_cache_of_the_accepted_tokens(config):
     assistant = make_model("llama", seed=1)  # a different draft model: its drafts are rejected and cropped
     prompt = random_ids(1, 6, seed=5)
     new = 3 * G
-    cache = make_cache(model, books)
+    cache = _cache(model, books, config)
     steps: list[list] = [[] for _ in cache.layers]  # per layer: [keys, values, positions, tokens cropped]
 
     def recording(i, layer):
@@ -202,7 +229,7 @@ def test_assisted_generation_leaves_the_cache_of_the_accepted_tokens(config):
                          min_new_tokens=new, do_sample=False)
     assert any(step[3] > 0 for step in steps[0])  # drafts were rejected and cropped
     assert cache.get_seq_length() == out.shape[1] - 1
-    accepted = make_cache(model, books)
+    accepted = _cache(model, books, config)
     for i, layer in enumerate(accepted.layers):
         for k, v, pos, cropped in steps[i]:
             n = k.shape[2] - cropped
@@ -212,7 +239,7 @@ def test_assisted_generation_leaves_the_cache_of_the_accepted_tokens(config):
     for (k1, v1), (k2, v2) in zip(_served(cache), _served(accepted)):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
     if not books.k.group:
-        plain = model.generate(prompt, **cache_kwargs(make_cache(model, books)), max_new_tokens=new,
+        plain = model.generate(prompt, **cache_kwargs(_cache(model, books, config)), max_new_tokens=new,
                                min_new_tokens=new, do_sample=False)
         assert torch.equal(out, plain)
     kvquant.unwrap(model)

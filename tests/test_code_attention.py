@@ -115,14 +115,14 @@ def _synthetic_layer(levels: torch.Tensor, group: int, **options) -> KVQuantLaye
     return KVQuantLayer(tables, opts)
 
 
-@pytest.mark.parametrize("scale_bits", [8, 16])
-def test_every_level_count_window_mask_and_sinks(scale_bits):
+@pytest.mark.parametrize("scale_bits,tail", [(8, "exact"), (16, "exact"), (8, "int8")])
+def test_every_level_count_window_mask_and_sinks(scale_bits, tail):
     """Channels of every level count the packing knows (3 and 5 as base-n digits, 2…256 as bit
-    fields), a first visible token inside a group (a sliding window), exact sinks and residual,
-    a mask with a fully masked row: attend == SDPA over the dequantized tokens."""
+    fields), a first visible token inside a group (a sliding window), exact sinks and a residual
+    (exact or INT8), a mask with a fully masked row: attend == SDPA over the dequantized tokens."""
     counts = sorted(LEVEL_PACKING)
     levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
-    layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3)
+    layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3, tail=tail)
     g = torch.Generator().manual_seed(0)
     for n in (20, 1, 30, 5):
         layer.update(torch.randn(3, 2, n, 24, generator=g) * 3 + 1, torch.randn(3, 2, n, 24, generator=g))
@@ -226,9 +226,11 @@ def run_triton_cases() -> list[tuple[str, float]]:
     results = []
     g = torch.Generator().manual_seed(0)
     counts = sorted(LEVEL_PACKING)
-    for scale_bits, values, bits_v in ((8, "minmax", 3), (16, "rms", 4), (8, "minmax", 8)):
+    for scale_bits, values, bits_v, tail in ((8, "minmax", 3, "exact"), (16, "rms", 4, "exact"),
+                                             (8, "minmax", 8, "int8")):
         levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
-        layer = _synthetic_layer(levels, 32, sink=2, residual=3, scale_bits=scale_bits, bits_v=bits_v, values=values)
+        layer = _synthetic_layer(levels, 32, sink=2, residual=3, scale_bits=scale_bits, bits_v=bits_v, values=values,
+                                 tail=tail)
         for n in (40, 1, 30, 30):
             layer.update(torch.randn(2, 2, n, 24, generator=g) * 3 + 1, torch.randn(2, 2, n, 24, generator=g))
         q = torch.randn(2, 6, 1, 24, generator=g)
@@ -237,7 +239,7 @@ def run_triton_cases() -> list[tuple[str, float]]:
             mask = (torch.rand(2, 1, 1, visible, generator=g) > 0.3) if masked else None
             ref = attend(layer, q, mask, 0.3, start)
             got = triton_decode.decode_step(layer, q, mask, 0.3, start, block_t=16, num_splits=3)
-            results.append((f"synthetic {scale_bits}-bit scales {values} V{bits_v} start {start}",
+            results.append((f"synthetic {scale_bits}-bit scales {values} V{bits_v} {tail} tail start {start}",
                             float((got - ref).abs().max() / ref.abs().max())))
     for family in ("llama", "gemma3"):
         model = make_model(family)
