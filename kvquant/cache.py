@@ -143,22 +143,22 @@ def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
 
 
 def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int, head_dim: int, kv_heads: int,
-                       layers: int, seqlen: int) -> float:
+                       layers: int, seqlen: int, tail: str = "int8") -> float:
     """Bytes per token (all ``layers``, one sequence) that a :class:`KVQuantCache` of codebooks
-    built with ``config`` holds after ``seqlen`` tokens — :func:`make_cache`'s defaults (no exact
-    ``residual``; values quantized, ``minmax`` or ``rms``: 16 bits of scale per token and head),
-    full-attention layers, exact tokens in a 16-bit dtype (fp16/bf16; a float32 model holds them at
-    32 bits).
+    built with ``config`` holds after ``seqlen`` tokens — :func:`make_cache`'s defaults (no
+    ``residual``; values quantized, ``minmax`` or ``rms``: 16 bits of scale per token and head;
+    the newest incomplete group held as ``tail``), full-attention layers, exact tokens in a 16-bit
+    dtype (fp16/bf16; a float32 model holds them at 32 bits).
 
     Per layer and KV head, with D = ``head_dim``, T = ``seqlen``, C = tokens held as codes
-    (``channel-group``: the complete groups, ``⌊T/G⌋·G``; static norms: all T) and
-    E = T − C + min(sink, T) tokens whose values are held exact (the newest incomplete group and
-    the sinks' exact copies, which keep their code slots too):
+    (``channel-group``: the complete groups, ``⌊T/G⌋·G``; static norms: all T), the T − C tokens
+    of the newest incomplete group at R bytes per key or value (2·D exact, D + 2 ``int8``), and
+    the sinks' exact copies (2·D bytes per key and per value, on top of their slots):
 
-        keys   = D · effective_bits(key_code_bits, D, T) / 8                 (CodebookConfig.effective_bits:
-                                                                             codes, 2·scale_bits/G of group
-                                                                             mid/half, exact tail and sinks)
-        values = (C · (packed_size(D, bits_v) + _VALUE_SCALE_BYTES) + E · 2·D) / T
+        keys   = D · effective_bits(key_code_bits, D, T) / 8 − (T − C)·(2·D − R) / T
+                 (CodebookConfig.effective_bits: codes, 2·scale_bits/G of group mid/half, an exact
+                 tail and the sinks)
+        values = (C · (packed_size(D, bits_v) + _VALUE_SCALE_BYTES) + (T − C) · R + min(sink, T) · 2·D) / T
         bytes/token = layers · kv_heads · (keys + values)
 
     ``key_code_bits`` is the *packed* code bits per key entry of complete groups, averaged over
@@ -179,10 +179,14 @@ def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int
     least = config.group if config.dynamic else 1  # group mode: one complete group
     if seqlen < least:
         raise ValueError(f"seqlen must be >= {least}, got {seqlen}")
+    if tail not in TAIL_FORMATS:
+        raise ValueError(f"tail must be one of {', '.join(TAIL_FORMATS)}, got {tail!r}")
     quantized = complete_tokens(seqlen, config.group) if config.dynamic else seqlen
-    exact_values = seqlen - quantized + min(config.sink, seqlen)
-    keys = head_dim * config.effective_bits(key_code_bits, head_dim, seqlen) / 8
-    values = (quantized * (packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES) + exact_values * 2 * head_dim) / seqlen
+    newest = seqlen - quantized
+    per_entry = head_dim + 2 if tail == "int8" else 2 * head_dim  # bytes of one key or value there
+    keys = head_dim * config.effective_bits(key_code_bits, head_dim, seqlen) / 8 - newest * (2 * head_dim - per_entry) / seqlen
+    values = (quantized * (packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES) + newest * per_entry
+              + min(config.sink, seqlen) * 2 * head_dim) / seqlen
     return layers * kv_heads * (keys + values)
 
 
@@ -200,7 +204,7 @@ class CacheOptions:
     values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
     decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.code_attention) where the layout allows; "dequantize"
     kernel: str = "auto"  # which kernel reads them (kvquant.code_attention.DECODE_KERNELS): auto = the device's
-    tail: str = "exact"  # the residual's keys and values (TAIL_FORMATS): "exact" (model dtype) or "int8" per token
+    tail: str = "int8"  # the residual's keys and values (TAIL_FORMATS): "int8" per token or "exact" (model dtype)
 
     def __post_init__(self) -> None:
         for name in ("bits_k", "bits_v"):
@@ -1014,13 +1018,15 @@ def make_cache(
     values: str = "minmax",
     decode: str = "codes",
     kernel: str = "auto",
-    tail: str = "exact",
+    tail: str = "int8",
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
     scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the codebooks'
     ``config.bits_v``, or where that is 0 the keys' mean code bits, rounded); ``sink``
-    defaults to the codebooks' exact sink tokens. ``decode`` (:data:`DECODE_MODES`): ``codes``
+    defaults to the codebooks' exact sink tokens. ``tail`` (:data:`TAIL_FORMATS`): how the newest
+    incomplete group's keys and values are held until it is quantized — ``int8`` (default, chosen on
+    development windows: eval/tail_format.py) or ``exact`` (the simulated path's rule). ``decode`` (:data:`DECODE_MODES`): ``codes``
     computes each decoding step's attention from the codes (channel-group keys, quantized values,
     CPU; the model is wrapped, mode ``off``, for the hook that routes the step), ``dequantize``
     dequantizes every held token first (the reference). ``kernel``

@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--norm", choices=["head", "channel", "channel-group"],
                    help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens "
                         "(default channel-group)")
-    c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 128)")
+    c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 64)")
     c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 1)")
     c.add_argument("--outliers", type=float,
                    help="fraction of the entries of each (head, group) block kept exact with their positions "
@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated: q and k quantized inside one forward pass per window (default); generation: "
                         "every token reads the keys (and values) a KV cache returns — fp through transformers' "
                         "DynamicCache, codebook rows through kvquant's cache, queries exact")
-    e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: exact values)")
+    e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: each row's /V, else the file's bits_v)")
     e.add_argument("--values", choices=["rms", "minmax"],
                    help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")

@@ -211,7 +211,7 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
 
 
 def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax",
-                    tail: str = "exact") -> dict:
+                    tail: str = "int8") -> dict:
     """A factory of fresh caches per row of :func:`kvquant.perplexity.make_rows` (generation mode):
     ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits

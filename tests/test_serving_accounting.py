@@ -102,7 +102,11 @@ def test_static_norm_and_the_formula_by_hand():
     cfg = replace(books.config, norm="channel-group", group=128, sink=1, scale_bits=8)
     keys = (128 * 128 * 3 / 8 + 2 * 128) + (72 + 1) * 128 * 2  # codes + one group's mid/half + exact
     values = 128 * (64 + 2) + (72 + 1) * 128 * 2
-    assert kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 200) == pytest.approx(32 * 8 * (keys + values) / 200, rel=1e-12)
+    assert kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 200, tail="exact") == pytest.approx(32 * 8 * (keys + values) / 200,
+                                                                                      rel=1e-12)
+    # the default INT8 tail: the 72 newest keys and values at 128 + 2 bytes each instead of 256
+    int8 = 32 * 8 * (keys + values - 2 * 72 * (256 - 130)) / 200
+    assert kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 200) == pytest.approx(int8, rel=1e-12)
     with pytest.raises(ValueError, match="seqlen"):
         kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 100)  # no complete group yet
     assert math.isfinite(kv_bytes_per_token(cfg, 3.0, 4, 128, 8, 32, 128))
