@@ -217,7 +217,8 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
     (:func:`kvquant.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
     ``config.bits_v`` (0 everywhere: exact values), normalised per token by ``values``
-    (:data:`kvquant.cache.VALUE_NORMS`), the residual held as ``tail`` (:data:`kvquant.cache.TAIL_FORMATS`)."""
+    (:data:`kvquant.cache.VALUE_NORMS`), the newest incomplete group held as ``tail``
+    (:data:`kvquant.cache.TAIL_FORMATS`) — but exact for ``kivi@B`` rows, as KIVI keeps it."""
     from kvquant.cache import make_cache
     from kvquant.perplexity import row_value_bits
 
@@ -236,6 +237,7 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
         if isinstance(row, LibraryCache):
             return lambda: row.new(model)
         bv = row_value_bits(name) or bits_v or row.config.bits_v
-        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values, tail=tail)
+        held = "exact" if name.split("@")[0] == "kivi" else tail
+        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values, tail=held)
 
     return {name: factory(name, row) for name, row in rows.items()}

@@ -79,7 +79,11 @@ def test_keys_only_allocation_and_kivi_cache():
 
     kivi = kivi_codebooks(books, 3)
     assert kivi.config.rope == "post" and kivi.k.sink == 0 and kivi.k.scale_bits == 16 and kivi.k.group == 4
-    cache = make_cache(model, kivi, quantize_values=False)
+    cache = make_cache(model, kivi, quantize_values=False, tail="exact")  # KIVI's residual is exact
+    from kvquant.generation import cache_factories
+
+    made = {n: f() for n, f in cache_factories(model, {"kivi@3": kivi, "kvquant": books}).items()}
+    assert made["kivi@3"].options.tail == "exact" and made["kvquant"].options.tail == "int8"
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, 2, 10, 16, generator=g) * 3, torch.randn(1, 2, 10, 16, generator=g)
     kk, _ = cache.layers[0].update(k, v)
