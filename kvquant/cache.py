@@ -20,9 +20,12 @@ group of G consecutive tokens (aligned at the first token, as blocks of a paged 
 allocation, of each channel's own — and its codes packed channel by channel along the group's
 tokens, channels bucketed by level count (:class:`kvquant.packing.ChannelPacking`: 3 and 5
 levels at 1.6 and 2.33 bits). A group is quantized once complete (KIVI's layout): until then its
-tokens stay exact, so between ``residual`` and ``residual + G − 1`` recent tokens are exact. This
-is the rule of the simulated path too (:func:`kvquant.groupnorm.causal_groups`): the keys the
-cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those T keys.
+tokens are the residual, so between ``residual`` and ``residual + G − 1`` recent tokens are not
+yet codes. ``tail`` (:data:`TAIL_FORMATS`) says how the residual holds their keys and values:
+``int8`` (the default: per token and KV head with an fp16 absmax scale, 8 + 16/D bits per entry;
+the group is quantized from those INT8 entries when it completes) or ``exact`` (the model's
+dtype; the rule of the simulated path, :func:`kvquant.groupnorm.causal_groups`: the keys the
+cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those T keys).
 
 **Values** (quantized with the keys, when their group completes). ``values="minmax"`` (the
 default): per token and KV head, ``mid``/``half`` of the values over head_dim stored as 8-bit codes,
@@ -34,9 +37,9 @@ eval/value_norm.py). ``quantize_values=False`` keeps values exact (in the model'
 
 **Exact tokens.** ``sink`` (default: the codebooks' own ``sink``; < G in group mode): the first
 tokens a full-attention layer sees stay exact (with left padding these are pad tokens). They keep
-their code slots (in group mode they are left out of group 0's range) and an exact copy is laid
-over them when read, so the layout stays whole groups from token 0. ``residual``: the most recent
-tokens stay exact. Sliding-window layers (Mistral, Gemma3, Qwen2 ``max_window_layers``) keep
+their code slots (in group mode they are left out of group 0's range) and an exact copy, taken
+as they arrive, is laid over them when read, so the layout stays whole groups from token 0.
+``residual``: the most recent tokens stay out of the codes (held as ``tail`` says). Sliding-window layers (Mistral, Gemma3, Qwen2 ``max_window_layers``) keep
 the last ``window − 1`` tokens (in group mode also the rest of a partly expired group and the
 incomplete group, so at most ``window − 1 + 2G − 2 + residual``), and
 return what transformers' ``DynamicSlidingWindowLayer`` returns; their sinks expire with the
@@ -54,8 +57,8 @@ with this cache.
 exact copies of its last update until the next one or a crop; a crop inside that update puts
 the layer back as it was before it and appends the kept tokens again, so it equals a layer fed
 only them. Any other crop keeps the kept tokens' keys and values as they were served (in group
-mode the kept part of a split group goes back to the exact residual as served: its originals
-are gone).
+mode the kept part of a split group goes back to the residual as served — INT8 again with the
+``int8`` tail: within half a step —: its originals are gone).
 
 **Decoding steps** (one new token per row, ``decode="codes"``, channel-group keys with quantized
 values, CPU): kvquant's attention pre-hook tells the layer a step is coming
