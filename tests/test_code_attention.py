@@ -331,8 +331,9 @@ def test_a_copied_prompt_cache_decodes_like_the_original():
 
 def run_generate_through_kernels() -> dict:
     """``generate()`` through a tiny model's pre-RoPE cache (GQA, a sliding layer for gemma3, batch
-    2 with left padding, an exact sink, group 16) with each decoding step read by the Triton kernel,
-    by the C kernel and by the dequantize reference: tokens and the largest score difference."""
+    2 with left padding, an exact sink, group 16, the exact tail: an INT8 one turns float rounding
+    between the paths into code flips) with each decoding step read by the Triton kernel, by the C
+    kernel and by the dequantize reference: tokens and the largest score difference."""
     out = {}
     for family in ("llama", "gemma3"):
         model = make_model(family)
@@ -342,7 +343,7 @@ def run_generate_through_kernels() -> dict:
         mask[1, :3] = 0
         runs = {}
         for name, kw in (("triton", dict(kernel="triton")), ("c", dict(kernel="c")), ("dequantize", dict(decode="dequantize"))):
-            cache = make_cache(model, books, **kw)
+            cache = make_cache(model, books, tail="exact", **kw)
             routed = []
             for layer in cache.layers:
                 real = layer.decode_attention

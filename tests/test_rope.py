@@ -179,7 +179,7 @@ def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family
     assert qbooks.q.group == 0 and qbooks.config.norm == "channel" and qbooks.q.sink == 1
     with kvquant.wrapped(model, replace(books, q=qbooks.q)):  # simulated: static queries, group keys
         ref = logits(model, ids)
-    cache = kvquant.make_cache(model, books, quantize_values=False)
+    cache = kvquant.make_cache(model, books, quantize_values=False, tail="exact")  # the simulated path's rule
     cuts = [*chunk_starts(cache, SEQ), SEQ]
     with kvquant.wrapped(model, kvquant.query_quantizer(qbooks, model)), torch.no_grad():
         got = torch.cat([model(ids[:, a:b], **cache_kwargs(cache), use_cache=True).logits.float()
