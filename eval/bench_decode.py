@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt = held_out_windows(tok, text, max(args.contexts), 1, books.calibration).ids[:1]
     recs = cpu_rows(args, books, model, prompt, names)
     cmd = "python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    parts = ["## Decode speed and memory (issue 14)\n", f"Command: `{cmd}`\n", cpu_table(recs, args, books),
+    parts = ["## Decode speed and memory\n", f"Command: `{cmd}`\n", cpu_table(recs, args, books),
              plot(recs, ROOT / "docs" / "decode_speed.png")]
     if args.gpu:
         parts.append(gpu_section([int(c) for c in args.gpu_contexts.split(",")], args.batches))

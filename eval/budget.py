@@ -1,4 +1,4 @@
-"""At exactly b effective bits: sink tokens, group size and bit allocation (issue 5, items 2, 5, 6).
+"""At exactly b effective bits: sink tokens, group size and bit allocation.
 
 Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the
 (mid, half) per channel and group (32/G in fp16, 16/G with 8-bit scales), exact sink tokens
@@ -118,7 +118,7 @@ def markdown(p: dict, bits_list: list[int]) -> str:
         return f"{r['ppl']:.3f} ({r['ppl'] / fp - 1:+.1%}) [{r['effective_bits']:.3f}b]"
 
     out = [
-        f"## At exactly b effective bits: sinks, group size, bit allocation (issue 5): {p['model']}, "
+        f"## At exactly b effective bits: sinks, group size, bit allocation: {p['model']}, "
         f"{p['dataset']}, seqlen {p['seqlen']}",
         "",
         (f"Command: `{p['command']}` — pre-RoPE channel-group codebooks, Q and K both quantized, {p['dtype']}. "

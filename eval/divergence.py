@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(body))
     write_text(ROOT / "out" / f"divergence_{args.name}.json", json.dumps(payload, indent=1))
     replace_section(ROOT / "BENCHMARKS.md", f"divergence-{args.name}",
-                    f"## KL divergence and top-token agreement (issue 15): {args.model}\n\n" + "\n".join(body))
+                    f"## KL divergence and top-token agreement: {args.model}\n\n" + "\n".join(body))
 
 
 if __name__ == "__main__":

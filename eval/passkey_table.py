@@ -1,5 +1,5 @@
 """BENCHMARKS.md section of a ``kvquant eval-passkey --json`` run: accuracy per row and length, and
-the cell-by-cell check of issue 15's target — wherever fp retrieves ≥ 90% (a length × depth cell,
+the cell-by-cell check — wherever fp retrieves ≥ 90% (a length × depth cell,
 over its seeds), a row retrieves within 5 points of fp.
 
 Usage:  python eval/passkey_table.py out/passkey_smollm2.json --name smollm2 --command "kvquant eval-passkey …"
@@ -55,7 +55,7 @@ def main() -> None:
     lines += ["", "`*`: fp itself retrieves < 90% at that length (over its depths). Heatmaps: "
               + ", ".join(f"[{n}](docs/passkey_{model}_{re.sub(r'[^A-Za-z0-9.-]+', '_', n)}.png)" for n in rows) + "."]
     replace_section(ROOT / "BENCHMARKS.md", f"passkey-{args.name}",
-                    f"## Passkey retrieval through the caches (issue 15): {p['model']}\n\n" + "\n".join(lines))
+                    f"## Passkey retrieval through the caches: {p['model']}\n\n" + "\n".join(lines))
     print("\n".join(lines))
 
 

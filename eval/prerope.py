@@ -1,4 +1,4 @@
-"""Pre-RoPE vs post-RoPE quantization of queries and keys (issue 5, item 3).
+"""Pre-RoPE vs post-RoPE quantization of queries and keys.
 
 RoPE rotates channel pair (j, j + D/2) of the token at position p by angle p·θ_j. Post-RoPE
 quantizes the rotated entries; pre-RoPE (``CodebookConfig(rope="pre")``, :mod:`kvquant.rope`)
@@ -98,7 +98,7 @@ def markdown(p: dict, bits_list: list[int]) -> str:
 
     names = [("INT per channel", "int{b}-channel")] + [(f"{m} / chgroup+sink", f"{m}@{{b}}") for m in METHODS]
     out = [
-        f"## Pre-RoPE vs post-RoPE quantization (issue 5): {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
+        f"## Pre-RoPE vs post-RoPE quantization: {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
         "",
         (f"Command: `{p['command']}` — {p['eval_windows']} evaluation windows (first of the corpus), "
         f"{p['calib_windows']} calibration windows (last), {p['dtype']}, Q and K both quantized. Unquantized "

@@ -1,4 +1,4 @@
-"""Where should scale, offset and outliers come from so that the density shape wins? (issue 5)
+"""Where should scale, offset and outliers come from so that the density shape wins?
 
 Grid on one model: normalisation {static per head (the seed paper), dynamic min–max per
 channel over G tokens} × sink tokens kept exact {0, 1} × dense-and-sparse outliers {0, p} ×
@@ -194,7 +194,7 @@ def markdown(p: dict, bits_list: list[float], png: Path) -> str:
     g, out_p = p["group"], p.get("outliers", OUTLIERS)
     abl_p = p.get("outliers_ablation", OUTLIERS_ABLATION)
     out = [
-        f"## Quality sweep (issue 5): {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
+        f"## Quality sweep: {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
         "",
         (f"Command: `{p['command']}` — {p['eval_windows']} evaluation windows (first of the corpus), "
         f"{p['calib_windows']} calibration windows (last), {p['dtype']}, Q and K both quantized post-RoPE. "

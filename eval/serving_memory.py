@@ -1,4 +1,4 @@
-"""KV-cache memory per token on paper, for serving geometries (docs/serving.md, issue 17).
+"""KV-cache memory per token on paper, for serving geometries (docs/serving.md).
 
 kvquant rows come from :func:`kvquant.cache.kv_bytes_per_token` — the accounting a live
 ``KVQuantCache`` matches byte for byte (tests/test_serving_accounting.py) — for the shipped

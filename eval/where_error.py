@@ -1,4 +1,4 @@
-"""Where the remaining error of the default family sits (issue 5: what stands in the way).
+"""Where the remaining error of the default family sits: what stands in the way.
 
 Pre-RoPE channel-group codebooks (``lambda-lloyd``, G 128, first token exact), SmolLM2-135M,
 the perplexity protocol's windows. Rows quantize only part of the model:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 def markdown(p: dict) -> str:
     rows, fp = p["rows"], p["rows"]["fp"]["ppl"]
     out = [
-        f"## Where the error sits (issue 5): {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
+        f"## Where the error sits: {p['model']}, {p['dataset']}, seqlen {p['seqlen']}",
         "",
         (f"Command: `{p['command']}` — pre-RoPE channel-group codebooks, first token exact, {p['dtype']}, "
          f"{p['eval_windows']} evaluation windows (first), {p['calib_windows']} calibration windows (last). "
