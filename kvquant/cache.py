@@ -762,9 +762,11 @@ class _QuantKV:
             self._drop_front(extra)
 
     # --- Cache-layer API --------------------------------------------------------------
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """Keep what a crop of the last update needs to replay it exactly (transformers calls this
-        before assisted decoding; sliding layers also keep past tokens until the crop)."""
+        before assisted decoding; sliding layers also keep past tokens until the crop). Keyword
+        arguments (5.25+: ``recurrent_states_to_keep``) are for recurrent layers; an attention layer
+        has no recurrent state, so they are accepted and unused, as transformers' own layers do."""
         self.record_past = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
