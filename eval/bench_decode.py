@@ -1,24 +1,26 @@
 """Decode speed and memory of kvquant's KV cache against transformers' DynamicCache, all rows in one run.
 
-(a) CPU (always): the real offline model, a prompt from the start of the corpus (disjoint from
-    the codebook file's calibration windows) prefilled once per row and context at batch 1 and
-    repeated to each batch size (``Cache.batch_repeat_interleave``), then ``--steps`` greedy
-    decoding steps timed one by one (median). Rows (``--rows``): ``fp`` DynamicCache in the model
-    dtype (float32), ``fp16`` DynamicCache with the model in float16 (prefilled in float32, then
-    cache and model converted), generation-mode codebook rows as ``kvquant eval-ppl --mode
-    generation`` names them (the file's own method, ``METHOD@K/V``), and ``ROW:dequantize`` — the
-    same cache decoded by dequantizing every held token first (the path before the kernels).
+(a) CPU (always): the real offline model in ``--dtype`` (default bfloat16, as shipped), a prompt
+    from the start of the corpus (disjoint from the codebook file's calibration windows) prefilled
+    once per row and context at batch 1 and repeated to each batch size
+    (``Cache.batch_repeat_interleave``), then ``--steps`` greedy decoding steps timed one by one
+    (median), on each thread count of ``--threads``. Rows (``--rows``): ``fp`` transformers'
+    DynamicCache in the model dtype (the reference), generation-mode codebook rows as ``kvquant
+    eval-ppl --mode generation`` names them (the file's own method, ``METHOD@K/V``), and
+    ``ROW:dequantize`` — the same cache decoded by dequantizing every held token first.
     Memory per row: the KV bytes the cache holds, and the step transient — how far the process's
     peak resident memory rises above its resident memory before the steps (``VmHWM`` reset through
-    ``/proc/self/clear_refs``, glibc's free memory trimmed first).
+    ``/proc/self/clear_refs``, glibc's free memory trimmed first). Bytes read per step (weights +
+    KV held) against the copy bandwidth measured in the same run.
 (b) GPU (only with CUDA and triton, ``--gpu``): one decode step of attention, Llama-3-8B-like
     heads (32 query / 8 KV, head_dim 128), keys at 4 bits per channel in groups of 128 with 8-bit
     scales, values 4-bit per token, batch 1 and 8, contexts 4k–128k: fp16 SDPA on an fp16 cache
     vs :func:`kvquant.triton_decode.decode_step`, with the bytes each reads and a measured copy
     bandwidth.
 
-Usage:  python eval/bench_decode.py --codebooks out/default.safetensors [--contexts 512,2048,8192]
-            [--batches 1,8] [--steps 8] [--threads 1] [--rows fp,fp16,lambda-lloyd,...] [--gpu]
+Usage:  python eval/bench_decode.py --codebooks out/default.safetensors [--dtype bfloat16]
+            [--contexts 2048,8192,32768] [--batches 1,8] [--steps 8] [--threads 1,2]
+            [--rows fp,lambda-lloyd,...] [--gpu]
 Prints markdown tables, writes out/bench_decode.json, docs/decode_speed.png (``plot`` extra) and
 the ``decode`` section of BENCHMARKS.md (``--no-markdown``: print only).
 """
@@ -35,7 +37,6 @@ from pathlib import Path
 
 import torch
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
-from transformers import DynamicCache
 
 import kvquant
 from kvquant.compat import cache_kwargs
@@ -45,7 +46,7 @@ from kvquant.generation import cache_factories, kv_bits
 from kvquant.perplexity import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ROWS = "fp,fp16,lambda-lloyd,lambda-lloyd:dequantize,lambda-lloyd@2.65/3,lambda-lloyd@1.65/2"
+DEFAULT_ROWS = "fp,lambda-lloyd"
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,39 +95,42 @@ def _step(model, cache, token) -> tuple[torch.Tensor, float, int]:
     return logits.argmax(-1, keepdim=True), seconds, _rss("VmHWM") - before
 
 
-def _to_fp16(cache: DynamicCache) -> DynamicCache:
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.half(), layer.values.half()
-        if hasattr(layer, "dtype"):
-            layer.dtype = torch.float16
-    return cache
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """This machine's copy bandwidth in bytes/s on the current torch threads: the best of ``reps``
+    copies of an ``nbytes`` buffer (read + write counted), the ceiling a memory-bound step reads at."""
+    src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
 
 
 def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
-    """One dict per (context, batch, row). Per context every row's cache is prefilled (batch 1,
-    ``--prefill-threads``) and copied to each batch size; the rows then take their decoding steps
-    in turn (round robin, ``--threads``), so that a slow spell of the machine hits every row alike."""
-    base = [n.split(":")[0] for n in names if n != "fp16"]
-    # METHOD@K/V rows: the budget allocated as for the file's calibration seqlen (as configs/3bit.yaml)
-    rows = make_rows(list(dict.fromkeys(base)), books, seqlen=books.calibration["seqlen"], generation=True)
+    """One dict per (context, batch, threads, row). Per context every row's cache is prefilled (batch
+    1, ``--prefill-threads``) and copied to each batch size; the rows then take their decoding steps
+    in turn (round robin), on each of ``args.threads`` (int or list of ints) thread counts, so that
+    a slow spell of the machine hits every row alike."""
+    rows = make_rows(list(dict.fromkeys(n.split(":")[0] for n in names)), books, seqlen=books.calibration["seqlen"],
+                     generation=True)  # METHOD@K/V rows: the budget allocated as for the file's calibration seqlen
     factories = cache_factories(model, rows)
     for name in names:
         if name.partition(":")[2] not in ("", "dequantize"):
             raise ValueError(f"row {name!r}: only ':dequantize' may follow a row name")
-    model16 = copy.deepcopy(model).half() if "fp16" in names else None
     kvquant.unwrap(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    thread_counts = [args.threads] if isinstance(args.threads, int) else list(args.threads)
 
     def run(name: str, fn, *a):
-        """``fn(model, *a)`` with the model this row runs: float16, plain (transformers' caches) or wrapped."""
-        if name == "fp16":
-            return fn(model16, *a)
-        plain = name == "fp"
-        if not plain:
-            kvquant.wrap(model, None)  # kvquant's hook: positions for pre-RoPE keys, steps routed to the codes
+        """``fn(model, *a)``, the model plain (transformers' caches) or wrapped (kvquant's hook:
+        positions for pre-RoPE keys, steps routed to the codes)."""
+        if name != "fp":
+            kvquant.wrap(model, None)
         try:
             return fn(model, *a)
         finally:
-            if not plain:
+            if name != "fp":
                 kvquant.unwrap(model)
 
     out = []
@@ -136,35 +140,42 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
         caches, first = {}, {}
         for name in names:
             row, _, how = name.partition(":")
-            cache = factories["fp" if name == "fp16" else row]()
+            cache = factories[row]()
             kvquant.unwrap(model)  # make_cache wraps; run() wraps where the row needs it
             if how == "dequantize":
                 for layer in cache.layers:
                     layer.reads_codes = False
-            first[name] = run("fp" if name == "fp16" else name, _prefill, prompt, cache)
-            caches[name] = _to_fp16(cache) if name == "fp16" else cache
-        torch.set_num_threads(args.threads)
+            first[name] = run(name, _prefill, prompt, cache)
+            caches[name] = cache
         for batch in args.batches:
             live = {n: copy.deepcopy(c) for n, c in caches.items()} if batch > 1 else caches
-            token = {n: first[n].repeat(batch, 1) for n in names}
             if batch > 1:
                 for c in live.values():
                     c.batch_repeat_interleave(batch)
-            times = {n: [] for n in names}
-            transient = dict.fromkeys(names, 0)
-            for _ in range(args.steps):
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                token = {n: first[n].repeat(batch, 1) for n in names}
+                held = {n: _held_bytes(live[n]) for n in names}  # before the steps: each row reads this much KV
+                times = {n: [] for n in names}
+                transient = dict.fromkeys(names, 0)
+                for _ in range(args.steps):
+                    for n in names:
+                        token[n], sec, grow = run(n, _step, live[n], token[n])
+                        times[n].append(sec)
+                        transient[n] = max(transient[n], grow)
                 for n in names:
-                    token[n], sec, grow = run(n, _step, live[n], token[n])
-                    times[n].append(sec)
-                    transient[n] = max(transient[n], grow)
-            for n in names:
-                med = sorted(times[n])[len(times[n]) // 2]
-                bits, _ = kv_bits(live[n])
-                rec = dict(context=context, batch=batch, row=n, tok_s=batch / med, step_ms=1e3 * med,
-                           kv_bytes=_held_bytes(live[n]), transient_bytes=transient[n], kv_bits=bits,
-                           reads_codes=bool(getattr(live[n], "reads_codes", lambda: False)()))
-                out.append(rec)
-                print(json.dumps(rec), flush=True)
+                    c = live[n]
+                    med = sorted(times[n])[len(times[n]) // 2]
+                    bits, _ = kv_bits(c)
+                    rec = dict(context=context, batch=batch, threads=threads, row=n, tok_s=batch / med,
+                               step_ms=1e3 * med, kv_bytes=_held_bytes(c), transient_bytes=transient[n], kv_bits=bits,
+                               read_bytes=held[n] + weight_bytes, reads_codes=bool(getattr(c, "reads_codes",
+                                                                                           lambda: False)()))
+                    out.append(rec)
+                    print(json.dumps(rec), flush=True)
+                # the steps grew each cache: crop back so the next thread count starts where this one did
+                for c in live.values():
+                    c.crop(-args.steps)
             del live
             gc.collect()
         del caches
@@ -172,32 +183,37 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
     return out
 
 
-def cpu_table(recs: list[dict], args, books) -> str:
-    ref = {(r["context"], r["batch"]): r for r in recs if r["row"] == "fp"}
-    f16 = {(r["context"], r["batch"]): r for r in recs if r["row"] == "fp16"}
+def cpu_table(recs: list[dict], args, books, bandwidth: dict[int, float]) -> str:
+    ref = {(r["context"], r["batch"], r["threads"]): r for r in recs if r["row"] == "fp"}
     lines = [
-        f"### (a) CPU decode: `{args.model}` float32, {args.threads} thread(s), median of {args.steps} steps "
-        f"after a prompt of the context length (start of `{args.dataset}`, held out from the file's calibration)",
+        f"### (a) CPU decode: `{args.model}` in {args.dtype}, median of {args.steps} steps after a prompt of the "
+        f"context length (start of `{args.dataset}`, held out from the file's calibration); "
+        f"{platform_line()}; copy bandwidth "
+        + ", ".join(f"{bw / 1e9:.1f} GB/s on {t} thread(s)" for t, bw in sorted(bandwidth.items())),
         "",
-        "| context | batch | cache | bits per K/V entry held | decode tok/s | vs fp32 DynamicCache | KV held MiB "
-        "| step transient MiB "
-        "| KV + transient vs fp16 cache |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context | batch | threads | cache | bits per K/V entry held (end) | decode tok/s | vs DynamicCache "
+        "| KV held MiB | step transient MiB | KV + transient vs DynamicCache | bytes read / step (weights + KV) MiB "
+        "| read rate / copy bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
-        key = (r["context"], r["batch"])
+        key = (r["context"], r["batch"], r["threads"])
         mem = r["kv_bytes"] + r["transient_bytes"]
-        vs16 = f"{mem / (f16[key]['kv_bytes'] + f16[key]['transient_bytes']):.2f}×" if key in f16 else "–"
-        ratio = f"{r['tok_s'] / ref[key]['tok_s']:.2f}×" if key in ref else "–"
-        name = r["row"] + (" (codes)" if r["reads_codes"] else "")
-        lines.append(f"| {r['context']} | {r['batch']} | {name} | {r['kv_bits']:.2f} | "
+        f = ref.get(key)
+        vs_mem = f"{mem / (f['kv_bytes'] + f['transient_bytes']):.2f}×" if f else "–"
+        ratio = f"{r['tok_s'] / f['tok_s']:.2f}×" if f else "–"
+        name = r["row"] + (" (codes)" if r["reads_codes"] else "") if r["row"] != "fp" else "DynamicCache"
+        rate = r["read_bytes"] / (r["step_ms"] / 1e3) / bandwidth[r["threads"]]
+        lines.append(f"| {r['context']} | {r['batch']} | {r['threads']} | {name} | {r['kv_bits']:.2f} | "
                      f"{r['tok_s']:.2f} | {ratio} | {r['kv_bytes'] / 2**20:.1f} | {r['transient_bytes'] / 2**20:.1f} | "
-                     f"{vs16} |")
+                     f"{vs_mem} | {r['read_bytes'] / 2**20:.0f} | {100 * rate:.0f}% |")
     lines += ["", "`(codes)`: decoding steps read attention from the codes (`kvquant.code_attention`, the C kernel "
               "`kvquant/csrc/decode_cpu.c`); `:dequantize`: the same cache dequantizing every held token per step. "
-              "fp16: the model and cache in float16 (CPU float16 matmuls are slow: this row is the memory reference). "
-              "Bits held: every byte the cache holds per K/V entry (scales, exact sink and residual, rotation "
-              "tables included), after the steps; the DynamicCache rows hold the model dtype."]
+              "DynamicCache: transformers' cache in the model dtype. Bits held: every byte the cache holds per K/V "
+              "entry after the steps (scales, exact sink and newest group, rotation tables included). Step transient: "
+              "how far peak resident memory rose during a step. Bytes read per step: the model's weights plus the "
+              "KV bytes held (a lower bound on what a step reads); read rate: those bytes over the step time, against "
+              "the machine's copy bandwidth (read + write of a 1 GiB buffer) on the same threads."]
     return "\n".join(lines) + "\n"
 
 
@@ -318,12 +334,24 @@ def gpu_section(contexts: list[int], batches: list[int], h: int = 32, hkv: int =
     return "\n".join(lines) + "\n"
 
 
+def platform_line() -> str:
+    import platform
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from platform_info import cpu_model
+
+    return (f"{platform.machine()} {cpu_model()} (torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = codebook_parser(__doc__)
-    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="the model's dtype (default bfloat16, as the offline models ship)")
+    ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch (and kernel) threads while decoding")
+    ap.add_argument("--threads", default="1,2", help="torch (and kernel) thread counts while decoding")
     ap.add_argument("--prefill-threads", type=int, default=2)
     ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--gpu", action="store_true", help="also (b), on CUDA")
@@ -332,16 +360,21 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     if names[:1] != ["fp"]:
         raise ValueError("--rows must start with fp (the reference of the ratios)")
     t0 = time.perf_counter()
-    books, model, tok, text = load(args)
+    books, model, tok, text = load(args, dtype=getattr(torch, args.dtype))
     prompt = held_out_windows(tok, text, max(args.contexts), 1, books.calibration).ids[:1]
+    bandwidth = {}
+    for t in args.threads:
+        torch.set_num_threads(t)
+        bandwidth[t] = copy_bandwidth()
     recs = cpu_rows(args, books, model, prompt, names)
     cmd = "python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    parts = ["## Decode speed and memory\n", f"Command: `{cmd}`\n", cpu_table(recs, args, books),
-             plot(recs, ROOT / "docs" / "decode_speed.png")]
+    parts = ["## Decode speed and memory\n", f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})\n",
+             cpu_table(recs, args, books, bandwidth), plot(recs, ROOT / "docs" / "decode_speed.png")]
     if args.gpu:
         parts.append(gpu_section([int(c) for c in args.gpu_contexts.split(",")], args.batches))
     else:
@@ -350,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parts.append(f"_total {time.perf_counter() - t0:.0f} s_")
     md = "\n".join(parts)
     print(md)
-    write_text(ROOT / "out" / "bench_decode.json", json.dumps(dict(command=cmd, rows=recs), indent=1))
+    write_text(ROOT / "out" / "bench_decode.json", json.dumps(dict(command=cmd, bandwidth=bandwidth, rows=recs),
+                                                             indent=1))
     if not args.no_markdown:
         replace_section(ROOT / "BENCHMARKS.md", "decode", md)
 

@@ -21,10 +21,11 @@ def codebook_parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def load(args: argparse.Namespace):
-    """``(books, model, tokenizer, text)``: the codebook file, its model (checked to fit) and the text
-    (test split; pass ``books.calibration`` to :func:`kvquant.data.held_out_windows`)."""
+def load(args: argparse.Namespace, dtype: torch.dtype = torch.float32):
+    """``(books, model, tokenizer, text)``: the codebook file, its model in ``dtype`` (checked to fit;
+    float32 for the float32 tables of BENCHMARKS.md) and the text (test split; pass
+    ``books.calibration`` to :func:`kvquant.data.held_out_windows`)."""
     books = Codebooks.load(args.codebooks)
-    model, tok = load_model(args.model, dtype=torch.float32)  # the float32 tables of BENCHMARKS.md
+    model, tok = load_model(args.model, dtype=dtype)
     books.check_fits(model)
     return books, model, tok, load_text(args.dataset, split="test")
