@@ -34,8 +34,8 @@ from pathlib import Path
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
 from kvquant import query_quantizer, wrapped
-from kvquant.codebooks import Codebooks
 from kvquant.data import held_out_windows
+from kvquant.diagnostics import KeysOnly
 from kvquant.fileio import write_text
 from kvquant.generation import cache_factories, evaluate_generation
 from kvquant.perplexity import evaluate, make_rows
@@ -49,19 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = {t: [(round(2 * t - v - 0.35, 2), v) for v in (int(t), int(t) - 1)] for t in (4.0, 3.0, 2.0)}
 KIVI = ["kivi@4/4", "kivi@4/3", "kivi@3/3", "kivi@3/2", "kivi@2/2"]
 LIBRARY = ["quanto@4", "quanto@2"]  # transformers' QuantizedCache (the compare extra)
-
-
-class KeysOnly:
-    """Simulated path for one codebook row: keys through ``books.k.apply``, queries exact."""
-
-    def __init__(self, books: Codebooks):
-        self.books, self.rope, self.key_group = books, books.config.rope, books.key_group
-
-    def __call__(self, x, layer: int, side: str):
-        return x if side == "q" else self.books.k.apply(x, layer)
-
-    def effective_bits(self, head_dim: int, seqlen: int) -> float:
-        return self.books.effective_bits(head_dim, seqlen)
 
 
 def main(argv: list[str] | None = None) -> None:

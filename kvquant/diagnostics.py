@@ -25,26 +25,43 @@ from kvquant.fingerprint import ModelFingerprint
 from kvquant.wrap import attention_modules
 
 
-class KeysOnly:
-    """``quantizer`` on the keys only, queries exact (``sides = ("k",)``), in the quantizer's frame:
-    the deployed KV cache's quantizer beside exact queries. ``key_group`` (default: the quantizer's
-    own, e.g. :attr:`kvquant.codebooks.Codebooks.key_group`) > 0 reads keys quantized only once
-    their group is complete; give a per-token baseline the codebooks' G to quantize the same keys.
-    Works with :func:`logit_errors` and, as any quantizer, with :func:`kvquant.wrap`."""
+class QueryKeyPair:
+    """Queries through ``queries``, keys through ``keys`` (either None: exact), in the one frame both
+    quantizers name (``rope``), keys read quantized only once their group of ``key_group`` tokens is
+    complete (default: the key quantizer's own, e.g. :attr:`kvquant.codebooks.Codebooks.key_group`;
+    give a per-token baseline the codebooks' G to quantize the same keys). A deployable ``Q̂·K̂ᵀ``
+    is a causal query rule beside the cache's keys. Works with :func:`logit_errors` and, as any
+    quantizer, with :func:`kvquant.wrap`; ``effective_bits`` is the mean of the quantized sides'."""
 
-    sides = ("k",)
-
-    def __init__(self, quantizer: Quantizer, key_group: int | None = None):
-        self.quantizer = quantizer
-        self.rope = getattr(quantizer, "rope", "post")
-        self.key_group = int(getattr(quantizer, "key_group", 0) if key_group is None else key_group)
+    def __init__(self, queries: Quantizer | None, keys: Quantizer | None, key_group: int | None = None):
+        used = {s: x for s, x in (("q", queries), ("k", keys)) if x is not None}
+        frames = {getattr(x, "rope", "post") for x in used.values()}
+        if len(frames) > 1:
+            raise ValueError(f"the query and key quantizers work in different frames ({sorted(frames)}): "
+                             "give both the same rope")
+        self.queries, self.keys, self.sides = queries, keys, tuple(used)
+        self.rope = frames.pop() if frames else "post"
+        default = getattr(keys, "key_group", 0) if keys is not None else 0
+        self.key_group = int(default if key_group is None else key_group)
 
     def __call__(self, x: torch.Tensor, layer: int, side: str) -> torch.Tensor:
-        return x if side == "q" else self.quantizer(x, layer, "k")
+        quant = self.queries if side == "q" else self.keys
+        return x if quant is None else quant(x, layer, side)
 
     def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:
-        """The quantizer's bits per entry (for keys-only codebooks, ``budget_sides`` k: per key entry)."""
-        return float(self.quantizer.effective_bits(head_dim=head_dim, seqlen=seqlen))
+        bits = [float(x.effective_bits(head_dim=head_dim, seqlen=seqlen)) for x in (self.queries, self.keys)
+                if x is not None]
+        return sum(bits) / len(bits) if bits else 0.0
+
+
+class KeysOnly(QueryKeyPair):
+    """``quantizer`` on the keys only, queries exact (``sides = ("k",)``): the deployed KV cache's
+    quantizer beside exact queries; ``effective_bits`` is the quantizer's own (for keys-only
+    codebooks, ``budget_sides`` k: per key entry)."""
+
+    def __init__(self, quantizer: Quantizer, key_group: int | None = None):
+        super().__init__(None, quantizer, key_group)
+        self.quantizer = quantizer
 
 
 @torch.no_grad()

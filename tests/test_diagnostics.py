@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvquant.baselines import Baseline
 from kvquant.calibrate import run_capture
-from kvquant.diagnostics import KeysOnly, logit_errors
+from kvquant.diagnostics import KeysOnly, QueryKeyPair, logit_errors
 
 ROTARY = ("llama", "gemma3", "gptneox")  # full rotary + q/k norms and sliding windows, partial rotary
 
@@ -120,3 +120,24 @@ def test_keys_only_baseline_at_the_same_place():
     err = logit_errors(model, ids, {"keys": KeysOnly(base, key_group=8)}, progress=False)["keys"]
     want = reference(model, ids, lambda x, layer, side: base(x, layer, side), keys_only=True, group=8)
     torch.testing.assert_close(err, want, rtol=1e-4, atol=1e-6)
+
+
+def test_query_key_pair_quantizes_each_side_with_its_own_quantizer():
+    """Causal per-token INT queries beside block-causal codebook keys: the reference quantizes the
+    queries with the one and the keys with the other, and reads keys quantized once their group is in."""
+    model, ids, books = tiny_books(norm="channel-group", group=8, sink=1, rope="pre", bits_q=3, bits_k=3)
+    queries = Baseline("int4", rope="pre")
+    pair = QueryKeyPair(queries, books)
+    assert pair.sides == ("q", "k") and pair.key_group == 8 and pair.rope == "pre"
+    err = logit_errors(model, ids, {"pair": pair}, progress=False)["pair"]
+    both = lambda x, layer, side: queries(x, layer, side) if side == "q" else books.k.apply(x, layer)  # noqa: E731
+    torch.testing.assert_close(err, reference(model, ids, both, group=8), rtol=1e-4, atol=1e-6)
+    keys_only = logit_errors(model, ids, {"k": KeysOnly(books)}, progress=False)["k"]
+    assert torch.all(err > keys_only)  # the queries' error adds to the keys'
+    assert pair.effective_bits(head_dim=16, seqlen=SEQ) == pytest.approx(
+        0.5 * (queries.effective_bits(16) + books.effective_bits(16, SEQ)))
+
+
+def test_query_key_pair_refuses_two_frames():
+    with pytest.raises(ValueError, match="different frames"):
+        QueryKeyPair(Baseline("int4"), Baseline("int4", rope="pre"))
