@@ -16,7 +16,12 @@ codebook's error is lower than INT's and FP's, each comparison at the same place
                   at b code bits (``books.rebuilt(bits_k=b, budget=0)``); the same layout with
                   evenly spaced levels (``uniform``: min–max INT b), per-token INT / FP keys at the
                   same place and block-causal, and the KIVI-style post-RoPE INT b per channel group;
-                  plus the file as shipped (bits allocated over key channels) as a reference.
+                  plus the file as shipped (bits allocated over key channels) as a reference;
+(d) ``qk``        a ``Q̂·K̂ᵀ`` a decoder can run: the keys of (c), and the queries quantized causally
+                  from their own token — static per-channel (μ, σ) and the head's pair codebook at
+                  b bits (:meth:`kvquant.codebooks.Codebooks.causal_queries`), first token exact;
+                  ``uniform`` the same layouts with evenly spaced levels; ``int``/``fp`` per-token
+                  absmax on both sides, pre-RoPE, keys block-causal.
 
 Baselines: ``int{b}`` symmetric absmax INT per token, ``fp8`` (e4m3) / ``fp4`` (e2m1) per token,
 ``int{b}-channel`` min–max per channel over groups of 128 tokens (fp16 scales; in (a)/(b) all
@@ -58,7 +63,7 @@ from kvquant.baselines import Baseline, kivi_codebooks
 from kvquant.calibrate import capture, capture_stats, run_capture
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.data import held_out_windows, load_text, make_windows, split_calib_eval
-from kvquant.diagnostics import KeysOnly, logit_errors
+from kvquant.diagnostics import KeysOnly, QueryKeyPair, logit_errors
 from kvquant.fileio import atomic_path, replace_section, write_text
 from kvquant.fingerprint import ModelFingerprint
 
@@ -67,6 +72,7 @@ PLACES = {
     "post": "(a) post-RoPE, Q and K, static σ",
     "pre": "(b) pre-RoPE, Q and K, static σ",
     "deployed": "(c) deployed: keys only, pre-RoPE, channel groups, block-causal",
+    "qk": "(d) deployable Q·Kᵀ: causal queries beside the deployed keys",
 }
 #: (place, density row, the rows it is compared with) ({b}: bits; {fp}: fp8 / fp4)
 COMPARE = [
@@ -75,6 +81,7 @@ COMPARE = [
     ("pre", "lambda@{b}", ["int{b}", "{fp}", "int{b}-channel"]),
     ("pre", "lambda@{b}/channel", ["int{b}", "{fp}", "int{b}-channel"]),
     ("deployed", "lambda-lloyd@{b}", ["uniform@{b}", "int{b}", "{fp}", "kivi@{b}", "lambda@{b}"]),
+    ("qk", "lambda-lloyd@{b}", ["uniform@{b}", "int{b}", "{fp}"]),
 ]
 
 
@@ -100,6 +107,12 @@ def quantizers(books: Codebooks, static_post: Codebooks, bits: int, head_dim: in
         if base:
             rows[f"deployed:{base}"] = KeysOnly(Baseline(base, rope="pre"), key_group=group)
     rows[f"deployed:kivi@{bits}"] = KeysOnly(kivi_codebooks(books, bits))
+    for method in ("lambda-lloyd", "uniform"):  # (d): queries static per channel, keys as the cache holds them
+        keys = books.rebuilt(method=method, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="k")
+        rows[f"qk:{method}@{bits}"] = QueryKeyPair(keys.causal_queries(bits), keys)
+    for base in [f"int{bits}", fp]:
+        if base:
+            rows[f"qk:{base}"] = QueryKeyPair(Baseline(base, rope="pre"), Baseline(base, rope="pre"), key_group=group)
     bits_of = {name: effective_bits(q, head_dim, seqlen) for name, q in rows.items()}
     return rows, bits_of
 
@@ -329,7 +342,11 @@ def markdown(p: dict, name: str) -> str:
         "every key channel at b bits here); `uniform` is min–max INT b on that same layout, `int`/`fp` per-token "
         "absmax keys at the same place (pre-RoPE, block-causal), `kivi` min–max INT b per channel group post-RoPE "
         "with fp16 scales and no sink. In (a)/(b) `int{b}-channel` groups all tokens of the window, the incomplete "
-        "last group included (a prefill setting). Effective bits per quantized entry count scales and exact tokens.",
+        "last group included (a prefill setting). (d) queries and keys both quantized as a decoder can: the keys of "
+        "(c) and the queries causal, from their own token (static per-channel (μ, σ), the head's pair codebook at b "
+        "bits, `Codebooks.causal_queries`), `uniform` the same layouts with evenly spaced levels, `int`/`fp` "
+        "per-token absmax on both sides, pre-RoPE, keys block-causal. Effective bits per quantized entry count "
+        "scales and exact tokens ((d): the mean of the query and key sides).",
         "",
         "**Share of heads where the density codebook's logit error is lower** (the seed paper's number):",
         "",

@@ -1051,6 +1051,12 @@ def make_cache(
         )
     codebooks.check_fits(model)
     k = codebooks.k
+    if k.token_scale:
+        raise NotImplementedError(
+            "these codebooks scale each key token (norm 'channel-token'), which KVQuantCache does not store: use "
+            "a channel-group file for the cache (kvquant calibrate's default), and channel-token for queries "
+            "(Codebooks.causal_queries)"
+        )
     if k.outliers:
         raise NotImplementedError(
             f"these codebooks keep {k.outliers:g} of the key entries exact (dense-and-sparse outliers); "
@@ -1097,7 +1103,7 @@ class QueryQuantizer:
     passes keys through: use it beside a :class:`KVQuantCache`, which already holds quantized keys.
 
     Only causal query codebooks are accepted — a query is quantized from its own token and static
-    calibrated tables (``norm`` ``head``/``channel``), so a decoding step and a prefill give it
+    calibrated tables (``norm`` ``head``/``channel``/``channel-token``), so a decoding step and a prefill give it
     the same codes; group-normalised query books (their range spans up to G − 1 later queries)
     are refused: :meth:`Codebooks.causal_queries` builds static per-channel ones from the same
     statistics. Pre-RoPE books get the queries with the rotation undone (the attention function
@@ -1132,9 +1138,11 @@ class QueryQuantizer:
         exact = (pos < self.sink).expand(x.shape[0], -1)[:, None, :, None].to(x.device)
         return torch.where(exact, x, out)
 
-    def effective_bits(self, *args, **kwargs) -> float:
-        """Code bits per query entry (static tables add nothing per entry; sinks not counted)."""
-        return float(self.codebooks.q.mean_bits)
+    def effective_bits(self, head_dim: int | None = None, *args, **kwargs) -> float:
+        """Bits per query entry: codes, and a ``channel-token`` scale (16 / head_dim; static tables
+        add nothing per entry; sinks not counted)."""
+        token = 16 / (head_dim or self.codebooks.fingerprint.head_dim) if self.codebooks.q.token_scale else 0.0
+        return float(self.codebooks.q.mean_bits) + token
 
 
 def query_quantizer(codebooks: Codebooks, model: torch.nn.Module) -> QueryQuantizer:

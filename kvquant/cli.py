@@ -652,9 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits-k", type=int, help="bits per key entry (1-8, default 4); with --budget or "
                    "--effective-bits, the most one channel may get")
     c.add_argument("--method", choices=["lambda", "lambda-lloyd", "lloydmax", "uniform"], help="codebook method (default lambda-lloyd)")
-    c.add_argument("--norm", choices=["head", "channel", "channel-group"],
-                   help="static per head / per channel (μ, σ), or dynamic min–max per channel over groups of tokens "
-                        "(default channel-group)")
+    c.add_argument("--norm", choices=["head", "channel", "channel-token", "channel-group"],
+                   help="static per head / per channel (μ, σ), static per channel with a scale per token "
+                        "(channel-token), or dynamic min–max per channel over groups of tokens (default channel-group)")
     c.add_argument("--group", type=int, help="tokens per group for --norm channel-group (default 64)")
     c.add_argument("--sink", type=int, help="first tokens of each sequence kept exact (default 1)")
     c.add_argument("--outliers", type=float,

@@ -5,7 +5,11 @@ Normalisation (static, from calibration), per head or per channel:
 ``x̃ = (x − offset) / scale`` with offset = mean and scale = σ of x over the multiplying pairs;
 the codebook quantizes x̃ (its centers are in σ units) and ``x̂ = offset + scale · center``.
 Static scales and tables are per model, not per token, so the effective bits per entry are
-exactly the codebook bits.
+exactly the codebook bits. ``channel-token`` adds one scale per token and head on top of the
+per-channel normalisation: ``r = max_j |x̃_j| / c_max`` (stored in fp16, +16/D bits per entry;
+``c_max`` the codebook's outermost center), and the codebook quantizes ``x̃ / r`` — no entry of
+any token is clipped, and each token is quantized from itself alone (a causal rule for queries,
+:meth:`Codebooks.causal_queries`).
 
 Codebooks come from the Gaussian pair model fitted to the calibration statistics:
 query head h uses ``(ρ_h, μ_Q/σ_Q, μ_K/σ_K)``; a KV head shared by g query heads uses the
@@ -55,8 +59,8 @@ FORMAT_VERSION = 1
 #: What a codebook file's calibration record must hold: the text, window count and length it was
 #: calibrated on (held-out checks and METHOD@B budgets read them; token ranges are optional).
 CALIBRATION_RECORD = ("source", "windows", "seqlen")
-Norm = Literal["head", "channel", "channel-group"]
-NORMS = ("head", "channel", "channel-group")
+Norm = Literal["head", "channel", "channel-token", "channel-group"]
+NORMS = ("head", "channel", "channel-token", "channel-group")
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ class CodebookConfig:
     def effective_bits(self, code_bits: float, head_dim: int, seqlen: int | None = None) -> float:
         """Bits per entry held after ``seqlen`` tokens for ``code_bits`` bits of codes per entry
         (averaged over queries and keys), as the KV cache holds them. Static scales and tables are
-        per model and add nothing per entry; ``channel-group`` adds a (mid, half) per channel per
+        per model and add nothing per entry; ``channel-token`` adds an fp16 scale per token and head,
+        16/D; ``channel-group`` adds a (mid, half) per channel per
         complete group, 2·scale_bits/G (32/G in fp16, 16/G in 8 bits), and the newest incomplete
         group (``seqlen mod G`` tokens) is held exact, 16 bits per entry instead of codes; the
         ``sink`` exact tokens cost 16 bits *on top of* their code slot (the layout keeps one).
@@ -149,6 +154,8 @@ class CodebookConfig:
 
         p = 0.5 % at G = 128, D = 64: n = 41, +0.145 bits."""
         bits = code_bits
+        if self.norm == "channel-token":
+            bits += 16 / head_dim
         if self.dynamic:
             bits += 2 * self.scale_bits / self.group
         if self.outliers:
@@ -208,6 +215,7 @@ class SideBooks:
     outliers: float = 0.0  # group mode: fraction of each (group × D) block kept exact
     channel_levels: torch.Tensor | None = None  # (L, H, D) int: allocated levels per channel (None: all 2^bits)
     scale_bits: int = 16  # group mode: bits of each stored mid / half
+    token_scale: bool = False  # static mode: one fp16 scale per token and head (norm "channel-token")
 
     @property
     def mean_bits(self) -> float:
@@ -259,8 +267,12 @@ class SideBooks:
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc
-        xq = cb.fake_quantize(xn, centers, bounds, dim=1)
-        return (xq * sc + off).to(x.dtype)
+        if not self.token_scale:
+            return (cb.fake_quantize(xn, centers, bounds, dim=1) * sc + off).to(x.dtype)
+        # one fp16 scale per token and head: the token's largest |x̃| onto the outermost center
+        top = centers.abs().flatten(1).amax(-1)[None, :, None, None]
+        r = (xn.abs().amax(-1, keepdim=True) / top).clamp_min(torch.finfo(torch.float16).tiny).half().float()
+        return (cb.fake_quantize(xn / r, centers, bounds, dim=1) * r * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         names = ("centers", "boundaries", "offset", "scale") + (("channel_levels",) if self.channel_levels is not None else ())
@@ -360,7 +372,7 @@ class Codebooks:
             sig_q = hm.sigma_q
             off_q, sc_q = hm.mean_q[..., None].expand(L, H, D), hm.sigma_q[..., None].expand(L, H, D)
             off_k, sc_k = hm.mean_k[..., None].expand(L, H, D), hm.sigma_k[..., None].expand(L, H, D)
-        else:  # per channel: normalised pairs are zero-mean, pooled ρ is the channels' mean ρ
+        else:  # per channel (and token): normalised pairs are zero-mean, pooled ρ is the channels' mean ρ
             cm = stats.channel_moments()  # (L, H, D)
             rho_q = cm.rho.mean(-1)
             m_q = m_k = torch.zeros(L, H, dtype=torch.float64)
@@ -383,12 +395,14 @@ class Codebooks:
                 ck[layer, h], bk[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
         kv_rows = slice(None, None, g)  # key statistics are repeated over each KV head's queries
         eps = torch.finfo(torch.float32).tiny
+        token = config.norm == "channel-token"
         return cls(
             config=config,
-            q=SideBooks(config.bits_q, cq, bq, off_q.float().contiguous(), sc_q.float().clamp_min(eps).contiguous(), 0, config.sink),
+            q=SideBooks(config.bits_q, cq, bq, off_q.float().contiguous(), sc_q.float().clamp_min(eps).contiguous(), 0,
+                        config.sink, token_scale=token),
             k=SideBooks(
                 config.bits_k, ck, bk, off_k[:, kv_rows].float().contiguous(),
-                sc_k[:, kv_rows].float().clamp_min(eps).contiguous(), 0, config.sink,
+                sc_k[:, kv_rows].float().clamp_min(eps).contiguous(), 0, config.sink, token_scale=token,
             ),
             fingerprint=fingerprint,
             stats=stats,
@@ -480,16 +494,21 @@ class Codebooks:
         config = replace(self.config, **changes).at_effective_bits(effective_bits, self.fingerprint.head_dim, seqlen)
         return self.rebuilt(**{k: getattr(config, k) for k in ("budget", "bits_q", "bits_k")}, **changes)
 
-    def causal_queries(self, bits: int | None = None) -> "Codebooks":
-        """Codebooks whose queries are quantized causally, for :func:`kvquant.query_quantizer`
-        beside a KV cache: static per-channel tables (``norm="channel"``: offset and scale the
-        calibrated mean and σ of each query channel, the head's pair codebook at ``bits``, default
-        the file's ``bits_q``) from the same statistics and frame; the keys of the result are
-        not meant to be used (the cache holds this file's)."""
+    def causal_queries(self, bits: int | None = None, norm: str = "channel-token") -> "Codebooks":
+        """Codebooks whose queries are quantized causally — each query from its own token and
+        static tables — for :func:`kvquant.query_quantizer` beside a KV cache, from the same
+        statistics and frame: per-channel (μ, σ) of the calibration, the head's pair codebook at
+        ``bits`` (default the file's ``bits_q``) and, with ``norm="channel-token"`` (the default,
+        chosen on development windows: eval/causal_queries.py), a per-token scale so that no
+        entry is clipped; ``norm="channel"`` leaves it out. The keys of the result are not meant to
+        be used (the cache holds this file's). Codebooks with a static norm are returned as they
+        are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
             return self if bits is None else self.rebuilt(bits_q=bits)
+        if norm not in ("channel", "channel-token"):
+            raise ValueError(f"causal query norms are 'channel' and 'channel-token', got {norm!r}")
         bits = bits or self.config.bits_q
-        return self.rebuilt(norm="channel", bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
+        return self.rebuilt(norm=norm, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
                             outliers=0.0)
 
     # --- use ------------------------------------------------------------------------
@@ -592,7 +611,7 @@ class Codebooks:
         group = config.group if config.dynamic else 0
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
-            config.outliers, t.get(f"{p}.channel_levels"), config.scale_bits,
+            config.outliers, t.get(f"{p}.channel_levels"), config.scale_bits, config.norm == "channel-token",
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

@@ -22,6 +22,7 @@ from kvquant.compat import cache_kwargs
 from kvquant.library_cache import LibraryCache
 from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
 from kvquant.placement import input_device
+from kvquant.wrap import wrapped
 
 __all__ = ["HeldBits", "LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation",
            "generation_nll", "held_bits", "held_bits_curve", "kv_bits"]
@@ -184,19 +185,26 @@ def held_bits(new_cache: Callable[[], Cache], model: torch.nn.Module, n: int) ->
 
 
 def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Callable[[], Cache]],
-                        progress: bool = True) -> dict[str, PplRow]:
+                        progress: bool = True, queries: dict | None = None) -> dict[str, PplRow]:
     """Generation-mode perplexity of every row (a factory of fresh caches) on the same windows,
     with the KL divergence from the ``fp`` row and top-token agreement when there is one
     (:func:`kvquant.perplexity.score_windows`). ``effective_bits`` is the mean K/V bits per entry
     the row's cache holds over a window, after each token (:func:`held_bits`), beside the value
     at the window's end and the largest (``kv_bits_end``, ``kv_bits_max``);
-    ``kv_bytes_per_token`` is the bytes per token the last window's cache held at its end."""
+    ``kv_bytes_per_token`` is the bytes per token the last window's cache held at its end.
+    ``queries``: per row name, a query quantizer (:func:`kvquant.query_quantizer`) the model is
+    wrapped with while that row runs — its queries quantized beside its cache."""
     last: dict[str, Cache] = {}
 
     def run(name: str, new: Callable[[], Cache]) -> WindowLogits:
         def logits(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
             last[name] = new()
-            return cache_logits(model, x, last[name])
+            quant = (queries or {}).get(name)
+            if quant is None:
+                yield from cache_logits(model, x, last[name])
+                return
+            with wrapped(model, quant):
+                yield from cache_logits(model, x, last[name])
 
         return logits
 

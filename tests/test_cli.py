@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -311,3 +312,15 @@ def test_bare_qk_path_works_as_typed(model_dir, text_file, tmp_path, capsys):
     capsys.readouterr()
     assert run(eval_args(model_dir, text_file, "--codebooks", keys, "--baselines", "fp", "--allow-overlap")) == 0
     assert "| lambda-lloyd (keys only, exact queries) | 6.00 |" in capsys.readouterr().out
+
+
+def test_calibrate_choices_are_the_library_names():
+    """The CLI's --method and --norm choices (kept literal so --help needs no torch) are the library's."""
+    from kvquant import scalar
+    from kvquant.cli import build_parser
+    from kvquant.codebooks import NORMS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["calibrate"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert set(choices["norm"]) == set(NORMS)
+    assert set(choices["method"]) == set(scalar.METHODS)

@@ -203,3 +203,30 @@ def test_library_rows_refused_for_sliding_window_models_before_any_row_runs():
     with pytest.raises(ValueError, match="quanto@4: transformers' QuantizedCache holds full-attention layers only"):
         cache_factories(make_model("gemma3"), {"fp": None, "quanto@4": LibraryCache("quanto", 4)})
     assert set(cache_factories(make_model("llama"), {"fp": None, "quanto@4": LibraryCache("quanto", 4)})) == {"fp", "quanto@4"}
+
+
+def test_generation_rows_with_quantized_queries():
+    """``queries={row: quantizer}``: that row runs with the model wrapped by the query quantizer (its
+    perplexity is what the same row gives inside ``kvquant.wrapped``), the other rows — the fp
+    reference of the KLD among them — do not, and the model is left as it was."""
+    import kvquant
+    from kvquant.generation import evaluate_generation
+    from kvquant.wrap import controller, is_wrapped
+
+    model = make_model("llama")
+    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
+        "lambda", 3, 3, norm="channel-group", group=4, sink=1, rope="pre")), progress=False)
+    ids = random_ids(2, 19, seed=5)
+    dyn = lambda: DynamicCache(config=model.config)  # noqa: E731
+    quant = lambda: make_cache(model, books, bits_v=3)  # noqa: E731
+    qq = kvquant.query_quantizer(books.causal_queries(2), model)
+    kvquant.unwrap(model)
+    rows = evaluate_generation(model, ids, {"fp": dyn, "kv": quant, "kv+q": quant}, progress=False,
+                               queries={"kv+q": qq})
+    assert not is_wrapped(model) or controller(model).quantizer is None
+    plain = evaluate_generation(model, ids, {"fp": dyn, "kv": quant}, progress=False)
+    assert rows["fp"].ppl == plain["fp"].ppl and rows["kv"].ppl == plain["kv"].ppl
+    with kvquant.wrapped(model, qq):
+        inside = evaluate_generation(model, ids, {"kv+q": quant}, progress=False)
+    assert rows["kv+q"].ppl == pytest.approx(inside["kv+q"].ppl, rel=1e-6)
+    assert abs(rows["kv+q"].ppl - rows["kv"].ppl) > 1e-4 and rows["kv+q"].kld > rows["kv"].kld > 0

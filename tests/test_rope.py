@@ -159,10 +159,11 @@ def test_calibration_in_the_pre_frame(tmp_path):
         kvquant.query_quantizer(books, model)  # group-normalised queries would look ahead
 
 
+@pytest.mark.parametrize("norm", ["channel-token", "channel"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family):
-    """Pre-RoPE keys in the cache and queries through static per-channel tables
-    (``causal_queries``), fed as decoding feeds them (chunks of ``chunk_starts``, equal to token
+def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family, norm):
+    """Pre-RoPE keys in the cache and queries through static per-channel tables, with or without
+    a per-token scale (``causal_queries``), fed as decoding feeds them (chunks of ``chunk_starts``, equal to token
     by token): the logits of the simulated forward with the same query and key books, whose
     attention reads each key quantized only once its group is complete (block-causal)."""
     import itertools
@@ -175,8 +176,9 @@ def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family
     ids = random_ids(2, SEQ)
     config = CodebookConfig("lambda", 3, 3, "channel-group", 4, 1, rope="pre", scale_bits=8)
     books = calibrate(model, ids, CalibrationConfig(config), progress=False)
-    qbooks = books.causal_queries()
-    assert qbooks.q.group == 0 and qbooks.config.norm == "channel" and qbooks.q.sink == 1
+    qbooks = books.causal_queries(norm=norm)
+    assert qbooks.q.group == 0 and qbooks.config.norm == norm and qbooks.q.sink == 1
+    assert qbooks.q.token_scale == (norm == "channel-token")
     with kvquant.wrapped(model, replace(books, q=qbooks.q)):  # simulated: static queries, group keys
         ref = logits(model, ids)
     cache = kvquant.make_cache(model, books, quantize_values=False, tail="exact")  # the simulated path's rule
