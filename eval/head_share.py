@@ -18,8 +18,9 @@ codebook's error is lower than INT's and FP's, each comparison at the same place
                   same place and block-causal, and the KIVI-style post-RoPE INT b per channel group;
                   plus the file as shipped (bits allocated over key channels) as a reference;
 (d) ``qk``        a ``Q̂·K̂ᵀ`` a decoder can run: the keys of (c), and the queries quantized causally
-                  from their own token — static per-channel (μ, σ) and the head's pair codebook at
-                  b bits (:meth:`kvquant.codebooks.Codebooks.causal_queries`), first token exact;
+                  from their own token — static per-channel (μ, σ), the head's pair codebook at
+                  b bits and a per-token scale (:meth:`kvquant.codebooks.Codebooks.causal_queries`,
+                  norm ``channel-token``), first token exact;
                   ``uniform`` the same layouts with evenly spaced levels; ``int``/``fp`` per-token
                   absmax on both sides, pre-RoPE, keys block-causal.
 
@@ -337,14 +338,15 @@ def markdown(p: dict, name: str) -> str:
         "(`lambda`, the closed form λ*) on static per-head (μ, σ) — the seed paper's setting — and, `/channel`, on "
         "static per-channel (μ, σ) (the Gaussian model per channel; nothing added per entry either); (b) the same "
         "pre-RoPE; (c) the deployed KV cache's key quantizer: keys only, queries exact, pre-RoPE, min–max per "
-        "channel over groups of 128 tokens with 8-bit scales, first token exact, a key read quantized only once its "
+        f"channel over groups of {p['config']['group']} tokens with {p['config']['scale_bits']}-bit scales, first token exact, a key read quantized only once its "
         "group is complete (block-causal), the codebook from the calibration histogram (`lambda-lloyd`, as shipped, "
         "every key channel at b bits here); `uniform` is min–max INT b on that same layout, `int`/`fp` per-token "
         "absmax keys at the same place (pre-RoPE, block-causal), `kivi` min–max INT b per channel group post-RoPE "
         "with fp16 scales and no sink. In (a)/(b) `int{b}-channel` groups all tokens of the window, the incomplete "
         "last group included (a prefill setting). (d) queries and keys both quantized as a decoder can: the keys of "
         "(c) and the queries causal, from their own token (static per-channel (μ, σ), the head's pair codebook at b "
-        "bits, `Codebooks.causal_queries`), `uniform` the same layouts with evenly spaced levels, `int`/`fp` "
+        "bits and an fp16 scale per token mapping its largest entry onto the outermost center, "
+        "`Codebooks.causal_queries`), `uniform` the same layouts with evenly spaced levels, `int`/`fp` "
         "per-token absmax on both sides, pre-RoPE, keys block-causal. Effective bits per quantized entry count "
         "scales and exact tokens ((d): the mean of the query and key sides).",
         "",
