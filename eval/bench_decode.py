@@ -183,7 +183,7 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
     return out
 
 
-def cpu_table(recs: list[dict], args, books, bandwidth: dict[int, float]) -> str:
+def cpu_table(recs: list[dict], args, bandwidth: dict[int, float]) -> str:
     ref = {(r["context"], r["batch"], r["threads"]): r for r in recs if r["row"] == "fp"}
     lines = [
         f"### (a) CPU decode: `{args.model}` in {args.dtype}, median of {args.steps} steps after a prompt of the "
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     recs = cpu_rows(args, books, model, prompt, names)
     cmd = "python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = ["## Decode speed and memory\n", f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})\n",
-             cpu_table(recs, args, books, bandwidth), plot(recs, ROOT / "docs" / "decode_speed.png")]
+             cpu_table(recs, args, bandwidth), plot(recs, ROOT / "docs" / "decode_speed.png")]
     if args.gpu:
         parts.append(gpu_section([int(c) for c in args.gpu_contexts.split(",")], args.batches))
     else:

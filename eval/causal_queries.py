@@ -61,25 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     sim = {"fp": None, "queries exact": KeysOnly(books),
            **{f"{rule}@{b}": QueryKeyPair(books.causal_queries(b, norm=rule), books) for rule in RULES},
            f"look-ahead groups@{b} (not causal)": QueryKeyPair(lookahead, books)}
-    rows = make_rows(list(CACHES), books, seqlen, generation=True)
-    factories, queries = cache_factories(model, {"fp": None}), {}
-    for name, qbits in CACHES.items():  # every row built before the runs: a bad one fails first
-        new = cache_factories(model, {name: rows[name]})[name]
-        factories[name] = new
-        for rule in RULES:
-            factories[f"{name} +q{qbits} {rule}"] = new
-            queries[f"{name} +q{qbits} {rule}"] = query_quantizer(books.causal_queries(qbits, norm=rule), model)
+    caches = cache_factories(model, {"fp": None, **make_rows(list(CACHES), books, seqlen, generation=True)})
+    queries = {(name, rule): query_quantizer(books.causal_queries(qbits, norm=rule), model)  # built before the
+               for name, qbits in CACHES.items() for rule in RULES}                           # runs: errors first
 
     dev_res = evaluate(model, dev, sim)
     chosen = min(RULES, key=lambda rule: dev_res[f"{rule}@{b}"].kld)
-    factories = {n: f for n, f in factories.items() if not n.endswith(tuple(set(RULES) - {"channel", chosen}))}
-    ev_res = evaluate_generation(model, ev, factories, queries=queries)
+    factories, row_queries = {"fp": caches["fp"]}, {}
+    for name, qbits in CACHES.items():
+        factories[name] = caches[name]
+        for rule in dict.fromkeys(["channel", chosen]):  # the earlier rule beside the chosen one
+            label = f"{name} +q{qbits} {rule}"
+            factories[label], row_queries[label] = caches[name], queries[name, rule]
+    ev_res = evaluate_generation(model, ev, factories, queries=row_queries)
 
     cmd = "python eval/causal_queries.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    dtype = args.dtype
     md = "\n".join([
         f"## Queries quantized beside the cache, causally ({time.strftime('%Y-%m-%d')})", "",
-        f"Command: `{cmd}` — {args.model}, {args.dataset}, {seqlen}-token windows, {dtype}; codebook file "
+        f"Command: `{cmd}` — {args.model}, {args.dataset}, {seqlen}-token windows, {args.dtype}; codebook file "
         f"`{Path(args.codebooks).name}`. Queries are quantized from their own token: `channel` static per-channel "
         "(μ, σ) and the head's pair codebook; `channel-token` the same with an fp16 scale per token and head mapping "
         "its largest entry onto the outermost center (+16/64 bits per query entry); the first token exact. "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -42,6 +43,8 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kvquant.fileio import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "logs" / "llamacpp"
@@ -326,8 +329,6 @@ def quality_kvquant(args, model, tok, books, ids, first: int) -> dict:
         s = score[name]
         kld, p99, top1 = s["agreement"].summary()
         bits, end = mean_bits_over(factories[name], model, first, n)
-        import math
-
         rows.append(dict(name=name, bits=bits, bits_end=end, ppl=math.exp(s["nll"] / s["tokens"]), tokens=s["tokens"],
                          kld=kld, kld_p99=p99, top1=top1, seconds=s["seconds"]))
         log(f"kvquant {name}: {bits:.2f} bits, ppl {rows[-1]['ppl']:.4f}, KLD {kld:.6f}")
@@ -514,7 +515,7 @@ def report(path: Path) -> str:
             head += [f"Versions ({r['model']} run): " + "; ".join(f"{k}: {v}" for k, v in r["versions"].items()), ""]
             break
     text = "\n".join(head + [model_section(r) for r in results])
-    path.write_text(text)
+    write_text(path, text)
     return text
 
 
@@ -570,8 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"llama.cpp in {bin_dir}: {res['versions']['llamacpp']}")
 
     def save() -> None:
-        OUT.mkdir(exist_ok=True)
-        res_path.write_text(json.dumps(res, indent=1))
+        write_text(res_path, json.dumps(res, indent=1))
 
     if "quality" in phases:
         t0 = time.perf_counter()

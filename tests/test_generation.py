@@ -132,6 +132,17 @@ def test_quanto_row_chunked_equals_stepwise_and_counts_its_codes():
         LibraryCache("int", 4)
 
 
+def _fp_and_quantized_rows(bits: int):
+    """A tiny Llama, codebooks at ``bits`` (groups of 4, a sink, pre-RoPE), two windows of 19 tokens,
+    and factories of a DynamicCache and of kvquant's cache (values at ``bits``)."""
+    model = make_model("llama")
+    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
+        "lambda", bits, bits, norm="channel-group", group=4, sink=1, rope="pre")), progress=False)
+    dyn = lambda: DynamicCache(config=model.config)  # noqa: E731
+    quant = lambda: make_cache(model, books, bits_v=bits)  # noqa: E731
+    return model, books, random_ids(2, 19, seed=5), dyn, quant
+
+
 def test_generation_mode_divergence_from_the_fp_cache():
     """Generation mode: the KLD of a row is measured against the fp row (DynamicCache) on the
     same chunks — a second DynamicCache row gives exactly 0 and full agreement; kvquant's cache
@@ -139,12 +150,7 @@ def test_generation_mode_divergence_from_the_fp_cache():
     from kvquant.divergence import Agreement
     from kvquant.generation import cache_logits, evaluate_generation
 
-    model = make_model("llama")
-    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
-        "lambda", 2, 2, norm="channel-group", group=4, sink=1, rope="pre")), progress=False)
-    ids = random_ids(2, 19, seed=5)
-    dyn = lambda: DynamicCache(config=model.config)  # noqa: E731
-    quant = lambda: make_cache(model, books, bits_v=2)  # noqa: E731
+    model, books, ids, dyn, quant = _fp_and_quantized_rows(2)
     rows = evaluate_generation(model, ids, {"q": quant, "fp": dyn, "fp again": dyn}, progress=False)
     assert list(rows) == ["q", "fp", "fp again"]
     assert (rows["fp again"].kld, rows["fp again"].top1) == (0.0, 1.0)
@@ -213,12 +219,7 @@ def test_generation_rows_with_quantized_queries():
     from kvquant.generation import evaluate_generation
     from kvquant.wrap import controller, is_wrapped
 
-    model = make_model("llama")
-    books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
-        "lambda", 3, 3, norm="channel-group", group=4, sink=1, rope="pre")), progress=False)
-    ids = random_ids(2, 19, seed=5)
-    dyn = lambda: DynamicCache(config=model.config)  # noqa: E731
-    quant = lambda: make_cache(model, books, bits_v=3)  # noqa: E731
+    model, books, ids, dyn, quant = _fp_and_quantized_rows(3)
     qq = kvquant.query_quantizer(books.causal_queries(2), model)
     kvquant.unwrap(model)
     rows = evaluate_generation(model, ids, {"fp": dyn, "kv": quant, "kv+q": quant}, progress=False,
