@@ -15,7 +15,7 @@
 (b) GPU (only with CUDA and triton, ``--gpu``): one decode step of attention, Llama-3-8B-like
     heads (32 query / 8 KV, head_dim 128), keys at 4 bits per channel in groups of 128 with 8-bit
     scales, values 4-bit per token, batch 1 and 8, contexts 4k–128k: fp16 SDPA on an fp16 cache
-    vs :func:`kvquant.triton_decode.decode_step`, with the bytes each reads and a measured copy
+    vs :func:`kvquant.kernels.triton_decode.decode_step`, with the bytes each reads and a measured copy
     bandwidth.
 
 Usage:  python eval/bench_decode.py --codebooks out/default.safetensors [--dtype bfloat16]
@@ -39,11 +39,11 @@ import torch
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
 import kvquant
-from kvquant.compat import cache_kwargs
-from kvquant.data import held_out_windows
-from kvquant.fileio import atomic_path, replace_section, write_text
-from kvquant.generation import cache_factories, kv_bits
-from kvquant.perplexity import make_rows
+from kvquant.hf.compat import cache_kwargs
+from kvquant.io.data import held_out_windows
+from kvquant.io.fileio import atomic_path, replace_section, write_text
+from kvquant.evaluation.generation import cache_factories, kv_bits
+from kvquant.evaluation.perplexity import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = "fp,lambda-lloyd"
@@ -207,8 +207,8 @@ def cpu_table(recs: list[dict], args, bandwidth: dict[int, float]) -> str:
         lines.append(f"| {r['context']} | {r['batch']} | {r['threads']} | {name} | {r['kv_bits']:.2f} | "
                      f"{r['tok_s']:.2f} | {ratio} | {r['kv_bytes'] / 2**20:.1f} | {r['transient_bytes'] / 2**20:.1f} | "
                      f"{vs_mem} | {r['read_bytes'] / 2**20:.0f} | {100 * rate:.0f}% |")
-    lines += ["", "`(codes)`: decoding steps read attention from the codes (`kvquant.code_attention`, the C kernel "
-              "`kvquant/csrc/decode_cpu.c`); `:dequantize`: the same cache dequantizing every held token per step. "
+    lines += ["", "`(codes)`: decoding steps read attention from the codes (`kvquant.kernels.dispatch`, the C kernel "
+              "`kvquant/kernels/csrc/decode_cpu.c`); `:dequantize`: the same cache dequantizing every held token per step. "
               "DynamicCache: transformers' cache in the model dtype. Bits held: every byte the cache holds per K/V "
               "entry after the steps (scales, exact sink and newest group, rotation tables included). Step transient: "
               "how far peak resident memory rose during a step. Bytes read per step: the model's weights plus the "
@@ -293,7 +293,7 @@ def gpu_section(contexts: list[int], batches: list[int], h: int = 32, hkv: int =
         return "### (b) GPU decode attention\n\nNo CUDA device in this run: no GPU figures.\n"
     import torch.nn.functional as F
 
-    from kvquant import triton_decode
+    from kvquant.kernels import triton_decode
 
     ok, why = triton_decode.available()
     if not ok:

@@ -2,7 +2,7 @@
 
 Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the
 (mid, half) per channel and group (32/G in fp16, 16/G with 8-bit scales), exact sink tokens
-(16 bits each). Bit allocation (``CodebookConfig.budget``, :mod:`kvquant.allocate`) spreads a
+(16 bits each). Bit allocation (``CodebookConfig.budget``, :mod:`kvquant.core.allocate`) spreads a
 fractional code budget over the (layer, head, channel, side) units by reverse water-filling on
 the diagonal-Fisher estimate of the calibration loss increase — each channel gets 2, 3, 4, 5, 8,
 … levels (3 and 5 packed at 1.6 and 2.33 bits) — so configurations with different
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from kvquant.assets import load_model
-from kvquant.calibrate import capture
+from kvquant.io.assets import load_model
+from kvquant.hf.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.perplexity import evaluate
+from kvquant.io.data import load_text, split_calib_eval
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.evaluation.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (group, sink, scale bits) candidates; methods selected among these.

@@ -1,13 +1,13 @@
 """Throughput of calibration: tokens per second in 1 and 2 processes, and how time grows.
 
-Each measurement is one run of ``kvquant.calibrate.calibrate`` — the default configuration
+Each measurement is one run of ``kvquant.hf.calibrate.calibrate`` — the default configuration
 (``configs/default.yaml``: pre-RoPE, channel groups of 128, 8-bit scales, 3.65 effective bits per
 key entry allocated by Fisher-weighted water-filling, so one forward and one backward per window)
 on windows from the end of the default text — timed from the first window to the codebooks built
 (model loading and process start-up excluded), every process with ONE thread
 (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``). 2 processes: ``accelerate launch
 --multi_gpu --num_processes 2`` of this script's worker mode (gloo on the CPU; windows sharded by
-rank, statistics all-reduced, :mod:`kvquant.distributed`), timed between two barriers. All runs in
+rank, statistics all-reduced, :mod:`kvquant.hf.distributed`), timed between two barriers. All runs in
 one invocation, one after another, so their ratios share the machine's state.
 
 Usage:  python eval/calibration_throughput.py [--model smollm2-135m] [--samples 8] [--seqlen 2048]
@@ -33,12 +33,12 @@ def worker(args: argparse.Namespace) -> None:
     """One process of a measurement: load, calibrate (timed between barriers), print JSON on rank 0."""
     import torch
 
-    from kvquant import distributed
-    from kvquant.assets import load_model
-    from kvquant.calibrate import CalibrationConfig, calibrate
+    from kvquant.hf import distributed
+    from kvquant.io.assets import load_model
+    from kvquant.hf.calibrate import CalibrationConfig, calibrate
     from kvquant.cli import DEFAULTS, calibration_config
-    from kvquant.data import load_text, make_windows
-    from kvquant.fingerprint import ModelFingerprint
+    from kvquant.io.data import load_text, make_windows
+    from kvquant.io.fingerprint import ModelFingerprint
 
     torch.set_num_threads(1)
     distributed.init("cpu")
@@ -88,7 +88,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from kvquant.fileio import replace_section, write_text
+    from kvquant.io.fileio import replace_section, write_text
 
     one = measure(args.model, args.samples, args.seqlen, 1)
     two = measure(args.model, args.samples, args.seqlen, 2)

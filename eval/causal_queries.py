@@ -31,11 +31,11 @@ import torch
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
 from kvquant import query_quantizer
-from kvquant.data import held_out_windows
-from kvquant.diagnostics import KeysOnly, QueryKeyPair
-from kvquant.fileio import replace_section, write_text
-from kvquant.generation import cache_factories, evaluate_generation
-from kvquant.perplexity import evaluate, format_table, make_rows
+from kvquant.io.data import held_out_windows
+from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.evaluation.generation import cache_factories, evaluate_generation
+from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ("channel", "channel-token")

@@ -34,11 +34,11 @@ from pathlib import Path
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
 from kvquant import query_quantizer, wrapped
-from kvquant.data import held_out_windows
-from kvquant.diagnostics import KeysOnly
-from kvquant.fileio import write_text
-from kvquant.generation import cache_factories, evaluate_generation
-from kvquant.perplexity import evaluate, make_rows
+from kvquant.io.data import held_out_windows
+from kvquant.evaluation.diagnostics import KeysOnly
+from kvquant.io.fileio import write_text
+from kvquant.evaluation.generation import cache_factories, evaluate_generation
+from kvquant.evaluation.perplexity import evaluate, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

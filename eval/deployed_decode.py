@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
-from kvquant.compat import cache_kwargs
-from kvquant.data import held_out_windows
-from kvquant.fileio import write_text
-from kvquant.generation import cache_factories, kv_bits
-from kvquant.perplexity import make_rows
+from kvquant.hf.compat import cache_kwargs
+from kvquant.io.data import held_out_windows
+from kvquant.io.fileio import write_text
+from kvquant.evaluation.generation import cache_factories, kv_bits
+from kvquant.evaluation.perplexity import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Every row runs on the same held-out windows (the first of the text, disjoint from the codebook
 file's calibration windows) in one process, windows outer: the unquantized row (``fp``,
 transformers' ``DynamicCache``) first, then each row's next-token distributions are compared
-with it position by position (:mod:`kvquant.divergence`: mean KL(p_fp ‖ p_row) in nats, its 99th
+with it position by position (:mod:`kvquant.evaluation.divergence`: mean KL(p_fp ‖ p_row) in nats, its 99th
 percentile, the share of positions whose top token agrees — llama.cpp's ``--kl-divergence``
 statistics).
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
-from kvquant.data import held_out_windows
-from kvquant.fileio import atomic_path, replace_section, write_text
-from kvquant.generation import cache_factories, evaluate_generation
-from kvquant.perplexity import evaluate, format_table, make_rows
+from kvquant.io.data import held_out_windows
+from kvquant.io.fileio import atomic_path, replace_section, write_text
+from kvquant.evaluation.generation import cache_factories, evaluate_generation
+from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("fp,lambda-lloyd@3.65/4,lambda-lloyd@2.65/3,lambda-lloyd@1.65/2,kivi@4/4,kivi@3/3,kivi@2/2,"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvquant.fileio import atomic_path
+from kvquant.io.fileio import atomic_path
 
 
 @contextmanager

@@ -51,9 +51,9 @@ def generate_check(name: str, geometry: tuple, device: torch.device, prompt: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvquant.cache import make_cache
-    from kvquant.calibrate import CalibrationConfig, calibrate
+    from kvquant.hf.calibrate import CalibrationConfig, calibrate
     from kvquant.codebooks import CodebookConfig
-    from kvquant.compat import cache_kwargs
+    from kvquant.hf.compat import cache_kwargs
 
     layers, hidden, heads, kv, d, vocab = geometry
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -100,7 +100,7 @@ def attention_timing(device: torch.device, contexts: list[int], batches: list[in
     import torch.nn.functional as F
     from bench_decode import synthetic_layer
 
-    from kvquant import triton_decode
+    from kvquant.kernels import triton_decode
 
     lines = ["### (c) decode attention on the CPU under Triton's interpreter (tiny sizes: the path works; "
              "timings mean nothing)", "", "| batch | context | max |Triton − SDPA on the dequantized cache| |", "|---|---|---|"]
@@ -119,8 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the CPU under TRITON_INTERPRET=1, tiny sizes")
     args = ap.parse_args()
-    from kvquant import triton_decode
-    from kvquant.fileio import write_text
+    from kvquant.kernels import triton_decode
+    from kvquant.io.fileio import write_text
 
     ok, why = triton_decode.available()
     if not ok:

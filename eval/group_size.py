@@ -3,7 +3,7 @@ held and the quality at that mean.
 
 Keys are quantized once their group of G tokens is complete; until then the newest incomplete
 group (up to G − 1 tokens of keys and values) stays exact, which is what makes the bits held over
-a window (:func:`kvquant.generation.held_bits`) exceed the bits at its end. A smaller G shrinks
+a window (:func:`kvquant.evaluation.generation.held_bits`) exceed the bits at its end. A smaller G shrinks
 that exact tail; its per-channel (mid, half) scales cost 16/G bits per key entry more, paid from
 the same effective-bits target. For each G, codebooks are calibrated as ``configs/default.yaml``
 with ``--group G`` (``out/group_G.safetensors``, made once by ``kvquant calibrate``), then fp and
@@ -34,12 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     groups = [int(g) for g in args.groups.split(",")]
 
-    from kvquant.assets import load_model
+    from kvquant.io.assets import load_model
     from kvquant.codebooks import Codebooks
-    from kvquant.data import held_out_windows, load_text
-    from kvquant.fileio import write_text
-    from kvquant.generation import cache_factories, evaluate_generation
-    from kvquant.perplexity import format_table
+    from kvquant.io.data import held_out_windows, load_text
+    from kvquant.io.fileio import write_text
+    from kvquant.evaluation.generation import cache_factories, evaluate_generation
+    from kvquant.evaluation.perplexity import format_table
 
     files = {}
     for g in groups:

@@ -1,5 +1,5 @@
 """The seed paper's own metric for kvquant's shipped configurations: per attention head, the
-relative logit error ``‖(Q̂K̂ᵀ − QKᵀ) ⊙ M‖ / ‖QKᵀ ⊙ M‖`` (:func:`kvquant.diagnostics.logit_errors`,
+relative logit error ``‖(Q̂K̂ᵀ − QKᵀ) ⊙ M‖ / ‖QKᵀ ⊙ M‖`` (:func:`kvquant.evaluation.diagnostics.logit_errors`,
 always on the post-RoPE logits the model attends with) and the share of heads where the density
 codebook's error is lower than INT's and FP's, each comparison at the same place:
 
@@ -26,7 +26,7 @@ codebook's error is lower than INT's and FP's, each comparison at the same place
 
 Baselines: ``int{b}`` symmetric absmax INT per token, ``fp8`` (e4m3) / ``fp4`` (e2m1) per token,
 ``int{b}-channel`` min–max per channel over groups of 128 tokens (fp16 scales; in (a)/(b) all
-tokens, the incomplete last group included — a prefill setting), all from kvquant.baselines.
+tokens, the incomplete last group included — a prefill setting), all from kvquant.evaluation.baselines.
 
 Where the Gaussian pair model holds: per head, pair-weighted moments of q and k in each frame
 (each query entry weighted by the keys it meets, each key entry by the queries that meet it, as
@@ -59,14 +59,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvquant.assets import load_model
-from kvquant.baselines import Baseline, kivi_codebooks
-from kvquant.calibrate import capture, capture_stats, run_capture
+from kvquant.io.assets import load_model
+from kvquant.evaluation.baselines import Baseline, kivi_codebooks
+from kvquant.hf.calibrate import capture, capture_stats, run_capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.data import held_out_windows, load_text, make_windows, split_calib_eval
-from kvquant.diagnostics import KeysOnly, QueryKeyPair, logit_errors
-from kvquant.fileio import atomic_path, replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
+from kvquant.io.data import held_out_windows, load_text, make_windows, split_calib_eval
+from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair, logit_errors
+from kvquant.io.fileio import atomic_path, replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACES = {
@@ -333,7 +333,7 @@ def markdown(p: dict, name: str) -> str:
         f"head_dim {p['head_dim']}).",
         "",
         "Per query head, the relative error of the post-RoPE attention logits the model uses, "
-        "‖(Q̂K̂ᵀ − QKᵀ) ⊙ M‖_F / ‖QKᵀ ⊙ M‖_F over the allowed pairs M (`kvquant.diagnostics.logit_errors`), every "
+        "‖(Q̂K̂ᵀ − QKᵀ) ⊙ M‖_F / ‖QKᵀ ⊙ M‖_F over the allowed pairs M (`kvquant.evaluation.diagnostics.logit_errors`), every "
         "quantizer applied where the attention function applies it. (a) Q and K post-RoPE, density codebook "
         "(`lambda`, the closed form λ*) on static per-head (μ, σ) — the seed paper's setting — and, `/channel`, on "
         "static per-channel (μ, σ) (the Gaussian model per channel; nothing added per entry either); (b) the same "

@@ -1,7 +1,7 @@
 """K/V bits held at every length: the table "Bits held by length" of BENCHMARKS.md.
 
 What a cache holds depends only on how many tokens it holds, so each row's cache is replayed shape
-only (:func:`kvquant.generation.held_bits_curve`: one synthetic token at a time, storage only,
+only (:func:`kvquant.evaluation.generation.held_bits_curve`: one synthetic token at a time, storage only,
 every byte counted) up to ``--max-len`` tokens, in the model's own dtype. The table gives the
 bits per K/V entry after ``L`` tokens for lengths around group boundaries, and the mean over
 every position up to 2048 and up to ``--max-len``.
@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=8192)
     args = ap.parse_args()
 
-    from kvquant.assets import load_model
+    from kvquant.io.assets import load_model
     from kvquant.codebooks import Codebooks
-    from kvquant.fileio import write_text
-    from kvquant.generation import cache_factories, held_bits_curve
-    from kvquant.perplexity import make_rows
+    from kvquant.io.fileio import write_text
+    from kvquant.evaluation.generation import cache_factories, held_bits_curve
+    from kvquant.evaluation.perplexity import make_rows
 
     model, _ = load_model(args.model)
     books = Codebooks.load(args.codebooks)

@@ -7,9 +7,9 @@ import argparse
 
 import torch
 
-from kvquant.assets import load_model
+from kvquant.io.assets import load_model
 from kvquant.codebooks import Codebooks
-from kvquant.data import load_text
+from kvquant.io.data import load_text
 
 
 def codebook_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def codebook_parser(doc: str | None) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace, dtype: torch.dtype = torch.float32):
     """``(books, model, tokenizer, text)``: the codebook file, its model in ``dtype`` (checked to fit;
     float32 for the float32 tables of BENCHMARKS.md) and the text (test split; pass
-    ``books.calibration`` to :func:`kvquant.data.held_out_windows`)."""
+    ``books.calibration`` to :func:`kvquant.io.data.held_out_windows`)."""
     books = Codebooks.load(args.codebooks)
     model, tok = load_model(args.model, dtype=dtype)
     books.check_fits(model)

@@ -10,10 +10,10 @@ Produces ``out/llamacpp.md``: per offline model (``smollm2-135m``, ``gemma3-270m
     (its ``-c`` chunks of the text, BOS in front where the vocabulary adds one) and scores, like
     ``llama-perplexity``, only the second half of each chunk (positions ``c/2 … c−2`` predicting the
     next token). The script checks that the model's Hugging Face tokenizer gives llama.cpp's ids on
-    the text and says where kvquant's own evaluation windows (:func:`kvquant.data.make_windows`) equal
+    the text and says where kvquant's own evaluation windows (:func:`kvquant.io.data.make_windows`) equal
     the chunks. Bits per K/V entry: llama.cpp's block formats as stored (q8_0 8.5, q5_0 5.5, q4_1 5.0,
     q4_0 / iq4_nl 4.5 — 32 values + fp16 scale(s) —, f16 16; a K/V mix is their mean), kvquant's the
-    mean over the scored positions of every byte its cache holds (:func:`kvquant.generation.held_bits`).
+    mean over the scored positions of every byte its cache holds (:func:`kvquant.evaluation.generation.held_bits`).
 (2) a decode table — ``llama-bench -p 0 -n 32 -d 2048,8192 -t 1`` (tg tokens/s) with f16 and quantized KV,
     and kvquant's decode from codes in bfloat16 on 1 thread (``eval/bench_decode.py``'s rows), with an
     estimate of the bytes read per generated token (weights + KV).
@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvquant.fileio import write_text
+from kvquant.io.fileio import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "logs" / "llamacpp"
@@ -92,7 +92,7 @@ def run_logged(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple
 
 
 def llamacpp_home() -> Path:
-    from kvquant.assets import cache_dir
+    from kvquant.io.assets import cache_dir
 
     return cache_dir() / "llamacpp" / SDIST.split("==")[1]
 
@@ -236,12 +236,12 @@ def gguf_bos(gguf: Path) -> int | None:
 
 
 def token_check(tok, text: str, tokens, n_ctx: int, n_chunk: int, bos: int | None) -> dict:
-    """How the Hugging Face tokenizer's ids of ``text`` (kvquant's :func:`kvquant.data.tokenize`) compare
+    """How the Hugging Face tokenizer's ids of ``text`` (kvquant's :func:`kvquant.io.data.tokenize`) compare
     with llama.cpp's stream (``bos``: llama.cpp's, where it adds one), and whether kvquant's own
     evaluation windows equal llama.cpp's chunks."""
     import torch
 
-    from kvquant.data import make_windows, needs_bos, tokenize
+    from kvquant.io.data import make_windows, needs_bos, tokenize
 
     hf = tokenize(tok, text)
     ll = torch.from_numpy(tokens.astype("int64"))
@@ -281,9 +281,9 @@ def quality_llamacpp(args, gguf: Path, text_path: Path, bin_dir: Path) -> dict:
 
 def mean_bits_over(factory, model, first: int, n: int) -> tuple[float, float]:
     """Mean K/V bits per entry a fresh cache holds while predicting positions ``first … n−2`` (it then
-    holds t = first+1 … n−1 tokens), from :func:`kvquant.generation.held_bits_curve`; and the bits
+    holds t = first+1 … n−1 tokens), from :func:`kvquant.evaluation.generation.held_bits_curve`; and the bits
     at n−1 tokens."""
-    from kvquant.generation import held_bits_curve
+    from kvquant.evaluation.generation import held_bits_curve
 
     curve = held_bits_curve(factory, model, n - 1)[first:]
     return sum(curve) / len(curve), curve[-1]
@@ -291,12 +291,12 @@ def mean_bits_over(factory, model, first: int, n: int) -> tuple[float, float]:
 
 def quality_kvquant(args, model, tok, books, ids, first: int) -> dict:
     """Generation-mode rows on windows ``ids`` (n_chunk, n_ctx), scoring positions ``first … n−2`` only:
-    NLL, KL divergence from the ``DynamicCache`` row and top-1 agreement (kvquant.divergence)."""
+    NLL, KL divergence from the ``DynamicCache`` row and top-1 agreement (kvquant.evaluation.divergence)."""
     import torch
 
-    from kvquant.divergence import Agreement, log_probs
-    from kvquant.generation import cache_factories, cache_logits
-    from kvquant.perplexity import chunk_nll, make_rows
+    from kvquant.evaluation.divergence import Agreement, log_probs
+    from kvquant.evaluation.generation import cache_factories, cache_logits
+    from kvquant.evaluation.perplexity import chunk_nll, make_rows
 
     names = ["fp", *[r for r in args.rows.split(",") if r]]
     factories = cache_factories(model, make_rows(names, books, seqlen=ids.shape[1], generation=True))
@@ -349,7 +349,7 @@ def gguf_weight_bytes(gguf: Path) -> int:
 
 def kv_layer_contexts(config, depth: int) -> list[int]:
     """Tokens each layer's attention reads at ``depth``: sliding-window layers at most their window."""
-    from kvquant.compat import cache_layer_types
+    from kvquant.hf.compat import cache_layer_types
 
     cfg = config.get_text_config(decoder=True)
     window = getattr(cfg, "sliding_window", None) or depth
@@ -385,7 +385,7 @@ def bench_kvquant(args, model, tok, books, text: str) -> list[dict]:
     import torch
     from bench_decode import cpu_rows  # eval/ is on sys.path (this script's folder)
 
-    from kvquant.data import held_out_windows
+    from kvquant.io.data import held_out_windows
 
     contexts = [int(d) for d in args.depths.split(",")]
     ns = argparse.Namespace(contexts=contexts, batches=[1], steps=args.steps, threads=args.bench_threads,
@@ -524,7 +524,7 @@ def report(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="offline model (kvquant.assets.MODELS)")
+    ap.add_argument("--model", default="smollm2-135m", help="offline model (kvquant.io.assets.MODELS)")
     ap.add_argument("--codebooks", help="kvquant codebook file calibrated for --model (kvquant calibrate --config "
                                         "configs/default.yaml); needed by the kvquant and bench phases")
     ap.add_argument("--ctx", type=int, default=2048, help="llama-perplexity -c: tokens per chunk (default 2048)")
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from kvquant import assets
+    from kvquant.io import assets
 
     torch.set_num_threads(args.threads)
     args.work = args.work or str(llamacpp_home().parent / "work")
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         books.check_fits(model)
         res["codebooks"] = dict(path=args.codebooks, calibration=books.calibration, method=books.config.method)
     if "kvquant" in phases:
-        from kvquant.data import Windows, calibration_overlap
+        from kvquant.io.data import Windows, calibration_overlap
 
         t0 = time.perf_counter()
         base = Path(args.work) / f"{args.model}_c{args.ctx}_n{args.chunks}.kld"

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from kvquant.fileio import replace_section
+from kvquant.io.fileio import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from kvquant.assets import load_model
-from kvquant.baselines import Baseline
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.io.assets import load_model
+from kvquant.evaluation.baselines import Baseline
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.cli import DEFAULTS, calibration_config
 from kvquant.codebooks import CodebookConfig
-from kvquant.data import load_text, split_calib_eval
-from kvquant.diagnostics import logit_errors
-from kvquant.fileio import replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.perplexity import evaluate
-from kvquant.scalar import METHODS
+from kvquant.io.data import load_text, split_calib_eval
+from kvquant.evaluation.diagnostics import logit_errors
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.evaluation.perplexity import evaluate
+from kvquant.core.scalar import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 

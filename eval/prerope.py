@@ -1,7 +1,7 @@
 """Pre-RoPE vs post-RoPE quantization of queries and keys.
 
 RoPE rotates channel pair (j, j + D/2) of the token at position p by angle p·θ_j. Post-RoPE
-quantizes the rotated entries; pre-RoPE (``CodebookConfig(rope="pre")``, :mod:`kvquant.rope`)
+quantizes the rotated entries; pre-RoPE (``CodebookConfig(rope="pre")``, :mod:`kvquant.core.rope`)
 undoes the rotation inside the attention call with the model's own (cos, sin), quantizes, and
 rotates back. A channel's pre-RoPE values do not spin with the position, so its range over a
 group of tokens is narrower (the outlier channels of keys stay put — KVQuant's observation).
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from figures import ppl_figure
 
-from kvquant.assets import load_model
-from kvquant.baselines import Baseline
-from kvquant.calibrate import capture
+from kvquant.io.assets import load_model
+from kvquant.evaluation.baselines import Baseline
+from kvquant.hf.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.perplexity import evaluate
+from kvquant.io.data import load_text, split_calib_eval
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.evaluation.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, SINK = 128, 1

@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 from figures import ppl_figure
 
-from kvquant.assets import load_model
-from kvquant.baselines import Baseline
-from kvquant.calibrate import capture
+from kvquant.io.assets import load_model
+from kvquant.evaluation.baselines import Baseline
+from kvquant.hf.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.perplexity import evaluate
-from kvquant.scalar import METHODS
+from kvquant.io.data import load_text, split_calib_eval
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.evaluation.perplexity import evaluate
+from kvquant.core.scalar import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 128

@@ -104,7 +104,7 @@ def packing_report(path: str, calib_seqlen: int) -> str:
     whose pages are the same size in every layer (vLLM's) pads each layer's record to the
     largest, which costs (max − mean)·8 / (G · H · D) bits per key entry."""
     from kvquant.codebooks import Codebooks
-    from kvquant.packing import level_bits, levels_size
+    from kvquant.core.packing import level_bits, levels_size
 
     books = Codebooks.load(path)
     fp = books.fingerprint

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kvquant import density as dens
-from kvquant import scalar as cb
-from kvquant.fileio import replace_section, write_text
+from kvquant.core import density as dens
+from kvquant.core import scalar as cb
+from kvquant.io.fileio import replace_section, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RHOS = (0.0, 0.3, 0.5, dens.RHO_CRITICAL, 0.8, 0.95)

@@ -29,13 +29,13 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=2, help="development windows, after the evaluation windows")
     args = ap.parse_args()
 
-    from kvquant.assets import load_model
+    from kvquant.io.assets import load_model
     from kvquant.cache import TAIL_FORMATS
     from kvquant.codebooks import Codebooks
-    from kvquant.data import held_out_windows, load_text
-    from kvquant.fileio import write_text
-    from kvquant.generation import cache_factories, evaluate_generation
-    from kvquant.perplexity import format_table
+    from kvquant.io.data import held_out_windows, load_text
+    from kvquant.io.fileio import write_text
+    from kvquant.evaluation.generation import cache_factories, evaluate_generation
+    from kvquant.evaluation.perplexity import format_table
 
     books = Codebooks.load(args.codebooks)
     model, tok = load_model("smollm2-135m")

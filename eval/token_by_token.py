@@ -2,7 +2,7 @@
 what decoding runs (one token per step; through kvquant's cache every step reads the codes).
 
 The chunks are cut where the cache changes how it returns tokens already seen
-(:func:`kvquant.generation.chunk_starts`), so both feed each query the same keys and values — up
+(:func:`kvquant.evaluation.generation.chunk_starts`), so both feed each query the same keys and values — up
 to float rounding (a prefill SDPA over a chunk, a decoding step's kernel), which a quantizer in a
 later layer can turn into a different code for a key near a boundary. This script measures that
 gap on held-out windows.
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
-from kvquant.compat import cache_kwargs
-from kvquant.data import held_out_windows
-from kvquant.generation import cache_factories, generation_nll
-from kvquant.perplexity import make_rows
+from kvquant.hf.compat import cache_kwargs
+from kvquant.io.data import held_out_windows
+from kvquant.evaluation.generation import cache_factories, generation_nll
+from kvquant.evaluation.perplexity import make_rows
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """How to normalise the cached values: chosen on development windows, reported on evaluation windows.
 
-Generation mode (``kvquant/generation.py``) through kvquant's KV cache with a codebook file's
+Generation mode (``kvquant/evaluation/generation.py``) through kvquant's KV cache with a codebook file's
 keys (as deployed: pre-RoPE, 8-bit group scales, allocated channels) and the values at ``--bits``
 bits under each normalisation of :data:`kvquant.cache.VALUE_NORMS` — ``rms`` (ρ = 0 codebook ×
 fp16 RMS per token) and ``minmax`` (asymmetric INT per token, 8-bit mid/half) — both 16 bits of
@@ -23,9 +23,9 @@ from heldout import codebook_parser, load  # eval/ (the script's folder) is on s
 from transformers import DynamicCache
 
 from kvquant.cache import VALUE_NORMS, make_cache
-from kvquant.data import held_out_windows
-from kvquant.fileio import write_text
-from kvquant.generation import evaluate_generation
+from kvquant.io.data import held_out_windows
+from kvquant.io.fileio import write_text
+from kvquant.evaluation.generation import evaluate_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from kvquant.assets import load_model
-from kvquant.calibrate import capture
+from kvquant.io.assets import load_model
+from kvquant.hf.calibrate import capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.data import load_text, split_calib_eval
-from kvquant.fileio import replace_section, write_text
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.perplexity import evaluate
+from kvquant.io.data import load_text, split_calib_eval
+from kvquant.io.fileio import replace_section, write_text
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.evaluation.perplexity import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = (128, 64, 32)

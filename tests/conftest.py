@@ -153,7 +153,7 @@ def text_of(n_words: int, seed: int = 0) -> str:
 def tiny_books(**cfg):
     """(model, ids, codebooks): a 2-layer Llama (4 query heads, 2 KV heads, head_dim 8) calibrated
     on random ids (2 × 24) with ``CodebookConfig(**cfg)``."""
-    from kvquant.calibrate import CalibrationConfig, calibrate
+    from kvquant.hf.calibrate import CalibrationConfig, calibrate
     from kvquant.codebooks import CodebookConfig
 
     torch.manual_seed(0)

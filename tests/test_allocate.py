@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant import scalar as cb
-from kvquant.allocate import water_fill
+from kvquant.core import scalar as cb
+from kvquant.core.allocate import water_fill
 from kvquant.codebooks import CodebookConfig, Codebooks
 
 
@@ -153,7 +153,7 @@ def test_cache_holds_allocated_keys_exactly_as_the_simulation_quantizes_them():
     """Keys with per-channel level counts and 8-bit group scales: the cache returns the simulated
     path's keys bit for bit, and stores each channel's codes at its own packed width."""
     from kvquant.cache import make_cache
-    from kvquant.packing import levels_size
+    from kvquant.core.packing import levels_size
 
     model, _, books = tiny_books(method="lambda", bits_q=4, bits_k=4, norm="channel-group", group=8, sink=1,
                                  scale_bits=8, budget=2.5)
@@ -173,7 +173,7 @@ def test_cache_holds_allocated_keys_exactly_as_the_simulation_quantizes_them():
 def test_grad_observer_gets_the_loss_gradients_of_q_and_k(rope):
     """Pre-RoPE, ∂loss/∂q and ∂loss/∂k are the gradients of the q_proj / k_proj outputs (pulled back
     through the rotation); post-RoPE they are not (the rotation mixes the pairs)."""
-    from kvquant.calibrate import run_capture
+    from kvquant.hf.calibrate import run_capture
 
     model, ids, _ = tiny_books(norm="channel-group", group=8)
     outs = {}

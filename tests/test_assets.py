@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvquant import assets
-from kvquant.assets import AssetError
+from kvquant.io import assets
+from kvquant.io.assets import AssetError
 
 MEMBER = "fakepkg/data/blob.bin"
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, several copy blocks
@@ -88,7 +88,7 @@ def test_failed_copy_leaves_no_temp_file(home, monkeypatch):
     assert list(dest.parent.iterdir()) == []
 
     monkeypatch.setattr(assets, "_copy_stream", real_copy)
-    from kvquant import fileio
+    from kvquant.io import fileio
 
     monkeypatch.setattr(fileio.os, "replace", _failing_replace)
     with pytest.raises(OSError, match="rename failed"):
@@ -185,7 +185,7 @@ def _logits_match_gguf(name: str, n_tokens: int = 48) -> tuple:
 
 @pytest.mark.integration
 def test_smollm2_converted_matches_gguf():
-    from kvquant import data
+    from kvquant.io import data
 
     model, tok = _logits_match_gguf("smollm2-135m")
     c = model.config
@@ -195,7 +195,7 @@ def test_smollm2_converted_matches_gguf():
 
 @pytest.mark.integration
 def test_gemma3_converted_matches_gguf():
-    from kvquant import data
+    from kvquant.io import data
 
     model, tok = _logits_match_gguf("gemma3-270m")
     c = model.config

@@ -16,14 +16,14 @@ from conftest import (
 )
 
 import kvquant
-from kvquant.attention import (
+from kvquant.hf.attention import (
     ATTN_NAME,
     Controller,
     kvquant_attention,
     pair_mask,
     register,
 )
-from kvquant.wrap import controller
+from kvquant.hf.wrap import controller
 
 
 @torch.no_grad()

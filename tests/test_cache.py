@@ -15,8 +15,8 @@ import torch
 from conftest import SEQ, WINDOW, make_model, random_ids
 
 import kvquant
-from kvquant import density as dens
-from kvquant import scalar as cb
+from kvquant.core import density as dens
+from kvquant.core import scalar as cb
 from kvquant.cache import (
     KVQuantCache,
     KVQuantSlidingLayer,
@@ -24,10 +24,10 @@ from kvquant.cache import (
     query_quantizer,
     value_codebook,
 )
-from kvquant.calibrate import capture_stats
+from kvquant.hf.calibrate import capture_stats
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.compat import cache_kwargs
-from kvquant.fingerprint import ModelFingerprint
+from kvquant.hf.compat import cache_kwargs
+from kvquant.io.fingerprint import ModelFingerprint
 
 SLIDING = {"llama": [False, False], "mistral": [True, True], "gemma3": [True, False]}
 
@@ -358,7 +358,7 @@ def test_make_cache_checks_the_codebooks():
 
 
 def calibrated(model, **config) -> Codebooks:
-    from kvquant.calibrate import CalibrationConfig, calibrate
+    from kvquant.hf.calibrate import CalibrationConfig, calibrate
 
     return calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig("lambda", 4, 4, **config)),
                      progress=False)
@@ -550,8 +550,8 @@ def prerope_reference(model, books, ids, layer: int, **inputs) -> torch.Tensor:
     quantized, the sink and the incomplete group exact) and rotated back."""
     from transformers import DynamicCache
 
-    from kvquant.rope import derotate, rotate
-    from kvquant.wrap import attention_modules, rotary_tables
+    from kvquant.core.rope import derotate, rotate
+    from kvquant.hf.wrap import attention_modules, rotary_tables
 
     plain = DynamicCache()  # full layers only: every key, also of sliding-window layers
     with torch.no_grad():
@@ -626,7 +626,7 @@ def test_prerope_cache_with_left_padding_and_beams():
 def test_minmax_values_are_asymmetric_int_per_token_with_8_bit_scales():
     """values="minmax": each token's values over head_dim, (v − mid)/half on 2^b evenly spaced
     levels including ±1 (KIVI's values), mid/half as the 8-bit codes; 2 bytes per token and head."""
-    from kvquant.groupnorm import code_scales
+    from kvquant.core.groupnorm import code_scales
 
     model, books = setup("llama")
     cache = make_cache(model, books, tail="exact", bits_v=4, values="minmax")

@@ -26,9 +26,9 @@ from transformers import DynamicCache
 
 import kvquant
 from kvquant.cache import make_cache
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig
-from kvquant.compat import cache_kwargs
+from kvquant.hf.compat import cache_kwargs
 
 G = 8
 T = 2 * G + 5  # two complete groups and 5 exact tokens

@@ -14,11 +14,11 @@ from test_stats import SUMS, brute_force
 
 import kvquant
 from kvquant import codebooks as codebooks_module
-from kvquant.calibrate import CalibrationConfig, calibrate, capture_stats, summary
+from kvquant.hf.calibrate import CalibrationConfig, calibrate, capture_stats, summary
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.stats import PairStats
-from kvquant.wrap import UnsupportedModelError, is_wrapped
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.core.stats import PairStats
+from kvquant.hf.wrap import UnsupportedModelError, is_wrapped
 
 
 def calib(model, bits=4, method="lambda", windows=None, **kw):

@@ -316,7 +316,7 @@ def test_bare_qk_path_works_as_typed(model_dir, text_file, tmp_path, capsys):
 
 def test_calibrate_choices_are_the_library_names():
     """The CLI's --method and --norm choices (kept literal so --help needs no torch) are the library's."""
-    from kvquant import scalar
+    from kvquant.core import scalar
     from kvquant.cli import build_parser
     from kvquant.codebooks import NORMS
 

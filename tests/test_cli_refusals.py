@@ -10,7 +10,7 @@ from conftest import text_of
 from test_faults import books_file, refused  # noqa: F401  (books_file: a fixture)
 
 from kvquant import cli
-from kvquant.placement import parse_max_memory
+from kvquant.hf.placement import parse_max_memory
 
 
 @pytest.mark.parametrize("lengths,depths,needle", [("200,200", "50", "--lengths lists 200 more than once"),
@@ -50,7 +50,7 @@ def test_generate_refusals(model_dir, books_file, capsys):  # noqa: F811
 def test_passkey_outputs_appear_together_or_not_at_all(model_dir, books_file, tmp_path, capsys, monkeypatch):  # noqa: F811
     """A kill while the heatmaps are written left some PNGs and no JSON."""
     pytest.importorskip("matplotlib")
-    import kvquant.passkey as pk
+    import kvquant.evaluation.passkey as pk
 
     real, calls = pk.plot_heatmap, []
 
@@ -119,7 +119,7 @@ def test_dtype_defaults_to_what_the_model_ships_in(tmp_path, text_file, capsys):
     import torch
     from conftest import make_model, make_tokenizer
 
-    from kvquant import assets
+    from kvquant.io import assets
 
     assert assets.shipped_dtype("smollm2-135m") == assets.shipped_dtype("gemma3-270m") == torch.bfloat16
     folder = tmp_path / "bf16-model"

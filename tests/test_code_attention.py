@@ -1,4 +1,4 @@
-"""Decoding steps read from the codes (kvquant.code_attention, kvquant.cpu_kernels) equal the
+"""Decoding steps read from the codes (kvquant.kernels.dispatch, kvquant.kernels.cpu) equal the
 dequantize-then-SDPA reference: the same codes, outputs within float rounding."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from conftest import make_model, random_ids
 from test_cache import calibrated, stepwise_logits
 
-from kvquant import cpu_kernels
+from kvquant.kernels import cpu as cpu_kernels
 from kvquant.cache import CacheOptions, KVQuantLayer, LayerTables, _QuantKV, make_cache
-from kvquant.code_attention import attend
-from kvquant.compat import cache_kwargs
-from kvquant.packing import LEVEL_PACKING
+from kvquant.kernels.dispatch import attend
+from kvquant.hf.compat import cache_kwargs
+from kvquant.core.packing import LEVEL_PACKING
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available()[0], reason=cpu_kernels.available()[1])
 
@@ -173,7 +173,7 @@ def test_without_the_kernel_make_cache_says_so_and_dequantizes(monkeypatch):
 
 
 def test_kernel_build_is_cached_atomically_and_names_a_missing_compiler(monkeypatch, tmp_path):
-    from kvquant.assets import cache_dir
+    from kvquant.io.assets import cache_dir
 
     built = list((cache_dir() / "kernels").glob("decode_cpu-*.so"))
     assert built and not list((cache_dir() / "kernels").glob("*.tmp"))
@@ -221,7 +221,7 @@ def run_triton_cases() -> list[tuple[str, float]]:
     """(case, max |Triton − C path| relative to max |C path|) for synthetic layers (every level
     count, 8- and 16-bit scales, rms and minmax values, windows, masks, sinks) and a tiny Llama's
     and Gemma3's pre-RoPE caches (rotation computed in the kernel from positions, stored ones too)."""
-    from kvquant import triton_decode
+    from kvquant.kernels import triton_decode
 
     results = []
     g = torch.Generator().manual_seed(0)
@@ -300,9 +300,9 @@ def test_triton_kernel_matches_the_c_path():
 
 def test_triton_unavailable_reason_is_clear(monkeypatch):
     try:
-        from kvquant import triton_decode as td
+        from kvquant.kernels import triton_decode as td
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"kvquant.triton_decode does not import: {e}")
+        pytest.skip(f"kvquant.kernels.triton_decode does not import: {e}")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernel is available")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -1,4 +1,4 @@
-"""kvquant.compat: the transformers-version differences, checked on the installed version."""
+"""kvquant.hf.compat: the transformers-version differences, checked on the installed version."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import EXPECTED_WINDOWS, GQA_FAMILIES, make_config, make_model, ra
 from packaging.version import Version
 from transformers import DynamicCache
 
-from kvquant.compat import TRANSFORMERS_VERSION, cache_kwargs, cache_layer_types
+from kvquant.hf.compat import TRANSFORMERS_VERSION, cache_kwargs, cache_layer_types
 
 
 @pytest.mark.parametrize("family", GQA_FAMILIES)

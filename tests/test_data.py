@@ -7,8 +7,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from kvquant import assets, data
-from kvquant.assets import clean_wikitext
+from kvquant.io import assets
+from kvquant.io import data
+from kvquant.io.assets import clean_wikitext
 
 UNK, BOS, OFFSET = 0, 1, 2  # word "t{i}" has id i + OFFSET
 

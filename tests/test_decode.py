@@ -1,5 +1,5 @@
 """Packed codes of the static-normalisation cache layout: bit packing and center lookup
-(:mod:`kvquant.decode`). Attention read from the deployed layout's codes is tested in
+(:mod:`kvquant.cache.static_layout`). Attention read from the deployed layout's codes is tested in
 tests/test_code_attention.py."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvquant.decode import lookup, pack, unpack
-from kvquant.packing import packed_size
+from kvquant.cache.static_layout import lookup, pack, unpack
+from kvquant.core.packing import packed_size
 
 
 def _codes(shape, bits, g):

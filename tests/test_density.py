@@ -1,4 +1,4 @@
-"""Closed-form optimal point density λ*(u; ρ, m) and its grid machinery (kvquant.density)."""
+"""Closed-form optimal point density λ*(u; ρ, m) and its grid machinery (kvquant.core.density)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kvquant import density as d
-from kvquant import scalar as cb
+from kvquant.core import density as d
+from kvquant.core import scalar as cb
 
 RHO_C = 1.0 / math.sqrt(3.0)
 CASES = [(0.0, 0.0), (0.3, 0.0), (RHO_C, 0.0), (0.8, 0.0), (-0.95, 0.0), (1.0, 0.0), (0.5, 2.0), (-0.7, 1.3), (0.9, -0.5)]

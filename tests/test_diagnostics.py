@@ -1,4 +1,4 @@
-"""Per-head attention-logit error (kvquant.diagnostics.logit_errors): post- and pre-RoPE quantizers,
+"""Per-head attention-logit error (kvquant.evaluation.diagnostics.logit_errors): post- and pre-RoPE quantizers,
 queries exact and block-causal keys (the deployed KV cache's quantizer), against references
 computed here from captured q and k and transformers' own rotary embedding."""
 
@@ -9,9 +9,9 @@ import torch
 from conftest import SEQ, make_model, random_ids, tiny_books
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvquant.baselines import Baseline
-from kvquant.calibrate import run_capture
-from kvquant.diagnostics import KeysOnly, QueryKeyPair, logit_errors
+from kvquant.evaluation.baselines import Baseline
+from kvquant.hf.calibrate import run_capture
+from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair, logit_errors
 
 ROTARY = ("llama", "gemma3", "gptneox")  # full rotary + q/k norms and sliding windows, partial rotary
 

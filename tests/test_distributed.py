@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from conftest import make_model, make_tokenizer, text_of
 from safetensors.torch import load_file
 
-from kvquant import distributed
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.hf import distributed
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.cli import main
 from kvquant.codebooks import CodebookConfig
 

@@ -21,8 +21,9 @@ import torch
 from conftest import make_model, make_tokenizer, text_of
 from safetensors.torch import load_file, save_file
 
-from kvquant import assets, fileio
-from kvquant.assets import AssetError
+from kvquant.io import assets
+from kvquant.io import fileio
+from kvquant.io.assets import AssetError
 from kvquant.cli import main
 from kvquant.codebooks import Codebooks
 
@@ -233,7 +234,7 @@ def test_overlapping_windows_refused_or_labelled(model_dir, books_file, tmp_path
 def _windows_that_fit(model_dir, text) -> int:
     from transformers import AutoTokenizer
 
-    from kvquant.data import tokenize
+    from kvquant.io.data import tokenize
 
     return int(tokenize(AutoTokenizer.from_pretrained(model_dir), text.read_text()).numel()) // 16
 
@@ -242,7 +243,7 @@ def test_overlap_from_files_without_token_range(model_dir, books_file):
     """Files written before the range was recorded: the calibration windows are the last ones."""
     from transformers import AutoTokenizer
 
-    from kvquant.data import calibration_overlap, make_windows
+    from kvquant.io.data import calibration_overlap, make_windows
 
     _, text = books_file
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -264,7 +265,7 @@ def _nan_in_layer(model, layer: int, proj: str = "q_proj"):
 
 
 def test_nan_in_calibration_named_by_layer_and_side():
-    from kvquant.calibrate import calibrate
+    from kvquant.hf.calibrate import calibrate
 
     model = _nan_in_layer(make_model("llama"), 1, "k_proj")
     with pytest.raises(FloatingPointError, match="keys of attention layer 1 hold NaN/inf.*nothing is quantized"):
@@ -285,7 +286,7 @@ def _nan_out_of_attention(model, layer: int):
 
 
 def test_nan_in_evaluation_blames_the_right_step():
-    from kvquant.perplexity import evaluate
+    from kvquant.evaluation.perplexity import evaluate
 
     ids = torch.randint(3, 128, (1, 12))
     model = _nan_out_of_attention(make_model("llama"), 1)
@@ -303,7 +304,7 @@ def test_nan_in_evaluation_blames_the_right_step():
         x[:, :, 0] = float("nan")
         return x
 
-    from kvquant.wrap import wrapped
+    from kvquant.hf.wrap import wrapped
 
     clean = make_model("llama")
     with wrapped(clean, nan_keys), torch.no_grad():
@@ -318,7 +319,7 @@ def test_nan_in_evaluation_blames_the_right_step():
 def test_architecture_without_attention_refused_before_weights(tmp_path):
     from transformers import MambaConfig
 
-    from kvquant.fingerprint import UnsupportedModelError
+    from kvquant.io.fingerprint import UnsupportedModelError
 
     MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="mamba.*no attention heads"):
@@ -422,8 +423,8 @@ def test_unwritable_cache_named(tmp_path, monkeypatch, capsys):
 _WRITER = textwrap.dedent("""
     import importlib.util, sys, time
     from pathlib import Path
-    # kvquant/fileio.py alone (the package would import torch): seconds less per test
-    spec = importlib.util.spec_from_file_location("fileio", Path("kvquant") / "fileio.py")
+    # kvquant/io/fileio.py alone (the package would import torch): seconds less per test
+    spec = importlib.util.spec_from_file_location("fileio", Path("kvquant") / "io" / "fileio.py")
     fileio = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fileio)
     atomic_path = fileio.atomic_path
@@ -449,7 +450,7 @@ _SAVER = textwrap.dedent("""
 _CLI = textwrap.dedent("""
     import sys, time
     from kvquant import cli
-    from kvquant.fileio import atomic_path
+    from kvquant.io.fileio import atomic_path
     def slow(args):
         with atomic_path(sys.argv[1]) as tmp:
             tmp.write_text("half-written")

@@ -1,4 +1,4 @@
-"""kvquant.generation: chunked generation-mode NLL equals token-by-token decoding."""
+"""kvquant.evaluation.generation: chunked generation-mode NLL equals token-by-token decoding."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from conftest import make_model, random_ids
 from transformers import DynamicCache
 
 from kvquant.cache import make_cache
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig
-from kvquant.compat import cache_kwargs
-from kvquant.generation import chunk_starts, generation_nll
+from kvquant.hf.compat import cache_kwargs
+from kvquant.evaluation.generation import chunk_starts, generation_nll
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def stepwise_nll(model, ids, new_cache) -> float:
 
 @pytest.mark.parametrize("family,config", [
     ("llama", dict(norm="channel-group", group=4, sink=1, scale_bits=8, rope="pre", budget=3.0)),
-    # groups of 8: token by token, decoding steps read the codes (kvquant.code_attention); chunks dequantize
+    # groups of 8: token by token, decoding steps read the codes (kvquant.kernels.dispatch); chunks dequantize
     ("llama", dict(norm="channel-group", group=8, sink=1, scale_bits=8, rope="pre", budget=3.0)),
     ("gemma3", dict(norm="channel-group", group=4, sink=2, rope="pre")),
     ("llama", dict(norm="channel", sink=0)),
@@ -60,7 +60,7 @@ def test_keys_only_allocation_and_kivi_cache():
     groups equal the simulated ``int{b}-channel`` baseline up to the fp16 rounding of the scales."""
     from dataclasses import replace
 
-    from kvquant.baselines import int_per_channel, kivi_codebooks
+    from kvquant.evaluation.baselines import int_per_channel, kivi_codebooks
 
     model = make_model("llama")
     books = calibrate(model, random_ids(2, 16, seed=7), CalibrationConfig(CodebookConfig(
@@ -80,7 +80,7 @@ def test_keys_only_allocation_and_kivi_cache():
     kivi = kivi_codebooks(books, 3)
     assert kivi.config.rope == "post" and kivi.k.sink == 0 and kivi.k.scale_bits == 16 and kivi.k.group == 4
     cache = make_cache(model, kivi, quantize_values=False, tail="exact")  # KIVI's residual is exact
-    from kvquant.generation import cache_factories
+    from kvquant.evaluation.generation import cache_factories
 
     made = {n: f() for n, f in cache_factories(model, {"kivi@3": kivi, "kvquant": books}).items()}
     assert made["kivi@3"].options.tail == "exact" and made["kvquant"].options.tail == "int8"
@@ -97,7 +97,7 @@ def test_keys_only_allocation_and_kivi_cache():
 def _small_quanto(model, residual: int):
     """transformers' 4-bit quanto cache at the tiny model's size: ``residual`` exact recent tokens,
     groups of 16 (the tiny model has 2 × 16 values per token)."""
-    from kvquant.generation import LibraryCache
+    from kvquant.evaluation.generation import LibraryCache
 
     cache = LibraryCache("quanto", 4).new(model)
     for layer in cache.layers:
@@ -110,7 +110,7 @@ def test_quanto_row_chunked_equals_stepwise_and_counts_its_codes():
     chunk_starts give what token-by-token decoding gives, and kv_bits counts its packed codes,
     scales and exact residual (far below the fp32 cache, above 4/32 of it)."""
     pytest.importorskip("optimum.quanto")
-    from kvquant.generation import LibraryCache, kv_bits
+    from kvquant.evaluation.generation import LibraryCache, kv_bits
 
     model = make_model("llama")
     ids = random_ids(1, 40, seed=3)
@@ -147,8 +147,8 @@ def test_generation_mode_divergence_from_the_fp_cache():
     """Generation mode: the KLD of a row is measured against the fp row (DynamicCache) on the
     same chunks — a second DynamicCache row gives exactly 0 and full agreement; kvquant's cache
     gives the KLD of its chunked logits computed directly."""
-    from kvquant.divergence import Agreement
-    from kvquant.generation import cache_logits, evaluate_generation
+    from kvquant.evaluation.divergence import Agreement
+    from kvquant.evaluation.generation import cache_logits, evaluate_generation
 
     model, books, ids, dyn, quant = _fp_and_quantized_rows(2)
     rows = evaluate_generation(model, ids, {"q": quant, "fp": dyn, "fp again": dyn}, progress=False)
@@ -170,7 +170,7 @@ def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
     """The mean / end / max bits of a window come from a shape-only replay: after t tokens it must
     give what a cache holds after decoding t real tokens one by one (group 4 with a sink: the exact tail grows and
     shrinks; gemma3's sliding layer drops expired groups; quanto re-quantizes every 4 tokens)."""
-    from kvquant.generation import held_bits, kv_bits
+    from kvquant.evaluation.generation import held_bits, kv_bits
 
     model = make_model(family)
     if row == "quanto":
@@ -204,7 +204,7 @@ def test_held_bits_after_every_token_equal_a_cache_fed_that_many(family, row):
 def test_library_rows_refused_for_sliding_window_models_before_any_row_runs():
     """transformers' QuantizedCache refuses sliding layers only at its first window (after the other
     rows ran): the rows are refused when the caches are set up."""
-    from kvquant.generation import LibraryCache, cache_factories
+    from kvquant.evaluation.generation import LibraryCache, cache_factories
 
     with pytest.raises(ValueError, match="quanto@4: transformers' QuantizedCache holds full-attention layers only"):
         cache_factories(make_model("gemma3"), {"fp": None, "quanto@4": LibraryCache("quanto", 4)})
@@ -216,8 +216,8 @@ def test_generation_rows_with_quantized_queries():
     perplexity is what the same row gives inside ``kvquant.wrapped``), the other rows — the fp
     reference of the KLD among them — do not, and the model is left as it was."""
     import kvquant
-    from kvquant.generation import evaluate_generation
-    from kvquant.wrap import controller, is_wrapped
+    from kvquant.evaluation.generation import evaluate_generation
+    from kvquant.hf.wrap import controller, is_wrapped
 
     model, books, ids, dyn, quant = _fp_and_quantized_rows(3)
     qq = kvquant.query_quantizer(books.causal_queries(2), model)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant import scalar as cb
-from kvquant.baselines import int_per_channel
+from kvquant.core import scalar as cb
+from kvquant.evaluation.baselines import int_per_channel
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
-from kvquant.groupnorm import (
+from kvquant.core.groupnorm import (
     GroupHistogram,
     group_minmax,
     group_range,
@@ -165,7 +165,7 @@ def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):
 
 
 def test_eight_bit_scales_cover_the_range_and_count_16_over_g(tmp_path):
-    from kvquant.groupnorm import code_scales
+    from kvquant.core.groupnorm import code_scales
 
     torch.manual_seed(5)
     x = torch.randn(2, 3, 64, 8) * torch.logspace(-3, 2, 8)  # channels from 1e-3 to 1e2

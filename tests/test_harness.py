@@ -1,10 +1,10 @@
-"""kvquant.harness: lm-eval's model type ``kvquant`` runs tasks through kvquant's KV cache.
+"""kvquant.evaluation.harness: lm-eval's model type ``kvquant`` runs tasks through kvquant's KV cache.
 
 Offline: a tiny random Llama with the tests' word-level tokenizer saved to a tmp folder (loaded
-back by ``kvquant.assets.load_model`` as any local folder), 2-bit codebooks calibrated on it, and
+back by ``kvquant.io.assets.load_model`` as any local folder), 2-bit codebooks calibrated on it, and
 the two tiny tasks of tests/data/lm_eval_task (multiple choice, greedy generation). Every number
 the harness reports is checked against a computation that does not go through lm-eval: token by
-token through a fresh cache, ``kvquant.generation.generation_nll``, the plain model's log-probs.
+token through a fresh cache, ``kvquant.evaluation.generation.generation_nll``, the plain model's log-probs.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from lm_eval.api.registry import Registry, get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from kvquant.assets import load_model  # noqa: E402
+from kvquant.io.assets import load_model  # noqa: E402
 from kvquant.cache import KVQuantCache, make_cache  # noqa: E402
-from kvquant.calibrate import CalibrationConfig, calibrate  # noqa: E402
+from kvquant.hf.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from kvquant.codebooks import CodebookConfig  # noqa: E402
-from kvquant.compat import cache_kwargs  # noqa: E402
-from kvquant.generation import generation_nll  # noqa: E402
-from kvquant.harness import KVQuantLM  # noqa: E402
+from kvquant.hf.compat import cache_kwargs  # noqa: E402
+from kvquant.evaluation.generation import generation_nll  # noqa: E402
+from kvquant.evaluation.harness import KVQuantLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "tests" / "data" / "lm_eval_task"  # its YAMLs name the data files relative to ROOT
@@ -230,11 +230,11 @@ def only_tiny_tasks(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
-@pytest.mark.filterwarnings("ignore:'kvquant.harness' found in sys.modules:RuntimeWarning")  # runpy: already imported
+@pytest.mark.filterwarnings("ignore:'kvquant.evaluation.harness' found in sys.modules:RuntimeWarning")  # runpy: already imported
 def test_registration_entry_point_and_command_line(assets, monkeypatch, tmp_path, capsys):
-    """lm-eval resolves "kvquant" once kvquant.harness is imported; pyproject's entry point
+    """lm-eval resolves "kvquant" once kvquant.evaluation.harness is imported; pyproject's entry point
     (group lm_eval.models) loads the same class, also as a lazy registry placeholder (what entry-
-    point discovery in lm-eval would register); `python -m kvquant.harness ARGS` runs lm-eval's
+    point discovery in lm-eval would register); `python -m kvquant.evaluation.harness ARGS` runs lm-eval's
     command line with it."""
     assert get_model("kvquant") is KVQuantLM
     declared = re.search(r'\[project\.entry-points\."lm_eval\.models"\]\nkvquant = "([^"]+)"',
@@ -247,12 +247,12 @@ def test_registration_entry_point_and_command_line(assets, monkeypatch, tmp_path
 
     only_tiny_tasks(monkeypatch)
     monkeypatch.setattr(sys, "argv", [
-        "kvquant.harness", "--model", "kvquant", "--model_args",
+        "kvquant.evaluation.harness", "--model", "kvquant", "--model_args",
         f"pretrained={assets.model},codebooks={assets.codebooks},bits_v={BITS_V},device=cpu,batch_size=1",
         "--tasks", "kvquant_tiny_mc", "--include_path", str(TASK_DIR), "--output_path", str(tmp_path / "out"),
     ])
     with pytest.raises(SystemExit) as done:
-        runpy.run_module("kvquant.harness", run_name="__main__")
+        runpy.run_module("kvquant.evaluation.harness", run_name="__main__")
     assert done.value.code == 0
     assert "kvquant_tiny_mc" in capsys.readouterr().out
     (result,) = (tmp_path / "out").rglob("results_*.json")
@@ -275,7 +275,7 @@ def no_model_loads(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("KVQuantLM loaded a model before it checked its model_args")
 
-    monkeypatch.setattr("kvquant.assets.load_model", refuse)
+    monkeypatch.setattr("kvquant.io.assets.load_model", refuse)
 
 
 @pytest.mark.parametrize("arg, match", [
@@ -368,10 +368,10 @@ def test_codebook_file_errors_name_model_args_codebooks(assets, other_model, tmp
         "no-model_args"])
 def test_command_line_user_errors_are_one_line_and_exit_2(assets, other_model, monkeypatch, tmp_path, capsys,
                                                          model_args, message):
-    """`python -m kvquant.harness --model kvquant --model_args ...` with a user error: exit status 2,
-    the last line of stderr `kvquant.harness: error: <message>` (multi-line messages joined), no
+    """`python -m kvquant.evaluation.harness --model kvquant --model_args ...` with a user error: exit status 2,
+    the last line of stderr `kvquant.evaluation.harness: error: <message>` (multi-line messages joined), no
     traceback."""
-    from kvquant.harness import main
+    from kvquant.evaluation.harness import main
 
     only_tiny_tasks(monkeypatch)
     names = dict(model=assets.model, codebooks=assets.codebooks, other=other_model,
@@ -381,4 +381,4 @@ def test_command_line_user_errors_are_one_line_and_exit_2(assets, other_model, m
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err
-    assert err.endswith("\n") and err.splitlines()[-1].startswith("kvquant.harness: error: " + message.format(**names))
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("kvquant.evaluation.harness: error: " + message.format(**names))

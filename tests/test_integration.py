@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import kvquant
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.perplexity import evaluate, make_rows
-from kvquant.wrap import is_wrapped
+from kvquant.evaluation.perplexity import evaluate, make_rows
+from kvquant.hf.wrap import is_wrapped
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,8 @@ CORPUS = "enwiki-excerpt"
 
 @pytest.fixture(scope="module")
 def real():
-    from kvquant.assets import load_model
-    from kvquant.data import load_text, split_calib_eval
+    from kvquant.io.assets import load_model
+    from kvquant.io.data import load_text, split_calib_eval
 
     model, tok = load_model(MODEL, dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config._attn_implementation == "sdpa"

@@ -1,4 +1,4 @@
-"""Dense-and-sparse outliers for the channel-group normalisation (kvquant.groupnorm.group_split)."""
+"""Dense-and-sparse outliers for the channel-group normalisation (kvquant.core.groupnorm.group_split)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from conftest import tiny_books
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant import scalar as cb
+from kvquant.core import scalar as cb
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
-from kvquant.groupnorm import (
+from kvquant.core.groupnorm import (
     GroupHistogram,
     causal_groups,
     group_minmax,
@@ -183,7 +183,7 @@ def test_save_load_round_trip_and_old_files(tmp_path):
 
 
 def test_one_capture_pass_for_several_outlier_settings(tmp_path):
-    from kvquant.calibrate import capture
+    from kvquant.hf.calibrate import capture
 
     model, _, books = tiny_books(method="lambda", norm="channel-group", group=8, sink=1, outliers=0.05)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))

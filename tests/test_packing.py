@@ -1,4 +1,4 @@
-"""Bit packing of integer codes (kvquant.packing)."""
+"""Bit packing of integer codes (kvquant.core.packing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvquant.packing import (
+from kvquant.core.packing import (
     LEVEL_PACKING,
     level_bits,
     pack_codes,

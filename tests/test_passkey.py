@@ -1,4 +1,4 @@
-"""kvquant.passkey: prompts of exact length with the key where asked, scoring, rows through caches."""
+"""kvquant.evaluation.passkey: prompts of exact length with the key where asked, scoring, rows through caches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from transformers import DynamicCache
 
-from kvquant.passkey import ANSWER_TOKENS, NEEDLE, answer_is, format_passkey, passkey_prompt, run_passkey
+from kvquant.evaluation.passkey import ANSWER_TOKENS, NEEDLE, answer_is, format_passkey, passkey_prompt, run_passkey
 
 
 class CharTokenizer:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import SEQ, make_model, random_ids
 
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig
-from kvquant.perplexity import evaluate, format_table, make_rows, nll_sum
-from kvquant.wrap import is_wrapped
+from kvquant.evaluation.perplexity import evaluate, format_table, make_rows, nll_sum
+from kvquant.hf.wrap import is_wrapped
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_rows_at_effective_bits_need_fisher_weights_and_seqlen(books):
 
 def _direct_divergence(model, ids, quantizer):
     """KL(p_fp ‖ p_row) per predicted token and top-1 agreement from full logits, held at once."""
-    from kvquant.wrap import wrapped
+    from kvquant.hf.wrap import wrapped
 
     with torch.no_grad(), wrapped(model, None):
         fp = torch.cat([model(r[None]).logits[0, :-1] for r in ids]).log_softmax(-1)
@@ -155,7 +155,7 @@ def test_kl_divergence_and_top1_against_fp(llama, books):
 
 
 def test_agreement_refuses_shape_mismatch():
-    from kvquant.divergence import Agreement
+    from kvquant.evaluation.divergence import Agreement
 
     with pytest.raises(ValueError, match="differ"):
         Agreement().add(torch.zeros(3, 5), torch.zeros(3, 6))
@@ -168,7 +168,7 @@ def test_agreement_refuses_shape_mismatch():
 def test_library_rows_refuse_bits_they_cannot_run(row, why):
     """A row runs at the bits it names or is refused before anything runs (quanto@4.5 ran at 4 bits,
     labelled 4.5; quanto@3 failed only after the fp row)."""
-    from kvquant.perplexity import make_rows
+    from kvquant.evaluation.perplexity import make_rows
 
     with pytest.raises(ValueError, match=why):
         make_rows(["fp", row], None, seqlen=16, generation=True)

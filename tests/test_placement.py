@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvquant.assets import load_model
-from kvquant.calibrate import CalibrationConfig, calibrate
+from kvquant.io.assets import load_model
+from kvquant.hf.calibrate import CalibrationConfig, calibrate
 from kvquant.codebooks import CodebookConfig
-from kvquant.perplexity import evaluate
-from kvquant.placement import input_device, parse_max_memory
+from kvquant.evaluation.perplexity import evaluate
+from kvquant.hf.placement import input_device, parse_max_memory
 
 CONFIG = CalibrationConfig(CodebookConfig(norm="channel-group", group=4, sink=1, budget=3.0, bits_q=5, bits_k=5,
                                           rope="pre"))
@@ -60,7 +60,7 @@ def test_cli_device_map_offload_equals_in_memory(model_dir, tmp_path):
 @pytest.mark.integration
 def test_gemma3_offloaded_calibration_equals_in_memory(tmp_path):
     """Gemma3-270M (sliding-window layers) under a 200 MiB CPU limit: most layers on disk."""
-    from kvquant.data import load_text, make_windows
+    from kvquant.io.data import load_text, make_windows
 
     model, tok = load_model("gemma3-270m", dtype=torch.float32)
     windows = make_windows(tok, load_text("enwiki-excerpt"), 256, 1, from_end=True, source="enwiki-excerpt")

@@ -1,4 +1,4 @@
-"""kvquant.quantizer (the channel-group quantizer every path runs) and its packing by level count."""
+"""kvquant.core.quantizer (the channel-group quantizer every path runs) and its packing by level count."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant.groupnorm import load_scales, store_scales
-from kvquant.packing import LEVEL_PACKING, ChannelPacking, levels_size, pack_levels
-from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
+from kvquant.core.groupnorm import load_scales, store_scales
+from kvquant.core.packing import LEVEL_PACKING, ChannelPacking, levels_size, pack_levels
+from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
 
 
 def heavy(shape, seed=0):

@@ -7,11 +7,11 @@ import torch
 from conftest import SEQ, make_model, random_ids
 
 import kvquant
-from kvquant.calibrate import CalibrationConfig, calibrate, capture
+from kvquant.hf.calibrate import CalibrationConfig, calibrate, capture
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.compat import cache_kwargs
-from kvquant.rope import derotate, rotate
-from kvquant.wrap import attention_modules
+from kvquant.hf.compat import cache_kwargs
+from kvquant.core.rope import derotate, rotate
+from kvquant.hf.wrap import attention_modules
 
 ROTARY = ("llama", "qwen2", "mistral", "gemma3", "gptneox")
 
@@ -169,8 +169,8 @@ def test_causal_queries_beside_the_prerope_cache_equal_the_simulated_path(family
     import itertools
     from dataclasses import replace
 
-    from kvquant.compat import cache_kwargs
-    from kvquant.generation import chunk_starts
+    from kvquant.hf.compat import cache_kwargs
+    from kvquant.evaluation.generation import chunk_starts
 
     model = make_model(family)
     ids = random_ids(2, SEQ)

@@ -1,4 +1,4 @@
-"""Codebooks for the factors of a product, and torch (de)quantization (kvquant.scalar)."""
+"""Codebooks for the factors of a product, and torch (de)quantization (kvquant.core.scalar)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvquant import density as d
-from kvquant import scalar as cb
+from kvquant.core import density as d
+from kvquant.core import scalar as cb
 
 # Max (1960) / Lloyd: minimum MSE of a K-level quantizer of N(0, 1).
 MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}

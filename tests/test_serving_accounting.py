@@ -22,9 +22,9 @@ from conftest import make_model, random_ids
 from test_cache import calibrated
 
 from kvquant.cache import kv_bytes_per_token, make_cache
-from kvquant.compat import cache_kwargs
-from kvquant.generation import kv_bits
-from kvquant.packing import levels_size, packed_size
+from kvquant.hf.compat import cache_kwargs
+from kvquant.evaluation.generation import kv_bits
+from kvquant.core.packing import levels_size, packed_size
 
 L, H, D, G = 2, 2, 16, 8  # conftest's Llama: layers, KV heads, head_dim; the group here
 
@@ -66,7 +66,7 @@ def test_bytes_per_token_equal_the_live_cache(bits_v):
     assert kv_bits(cache)[1] == pytest.approx(paper, rel=1e-12)
     assert kv_bits(cache)[0] == pytest.approx(16 * paper / cache.fp16_bytes_per_token(), rel=1e-12)
 
-    from kvquant import cpu_kernels
+    from kvquant.kernels import cpu as cpu_kernels
 
     ok, why = cpu_kernels.available()
     if not ok:

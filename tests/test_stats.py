@@ -16,9 +16,9 @@ from conftest import (
 )
 
 import kvquant
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.stats import HeadMoments, PairStats, gqa_pooled_rho
-from kvquant.wrap import controller
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.core.stats import HeadMoments, PairStats, gqa_pooled_rho
+from kvquant.hf.wrap import controller
 
 SUMS = ("n", "sq", "sqq", "sk", "skk", "sqk")
 

@@ -7,8 +7,8 @@ import torch
 from conftest import make_model, random_ids
 
 import kvquant
-from kvquant.attention import ATTN_NAME
-from kvquant.wrap import (
+from kvquant.hf.attention import ATTN_NAME
+from kvquant.hf.wrap import (
     UnsupportedModelError,
     attention_modules,
     controller,

@@ -16,12 +16,12 @@ Usage:  python eval/research/query_rules.py 4 static,rms,guard,rmsguard,absmax,a
 (run from the repository root, with out/default.safetensors from the main job). Prints a table.
 """
 import sys, time, json, torch
-from kvquant.assets import load_model
+from kvquant.io.assets import load_model
 from kvquant.codebooks import Codebooks
-from kvquant.data import held_out_windows, load_text
-from kvquant.diagnostics import KeysOnly, QueryKeyPair
-from kvquant.perplexity import evaluate, format_table
-from kvquant import scalar as cb
+from kvquant.io.data import held_out_windows, load_text
+from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
+from kvquant.evaluation.perplexity import evaluate, format_table
+from kvquant.core import scalar as cb
 
 torch.set_num_threads(2)
 bits_list = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [4]

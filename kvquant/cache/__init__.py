@@ -1,5 +1,5 @@
 """A quantized KV cache for ``generate()``: keys as packed codes of the model's calibrated key
-codebooks (the simulation's quantizer, :mod:`kvquant.quantizer`), values as asymmetric INT codes
+codebooks (the simulation's quantizer, :mod:`kvquant.core.quantizer`), values as asymmetric INT codes
 per token (or the ρ = 0 codebook with an RMS scale per token).
 
     books = kvquant.calibrate(model, windows)
@@ -10,27 +10,27 @@ per token (or the ρ = 0 codebook with an RMS scale per token).
 
 **Keys, static normalisation** (``norm`` ``head``/``channel``). Layer ``l``, KV head ``h``:
 ``x̃ = (k − offset[l,h]) / scale[l,h]`` per channel, ``code = #{boundaries[l,h] ≤ x̃}`` (exactly
-:meth:`kvquant.codebooks.SideBooks.apply`), packed along head_dim with :mod:`kvquant.packing`.
+:meth:`kvquant.codebooks.SideBooks.apply`), packed along head_dim with :mod:`kvquant.core.packing`.
 The dequantized keys ``centers[code]·scale + offset`` are bit-identical to the simulated path.
 
 **Keys, dynamic ``channel-group`` normalisation** (``SideBooks.group = G > 0``): every complete
 group of G consecutive tokens (aligned at the first token, as blocks of a paged cache) is quantized by
-:func:`kvquant.quantizer.encode_groups` — per-channel ``mid``/``half`` stored in the codebooks'
+:func:`kvquant.core.quantizer.encode_groups` — per-channel ``mid``/``half`` stored in the codebooks'
 ``scale_bits`` (fp16 or the 8-bit format, counted), codes of the head's codebook or, with bit
 allocation, of each channel's own — and its codes packed channel by channel along the group's
-tokens, channels bucketed by level count (:class:`kvquant.packing.ChannelPacking`: 3 and 5
+tokens, channels bucketed by level count (:class:`kvquant.core.packing.ChannelPacking`: 3 and 5
 levels at 1.6 and 2.33 bits). A group is quantized once complete (KIVI's layout): until then its
 tokens are the residual, so between ``residual`` and ``residual + G − 1`` recent tokens are not
 yet codes. ``tail`` (:data:`TAIL_FORMATS`) says how the residual holds their keys and values:
 ``int8`` (the default: per token and KV head with an fp16 absmax scale, 8 + 16/D bits per entry;
 the group is quantized from those INT8 entries when it completes) or ``exact`` (the model's
-dtype; the rule of the simulated path, :func:`kvquant.groupnorm.causal_groups`: the keys the
+dtype; the rule of the simulated path, :func:`kvquant.core.groupnorm.causal_groups`: the keys the
 cache holds after T tokens are bit-identical to ``SideBooks.apply`` of those T keys).
 
 **Values** (quantized with the keys, when their group completes). ``values="minmax"`` (the
 default): per token and KV head, ``mid``/``half`` of the values over head_dim stored as 8-bit codes,
 ``(v − mid)/half`` on 2^bits_v evenly spaced levels including ±1 — asymmetric INT per token (KIVI's
-values), through :func:`kvquant.quantizer.encode_groups` along head_dim. ``values="rms"``: ``r =
+values), through :func:`kvquant.core.quantizer.encode_groups` along head_dim. ``values="rms"``: ``r =
 RMS over head_dim`` stored as fp16, ``v / r`` quantized with ``compand(λ*(u; ρ=0), 2^bits_v)``
 (Panter–Dite for a unit Gaussian; +11% perplexity at 4 bits on SmolLM2 where minmax costs +0.04%,
 eval/value_norm.py). ``quantize_values=False`` keeps values exact (in the model's dtype).
@@ -64,7 +64,7 @@ mode the kept part of a split group goes back to the residual as served — INT8
 values, CPU): kvquant's attention pre-hook tells the layer a step is coming
 (:meth:`KVQuantCache.kvquant_begin_step`); ``update`` appends the token and returns zero-stride
 placeholders, and the attention function calls :meth:`_QuantKV.decode_attention`, which reads
-the codes (:func:`kvquant.code_attention.attend`) — no held token is dequantized. Prefill and
+the codes (:func:`kvquant.kernels.dispatch.attend`) — no held token is dequantized. Prefill and
 other layouts dequantize (``_materialize``), as ``decode="dequantize"`` does every step.
 
 Memory: :meth:`KVQuantCache.memory_bytes` sums the storage of every tensor the layers hold
@@ -85,16 +85,16 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from kvquant import density as dens
-from kvquant import scalar as cb
-from kvquant.code_attention import DECODE_KERNELS, step_kernel
+from kvquant.core import density as dens
+from kvquant.core import scalar as cb
+from kvquant.kernels.dispatch import DECODE_KERNELS, step_kernel
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
-from kvquant.decode import dequantize_keys, dequantize_values, pack, unpack
-from kvquant.groupnorm import SCALE_BITS, causal_groups, complete_tokens
-from kvquant.packing import ChannelPacking, packed_size
-from kvquant.quantizer import GroupCodes, decode_groups, encode_groups
-from kvquant.rope import derotate, rotate
+from kvquant.hf.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
+from kvquant.cache.static_layout import dequantize_keys, dequantize_values, pack, unpack
+from kvquant.core.groupnorm import SCALE_BITS, causal_groups, complete_tokens
+from kvquant.core.packing import ChannelPacking, packed_size
+from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
+from kvquant.core.rope import derotate, rotate
 
 __all__ = [
     "CacheOptions",
@@ -123,13 +123,13 @@ TAIL_FORMATS = ("exact", "int8")
 
 #: How values are normalised per token: ``minmax`` — ``(v − mid)/half`` over the head dimension on
 #: a uniform grid of 2^bits levels including ±1 (asymmetric INT per token, KIVI's values), (mid,
-#: half) as 8-bit codes (:func:`kvquant.groupnorm.store_scales`); ``rms`` — ``v / RMS`` through the
+#: half) as 8-bit codes (:func:`kvquant.core.groupnorm.store_scales`); ``rms`` — ``v / RMS`` through the
 #: ρ = 0 codebook, fp16 RMS. 16 bits of scale per token and head either way.
 VALUE_NORMS = ("minmax", "rms")  # the first is make_cache's default (selected on development windows: eval/value_norm.py)
 
 
 #: How a decoding step (one new token per row) reads the cache: ``codes`` — attention computed from
-#: the codes by :func:`kvquant.code_attention.attend` (channel-group keys with quantized values, on
+#: the codes by :func:`kvquant.kernels.dispatch.attend` (channel-group keys with quantized values, on
 #: the CPU; other layouts and devices dequantize); ``dequantize`` — every held token dequantized to
 #: the model's dtype and attended with SDPA (the reference).
 DECODE_MODES = ("codes", "dequantize")
@@ -203,10 +203,10 @@ class CacheOptions:
     residual: int = 0
     sink: int = 0
     group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
-    scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.groupnorm.store_scales)
+    scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.core.groupnorm.store_scales)
     values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
-    decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.code_attention) where the layout allows; "dequantize"
-    kernel: str = "auto"  # which kernel reads them (kvquant.code_attention.DECODE_KERNELS): auto = the device's
+    decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.kernels.dispatch) where the layout allows; "dequantize"
+    kernel: str = "auto"  # which kernel reads them (kvquant.kernels.dispatch.DECODE_KERNELS): auto = the device's
     tail: str = "int8"  # the residual's keys and values (TAIL_FORMATS): "int8" per token or "exact" (model dtype)
 
     def __post_init__(self) -> None:
@@ -291,7 +291,7 @@ class LayerRope:
     """Where a layer with pre-RoPE keys gets positions and rotary tables: the ``position_ids`` its
     attention module was called with in the current forward (stashed by kvquant's forward
     pre-hook, which :func:`kvquant.wrap` installs) and the model's own rotary embedding at any
-    positions (:func:`kvquant.wrap.rotary_tables`)."""
+    positions (:func:`kvquant.hf.wrap.rotary_tables`)."""
 
     def __init__(self, module: torch.nn.Module, tables: Callable, layer: int, shared: dict | None = None):
         self.module, self._tables, self.layer = module, tables, layer
@@ -381,7 +381,7 @@ class _QuantKV:
         self.sink_cap = sink
         self.group = options.group
         self.packing = ChannelPacking(tables.k_levels, options.group) if options.group else None
-        # decoding from codes (kvquant.code_attention): the layout it reads, the step's state
+        # decoding from codes (kvquant.kernels.dispatch): the layout it reads, the step's state
         self.reads_codes = (options.decode == "codes" and options.group > 0 and options.group % 8 == 0
                             and options.quantize_values and tables.k_offset.shape[-1] % 8 == 0)
         self._channel_layout = self._channel_tables() if self.packing else None
@@ -649,7 +649,7 @@ class _QuantKV:
     def decode_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
                          scaling: float | None) -> torch.Tensor:
         """The deferred step's attention (B, 1, H_q, D), read from the codes by the layer's kernel
-        (:func:`kvquant.code_attention.step_kernel`: C on the CPU, Triton on CUDA)."""
+        (:func:`kvquant.kernels.dispatch.step_kernel`: C on the CPU, Triton on CUDA)."""
         start, self.step_pending = self.step_pending, None
         if start is None:
             raise RuntimeError("decode_attention without a deferred update (begin_step, then update, first)")
@@ -661,7 +661,7 @@ class _QuantKV:
         """What update leaves to after the attention (sliding layers: drop expired tokens)."""
 
     def _rotation_plan(self):
-        from kvquant.code_attention import RotationPlan
+        from kvquant.kernels.dispatch import RotationPlan
 
         key = (self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0], self.k_pos is not None)
         if self._plan is None or self._plan.key != key:
@@ -996,7 +996,7 @@ class KVQuantCache(Cache):
 def _wrap_for_hooks(model: torch.nn.Module) -> None:
     """Wrap the model (mode ``off``: logits unchanged) if it is not wrapped, for kvquant's
     pre-hook (it passes position ids on and routes decoding steps to the codes)."""
-    from kvquant.wrap import is_wrapped, wrap
+    from kvquant.hf.wrap import is_wrapped, wrap
 
     if not is_wrapped(model):
         wrap(model, None)
@@ -1004,7 +1004,7 @@ def _wrap_for_hooks(model: torch.nn.Module) -> None:
 
 def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
     """:class:`LayerRope` of every attention layer (wraps the model: :func:`_wrap_for_hooks`)."""
-    from kvquant.wrap import attention_modules, rotary_tables
+    from kvquant.hf.wrap import attention_modules, rotary_tables
 
     tables = rotary_tables(model)
     _wrap_for_hooks(model)
@@ -1035,7 +1035,7 @@ def make_cache(
     computes each decoding step's attention from the codes (channel-group keys, quantized values,
     CPU; the model is wrapped, mode ``off``, for the hook that routes the step), ``dequantize``
     dequantizes every held token first (the reference). ``kernel``
-    (:data:`kvquant.code_attention.DECODE_KERNELS`): which kernel reads the steps — ``auto``, the
+    (:data:`kvquant.kernels.dispatch.DECODE_KERNELS`): which kernel reads the steps — ``auto``, the
     device's (C on the CPU, Triton on CUDA; where it cannot run, a warning and steps dequantize),
     ``c`` or ``triton`` (ValueError where it cannot run). Pass it to ``model.generate(...,
     **cache_kwargs(cache))`` or ``model(..., **cache_kwargs(cache))`` (``cache=`` from transformers 5.24,
@@ -1115,7 +1115,7 @@ class QueryQuantizer:
     sides = ("q",)
 
     def __init__(self, codebooks: Codebooks, model: torch.nn.Module):
-        from kvquant.wrap import attention_modules
+        from kvquant.hf.wrap import attention_modules
 
         if codebooks.q.group:
             raise ValueError(

@@ -31,12 +31,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant import scalar as cb
-from kvquant.allocate import water_fill
-from kvquant.attention import Rope
-from kvquant.fileio import atomic_path
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.groupnorm import (
+from kvquant.core import scalar as cb
+from kvquant.core.allocate import water_fill
+from kvquant.io.fileio import atomic_path
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.core.groupnorm import (
     SCALE_BITS,
     GroupHistogram,
     causal_groups,
@@ -45,14 +44,14 @@ from kvquant.groupnorm import (
     group_split,
     outlier_count,
 )
-from kvquant.packing import LEVEL_PACKING, level_bits
-from kvquant.quantizer import (
+from kvquant.core.packing import LEVEL_PACKING, level_bits
+from kvquant.core.quantizer import (
     channel_codes,
     channel_values,
     decode_groups,
     encode_groups,
 )
-from kvquant.stats import PairStats, gqa_pooled_rho
+from kvquant.core.stats import PairStats, gqa_pooled_rho
 
 FORMAT = "kvquant-codebooks"
 FORMAT_VERSION = 1
@@ -74,9 +73,9 @@ class CodebookConfig:
     group: int = 128
     sink: int = 0
     outliers: float = 0.0  # channel-group only: fraction of each G×D block kept exact (dense-and-sparse)
-    rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.rope)
+    rope: Rope = "post"  # quantize q and k after the rotary embedding, or before it ("pre", kvquant.core.rope)
     # > 0: average code bits per entry over queries and keys, spread over (layer, head, channel, side)
-    # by reverse water-filling (kvquant.allocate); each channel gets 2, 3, 4, 5, 8, … up to 2^bits_q
+    # by reverse water-filling (kvquant.core.allocate); each channel gets 2, 3, 4, 5, 8, … up to 2^bits_q
     # (queries) / 2^bits_k (keys) levels (at_effective_bits: the budget for exactly b bits in all)
     budget: float = 0.0
     # which sides the budget is spread over: "qk" (the simulated Q·Kᵀ) or "k" (a KV cache whose
@@ -200,7 +199,7 @@ class SideBooks:
     offset and scale (L, H, D) in the activations' units.
 
     With bit allocation, ``channel_levels`` (L, H, D) gives each channel its number of levels
-    (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.packing.LEVEL_PACKING`)
+    (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.core.packing.LEVEL_PACKING`)
     and every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1),
     K = 2^bits; a channel with n levels uses its head's n-level codebook, its boundaries padded
     with +inf (codes never reach the padding) and its centers with its last center."""
@@ -228,7 +227,7 @@ class SideBooks:
     def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` (B, H, T, D), tokens from position 0, with layer ``layer``'s
         codebooks. The first ``sink`` tokens stay exact; in group mode only complete groups are
-        quantized (:func:`kvquant.groupnorm.causal_groups`: what a KV cache holds after these T
+        quantized (:func:`kvquant.core.groupnorm.causal_groups`: what a KV cache holds after these T
         tokens), the newest incomplete group stays exact."""
         self._check_shape(x)
         if self.group:
@@ -297,11 +296,11 @@ def _r(v: float) -> float:
 
 def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[str, np.ndarray], caps: dict[str, int],
                     budget: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
-    """Levels per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.allocate.water_fill`.
+    """Levels per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.core.allocate.water_fill`.
 
     Unit: one channel of one head, quantized with its head's n-level codebook ``book(side, layer,
     head, n)``; options n ∈ {2, 3, 4, 5, 8, 16, …, 2^cap} at their packed bits (3 levels 1.6 bits,
-    5 levels 2.33; :data:`kvquant.packing.LEVEL_PACKING`). Its distortion with n levels is the
+    5 levels 2.33; :data:`kvquant.core.packing.LEVEL_PACKING`). Its distortion with n levels is the
     diagonal-Fisher (second-order) estimate of the calibration loss increase,
     ``D(n) = ½ F_c · ε(n)``: ``F_c = channel_fisher[side][layer, head, c]`` (Σ half² · (∂loss/∂x)²
     over the channel's entries) times the head's Fisher-weighted mean squared error in x̃ units,
@@ -528,7 +527,7 @@ class Codebooks:
     def key_group(self) -> int:
         """G of the keys' causal groups (0: static keys): the simulated attention then reads a key
         quantized only from the query that completes its group on, as a KV cache serves it
-        (:func:`kvquant.attention.block_causal_attention`)."""
+        (:func:`kvquant.hf.attention.block_causal_attention`)."""
         return self.k.group
 
     def effective_bits(self, head_dim: int | None = None, seqlen: int | None = None) -> float:

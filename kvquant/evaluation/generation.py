@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvquant.cache import KVQuantCache
-from kvquant.compat import cache_kwargs
-from kvquant.library_cache import LibraryCache
-from kvquant.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
-from kvquant.placement import input_device
-from kvquant.wrap import wrapped
+from kvquant.hf.compat import cache_kwargs
+from kvquant.evaluation.library_cache import LibraryCache
+from kvquant.evaluation.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
+from kvquant.hf.placement import input_device
+from kvquant.hf.wrap import wrapped
 
 __all__ = ["HeldBits", "LibraryCache", "cache_factories", "cache_logits", "chunk_starts", "evaluate_generation",
            "generation_nll", "held_bits", "held_bits_curve", "kv_bits"]
@@ -188,7 +188,7 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
                         progress: bool = True, queries: dict | None = None) -> dict[str, PplRow]:
     """Generation-mode perplexity of every row (a factory of fresh caches) on the same windows,
     with the KL divergence from the ``fp`` row and top-token agreement when there is one
-    (:func:`kvquant.perplexity.score_windows`). ``effective_bits`` is the mean K/V bits per entry
+    (:func:`kvquant.evaluation.perplexity.score_windows`). ``effective_bits`` is the mean K/V bits per entry
     the row's cache holds over a window, after each token (:func:`held_bits`), beside the value
     at the window's end and the largest (``kv_bits_end``, ``kv_bits_max``);
     ``kv_bytes_per_token`` is the bytes per token the last window's cache held at its end.
@@ -220,18 +220,18 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
 
 def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax",
                     tail: str = "int8") -> dict:
-    """A factory of fresh caches per row of :func:`kvquant.perplexity.make_rows` (generation mode):
+    """A factory of fresh caches per row of :func:`kvquant.evaluation.perplexity.make_rows` (generation mode):
     ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
-    (:func:`kvquant.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
+    (:func:`kvquant.evaluation.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
     ``config.bits_v`` (0 everywhere: exact values), normalised per token by ``values``
     (:data:`kvquant.cache.VALUE_NORMS`), the newest incomplete group held as ``tail``
     (:data:`kvquant.cache.TAIL_FORMATS`) — but exact for ``kivi@B`` rows, as KIVI keeps it."""
     from kvquant.cache import make_cache
-    from kvquant.perplexity import row_value_bits
+    from kvquant.evaluation.perplexity import row_value_bits
 
     if any(isinstance(row, LibraryCache) for row in rows.values()):
-        from kvquant.compat import cache_layer_types
+        from kvquant.hf.compat import cache_layer_types
 
         kinds = {kind for kind, _ in cache_layer_types(model.config.get_text_config(decoder=True))}
         if kinds - {"full_attention"}:  # transformers refuses it at the row's first window, after the others ran

@@ -6,11 +6,11 @@ metric of the seed paper's LLM experiment.
 
 The logits are always the post-RoPE ones the model attends with; each quantizer is applied
 where kvquant's attention function applies it in quantize mode
-(:func:`kvquant.attention.quantize_qk`): after the rotary embedding, or before it (``rope =
+(:func:`kvquant.hf.attention.quantize_qk`): after the rotary embedding, or before it (``rope =
 "pre"``: rotation undone, entries quantized, rotated back), on its ``sides`` only, and — for a
 quantizer with ``key_group`` G > 0, such as the deployed KV cache's codebooks — with each key
 read quantized only by the queries after its group of G is complete
-(:func:`kvquant.attention.keys_read_quantized`): the logits of a query with a key of the newest
+(:func:`kvquant.hf.attention.keys_read_quantized`): the logits of a query with a key of the newest
 incomplete group are exact, as decoding through the cache reads them.
 """
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from kvquant.attention import Quantizer, key_group, keys_read_quantized, quantize_qk
-from kvquant.calibrate import run_capture
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.wrap import attention_modules
+from kvquant.hf.attention import Quantizer, key_group, keys_read_quantized, quantize_qk
+from kvquant.hf.calibrate import run_capture
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.hf.wrap import attention_modules
 
 
 class QueryKeyPair:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import assets
+from kvquant.io import assets
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def load_text(source: str, split: str = "test") -> str:
     """Return the text of ``source`` as one string.
 
     Args:
-        source: ``"enwiki-excerpt"`` (offline corpus, see :mod:`kvquant.assets`), a path to a
+        source: ``"enwiki-excerpt"`` (offline corpus, see :mod:`kvquant.io.assets`), a path to a
             local UTF-8 text file, ``"wikitext2"`` (hub: wikitext-2-raw-v1), or any other hub
             dataset id with a ``"text"`` column.
         split: dataset split for hub datasets; ignored for the offline corpus and local files

@@ -1,14 +1,14 @@
 """lm-evaluation-harness model type ``kvquant``: any lm-eval task through kvquant's quantized KV cache.
 
-    python -m kvquant.harness --model kvquant \\
+    python -m kvquant.evaluation.harness --model kvquant \\
         --model_args pretrained=smollm2-135m,codebooks=out/default.safetensors,device=cpu \\
         --tasks hellaswag --batch_size 1
 
 :class:`KVQuantLM` is lm-eval's own ``HFLM`` with the model and tokenizer of
-:func:`kvquant.assets.load_model` (offline names, local folders, hub ids) and one change: every
+:func:`kvquant.io.assets.load_model` (offline names, local folders, hub ids) and one change: every
 token reads the keys and values a cache returns. Loglikelihood requests (and the windows of
 ``loglikelihood_rolling``) feed each sequence through a fresh cache in the chunks of
-:func:`kvquant.generation.cache_logits` — what token-by-token decoding gives, as
+:func:`kvquant.evaluation.generation.cache_logits` — what token-by-token decoding gives, as
 ``kvquant eval-ppl --mode generation`` measures it; ``generate_until`` passes a fresh cache to
 ``model.generate`` (greedy unless the task asks to sample). With ``codebooks=FILE`` the cache is
 :func:`kvquant.make_cache` (``KVQuantCache``: keys as calibrated, values at ``bits_v``); without
@@ -17,8 +17,8 @@ comparable.
 
 lm-eval 0.4.13 (the newest release) does not discover model types of installed packages:
 ``lm_eval --model kvquant`` knows the name only where this module was imported first. Hence
-``python -m kvquant.harness ARGS`` (lm-eval's command line after the import), or in Python
-``import kvquant.harness`` before ``lm_eval.simple_evaluate(model="kvquant", ...)``.
+``python -m kvquant.evaluation.harness ARGS`` (lm-eval's command line after the import), or in Python
+``import kvquant.evaluation.harness`` before ``lm_eval.simple_evaluate(model="kvquant", ...)``.
 pyproject.toml also declares the entry point ``lm_eval.models: kvquant`` that lm-eval's proposed
 plugin discovery (EleutherAI/lm-evaluation-harness#4013) reads.
 """
@@ -37,11 +37,11 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as e:  # pragma: no cover - depends on the installed extras
-    raise ImportError(f"kvquant.harness needs lm-evaluation-harness: pip install 'kvquant-density[lm-eval]' ({e})") from e
+    raise ImportError(f"kvquant.evaluation.harness needs lm-evaluation-harness: pip install 'kvquant-density[lm-eval]' ({e})") from e
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvquant.compat import cache_kwargs
-from kvquant.generation import cache_logits
+from kvquant.hf.compat import cache_kwargs
+from kvquant.evaluation.generation import cache_logits
 
 __all__ = ["KVQuantLM", "main"]
 
@@ -77,7 +77,7 @@ class _DropHFLMNoise(logging.Filter):
 
 
 def _required_pretrained() -> ValueError:
-    from kvquant.assets import MODELS
+    from kvquant.io.assets import MODELS
 
     return ValueError(f"model_args pretrained= is required: the model to evaluate, e.g. pretrained=smollm2-135m "
                       f"(offline names: {', '.join(MODELS)}), a local model folder or a hub id")
@@ -177,7 +177,7 @@ class KVQuantLM(HFLM):
 
     Args (``--model_args key=value,...``):
         pretrained: required: offline name (``smollm2-135m``, ``gemma3-270m``), local model folder or
-            hub id (:func:`kvquant.assets.load_model`).
+            hub id (:func:`kvquant.io.assets.load_model`).
         codebooks: codebook file from ``kvquant calibrate`` (``.safetensors``) for this model; None
             runs the unquantized model through ``DynamicCache``.
         bits_v, values, quantize_values, residual, sink, decode: :func:`kvquant.make_cache`'s options
@@ -202,7 +202,7 @@ class KVQuantLM(HFLM):
             ``dtype``/``device``, a file at ``codebooks`` that is no codebook file, or codebooks made
             for another model.
         FileNotFoundError: no file at ``codebooks``.
-        kvquant.assets.AssetError: ``pretrained`` could not be found or loaded.
+        kvquant.io.assets.AssetError: ``pretrained`` could not be found or loaded.
     """
 
     def __init__(
@@ -239,7 +239,7 @@ class KVQuantLM(HFLM):
             raise ValueError(f"model_args dtype={dtype!r}: use auto or one of {', '.join(DTYPES)}")
         batch_size = _batch_size(batch_size)
         dev = _device(device)
-        from kvquant.assets import load_model
+        from kvquant.io.assets import load_model
         from kvquant.codebooks import Codebooks
 
         books = None
@@ -306,7 +306,7 @@ class KVQuantLM(HFLM):
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) of the right-padded token rows ``inps`` (batch, seq): each row
         fed through its own fresh :meth:`new_cache` in the chunks of
-        :func:`kvquant.generation.cache_logits`, so every position reads the keys and values the
+        :func:`kvquant.evaluation.generation.cache_logits`, so every position reads the keys and values the
         cache returns. (Right padding follows a row's tokens: with causal attention it cannot
         change their logits.)"""
         if attn_mask is not None or labels is not None:
@@ -339,14 +339,14 @@ class KVQuantLM(HFLM):
         return info
 
 
-if __name__ != "__main__":  # `python -m kvquant.harness` registers the class of the imported module (main)
+if __name__ != "__main__":  # `python -m kvquant.evaluation.harness` registers the class of the imported module (main)
     register_model("kvquant")(KVQuantLM)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvquant.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with the model
+    """``python -m kvquant.evaluation.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with the model
     type ``kvquant`` registered. ``argv``: the arguments (default ``sys.argv[1:]``). Returns 0 on
-    success; 2 with one line ``kvquant.harness: error: …`` on stderr (no traceback) for what the
+    success; 2 with one line ``kvquant.evaluation.harness: error: …`` on stderr (no traceback) for what the
     kvquant command line reports as user errors (:data:`kvquant.cli.USER_ERRORS`: bad
     ``--model_args``, missing or mismatched files, missing assets, I/O failures, NaN/inf)."""
     from lm_eval.__main__ import cli_evaluate
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"kvquant.harness: error: {message}", file=sys.stderr)
+        print(f"kvquant.evaluation.harness: error: {message}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
@@ -368,6 +368,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # importing the module registers "kvquant" (this __main__ copy of it does not)
-    from kvquant.harness import main as _main
+    from kvquant.evaluation.harness import main as _main
 
     sys.exit(_main())

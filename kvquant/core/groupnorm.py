@@ -156,7 +156,7 @@ def outlier_count(p: float, entries: int) -> int:
 
 
 def check_finite(x: torch.Tensor) -> None:
-    """Raise ValueError on NaN/inf, as :func:`kvquant.scalar.quantize` does for static scales."""
+    """Raise ValueError on NaN/inf, as :func:`kvquant.core.scalar.quantize` does for static scales."""
     if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN propagates to min/max
         raise ValueError("cannot quantize NaN or infinite values")
 
@@ -300,7 +300,7 @@ class GroupHistogram:
 
     def update_grad(self, layer: int, side: str, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Add Fisher weights ``half² · grad²`` of one attention input: ``side`` "q" or "k", x and
-        ``grad = ∂loss/∂x`` (B, H, T, D) (a :data:`kvquant.attention.GradObserver`)."""
+        ``grad = ∂loss/∂x`` (B, H, T, D) (a :data:`kvquant.hf.attention.GradObserver`)."""
         if self.fisher_q is None:
             raise ValueError("this histogram was made without Fisher weights (GroupHistogram.zeros(fisher=True))")
         self._add(layer, x.float(), grad.float() ** 2, f"fisher_{side}", channel=f"channel_fisher_{side}")

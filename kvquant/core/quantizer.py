@@ -5,8 +5,8 @@ functions, so that what a cache stores is what a simulation measured (torch only
 One layer and side (queries or keys), x (B, H, T, D), groups of G consecutive tokens:
 
 1. **Range** per (channel, group): ``mid = (max+min)/2``, ``half = (max−min)/2``
-   (:func:`kvquant.groupnorm.group_range`), stored in ``scale_bits`` — fp16, or the 8-bit format
-   of :func:`kvquant.groupnorm.store_scales` — and read back from that stored form.
+   (:func:`kvquant.core.groupnorm.group_range`), stored in ``scale_bits`` — fp16, or the 8-bit format
+   of :func:`kvquant.core.groupnorm.store_scales` — and read back from that stored form.
 2. **Codes** of ``x̃ = (x − mid)/half`` with the layer's tables: one codebook per head
    (boundaries (H, K−1)) or, with bit allocation, one per channel (H, D, K−1), a channel with n
    levels having +inf padding past its n−1 boundaries: ``code = #{boundaries ≤ x̃}``
@@ -14,7 +14,7 @@ One layer and side (queries or keys), x (B, H, T, D), groups of G consecutive to
 3. **Values** ``x̂ = centers[code] · half + mid`` (:func:`channel_values`, :func:`decode_groups`).
 
 ``SideBooks.apply`` quantizes whole groups with these two functions (after
-:func:`kvquant.groupnorm.causal_groups`), so the simulated keys and the cache's are the same
+:func:`kvquant.core.groupnorm.causal_groups`), so the simulated keys and the cache's are the same
 bits, with fp16 or 8-bit scales (tests/test_quantizer.py, tests/test_cache.py).
 """
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvquant import scalar as cb
-from kvquant.groupnorm import (
+from kvquant.core import scalar as cb
+from kvquant.core.groupnorm import (
     check_finite,
     group_range,
     group_restore,

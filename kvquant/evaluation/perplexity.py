@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvquant.attention import Quantizer
-from kvquant.baselines import Baseline, is_baseline
+from kvquant.hf.attention import Quantizer
+from kvquant.evaluation.baselines import Baseline, is_baseline
 from kvquant.codebooks import Codebooks
-from kvquant.divergence import Agreement, log_probs
-from kvquant.placement import input_device
-from kvquant.scalar import METHODS
-from kvquant.wrap import attention_modules, wrapped
+from kvquant.evaluation.divergence import Agreement, log_probs
+from kvquant.hf.placement import input_device
+from kvquant.core.scalar import METHODS
+from kvquant.hf.wrap import attention_modules, wrapped
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ class PplRow:
     tokens: int
     effective_bits: float
     seconds: float
-    kv_bytes_per_token: float | None = None  # generation mode: bytes the cache holds per token (kvquant.generation)
+    kv_bytes_per_token: float | None = None  # generation mode: bytes the cache holds per token (kvquant.evaluation.generation)
     kv_bits_end: float | None = None  # generation mode: K/V bits held at the window's end (effective_bits: the mean)
     kv_bits_max: float | None = None  # … and the largest after any token of the window
-    kld: float | None = None  # mean KL(p_fp ‖ p_row) per predicted token, nats (kvquant.divergence); None: no fp row
+    kld: float | None = None  # mean KL(p_fp ‖ p_row) per predicted token, nats (kvquant.evaluation.divergence); None: no fp row
     kld_p99: float | None = None  # its 99th percentile over predicted tokens
     top1: float | None = None  # share of predicted tokens whose most likely next token is fp's
 
@@ -72,7 +72,7 @@ def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, desc: str = "ppl") ->
 
 def first_nonfinite_layer(model: torch.nn.Module, run: Callable[[], object]) -> int | None:
     """Index of the first attention layer whose output holds NaN/inf while ``run()`` runs the model
-    (forward hooks on :func:`kvquant.wrap.attention_modules`), or None."""
+    (forward hooks on :func:`kvquant.hf.wrap.attention_modules`), or None."""
     found: list[int] = []
 
     def hook(module, args, output):
@@ -129,7 +129,7 @@ def score_windows(model: torch.nn.Module, windows, runs: dict[str, WindowLogits]
     """Σ NLL of every row on the same windows (n, seqlen), windows outer, rows inner: for each
     window the ``reference`` row (if among ``runs``) runs first and its log-probabilities — one
     window's, float32 (seqlen × vocab × 4 bytes) — are what every other row's KL divergence and
-    top-token agreement (:class:`kvquant.divergence.Agreement`) are measured against; only that
+    top-token agreement (:class:`kvquant.evaluation.divergence.Agreement`) are measured against; only that
     one window's reference is ever held."""
     ids = getattr(windows, "ids", windows)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
@@ -194,9 +194,9 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
     ``generation=True`` (rows for a KV cache, queries exact): ``method@B[/V]`` spreads the budget
     over the key channels only (``budget_sides="k"``: B effective bits per key entry) and names
     the value bits V (:func:`row_value_bits`); ``kivi@B[/V]`` is the KIVI-style INT cache
-    (:func:`kvquant.baselines.kivi_codebooks`: B-bit min–max keys per channel over the codebooks'
+    (:func:`kvquant.evaluation.baselines.kivi_codebooks`: B-bit min–max keys per channel over the codebooks'
     groups, post-RoPE, fp16 scales, no sink); ``quanto@B`` / ``hqq@B`` transformers' own
-    ``QuantizedCache`` (:class:`kvquant.library_cache.LibraryCache`, K and V at B bits). Classic
+    ``QuantizedCache`` (:class:`kvquant.evaluation.library_cache.LibraryCache`, K and V at B bits). Classic
     baselines quantize inside attention only and are refused there."""
     rows: dict[str, Quantizer | Codebooks | None] = {}
     for name in names:
@@ -211,7 +211,7 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
                                  "only (use --mode simulated for it, or kivi@B for the KIVI-style INT cache)")
             rows[name] = Baseline(name)
         elif generation and at_bits and at_bits["method"] in ("quanto", "hqq") and not at_bits["bits_v"]:
-            from kvquant.library_cache import LibraryCache
+            from kvquant.evaluation.library_cache import LibraryCache
 
             bits = float(at_bits["bits"])
             if bits != int(bits):
@@ -220,7 +220,7 @@ def make_rows(names: list[str], codebooks: Codebooks | None, seqlen: int | None 
         elif generation and at_bits and at_bits["method"] == "kivi":
             if codebooks is None:
                 raise CodebooksRequired(f"row {name!r} takes its group size from the codebooks: pass --codebooks FILE")
-            from kvquant.baselines import kivi_codebooks
+            from kvquant.evaluation.baselines import kivi_codebooks
 
             rows[name] = kivi_codebooks(codebooks, float(at_bits["bits"]))
         elif name in METHODS or (at_bits and at_bits["method"] in METHODS):
@@ -257,7 +257,7 @@ def evaluate(model: torch.nn.Module, windows, rows: dict[str, Quantizer | None],
     """Perplexity of every row on the same windows (n, seqlen), one forward pass per window and
     row (the simulated path), in the order given; with an ``fp`` row also every row's KL divergence
     from it and top-token agreement (:func:`score_windows`)."""
-    from kvquant.fingerprint import ModelFingerprint
+    from kvquant.io.fingerprint import ModelFingerprint
 
     head_dim = ModelFingerprint.from_model(model).head_dim
     dtype = next(model.parameters()).dtype

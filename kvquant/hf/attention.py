@@ -7,7 +7,7 @@ and, depending on the :class:`Controller` attached to the attention module by ``
 
 ``off``       calls transformers' SDPA attention unchanged (bit-identical logits to ``sdpa``);
 ``capture``   hands q, k and the mask of allowed (query, key) pairs to an observer
-              (e.g. :meth:`kvquant.stats.PairStats.update`), then attends unchanged; in a
+              (e.g. :meth:`kvquant.core.stats.PairStats.update`), then attends unchanged; in a
               forward that records gradients, a ``grad_observer`` also gets ∂loss/∂q and
               ∂loss/∂k during backward (Fisher weights, :meth:`GroupHistogram.update_grad`);
 ``quantize``  replaces q and k by their quantized values, then attends with SDPA — or, for a
@@ -20,7 +20,7 @@ A mask function is registered under the same name (transformers' ``sdpa_mask``);
 every call would receive ``attention_mask=None`` and padding and sliding windows would be lost.
 
 Frame: with ``Controller.rope == "pre"`` the observer and the quantizer see q and k with the
-rotary embedding undone (:mod:`kvquant.rope`; the tables are the ``position_embeddings`` the
+rotary embedding undone (:mod:`kvquant.core.rope`; the tables are the ``position_embeddings`` the
 attention module was called with, stashed by a forward pre-hook that ``wrap`` installs), and
 quantized entries are rotated back. Keys then must be those of the same positions as the
 queries (a forward pass without a cache); keys of earlier positions from a cache raise, unless
@@ -37,15 +37,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvquant.compat import passed_cache
-from kvquant.rope import derotate, pullback, rotate
+from kvquant.hf.compat import passed_cache
+from kvquant.core.rope import Rope, derotate, pullback, rotate
 
 ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
-Rope = Literal["post", "pre"]
 #: ``quantizer(x, layer, side)`` returns dequantized ``x`` (same shape/dtype); side is "q" or "k".
 #: A quantizer with ``sides = ("q",)`` quantizes queries only (keys come quantized from a KV cache);
-#: one with ``sides = ("k",)`` keys only (queries exact, e.g. :class:`kvquant.diagnostics.KeysOnly`).
+#: one with ``sides = ("k",)`` keys only (queries exact, e.g. :class:`kvquant.evaluation.diagnostics.KeysOnly`).
 Quantizer = Callable[[torch.Tensor, int, str], torch.Tensor]
 #: ``observer(layer, q, k, pair_mask)`` with pair_mask bool (B|1, 1, T, S), True = attends.
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -188,7 +187,7 @@ def block_causal_attention(query: torch.Tensor, key_q: torch.Tensor, key: torch.
 
 def _observe_grads(observer: GradObserver, layer: int, sides, tables) -> None:
     """Hooks handing ``∂loss/∂x`` to ``observer`` in the frame of x (pre-RoPE: pulled back through
-    the rotation, :func:`kvquant.rope.pullback`) when backward reaches the attention inputs."""
+    the rotation, :func:`kvquant.core.rope.pullback`) when backward reaches the attention inputs."""
     for side, t, x in sides:
         def hook(g: torch.Tensor, side: str = side, x: torch.Tensor = x.detach()) -> None:
             observer(layer, side, x, g if tables is None else pullback(g, *tables))

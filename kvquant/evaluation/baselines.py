@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from kvquant import scalar as cb
+from kvquant.core import scalar as cb
 from kvquant.codebooks import Codebooks, SideBooks
 
 #: Tokens per group for per-channel scales (KIVI uses 32–128).

@@ -3,7 +3,7 @@
 Layout (what a layer holds with ``norm`` ``head``/``channel`` keys):
 
 ``k_codes``   uint8 ``(B, H_kv, S, packed_size(D, bits_k))``: each token's key codes packed along
-              head_dim with :func:`kvquant.packing.pack_codes` (4 bits: byte ``j`` holds channel
+              head_dim with :func:`kvquant.core.packing.pack_codes` (4 bits: byte ``j`` holds channel
               ``2j`` in its low nibble and ``2j+1`` in its high nibble).
 ``k_centers`` ``(H_kv, K)`` codebook centers in normalised units; ``k_offset``, ``k_scale``
               ``(H_kv, D)``: ``k̂[s, j] = k_centers[code] · k_scale[j] + k_offset[j]``.
@@ -12,9 +12,9 @@ Layout (what a layer holds with ``norm`` ``head``/``channel`` keys):
               token and head): ``v̂[s, j] = v_centers[code] · v_scale[s]``.
 
 The deployed ``channel-group`` layout is read directly from its codes by
-:mod:`kvquant.code_attention` (CPU) and :mod:`kvquant.triton_decode` (GPU).
+:mod:`kvquant.kernels.dispatch` (CPU) and :mod:`kvquant.kernels.triton_decode` (GPU).
 
-``pack``/``unpack`` are :func:`kvquant.packing.pack_codes`/:func:`~kvquant.packing.unpack_codes`
+``pack``/``unpack`` are :func:`kvquant.core.packing.pack_codes`/:func:`~kvquant.core.packing.unpack_codes`
 (the same byte layout; fast for bits dividing 8).
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kvquant.packing import pack_codes as pack
-from kvquant.packing import unpack_codes as unpack
+from kvquant.core.packing import pack_codes as pack
+from kvquant.core.packing import unpack_codes as unpack
 
 __all__ = [
     "pack",

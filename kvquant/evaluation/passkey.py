@@ -97,11 +97,11 @@ class PasskeyResult:
 @torch.no_grad()
 def run_passkey(model: torch.nn.Module, tokenizer: Any, caches: dict[str, Callable[[], Any]], lengths: list[int],
                 depths: list[float], seeds: int, bos: bool = False, progress: bool = True) -> dict[str, PasskeyResult]:
-    """Every row (a factory of fresh caches, e.g. :func:`kvquant.generation.cache_factories`)
+    """Every row (a factory of fresh caches, e.g. :func:`kvquant.evaluation.generation.cache_factories`)
     answers every prompt of ``lengths`` × ``depths`` × ``range(seeds)``, greedily through its own
     fresh cache (prefill of the prompt, then :data:`ANSWER_TOKENS` decoding steps)."""
-    from kvquant.compat import cache_kwargs
-    from kvquant.placement import input_device
+    from kvquant.hf.compat import cache_kwargs
+    from kvquant.hf.placement import input_device
 
     device = input_device(model)
     results = {name: PasskeyResult(name) for name in caches}
@@ -146,7 +146,7 @@ def format_passkey(results: dict[str, PasskeyResult], lengths: list[int], ref: s
 def plot_heatmap(result: PasskeyResult, lengths: list[int], depths: list[float], path, title: str) -> None:
     """Accuracy heatmap (depth × length) of one row, written to ``path`` as it is (PNG; matplotlib,
     the ``plot`` extra): the caller makes it atomic, e.g. with the run's other outputs
-    (:func:`kvquant.fileio.atomic_paths`)."""
+    (:func:`kvquant.io.fileio.atomic_paths`)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,6 +1,6 @@
 """Triton decode attention on the deployed KV cache layout (optional: needs ``triton``).
 
-:func:`decode_step` is the GPU counterpart of :func:`kvquant.code_attention.attend` (same
+:func:`decode_step` is the GPU counterpart of :func:`kvquant.kernels.dispatch.attend` (same
 arguments, same result within float rounding): one query token per row over a
 :class:`kvquant.cache.KVQuantCache` layer in ``channel-group`` mode, read from the codes.
 
@@ -11,7 +11,7 @@ inside one group:
 
 * key codes: channel j's codes are a bit stream at byte ``offset[j]`` of the group record —
   ``levels[j]`` a power of two: ``log2 levels`` bits per code; 3 and 5 levels: base-n digits of
-  bytes / 7-bit words (:class:`kvquant.packing.ChannelPacking`) — read as two bytes, shifted,
+  bytes / 7-bit words (:class:`kvquant.core.packing.ChannelPacking`) — read as two bytes, shifted,
   divided by the digit's power; ``k̂ = centers[j, code]·half + mid`` with the group's 8-bit
   (or fp16) scales decoded in the kernel;
 * rotation from positions (pre-RoPE keys): ``cos``/``sin`` of ``position·inv_freq`` computed in
@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from kvquant import cpu_kernels
+from kvquant.kernels import cpu as cpu_kernels
 
 try:  # optional dependency
     import triton
@@ -224,7 +224,7 @@ def _splits(bh: int, tokens: int, block_t: int, device: torch.device) -> int:
 
 def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
                 start: int, *, block_t: int = 32, num_splits: int | None = None) -> torch.Tensor:
-    """:func:`kvquant.code_attention.attend` with the quantized tokens read by the Triton kernel:
+    """:func:`kvquant.kernels.dispatch.attend` with the quantized tokens read by the Triton kernel:
     (B, 1, H_q, D) in ``query``'s dtype."""
     ok, why = available()
     if not ok:

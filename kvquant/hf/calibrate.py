@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.attention import GradObserver, Observer, Rope
+from kvquant.hf.attention import GradObserver, Observer, Rope
 from kvquant.codebooks import CodebookConfig, Codebooks
-from kvquant.density import RHO_CRITICAL
-from kvquant.distributed import is_main, reduce_statistics, shard
-from kvquant.fingerprint import ModelFingerprint
-from kvquant.groupnorm import GroupHistogram
-from kvquant.placement import input_device
-from kvquant.stats import PairStats
-from kvquant.wrap import UnsupportedModelError, controller, wrapped
+from kvquant.core.density import RHO_CRITICAL
+from kvquant.hf.distributed import is_main, reduce_statistics, shard
+from kvquant.io.fingerprint import ModelFingerprint
+from kvquant.core.groupnorm import GroupHistogram
+from kvquant.hf.placement import input_device
+from kvquant.core.stats import PairStats
+from kvquant.hf.wrap import UnsupportedModelError, controller, wrapped
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
     for, keyed by ``(group, sink, outliers, scale_bits)`` (0.0 and 16 where not given); q and k in
     the ``rope`` frame.
     ``fisher``: the histograms also get Fisher weights (a backward pass per batch), which bit
-    allocation (``CodebookConfig.budget``) needs. In a process group (:mod:`kvquant.distributed`)
+    allocation (``CodebookConfig.budget``) needs. In a process group (:mod:`kvquant.hf.distributed`)
     each process passes its own windows and gets the statistics of all of them."""
     fp = ModelFingerprint.from_model(model)
     stats = PairStats.zeros(fp.num_layers, fp.num_heads, fp.head_dim)
@@ -137,7 +137,7 @@ def capture(model: torch.nn.Module, windows, group_sinks: list[tuple] = (), batc
 def calibrate(model: torch.nn.Module, windows, config: CalibrationConfig | None = None, *,
               source: str = "", progress: bool = True) -> Codebooks:
     """Capture pair statistics on ``windows`` and build :class:`Codebooks` from them. In a process
-    group (``accelerate launch``, :mod:`kvquant.distributed`) every process passes the same windows,
+    group (``accelerate launch``, :mod:`kvquant.hf.distributed`) every process passes the same windows,
     captures its share (rows rank, rank + N, …) and gets the same codebooks, built from the sums
     over all processes."""
     config = config or CalibrationConfig()

@@ -1,6 +1,6 @@
 /* One decoding step of attention read straight from a KVQuantCache layer's codes, on the CPU.
  *
- * Built and loaded by kvquant/cpu_kernels.py (the layout and the math are documented there).
+ * Built and loaded by kvquant/kernels/cpu.py (the layout and the math are documented there).
  * kvq_decode_step runs, per (batch row, KV head) — in parallel with OpenMP when the compiler
  * has it — scores of the R query rows against the quantized keys (codes unpacked 8 at a time,
  * centers looked up with AVX2 permutes where the target has them, rotation and dot products

@@ -1,7 +1,7 @@
 """Wrap a Hugging Face causal LM so that its attention runs through kvquant, and unwrap it.
 
 ``wrap`` selects the ``"kvquant"`` attention implementation (registered with
-``transformers.AttentionInterface``) and attaches one :class:`~kvquant.attention.Controller`
+``transformers.AttentionInterface``) and attaches one :class:`~kvquant.hf.attention.Controller`
 to every attention module; no modeling code is patched. ``unwrap`` restores the previous
 implementation exactly.
 """
@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from kvquant.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
+from kvquant.hf.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
 from kvquant.codebooks import Codebooks
-from kvquant.fingerprint import SUPPORTED, UnsupportedModelError
+from kvquant.io.fingerprint import SUPPORTED, UnsupportedModelError
 
 _ORIGINAL = "_kvquant_original_attn"
 
@@ -44,9 +44,9 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
     """Route ``model``'s attention through kvquant; returns the same model object.
 
     ``codebooks``: a :class:`Codebooks` (checked against the model: layers, heads, head_dim,
-    architecture), any quantizer ``f(x, layer, side)`` such as a :class:`~kvquant.baselines.Baseline`
+    architecture), any quantizer ``f(x, layer, side)`` such as a :class:`~kvquant.evaluation.baselines.Baseline`
     (its attribute ``rope``, ``"post"`` if absent, says whether it quantizes post- or pre-RoPE
-    entries; see :mod:`kvquant.attention`), or None (mode ``off``: logits identical to the
+    entries; see :mod:`kvquant.hf.attention`), or None (mode ``off``: logits identical to the
     ``sdpa`` implementation). With a quantizer the mode is ``quantize``. Wrapping a wrapped model replaces its quantizer.
     """
     if isinstance(codebooks, Codebooks):

@@ -17,7 +17,13 @@ pre-RoPE ones (:func:`pullback`; cos and sin are the same on both halves of a pa
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+#: The frame in which queries and keys are quantized: after the rotary embedding (``post``) or
+#: before it (``pre``: the rotation undone, the entries quantized, rotated back).
+Rope = Literal["post", "pre"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Launched with ``accelerate launch [--num_processes N] -m kvquant calibrate …`` (or ``torchrun``):
 ``accelerate.PartialState`` sets up ``torch.distributed`` (gloo on the CPU, NCCL on GPUs). Every
-statistic calibration keeps is a sum over windows — the pair sums of :class:`~kvquant.stats.PairStats`,
-the histograms and Fisher weights of :class:`~kvquant.groupnorm.GroupHistogram` — except the
+statistic calibration keeps is a sum over windows — the pair sums of :class:`~kvquant.core.stats.PairStats`,
+the histograms and Fisher weights of :class:`~kvquant.core.groupnorm.GroupHistogram` — except the
 running absolute maxima, so process r captures windows r, r+N, r+2N, … and an ``all_reduce``
 (SUM, MAX for the maxima) gives every process the statistics of all windows; each then builds the
 same codebooks and only the main process writes the file. Without a process group (one process)
@@ -18,8 +18,8 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from kvquant.groupnorm import GroupHistogram
-from kvquant.stats import PairStats
+from kvquant.core.groupnorm import GroupHistogram
+from kvquant.core.stats import PairStats
 
 #: Statistics reduced with MAX instead of SUM.
 _MAXIMA = {"absmax_q", "absmax_k"}

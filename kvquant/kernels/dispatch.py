@@ -2,7 +2,7 @@
 
 For a single new query token per row, ``softmax(q·Kᵀ·scaling + mask)·V`` over the layer's held
 tokens ``[quantized | exact residual]`` (the exact sinks laid over their code slots), in one call
-of :func:`kvquant.cpu_kernels.decode_step`: the quantized keys' scores from the group records
+of :func:`kvquant.kernels.cpu.decode_step`: the quantized keys' scores from the group records
 (pre-RoPE keys rotated at their positions as ``R(p₀)·R(δ)``, :class:`RotationPlan`), the exact
 tokens', the mask, the softmax, and the values from their codes — no key or value is written out
 in full precision.
@@ -11,7 +11,7 @@ The reference is the dequantize-then-SDPA path (the layer's ``_materialize`` and
 SDPA): same codes, outputs equal within float rounding (tests/test_code_attention.py).
 
 :func:`step_kernel` is the one place that chooses which kernel reads a step: this C one on the
-CPU, :func:`kvquant.triton_decode.decode_step` on a GPU (the same arguments and result).
+CPU, :func:`kvquant.kernels.triton_decode.decode_step` on a GPU (the same arguments and result).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvquant import cpu_kernels
+from kvquant.kernels import cpu as cpu_kernels
 
 __all__ = ["DECODE_KERNELS", "RotationPlan", "attend", "step_kernel"]
 
@@ -35,7 +35,7 @@ StepKernel = Callable[..., torch.Tensor]  # (layer, query, attention_mask, scali
 
 def step_kernel(kernel: str, device: torch.device, group: int) -> tuple[StepKernel | None, str]:
     """``(function, "")`` computing a decoding step from the codes of layers on ``device`` with
-    key groups of ``group`` tokens — :func:`attend` or :func:`kvquant.triton_decode.decode_step` —
+    key groups of ``group`` tokens — :func:`attend` or :func:`kvquant.kernels.triton_decode.decode_step` —
     or ``(None, why)`` where the chosen kernel cannot run (the cache then dequantizes)."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {kernel!r}")
@@ -47,7 +47,7 @@ def step_kernel(kernel: str, device: torch.device, group: int) -> tuple[StepKern
             return None, f"the C decode kernel runs on the CPU; the cache is on {device}"
         ok, why = cpu_kernels.available()
         return (attend, "") if ok else (None, why)
-    from kvquant import triton_decode
+    from kvquant.kernels import triton_decode
 
     ok, why = triton_decode.available()
     if not ok:

@@ -11,11 +11,11 @@ same call, so nothing of size (tokens × head_dim) is written and no torch op ru
 Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quantized values):
 
 * keys: per batch row and group of G tokens one record of ``group_bytes`` bytes
-  (:class:`kvquant.packing.ChannelPacking`; :meth:`~kvquant.packing.ChannelPacking.channel_offsets`
+  (:class:`kvquant.core.packing.ChannelPacking`; :meth:`~kvquant.core.packing.ChannelPacking.channel_offsets`
   gives each (head, channel)'s byte offset in it), group ``(mid, half)`` per channel as stored
-  (8-bit codes decoded with :func:`kvquant.groupnorm.load_scales`'s own table, or fp16 given as
+  (8-bit codes decoded with :func:`kvquant.core.groupnorm.load_scales`'s own table, or fp16 given as
   float32), centers per channel ``(H, D, K)``. ``k̂ = centers[code]·half + mid`` — the cache's
-  arithmetic (:func:`kvquant.quantizer.decode_groups`).
+  arithmetic (:func:`kvquant.core.quantizer.decode_groups`).
 * rotation (pre-RoPE keys): a key at position ``p = p₀ + δ`` (``p₀`` its group's base position)
   is rotated by ``R(p) = R(p₀)·R(δ)``: the query is rotated back by ``R(p₀)`` once per group and
   the keys by ``R(δ)`` from ``(r/2, Δ)`` tables of the model's own ``a·cos(θδ)``, ``a·sin(θδ)``
@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvquant.fileio import atomic_path
-from kvquant.groupnorm import load_scales
+from kvquant.io.fileio import atomic_path
+from kvquant.core.groupnorm import load_scales
 
 __all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
@@ -56,7 +56,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
 _ABI = 2
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
-#: codes of 5 levels): :func:`kvquant.packing.pack_levels`'s layout, as lookup tables.
+#: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
 DIGITS3 = torch.from_numpy(np.array([[(w // 3**i) % 3 for i in range(5)] for w in range(256)], dtype=np.uint8))
 DIGITS5 = torch.from_numpy(np.array([[(w // 5**i) % 5 for i in range(3)] for w in range(128)], dtype=np.uint8))
 #: The half-range of each 8-bit exponent code e at index e + 128 (load_scales' own values).
@@ -96,7 +96,7 @@ def _compiles(cc: str, flags: list[str], folder: Path) -> bool:
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    from kvquant.assets import cache_dir
+    from kvquant.io.assets import cache_dir
 
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:

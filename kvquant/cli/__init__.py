@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kvquant.fileio import probe_write
+from kvquant.io.fileio import probe_write
 
 DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "model": "smollm2-135m",
@@ -42,7 +42,7 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "budget_sides": "k",
     "bits_v": 4,
     "scale_bits": 8,
-    "dtype": "auto",  # the dtype the model ships in (kvquant.assets.shipped_dtype)
+    "dtype": "auto",  # the dtype the model ships in (kvquant.io.assets.shipped_dtype)
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax@4,uniform@4,lambda@4,lambda-lloyd@4",
 }
@@ -189,7 +189,7 @@ def check_writable(option: str, path: str | os.PathLike, folder: bool = False) -
 def _placement(args) -> dict:
     """``from_pretrained`` placement options of ``--device-map`` (with ``--max-memory`` and
     ``--offload-folder``): accelerate's big-model inference; {} without it."""
-    from kvquant.placement import parse_max_memory
+    from kvquant.hf.placement import parse_max_memory
 
     device_map = getattr(args, "device_map", None)
     if not device_map:
@@ -208,7 +208,7 @@ def _placement(args) -> dict:
 def _load(args):
     """The model and tokenizer of ``--model`` in ``--dtype`` (``auto``: the dtype it ships in);
     ``args.dtype`` becomes the dtype loaded, for the tables."""
-    from kvquant.assets import load_model
+    from kvquant.io.assets import load_model
 
     placement = _placement(args)
     model, tok = load_model(args.model, dtype="auto" if args.dtype == "auto" else DTYPES[args.dtype], **placement)
@@ -217,7 +217,7 @@ def _load(args):
 
 
 def cmd_assets(args) -> None:
-    from kvquant import assets
+    from kvquant.io import assets
 
     if args.list:
         if args.force or args.names:
@@ -284,10 +284,10 @@ def calibration_config(options: dict, head_dim: int, seqlen: int, defaulted: set
 
 
 def cmd_calibrate(args) -> None:
-    from kvquant import distributed
-    from kvquant.calibrate import CalibrationConfig, calibrate, summary
-    from kvquant.data import load_text, make_windows
-    from kvquant.fingerprint import ModelFingerprint
+    from kvquant.hf import distributed
+    from kvquant.hf.calibrate import CalibrationConfig, calibrate, summary
+    from kvquant.io.data import load_text, make_windows
+    from kvquant.io.fingerprint import ModelFingerprint
 
     _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
                     "outliers", "rope", "budget", "effective_bits", "budget_sides", "bits_v", "scale_bits", "dtype",
@@ -358,11 +358,11 @@ def as_options(message: str) -> str:
 
 
 def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool) -> dict:
-    """The rows of ``--baselines`` (:func:`kvquant.perplexity.make_rows`): fp first if not given (the
+    """The rows of ``--baselines`` (:func:`kvquant.evaluation.perplexity.make_rows`): fp first if not given (the
     reference of Δ, KL divergence, top-1 and passkey judgement), the codebook file's own method
     appended when ``own``, codebook rows dropped when there is no file — each such change printed
     as a note once every row is known to be valid."""
-    from kvquant.perplexity import CodebooksRequired, make_rows
+    from kvquant.evaluation.perplexity import CodebooksRequired, make_rows
 
     names = [n.strip() for n in baselines.split(",") if n.strip()]
     if not names:
@@ -412,7 +412,7 @@ def _check_rows_quantize(rows: dict, seqlen: int) -> None:
     (a key group, or transformers' 128 exact recent tokens, not smaller than the window) — they
     would equal fp and say nothing."""
     from kvquant.codebooks import Codebooks
-    from kvquant.library_cache import LIBRARY_RESIDUAL, LibraryCache
+    from kvquant.evaluation.library_cache import LIBRARY_RESIDUAL, LibraryCache
 
     exact = {name: row.k.group if isinstance(row, Codebooks) else LIBRARY_RESIDUAL
              for name, row in rows.items() if isinstance(row, (Codebooks, LibraryCache))}
@@ -427,7 +427,7 @@ def _keys_only_own_row(rows: dict, books) -> dict:
     """Simulated mode, a keys-only file (``budget_sides`` k: its bits were allocated over the keys of
     a KV cache, its queries left unallocated): the file's own row quantizes the keys only, queries
     exact, and says so in its name."""
-    from kvquant.diagnostics import KeysOnly
+    from kvquant.evaluation.diagnostics import KeysOnly
 
     return {(f"{n} (keys only, exact queries)" if r is books else n): (KeysOnly(books) if r is books else r)
             for n, r in rows.items()}
@@ -435,10 +435,10 @@ def _keys_only_own_row(rows: dict, books) -> dict:
 
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
-    from kvquant.data import calibration_overlap, load_text, make_windows
-    from kvquant.fileio import write_text
-    from kvquant.generation import cache_factories, evaluate_generation
-    from kvquant.perplexity import evaluate, format_table
+    from kvquant.io.data import calibration_overlap, load_text, make_windows
+    from kvquant.io.fileio import write_text
+    from kvquant.evaluation.generation import cache_factories, evaluate_generation
+    from kvquant.evaluation.perplexity import evaluate, format_table
 
     _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
@@ -510,10 +510,10 @@ def _numbers(option: str, text: str, kind=float) -> list:
 
 def cmd_eval_passkey(args) -> None:
     from kvquant.codebooks import Codebooks
-    from kvquant.data import needs_bos
-    from kvquant.fileio import atomic_paths
-    from kvquant.generation import cache_factories
-    from kvquant.passkey import ANSWER_TOKENS, format_passkey, passkey_prompt, plot_heatmap, run_passkey
+    from kvquant.io.data import needs_bos
+    from kvquant.io.fileio import atomic_paths
+    from kvquant.evaluation.generation import cache_factories
+    from kvquant.evaluation.passkey import ANSWER_TOKENS, format_passkey, passkey_prompt, plot_heatmap, run_passkey
 
     _resolve(args, ["model", "dtype", "device"])
     lengths = _numbers("--lengths", args.lengths, int) if args.lengths is not None else None
@@ -573,8 +573,8 @@ def cmd_eval_passkey(args) -> None:
 def cmd_generate(args) -> None:
     from kvquant.cache import make_cache
     from kvquant.codebooks import Codebooks
-    from kvquant.compat import cache_kwargs
-    from kvquant.generation import kv_bits
+    from kvquant.hf.compat import cache_kwargs
+    from kvquant.evaluation.generation import kv_bits
 
     _resolve(args, ["model", "dtype", "device"])
     if args.max_new_tokens < 1:
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success; 2 with one line ``kvquant CMD: error: …`` on stderr for a bad
     input or a fault (the traceback too with ``-v``); 130 on Ctrl-C. SIGTERM/SIGHUP exit through
     ``SystemExit`` (status 128 + signal) so that every temp file is removed on the way."""
-    from kvquant.fileio import signals_raise
+    from kvquant.io.fileio import signals_raise
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
