@@ -10,7 +10,8 @@ from conftest import make_model, random_ids
 from test_cache import calibrated, stepwise_logits
 
 from kvquant.kernels import cpu as cpu_kernels
-from kvquant.cache import CacheOptions, KVQuantLayer, LayerTables, _QuantKV, make_cache
+from kvquant.cache import CacheOptions, KVQuantLayer, LayerTables, make_cache
+from kvquant.cache.layers import _QuantKV
 from kvquant.kernels.dispatch import attend
 from kvquant.hf.compat import cache_kwargs
 from kvquant.core.packing import LEVEL_PACKING
