@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from test_stats import SUMS, brute_force
 
 import kvquant
-from kvquant import codebooks as codebooks_module
+from kvquant.codebooks import books as codebooks_module
 from kvquant.hf.calibrate import CalibrationConfig, calibrate, capture_stats, summary
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.io.fingerprint import ModelFingerprint

@@ -437,7 +437,7 @@ _WRITER = textwrap.dedent("""
 
 _SAVER = textwrap.dedent("""
     import sys, time
-    import kvquant.codebooks as cbm
+    import kvquant.codebooks.books as cbm
     real = cbm.save_file
     def slow_save(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)

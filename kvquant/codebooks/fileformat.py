@@ -1,0 +1,69 @@
+"""The codebook file: a safetensors file whose metadata records the format, the configuration,
+the calibration and the model fingerprint; :func:`file_problem` checks a loaded file's tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import torch
+
+from kvquant.codebooks.config import CodebookConfig
+from kvquant.core import scalar as cb
+from kvquant.core.stats import PairStats
+from kvquant.io.fingerprint import ModelFingerprint
+
+#: What a codebook file's calibration record must hold: the text, window count and length it was
+#: calibrated on (held-out checks and METHOD@B budgets read them; token ranges are optional).
+CALIBRATION_RECORD = ("source", "windows", "seqlen")
+
+
+def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFingerprint) -> str | None:
+    """The first thing wrong with the tensors ``t`` of a codebook file for its own ``config`` and
+    ``fp`` (model geometry), or None. Per side (``q``: H = heads, ``k``: H = KV heads; L layers,
+    D = head_dim): ``centers`` float32 (L, H, K) or (L, H, D, K), K a power of two ≤ 2^8, finite and
+    non-decreasing; ``boundaries`` float32, K−1 in the last axis, non-decreasing, no NaN (+inf pads
+    a channel's unused levels); ``offset``/``scale`` float32 (L, H, D), finite, scale > 0;
+    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K. ``stats.*``: (L, H, D) floats."""
+    L, D = fp.num_layers, fp.head_dim
+    for side, H in (("q", fp.num_heads), ("k", fp.num_kv_heads)):
+        for name in ("centers", "boundaries", "offset", "scale"):
+            if f"{side}.{name}" not in t:
+                return f"tensor {side}.{name} is missing"
+        c, b, off, sc = (t[f"{side}.{n}"] for n in ("centers", "boundaries", "offset", "scale"))
+        for name, x in (("centers", c), ("boundaries", b), ("offset", off), ("scale", sc)):
+            if x.dtype != torch.float32:
+                return f"{side}.{name} is {str(x.dtype).removeprefix('torch.')}, not float32"
+        K = c.shape[-1]
+        if c.shape[:3] != (L, H, c.shape[2]) or c.ndim not in (3, 4) or (c.ndim == 4 and c.shape[2] != D):
+            return f"{side}.centers has shape {tuple(c.shape)}, expected ({L}, {H}[, {D}], K) for this model"
+        if K < 2 or K & (K - 1) or K > 2**cb.MAX_BITS:
+            return f"{side}.centers has {K} levels, not a power of two in 2..{2**cb.MAX_BITS}"
+        if tuple(b.shape) != (*c.shape[:-1], K - 1):
+            return f"{side}.boundaries has shape {tuple(b.shape)}, expected {(*c.shape[:-1], K - 1)}"
+        for name, x in (("offset", off), ("scale", sc)):
+            if tuple(x.shape) != (L, H, D):
+                return f"{side}.{name} has shape {tuple(x.shape)}, expected {(L, H, D)}"
+            if not torch.isfinite(x).all():
+                return f"{side}.{name} holds NaN/inf"
+        if not (sc > 0).all():
+            return f"{side}.scale holds values <= 0"
+        if not torch.isfinite(c).all() or (c.diff(dim=-1) < 0).any():
+            return f"{side}.centers are not finite and sorted"
+        if b.isnan().any() or (b == -math.inf).any() or (b.diff(dim=-1) < 0).any():
+            return f"{side}.boundaries are not sorted (or hold NaN / -inf)"
+        levels = t.get(f"{side}.channel_levels")
+        if levels is not None:
+            if levels.dtype != torch.int16 or tuple(levels.shape) != (L, H, D):
+                return (f"{side}.channel_levels is {str(levels.dtype).removeprefix('torch.')} {tuple(levels.shape)}, "
+                        f"expected int16 {(L, H, D)}")
+            if (levels < 2).any() or (levels > K).any():
+                return f"{side}.channel_levels outside 2..{K}"
+        elif c.ndim == 4:
+            return f"{side}.channel_levels is missing (the centers are per channel)"
+    for k in (f"stats.{f.name}" for f in fields(PairStats)):
+        if k not in t:
+            return f"tensor {k} (calibration statistics) is missing"
+        if not t[k].is_floating_point() or tuple(t[k].shape) != (L, fp.num_heads, D):
+            return f"{k} is {str(t[k].dtype).removeprefix('torch.')} {tuple(t[k].shape)}, expected floats {(L, fp.num_heads, D)}"
+    return None
