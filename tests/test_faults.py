@@ -450,13 +450,14 @@ _SAVER = textwrap.dedent("""
 _CLI = textwrap.dedent("""
     import sys, time
     from kvquant import cli
+    from kvquant.cli import parser
     from kvquant.io.fileio import atomic_path
     def slow(args):
         with atomic_path(sys.argv[1]) as tmp:
             tmp.write_text("half-written")
             print("writing", flush=True)
             time.sleep(60)
-    cli.cmd_assets = slow  # build_parser binds it when main runs
+    parser.cmd_assets = slow  # build_parser binds it when main runs
     sys.exit(cli.main(["assets"]))
 """)
 

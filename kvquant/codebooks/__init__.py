@@ -18,9 +18,9 @@ pooled ``ρ_eff² = Σ σ_Q,g² ρ_g² / Σ σ_Q,g²`` (docs/theory.md §4, GQA)
 
 from kvquant.codebooks.allocation import allocate_levels
 from kvquant.codebooks.books import Codebooks
-from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, NORMS, CodebookConfig, Norm
+from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, NORMS, CodebookConfig, ConfigError, Norm
 from kvquant.codebooks.fileformat import CALIBRATION_RECORD, file_problem
 from kvquant.codebooks.sides import SideBooks
 
-__all__ = ["CALIBRATION_RECORD", "FORMAT", "FORMAT_VERSION", "NORMS", "CodebookConfig", "Codebooks", "Norm", "SideBooks",
+__all__ = ["CALIBRATION_RECORD", "FORMAT", "FORMAT_VERSION", "NORMS", "CodebookConfig", "Codebooks", "ConfigError", "Norm", "SideBooks",
            "allocate_levels", "file_problem"]

@@ -4,15 +4,12 @@ rotary frame, allocation budget) and the bits per entry it costs, scales and exa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 from kvquant.core import scalar as cb
-from kvquant.core.groupnorm import (
-    SCALE_BITS,
-    complete_tokens,
-    outlier_count,
-)
+from kvquant.core.groupnorm import SCALE_BITS, complete_tokens, outlier_count
 from kvquant.core.rope import Rope
 
 #: The codebook file format this code writes and reads (a file of another version is refused).
@@ -20,6 +17,22 @@ FORMAT = "kvquant-codebooks"
 FORMAT_VERSION = 1
 Norm = Literal["head", "channel", "channel-token", "channel-group"]
 NORMS = ("head", "channel", "channel-token", "channel-group")
+
+
+class ConfigError(ValueError):
+    """A configuration refused. Its message names the fields it is about as `` `field` `` (the
+    dataclass's own names, the one source of them): ``str(e)`` shows them plain, :meth:`naming`
+    with the names a front end gives them (the CLI: ``--scale-bits`` for ``scale_bits``)."""
+
+    _FIELD = re.compile(r"`(\w+)`")
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.naming(lambda field: field))
+
+    def naming(self, name: Callable[[str], str]) -> str:
+        """The message with every marked field ``f`` written as ``name(f)``."""
+        return self._FIELD.sub(lambda m: name(m[1]), self.template)
 
 
 @dataclass(frozen=True)
@@ -48,47 +61,52 @@ class CodebookConfig:
 
     def __post_init__(self) -> None:
         if self.method not in cb.METHODS:
-            raise ValueError(f"method must be one of {', '.join(cb.METHODS)}; got {self.method!r}")
+            raise ConfigError(f"`method` must be one of {', '.join(cb.METHODS)}; got {self.method!r}")
         for name in ("bits_q", "bits_k"):
             try:
                 cb.levels_for_bits(getattr(self, name))
             except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+                raise ConfigError(f"`{name}`: {e}") from None
         if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
+            raise ConfigError(f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}")
         if self.group < 2:
-            raise ValueError(f"group (tokens per dynamic channel scale) must be >= 2, got {self.group}")
+            raise ConfigError(f"`group` (tokens per dynamic channel scale) must be >= 2, got {self.group}")
         if self.sink < 0:
-            raise ValueError(f"sink (first tokens kept exact) must be >= 0, got {self.sink}")
+            raise ConfigError(f"`sink` (first tokens kept exact) must be >= 0, got {self.sink}")
         if self.norm == "channel-group" and self.sink >= self.group:
-            raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}) with norm 'channel-group': "
-                             "the exact sink tokens are kept inside the first group")
+            raise ConfigError(f"`sink` ({self.sink}) must be smaller than `group` ({self.group}) with `norm` "
+                              "'channel-group': the exact sink tokens are kept inside the first group")
         if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
-            raise ValueError(
-                f"outliers (fraction of entries per head and group kept exact) must be in [0, 0.5), got {self.outliers!r}"
+            raise ConfigError(
+                f"`outliers` (fraction of entries per head and group kept exact) must be in [0, 0.5), got {self.outliers!r}"
             )
         if self.rope not in ("post", "pre"):
-            raise ValueError(f"rope must be 'post' or 'pre' (quantize after or before the rotary embedding); got {self.rope!r}")
+            raise ConfigError(f"`rope` must be 'post' or 'pre' (quantize after or before the rotary embedding); "
+                              f"got {self.rope!r}")
         if self.budget and not (isinstance(self.budget, (int, float)) and cb.MIN_BITS <= self.budget <= max(self.bits_q, self.bits_k)):
-            raise ValueError(
-                f"budget (average bits per entry) must be in [{cb.MIN_BITS}, max(bits_q, bits_k) = "
-                f"{max(self.bits_q, self.bits_k)}] — bits_q/bits_k are the most one head may get; got {self.budget!r}"
+            raise ConfigError(
+                f"`budget` (average bits per entry) must be in [{cb.MIN_BITS}, max(`bits_q`, `bits_k`) = "
+                f"{max(self.bits_q, self.bits_k)}] — `bits_q`/`bits_k` are the most one head may get; got {self.budget!r}"
             )
         if self.budget and self.norm != "channel-group":
-            raise ValueError(
-                f"budget (bit allocation) needs norm 'channel-group' (its error curves come from the calibration "
-                f"histograms); got norm {self.norm!r}"
+            raise ConfigError(
+                f"`budget` (bit allocation) needs `norm` 'channel-group' (its error curves come from the calibration "
+                f"histograms); got `norm` {self.norm!r}"
             )
         if not (isinstance(self.bits_v, int) and 0 <= self.bits_v <= cb.MAX_BITS):
-            raise ValueError(f"bits_v (bits of the cached values; 0 = the keys' mean) must be 0–{cb.MAX_BITS}, got {self.bits_v!r}")
+            raise ConfigError(f"`bits_v` (bits of the cached values; 0 = the keys' mean) must be 0–{cb.MAX_BITS}, "
+                              f"got {self.bits_v!r}")
         if self.budget_sides not in ("qk", "k"):
-            raise ValueError(f"budget_sides must be 'qk' (queries and keys) or 'k' (keys only); got {self.budget_sides!r}")
+            raise ConfigError(f"`budget_sides` must be 'qk' (queries and keys) or 'k' (keys only); got {self.budget_sides!r}")
         if self.scale_bits not in SCALE_BITS:
-            raise ValueError(f"scale_bits (bits per stored group mid/half) must be one of {SCALE_BITS}, got {self.scale_bits!r}")
+            raise ConfigError(f"`scale_bits` (bits per stored group mid/half) must be one of {SCALE_BITS}, "
+                              f"got {self.scale_bits!r}")
         if self.scale_bits != 16 and self.norm != "channel-group":
-            raise ValueError(f"scale_bits {self.scale_bits} needs norm 'channel-group' (static scales are per model); got {self.norm!r}")
+            raise ConfigError(f"`scale_bits` {self.scale_bits} needs `norm` 'channel-group' (static scales are per "
+                              f"model); got {self.norm!r}")
         if self.outliers and self.norm != "channel-group":
-            raise ValueError(f"outliers > 0 needs norm 'channel-group' (they are found per group); got norm {self.norm!r}")
+            raise ConfigError(f"`outliers` > 0 needs `norm` 'channel-group' (they are found per group); got `norm` "
+                              f"{self.norm!r}")
 
     @property
     def dynamic(self) -> bool:
@@ -133,8 +151,8 @@ class CodebookConfig:
         """Inverse of :meth:`effective_bits`: the code ``budget`` that makes ``effective_bits``."""
         at0, at1 = self.effective_bits(0.0, head_dim, seqlen), self.effective_bits(1.0, head_dim, seqlen)
         if at1 == at0:
-            raise ValueError(f"at seqlen {seqlen} no group of {self.group} tokens is complete, so every entry is held "
-                             "exact and no code budget sets the effective bits: use a seqlen of at least the group")
+            raise ConfigError(f"at `seqlen` {seqlen} no group of {self.group} tokens is complete, so every entry is "
+                              "held exact and no code budget sets the effective bits: use a `seqlen` of at least the `group`")
         return (effective_bits - at0) / (at1 - at0)
 
     def at_effective_bits(self, effective_bits: float, head_dim: int, seqlen: int | None = None,
@@ -148,6 +166,6 @@ class CodebookConfig:
         bits_q, bits_k = caps or (cap, cap)
         try:
             return replace(self, budget=budget, bits_q=bits_q, bits_k=bits_k)
-        except ValueError as e:
-            raise ValueError(f"{effective_bits:g} effective bits leave {budget:.3f} code bits per entry after scales "
-                             f"and sinks: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{effective_bits:g} effective bits leave {budget:.3f} code bits per entry after scales "
+                              f"and sinks: {e.template}") from None
