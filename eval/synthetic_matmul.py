@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvquant.core import density as dens
+from kvquant.core import pair_codebooks as pcb
 from kvquant.core import scalar as cb
 from kvquant.io.fileio import replace_section, write_text
 
@@ -63,9 +64,9 @@ def run(rhos, bits_list, draws: int, seed: int = 0) -> list[dict]:
     grid = [(r, b, m) for r in rhos for b in bits_list for m in cb.METHODS]
     for rho, bits, method in tqdm(grid, desc="synthetic", unit="codebook"):
         t0 = time.perf_counter()
-        bx, by = cb.gaussian_pair_codebooks(method, bits, bits, rho)
+        bx, by = pcb.gaussian_pair_codebooks(method, bits, bits, rho)
         build_s = time.perf_counter() - t0
-        model = cb.GaussianPair(rho)
+        model = pcb.GaussianPair(rho)
         pair = model.pair_error(bx, by, points=max(20_001, 128 * bx.levels + 1))
         rng = np.random.default_rng(seed)  # same draws for every method
         rows.append(

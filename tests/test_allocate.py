@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import tiny_books
 
+from kvquant.codebooks import CodebookConfig, Codebooks
+from kvquant.core import pair_codebooks as pcb
 from kvquant.core import scalar as cb
 from kvquant.core.allocate import water_fill
-from kvquant.codebooks import CodebookConfig, Codebooks
 
 
 def test_high_rate_curves_get_the_reverse_water_filling_bits():
@@ -107,7 +108,7 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
         side, count, weight = getattr(books, name), getattr(hist, f"count_{name}"), getattr(hist, f"weight_{name}")
         for layer, h, c in itertools.product(*(range(n) for n in side.channel_levels.shape)):
             n = int(side.channel_levels[layer, h, c])
-            want = cb.histogram_codebook("lambda-lloyd", n, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
+            want = pcb.histogram_codebook("lambda-lloyd", n, nodes, count[layer, h].numpy(), weight[layer, h].numpy())
             torch.testing.assert_close(side.centers[layer, h, c, :n], torch.from_numpy(want.centers).float())
     x = torch.randn(1, 4, 200, 8) * 3
     for side, xs in (("q", x), ("k", x[:, :2])):
@@ -135,7 +136,7 @@ def test_allocated_codebooks_spend_the_budget_and_beat_equal_bits(tmp_path):
                         n = int(sb.channel_levels[layer, h, c])
                         cen, bnd = sb.centers[layer, h, c, :n], sb.boundaries[layer, h, c, : n - 1]
                     book = cb.Codebook(cen.double().numpy(), bnd.double().numpy())
-                    eps = cb.histogram_distortion(book, nodes, weight[layer, h].numpy()) / float(weight[layer, h].sum())
+                    eps = pcb.histogram_distortion(book, nodes, weight[layer, h].numpy()) / float(weight[layer, h].sum())
                     total += float(chan[layer, h, c]) * eps
         return total
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_books
 
-from kvquant.core import scalar as cb
-from kvquant.evaluation.baselines import int_per_channel
 from kvquant.codebooks import CodebookConfig, Codebooks, SideBooks
+from kvquant.core import pair_codebooks as pcb
+from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import (
     GroupHistogram,
     group_minmax,
@@ -17,6 +17,7 @@ from kvquant.core.groupnorm import (
     group_restore,
     hist_index,
 )
+from kvquant.evaluation.baselines import int_per_channel
 
 
 def test_group_minmax_round_trip_and_range():
@@ -129,21 +130,21 @@ def test_histogram_codebooks_order_by_their_objectives():
     count[[0, -1]] += 3.0  # the group's min and max are atoms at ±1
     weight = count * (0.5 + nodes**2)
     err = lambda book, w: float(np.sum(w * (nodes - book(nodes)) ** 2))  # noqa: E731
-    books = {m: cb.histogram_codebook(m, 8, nodes, count, weight) for m in cb.METHODS}
+    books = {m: pcb.histogram_codebook(m, 8, nodes, count, weight) for m in cb.METHODS}
     assert err(books["lambda-lloyd"], weight) <= err(books["lambda"], weight)
     assert err(books["lambda-lloyd"], weight) < err(books["uniform"], weight)
     assert err(books["lloydmax"], count) < err(books["uniform"], count)
     np.testing.assert_allclose(books["uniform"].centers, np.linspace(-1, 1, 8))
     with pytest.raises(ValueError, match="empty"):
-        cb.histogram_codebook("lambda", 8, nodes, count * 0, weight * 0)
+        pcb.histogram_codebook("lambda", 8, nodes, count * 0, weight * 0)
     # any level count (bit allocation gives channels 3 or 5 levels)
-    three = {m: cb.histogram_codebook(m, 3, nodes, count, weight) for m in cb.METHODS}
+    three = {m: pcb.histogram_codebook(m, 3, nodes, count, weight) for m in cb.METHODS}
     np.testing.assert_allclose(three["uniform"].centers, [-1, 0, 1])
     assert all(b.levels == 3 for b in three.values())
     assert err(three["lambda-lloyd"], weight) < err(three["uniform"], weight)
     for bad in (1, 257, 2.5):
         with pytest.raises(ValueError, match="levels"):
-            cb.histogram_codebook("lambda", bad, nodes, count, weight)
+            pcb.histogram_codebook("lambda", bad, nodes, count, weight)
 
 
 def test_channel_group_codebooks_file_round_trip_and_bits(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvquant.core import density as d
+from kvquant.core import pair_codebooks as pcb
 from kvquant.core import scalar as cb
 
 # Max (1960) / Lloyd: minimum MSE of a K-level quantizer of N(0, 1).
@@ -70,14 +71,14 @@ def test_bits_validation_names_bits(bits) -> None:
     with pytest.raises(ValueError, match="bits"):
         cb.levels_for_bits(bits)
     with pytest.raises(ValueError, match="bits"):
-        cb.gaussian_pair_codebooks("lambda", bits, 4, rho=0.5)
+        pcb.gaussian_pair_codebooks("lambda", bits, 4, rho=0.5)
     with pytest.raises(ValueError, match="bits"):
-        cb.gaussian_pair_codebooks("lambda", 4, bits, rho=0.5)
+        pcb.gaussian_pair_codebooks("lambda", 4, bits, rho=0.5)
     with pytest.raises(ValueError, match="bits"):
-        cb.gaussian_centers("lloydmax", bits)
+        pcb.gaussian_centers("lloydmax", bits)
     x, y = _gauss_pairs(256, 0.5, seed=0)
     with pytest.raises(ValueError, match="bits"):
-        cb.sample_pair_codebooks("lambda", bits, 3, x, y)
+        pcb.sample_pair_codebooks("lambda", bits, 3, x, y)
 
 
 def test_levels_for_bits() -> None:
@@ -87,13 +88,13 @@ def test_levels_for_bits() -> None:
 
 def test_unknown_method_lists_methods() -> None:
     with pytest.raises(ValueError) as info:
-        cb.gaussian_pair_codebooks("kmeans", 4, 4, rho=0.5)
+        pcb.gaussian_pair_codebooks("kmeans", 4, 4, rho=0.5)
     for method in cb.METHODS:
         assert method in str(info.value)
     assert "kmeans" in str(info.value)
     x, y = _gauss_pairs(256, 0.5, seed=0)
     with pytest.raises(ValueError) as info:
-        cb.sample_pair_codebooks("Lambda", 3, 3, x, y)
+        pcb.sample_pair_codebooks("Lambda", 3, 3, x, y)
     for method in cb.METHODS:
         assert method in str(info.value)
     assert set(cb.METHODS) == {"uniform", "lloydmax", "lambda", "lambda-lloyd"}
@@ -102,18 +103,18 @@ def test_unknown_method_lists_methods() -> None:
 @pytest.mark.parametrize("rho", [1.01, -1.5, float("nan")])
 def test_rho_outside_unit_interval_raises(rho: float) -> None:
     with pytest.raises(ValueError, match="rho"):
-        cb.gaussian_pair_codebooks("lambda", 3, 3, rho=rho)
+        pcb.gaussian_pair_codebooks("lambda", 3, 3, rho=rho)
     with pytest.raises(ValueError, match="rho"):
-        cb.GaussianPair(rho)
+        pcb.GaussianPair(rho)
     with pytest.raises(ValueError, match="rho"):
-        cb.gaussian_centers("lambda-lloyd", 2, rho=rho)
+        pcb.gaussian_centers("lambda-lloyd", 2, rho=rho)
 
 
 @pytest.mark.parametrize("rho", [1.0, -1.0])
 def test_rho_at_the_ends_is_accepted(rho: float) -> None:
-    bx, by = cb.gaussian_pair_codebooks("lambda", 3, 3, rho=rho)
+    bx, by = pcb.gaussian_pair_codebooks("lambda", 3, 3, rho=rho)
     assert bx.levels == by.levels == 8
-    err = cb.GaussianPair(rho).pair_error(bx, by)
+    err = pcb.GaussianPair(rho).pair_error(bx, by)
     assert 0.0 < err < 1.0
 
 
@@ -147,7 +148,7 @@ def _head_codebooks(levels: int) -> list[cb.Codebook]:
         cb.compand(d.lambda_star_density(0.3, 2.0), levels),
         cb.Codebook.nearest(rng.normal(size=levels) * 2.0 + 0.5),
         cb.Codebook.nearest(np.linspace(-1.0, 3.0, levels)),
-        cb.Codebook.nearest(cb.gaussian_centers("lloydmax", bits) if bits <= 4 else -np.geomspace(1e-3, 5.0, levels)),
+        cb.Codebook.nearest(pcb.gaussian_centers("lloydmax", bits) if bits <= 4 else -np.geomspace(1e-3, 5.0, levels)),
     ]
 
 
@@ -201,7 +202,7 @@ def test_quantize_other_dims_match() -> None:
 
 def test_idempotent_for_lambda_lloyd_codebooks_with_centers_in_their_cells() -> None:
     # pair-aware boundaries are not midpoints; quantize/dequantize still follows them
-    books = [*cb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.8), cb.gaussian_pair_codebooks("lambda", 2, 2)[0]]
+    books = [*pcb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.8), pcb.gaussian_pair_codebooks("lambda", 2, 2)[0]]
     assert not np.allclose(books[0].boundaries, 0.5 * (books[0].centers[1:] + books[0].centers[:-1]))
     centers, bounds = _stack(books)
     x = torch.linspace(-4, 4, 2001, dtype=torch.float64).expand(len(books), -1)
@@ -270,31 +271,31 @@ def test_quantize_256_levels_uses_full_uint8_range() -> None:
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_lloydmax_reaches_max_mse(bits: int) -> None:
-    book = cb.gaussian_pair_codebooks("lloydmax", bits, bits)[0]
+    book = pcb.gaussian_pair_codebooks("lloydmax", bits, bits)[0]
     assert book.levels == 2**bits
     np.testing.assert_allclose(book.boundaries, 0.5 * (book.centers[1:] + book.centers[:-1]), atol=1e-12)
     assert _gaussian_mse(book) == pytest.approx(MAX_MSE[bits], rel=0.01)
     # and beats the companded Panter–Dite codebook on plain MSE
-    assert _gaussian_mse(book) < _gaussian_mse(cb.gaussian_pair_codebooks("lambda", bits, bits)[0])
+    assert _gaussian_mse(book) < _gaussian_mse(pcb.gaussian_pair_codebooks("lambda", bits, bits)[0])
 
 
 def test_lloydmax_satisfies_centroid_condition_and_symmetry() -> None:
     for bits in (1, 2, 3, 4):
-        book = cb.gaussian_pair_codebooks("lloydmax", bits, bits)[0]
+        book = pcb.gaussian_pair_codebooks("lloydmax", bits, bits)[0]
         p, m1, _ = _gaussian_cells(book)
         np.testing.assert_allclose(book.centers, m1 / p, atol=2e-4)
         np.testing.assert_allclose(book.centers, -book.centers[::-1], atol=1e-4)
     # Max (1960), 8 levels: ±0.2451, ±0.7560, ±1.3440, ±2.1520
-    c3 = cb.gaussian_pair_codebooks("lloydmax", 3, 3)[0].centers
+    c3 = pcb.gaussian_pair_codebooks("lloydmax", 3, 3)[0].centers
     np.testing.assert_allclose(c3[4:], [0.2451, 0.7560, 1.3440, 2.1520], atol=1e-3)
 
 
 def test_lambda_approaches_lloydmax_as_bits_grow() -> None:
-    model = cb.GaussianPair(0.0)
+    model = pcb.GaussianPair(0.0)
     max_diff, inner_diff, ratio = [], [], []
     for bits in (3, 5, 7):
-        lam = cb.gaussian_pair_codebooks("lambda", bits, bits, rho=0.0)
-        lm = cb.gaussian_pair_codebooks("lloydmax", bits, bits, rho=0.0)
+        lam = pcb.gaussian_pair_codebooks("lambda", bits, bits, rho=0.0)
+        lm = pcb.gaussian_pair_codebooks("lloydmax", bits, bits, rho=0.0)
         diff = np.abs(lam[0].centers - lm[0].centers)
         inner = np.abs(lm[0].centers) <= 2.0
         max_diff.append(diff.max())
@@ -314,26 +315,26 @@ def test_lambda_approaches_lloydmax_as_bits_grow() -> None:
 
 @pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
 def test_8bit_error_matches_high_resolution_prediction(rho: float) -> None:
-    bx, by = cb.gaussian_pair_codebooks("lambda", 8, 8, rho=rho)
+    bx, by = pcb.gaussian_pair_codebooks("lambda", 8, 8, rho=rho)
     predicted = d.gaussian_pair_hr_error(rho, 256, 256)
-    quad = cb.GaussianPair(rho).pair_error(bx, by)
+    quad = pcb.GaussianPair(rho).pair_error(bx, by)
     assert quad == pytest.approx(predicted, rel=0.10)
     x, y = _gauss_pairs(400_000, rho, seed=8)
-    mc = cb.sample_pair_error(bx, by, x, y)
+    mc = pcb.sample_pair_error(bx, by, x, y)
     assert mc == pytest.approx(predicted, rel=0.10)
 
 
 def test_product_second_moment_and_pair_error_match_monte_carlo_with_means() -> None:
     rho, mx, my = 0.5, 1.0, -2.0
-    model = cb.GaussianPair(rho, mx, my)
+    model = pcb.GaussianPair(rho, mx, my)
     # Isserlis with means: a²b² + a² + b² + 4abρ + 1 + 2ρ²
     assert model.product_second_moment() == pytest.approx(4 + 1 + 4 - 4 + 1.5)
     u, v = _gauss_pairs(400_000, rho, seed=3)
     x, y = mx + u, my + v
     assert np.mean((x * y) ** 2) == pytest.approx(model.product_second_moment(), rel=0.02)
-    bx, by = cb.gaussian_pair_codebooks("lambda", 3, 3, rho, mx, my)
+    bx, by = pcb.gaussian_pair_codebooks("lambda", 3, 3, rho, mx, my)
     bx, by = _uncentered(bx, mx), _uncentered(by, my)
-    assert model.pair_error(bx, by) == pytest.approx(cb.sample_pair_error(bx, by, x, y), rel=0.03)
+    assert model.pair_error(bx, by) == pytest.approx(pcb.sample_pair_error(bx, by, x, y), rel=0.03)
     # the quadrature is converged at the default resolution
     assert model.pair_error(bx, by) == pytest.approx(model.pair_error(bx, by, points=40_001), rel=1e-3)
 
@@ -342,10 +343,10 @@ def test_product_second_moment_and_pair_error_match_monte_carlo_with_means() -> 
 
 
 def test_reference_figures_4bit_rho_08() -> None:
-    model = cb.GaussianPair(0.8)
-    lam = model.pair_error(*cb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.8))
-    pair_lloyd = model.pair_error(*cb.gaussian_pair_codebooks("lambda-lloyd", 4, 4, rho=0.8))
-    lloydmax = model.pair_error(*cb.gaussian_pair_codebooks("lloydmax", 4, 4, rho=0.8))
+    model = pcb.GaussianPair(0.8)
+    lam = model.pair_error(*pcb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.8))
+    pair_lloyd = model.pair_error(*pcb.gaussian_pair_codebooks("lambda-lloyd", 4, 4, rho=0.8))
+    lloydmax = model.pair_error(*pcb.gaussian_pair_codebooks("lloydmax", 4, 4, rho=0.8))
     assert lam == pytest.approx(0.0146, rel=0.05)
     assert pair_lloyd <= 0.0146
     assert pair_lloyd <= lam
@@ -354,36 +355,36 @@ def test_reference_figures_4bit_rho_08() -> None:
 
 
 def test_reference_figures_4bit_rho_0() -> None:
-    model = cb.GaussianPair(0.0)
-    assert model.pair_error(*cb.gaussian_pair_codebooks("lloydmax", 4, 4)) == pytest.approx(0.0189, rel=0.03)
-    assert model.pair_error(*cb.gaussian_pair_codebooks("lambda", 4, 4)) == pytest.approx(0.0203, rel=0.03)
+    model = pcb.GaussianPair(0.0)
+    assert model.pair_error(*pcb.gaussian_pair_codebooks("lloydmax", 4, 4)) == pytest.approx(0.0189, rel=0.03)
+    assert model.pair_error(*pcb.gaussian_pair_codebooks("lambda", 4, 4)) == pytest.approx(0.0203, rel=0.03)
 
 
 def test_reference_figures_2bit_rho_08() -> None:
-    model = cb.GaussianPair(0.8)
-    pair_lloyd = model.pair_error(*cb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.8))
-    lam = model.pair_error(*cb.gaussian_pair_codebooks("lambda", 2, 2, rho=0.8))
+    model = pcb.GaussianPair(0.8)
+    pair_lloyd = model.pair_error(*pcb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.8))
+    lam = model.pair_error(*pcb.gaussian_pair_codebooks("lambda", 2, 2, rho=0.8))
     assert pair_lloyd <= 0.21
     assert lam == pytest.approx(0.249, rel=0.05)
     assert pair_lloyd < 0.9 * lam
 
 
 def test_unequal_bits() -> None:
-    bx, by = cb.gaussian_pair_codebooks("lambda-lloyd", 2, 4, rho=0.7)
+    bx, by = pcb.gaussian_pair_codebooks("lambda-lloyd", 2, 4, rho=0.7)
     assert bx.levels == 4 and by.levels == 16
     assert bx.boundaries.shape == (3,) and by.boundaries.shape == (15,)
-    model = cb.GaussianPair(0.7)
-    lam = cb.gaussian_pair_codebooks("lambda", 2, 4, rho=0.7)
+    model = pcb.GaussianPair(0.7)
+    lam = pcb.gaussian_pair_codebooks("lambda", 2, 4, rho=0.7)
     assert lam[0].levels == 4 and lam[1].levels == 16
     err = model.pair_error(bx, by)
     assert err <= model.pair_error(*lam)
     # more bits on one side helps: (2, 4) beats (2, 2)
-    assert err < model.pair_error(*cb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.7))
+    assert err < model.pair_error(*pcb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=0.7))
 
 
 def test_uniform_clip_is_optimal() -> None:
-    model = cb.GaussianPair(0.0)
-    bx, by = cb.gaussian_pair_codebooks("uniform", 3, 3)
+    model = pcb.GaussianPair(0.0)
+    bx, by = pcb.gaussian_pair_codebooks("uniform", 3, 3)
     np.testing.assert_allclose(np.diff(bx.centers), np.diff(bx.centers)[0], rtol=1e-9)
     np.testing.assert_allclose(bx.centers, -bx.centers[::-1], atol=1e-12)
     best = model.pair_error(bx, by)
@@ -391,24 +392,24 @@ def test_uniform_clip_is_optimal() -> None:
         wider = cb.Codebook.nearest(bx.centers * scale), cb.Codebook.nearest(by.centers * scale)
         assert model.pair_error(*wider) > best
     # uniform loses to Lloyd–Max at ρ = 0
-    assert best > model.pair_error(*cb.gaussian_pair_codebooks("lloydmax", 3, 3))
+    assert best > model.pair_error(*pcb.gaussian_pair_codebooks("lloydmax", 3, 3))
 
 
 # =========================================================================== means
 
 
 def test_partner_mean_makes_centers_asymmetric() -> None:
-    cx = cb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=0.0, mean_y=2.0)[0].centers
+    cx = pcb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=0.0, mean_y=2.0)[0].centers
     assert np.max(np.abs(cx + cx[::-1])) > 0.05  # not mirror images
     assert cx.mean() > 0.05  # λ_X leans to where (m_Y + ρu)² is large
-    c0 = cb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=0.0, mean_y=0.0)[0].centers
+    c0 = pcb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=0.0, mean_y=0.0)[0].centers
     np.testing.assert_allclose(c0, -c0[::-1], atol=1e-9)
     # X's own mean only shifts (centered units: no change); the partner's mean reshapes
-    shifted = cb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=1.5, mean_y=2.0)[0].centers
+    shifted = pcb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_x=1.5, mean_y=2.0)[0].centers
     np.testing.assert_allclose(shifted, cx, atol=1e-12)
-    np.testing.assert_allclose(cb.gaussian_centers("lambda", 4, rho=0.3, mean=2.0), cx, atol=1e-12)
+    np.testing.assert_allclose(pcb.gaussian_centers("lambda", 4, rho=0.3, mean=2.0), cx, atol=1e-12)
     # mirror: m_Y → −m_Y mirrors X's codebook
-    cneg = cb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_y=-2.0)[0].centers
+    cneg = pcb.gaussian_pair_codebooks("lambda", 4, 4, rho=0.3, mean_y=-2.0)[0].centers
     np.testing.assert_allclose(cneg, -cx[::-1], atol=1e-9)
 
 
@@ -419,8 +420,8 @@ def test_sample_codebooks_match_gaussian_model() -> None:
     rho, mx, my, sx, sy = 0.6, 1.0, -0.5, 2.0, 0.5
     u, v = _gauss_pairs(200_000, rho, seed=11)
     x, y = sx * (mx + u), sy * (my + v)
-    bx, by = cb.sample_pair_codebooks("lambda", 3, 3, x, y)
-    mbx, mby = cb.gaussian_pair_codebooks("lambda", 3, 3, rho, mx, my)
+    bx, by = pcb.sample_pair_codebooks("lambda", 3, 3, x, y)
+    mbx, mby = pcb.gaussian_pair_codebooks("lambda", 3, 3, rho, mx, my)
     # samples' units, uncentered: sx * (m_x + c)
     np.testing.assert_allclose(bx.centers, sx * (mx + mbx.centers), atol=0.03 * sx)
     np.testing.assert_allclose(by.centers, sy * (my + mby.centers), atol=0.03 * sy)
@@ -428,23 +429,23 @@ def test_sample_codebooks_match_gaussian_model() -> None:
 
 def test_sample_pair_error_weights() -> None:
     x, y = _gauss_pairs(1000, 0.5, seed=5)
-    bx, by = cb.gaussian_pair_codebooks("lloydmax", 2, 2)
-    base = cb.sample_pair_error(bx, by, x, y)
+    bx, by = pcb.gaussian_pair_codebooks("lloydmax", 2, 2)
+    base = pcb.sample_pair_error(bx, by, x, y)
     assert base > 0
-    assert cb.sample_pair_error(bx, by, x, y, np.full_like(x, 3.0)) == pytest.approx(base, rel=1e-12)
+    assert pcb.sample_pair_error(bx, by, x, y, np.full_like(x, 3.0)) == pytest.approx(base, rel=1e-12)
     w = np.arange(len(x)) % 3
     rep = np.repeat(np.arange(len(x)), w)
-    assert cb.sample_pair_error(bx, by, x, y, w.astype(float)) == pytest.approx(
-        cb.sample_pair_error(bx, by, x[rep], y[rep]), rel=1e-12
+    assert pcb.sample_pair_error(bx, by, x, y, w.astype(float)) == pytest.approx(
+        pcb.sample_pair_error(bx, by, x[rep], y[rep]), rel=1e-12
     )
 
 
 def test_pair_lloyd_samples_validates() -> None:
-    bx, by = cb.gaussian_pair_codebooks("lambda", 2, 2)
+    bx, by = pcb.gaussian_pair_codebooks("lambda", 2, 2)
     with pytest.raises(ValueError):
-        cb.pair_lloyd_samples(bx, by, np.zeros(10), np.zeros(11))
+        pcb.pair_lloyd_samples(bx, by, np.zeros(10), np.zeros(11))
     with pytest.raises(ValueError):
-        cb.pair_lloyd_samples(bx, by, np.zeros(0), np.zeros(0))
+        pcb.pair_lloyd_samples(bx, by, np.zeros(0), np.zeros(0))
 
 
 @pytest.mark.parametrize("bits_x,bits_y", [(2, 2), (3, 3), (4, 4), (2, 4)])
@@ -454,10 +455,10 @@ def test_sample_lambda_lloyd_never_worse_than_lambda(kind: str, bits_x: int, bit
         x, y = _student_t_pairs(40_000, 0.6, dof=4.0, seed=bits_x * 10 + bits_y)
     else:
         x, y = _gauss_pairs(40_000, float(kind.split("-")[1]), seed=bits_x * 10 + bits_y)
-    lam = cb.sample_pair_codebooks("lambda", bits_x, bits_y, x, y)
-    ll = cb.sample_pair_codebooks("lambda-lloyd", bits_x, bits_y, x, y)
+    lam = pcb.sample_pair_codebooks("lambda", bits_x, bits_y, x, y)
+    ll = pcb.sample_pair_codebooks("lambda-lloyd", bits_x, bits_y, x, y)
     assert ll[0].levels == 2**bits_x and ll[1].levels == 2**bits_y
-    e_lam, e_ll = cb.sample_pair_error(*lam, x, y), cb.sample_pair_error(*ll, x, y)
+    e_lam, e_ll = pcb.sample_pair_error(*lam, x, y), pcb.sample_pair_error(*ll, x, y)
     assert e_ll <= e_lam * (1 + 1e-12)
 
 
@@ -467,18 +468,18 @@ def test_pair_lloyd_samples_never_worse_than_start(kind: str) -> None:
         x, y = _student_t_pairs(20_000, 0.3, dof=3.0, seed=2)
     else:
         x, y = _gauss_pairs(20_000, 0.7, seed=2)
-    for start in (cb.gaussian_pair_codebooks("lloydmax", 3, 3), cb.gaussian_pair_codebooks("uniform", 3, 3)):
-        out = cb.pair_lloyd_samples(*start, x, y)
-        assert cb.sample_pair_error(*out, x, y) <= cb.sample_pair_error(*start, x, y) * (1 + 1e-12)
+    for start in (pcb.gaussian_pair_codebooks("lloydmax", 3, 3), pcb.gaussian_pair_codebooks("uniform", 3, 3)):
+        out = pcb.pair_lloyd_samples(*start, x, y)
+        assert pcb.sample_pair_error(*out, x, y) <= pcb.sample_pair_error(*start, x, y) * (1 + 1e-12)
 
 
 def test_sample_lambda_lloyd_improves_on_gaussian_samples() -> None:
     rho = 0.8
     x, y = _gauss_pairs(40_000, rho, seed=0)
-    e_lam = cb.sample_pair_error(*cb.sample_pair_codebooks("lambda", 2, 2, x, y), x, y)
-    e_ll = cb.sample_pair_error(*cb.sample_pair_codebooks("lambda-lloyd", 2, 2, x, y), x, y)
+    e_lam = pcb.sample_pair_error(*pcb.sample_pair_codebooks("lambda", 2, 2, x, y), x, y)
+    e_ll = pcb.sample_pair_error(*pcb.sample_pair_codebooks("lambda-lloyd", 2, 2, x, y), x, y)
     # the model's pair-Lloyd codebooks exist and reach ≈0.19 on these very samples
-    e_model = cb.sample_pair_error(*cb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=rho), x, y)
+    e_model = pcb.sample_pair_error(*pcb.gaussian_pair_codebooks("lambda-lloyd", 2, 2, rho=rho), x, y)
     assert e_model < 0.21
     assert e_ll <= 1.05 * e_model
     assert e_ll < 0.9 * e_lam

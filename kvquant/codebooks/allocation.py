@@ -8,14 +8,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from kvquant.core import scalar as cb
+from kvquant.core import pair_codebooks as pcb
 from kvquant.core.allocate import water_fill
 from kvquant.core.packing import LEVEL_PACKING, level_bits
 
 
 @lru_cache(maxsize=4096)
 def _pair(method: str, bits_q: int, bits_k: int, rho: float, m_q: float, m_k: float):
-    return cb.gaussian_pair_codebooks(method, bits_q, bits_k, rho, m_q, m_k)
+    return pcb.gaussian_pair_codebooks(method, bits_q, bits_k, rho, m_q, m_k)
 
 
 def _r(v: float) -> float:
@@ -56,7 +56,7 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
         for layer, h in itertools.product(range(L), range(H)):
             total = weight[layer, h].sum()
             for i, n in enumerate(options[: top + 1]):
-                err = cb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h])
+                err = pcb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h])
                 eps[layer, h, i] = err / total if total > 0 else 0.0
         curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, len(options)))
         costs.append(np.full(L * H * D, 1 / (len(fisher) * L * H * D)))

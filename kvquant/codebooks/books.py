@@ -18,6 +18,7 @@ from kvquant.codebooks.allocation import _pair, _r, allocate_levels
 from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, CodebookConfig
 from kvquant.codebooks.fileformat import CALIBRATION_RECORD, file_problem
 from kvquant.codebooks.sides import SideBooks
+from kvquant.core import pair_codebooks as pcb
 from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import GroupHistogram
 from kvquant.core.rope import Rope
@@ -112,7 +113,7 @@ class Codebooks:
         @lru_cache(maxsize=None)
         def book(side: str, layer: int, h: int, levels: int) -> cb.Codebook:
             count, weight = hists[side]
-            return cb.histogram_codebook(config.method, levels, nodes, count[layer, h], weight[layer, h])
+            return pcb.histogram_codebook(config.method, levels, nodes, count[layer, h], weight[layer, h])
 
         if config.budget:
             if hist.fisher_q is None or hist.channel_fisher_q is None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from kvquant.core import scalar as cb
 from kvquant.codebooks import Codebooks, SideBooks
+from kvquant.core import scalar as cb
 
 #: Tokens per group for per-channel scales (KIVI uses 32–128).
 CHANNEL_GROUP = 128

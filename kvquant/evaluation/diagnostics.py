@@ -21,8 +21,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from kvquant.hf.attention import Quantizer, key_group, keys_read_quantized, quantize_qk
 from kvquant.hf.calibrate import run_capture
-from kvquant.io.fingerprint import ModelFingerprint
 from kvquant.hf.wrap import attention_modules
+from kvquant.io.fingerprint import ModelFingerprint
 
 
 class QueryKeyPair:

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvquant.cache import KVQuantCache
-from kvquant.hf.compat import cache_kwargs
 from kvquant.evaluation.library_cache import LibraryCache
 from kvquant.evaluation.perplexity import PplRow, WindowLogits, chunk_nll, score_windows
+from kvquant.hf.compat import cache_kwargs
 from kvquant.hf.placement import input_device
 from kvquant.hf.wrap import wrapped
 

@@ -40,8 +40,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"kvquant.evaluation.harness needs lm-evaluation-harness: pip install 'kvquant-density[lm-eval]' ({e})") from e
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvquant.hf.compat import cache_kwargs
 from kvquant.evaluation.generation import cache_logits
+from kvquant.hf.compat import cache_kwargs
 
 __all__ = ["KVQuantLM", "main"]
 
@@ -239,8 +239,8 @@ class KVQuantLM(HFLM):
             raise ValueError(f"model_args dtype={dtype!r}: use auto or one of {', '.join(DTYPES)}")
         batch_size = _batch_size(batch_size)
         dev = _device(device)
-        from kvquant.io.assets import load_model
         from kvquant.codebooks import Codebooks
+        from kvquant.io.assets import load_model
 
         books = None
         if codebooks is not None:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvquant.hf.attention import Quantizer
-from kvquant.evaluation.baselines import Baseline, is_baseline
 from kvquant.codebooks import Codebooks
-from kvquant.evaluation.divergence import Agreement, log_probs
-from kvquant.hf.placement import input_device
 from kvquant.core.scalar import METHODS
+from kvquant.evaluation.baselines import Baseline, is_baseline
+from kvquant.evaluation.divergence import Agreement, log_probs
+from kvquant.hf.attention import Quantizer
+from kvquant.hf.placement import input_device
 from kvquant.hf.wrap import attention_modules, wrapped
 
 

@@ -37,8 +37,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvquant.hf.compat import passed_cache
 from kvquant.core.rope import Rope, derotate, pullback, rotate
+from kvquant.hf.compat import passed_cache
 
 ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.hf.attention import GradObserver, Observer, Rope
 from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.core.density import RHO_CRITICAL
-from kvquant.hf.distributed import is_main, reduce_statistics, shard
-from kvquant.io.fingerprint import ModelFingerprint
 from kvquant.core.groupnorm import GroupHistogram
-from kvquant.hf.placement import input_device
 from kvquant.core.stats import PairStats
+from kvquant.hf.attention import GradObserver, Observer, Rope
+from kvquant.hf.distributed import is_main, reduce_statistics, shard
+from kvquant.hf.placement import input_device
 from kvquant.hf.wrap import UnsupportedModelError, controller, wrapped
+from kvquant.io.fingerprint import ModelFingerprint
 
 logger = logging.getLogger(__name__)
 

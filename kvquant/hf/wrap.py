@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from kvquant.hf.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
 from kvquant.codebooks import Codebooks
+from kvquant.hf.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
 from kvquant.io.fingerprint import SUPPORTED, UnsupportedModelError
 
 _ORIGINAL = "_kvquant_original_attn"

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvquant.io.fileio import atomic_path
 from kvquant.core.groupnorm import load_scales
+from kvquant.io.fileio import atomic_path
 
 __all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
