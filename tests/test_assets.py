@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvquant.io import assets
+from kvquant.io import assets, wheels
 from kvquant.io.assets import AssetError
 
 MEMBER = "fakepkg/data/blob.bin"
@@ -41,7 +41,7 @@ def fake_pip(monkeypatch, payload: bytes = PAYLOAD, member: str = MEMBER, return
                 zf.writestr("fakepkg/__init__.py", "")
         return subprocess.CompletedProcess(cmd, returncode, stdout="", stderr="ERROR: No matching distribution")
 
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(wheels.subprocess, "run", run)
     return calls
 
 
@@ -75,19 +75,19 @@ def test_fetch_wheel_file_missing_member(home, monkeypatch):
 def test_failed_copy_leaves_no_temp_file(home, monkeypatch):
     """A write that fails half-way leaves neither the target nor its temp file."""
     fake_pip(monkeypatch)
-    real_copy = assets._copy_stream
+    real_copy = wheels._copy_stream
 
     def copy_then_fail(src, dst, total, desc):
         dst.write(src.read(1000))  # something half-written in the temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(assets, "_copy_stream", copy_then_fail)
+    monkeypatch.setattr(wheels, "_copy_stream", copy_then_fail)
     dest = home / "downloads" / "blob.bin"
     with pytest.raises(OSError, match="disk full"):
         assets.fetch_wheel_file("fakepkg", "1.0", "data/blob.bin", dest)
     assert list(dest.parent.iterdir()) == []
 
-    monkeypatch.setattr(assets, "_copy_stream", real_copy)
+    monkeypatch.setattr(wheels, "_copy_stream", real_copy)
     from kvquant.io import fileio
 
     monkeypatch.setattr(fileio.os, "replace", _failing_replace)
@@ -123,7 +123,7 @@ def test_ensure_corpus_offline_pipeline(home, monkeypatch):
     assert "Redirected" not in text and "talk" not in text and "Too short" not in text
     assert (home / "downloads" / source.filename).is_file()
     # cached: no second download
-    monkeypatch.setattr(assets.subprocess, "run", None)
+    monkeypatch.setattr(wheels.subprocess, "run", None)
     assert assets.ensure_corpus("enwiki-excerpt") == path
 
 
