@@ -132,3 +132,25 @@ def test_dtype_defaults_to_what_the_model_ships_in(tmp_path, text_file, capsys):
     assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
                      "--windows", "1", "--baselines", "fp", "--dtype", "float32"]) == 0
     assert "dtype float32" in capsys.readouterr().out
+
+
+def test_config_errors_name_their_fields_once():
+    """CodebookConfig's errors mark the fields they are about: plain in Python, as the options that set them
+    in the CLI — and only those words (prose such as "the exact sink tokens" stays prose)."""
+    from kvquant.cli.options import option_text
+    from kvquant.codebooks import CodebookConfig, ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        CodebookConfig(norm="channel-group", group=8, sink=8)
+    e = caught.value
+    assert str(e).startswith("sink (8) must be smaller than group (8) with norm 'channel-group'")
+    assert "`" not in str(e)
+    cli_text = option_text(e)
+    assert cli_text.startswith("--sink (8) must be smaller than --group (8) with --norm 'channel-group'")
+    assert cli_text.endswith("the exact sink tokens are kept inside the first group")
+    assert option_text(ValueError("group")) == "group"  # other errors pass through as they are
+
+
+def test_cli_writes_config_fields_as_options(capsys):
+    refused(["calibrate", "--norm", "head", "--outliers", "0.1", "--out", "x.safetensors"], capsys,
+            "--outliers > 0 needs --norm 'channel-group' (they are found per group); got --norm 'head'")

@@ -41,10 +41,10 @@ def make_cache(
     quantize_values: bool = True,
     residual: int = 0,
     sink: int | None = None,
-    values: str = "minmax",
-    decode: str = "codes",
-    kernel: str = "auto",
-    tail: str = "int8",
+    values: str = CacheOptions.values,
+    decode: str = CacheOptions.decode,
+    kernel: str = CacheOptions.kernel,
+    tail: str = CacheOptions.tail,
 ) -> KVQuantCache:
     """A fresh :class:`KVQuantCache` for ``model`` with its calibrated ``codebooks``: keys at the
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group

@@ -54,8 +54,43 @@ def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
     return cb.compand(dens.lambda_star_density(0.0), levels)
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """What a :class:`KVQuantCache` stores (see the module docstring)."""
+
+    bits_k: int = 4
+    bits_v: int = 4
+    quantize_values: bool = True
+    residual: int = 0
+    sink: int = 0
+    group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
+    scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.core.groupnorm.store_scales)
+    values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
+    decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.kernels.dispatch) where the layout allows; "dequantize"
+    kernel: str = "auto"  # which kernel reads them (kvquant.kernels.dispatch.DECODE_KERNELS): auto = the device's
+    tail: str = "int8"  # the residual's keys and values (TAIL_FORMATS): "int8" per token or "exact" (model dtype)
+
+    def __post_init__(self) -> None:
+        for name in ("bits_k", "bits_v"):
+            cb.levels_for_bits(getattr(self, name))
+        if self.residual < 0 or self.sink < 0 or self.group < 0:
+            raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
+        if self.scale_bits not in SCALE_BITS:
+            raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
+        if self.group and self.sink >= self.group:
+            raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}): sinks are kept inside group 0")
+        if self.values not in VALUE_NORMS:
+            raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.kernel not in DECODE_KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {self.kernel!r}")
+        if self.tail not in TAIL_FORMATS:
+            raise ValueError(f"tail must be one of {', '.join(TAIL_FORMATS)}, got {self.tail!r}")
+
+
 def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int, head_dim: int, kv_heads: int,
-                       layers: int, seqlen: int, tail: str = "int8") -> float:
+                       layers: int, seqlen: int, tail: str = CacheOptions.tail) -> float:
     """Bytes per token (all ``layers``, one sequence) that a :class:`KVQuantCache` of codebooks
     built with ``config`` holds after ``seqlen`` tokens — :func:`make_cache`'s defaults (no
     ``residual``; values quantized, ``minmax`` or ``rms``: 16 bits of scale per token and head;
@@ -100,41 +135,6 @@ def kv_bytes_per_token(config: CodebookConfig, key_code_bits: float, bits_v: int
     values = (quantized * (packed_size(head_dim, bits_v) + _VALUE_SCALE_BYTES) + newest * per_entry
               + min(config.sink, seqlen) * 2 * head_dim) / seqlen
     return layers * kv_heads * (keys + values)
-
-
-@dataclass(frozen=True)
-class CacheOptions:
-    """What a :class:`KVQuantCache` stores (see the module docstring)."""
-
-    bits_k: int = 4
-    bits_v: int = 4
-    quantize_values: bool = True
-    residual: int = 0
-    sink: int = 0
-    group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
-    scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.core.groupnorm.store_scales)
-    values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
-    decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.kernels.dispatch) where the layout allows; "dequantize"
-    kernel: str = "auto"  # which kernel reads them (kvquant.kernels.dispatch.DECODE_KERNELS): auto = the device's
-    tail: str = "int8"  # the residual's keys and values (TAIL_FORMATS): "int8" per token or "exact" (model dtype)
-
-    def __post_init__(self) -> None:
-        for name in ("bits_k", "bits_v"):
-            cb.levels_for_bits(getattr(self, name))
-        if self.residual < 0 or self.sink < 0 or self.group < 0:
-            raise ValueError(f"residual, sink and group must be >= 0, got {self.residual}, {self.sink}, {self.group}")
-        if self.scale_bits not in SCALE_BITS:
-            raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
-        if self.group and self.sink >= self.group:
-            raise ValueError(f"sink ({self.sink}) must be smaller than group ({self.group}): sinks are kept inside group 0")
-        if self.values not in VALUE_NORMS:
-            raise ValueError(f"values must be one of {', '.join(VALUE_NORMS)}, got {self.values!r}")
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
-        if self.kernel not in DECODE_KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(DECODE_KERNELS)}, got {self.kernel!r}")
-        if self.tail not in TAIL_FORMATS:
-            raise ValueError(f"tail must be one of {', '.join(TAIL_FORMATS)}, got {self.tail!r}")
 
 
 _TABLES = ("k_centers", "k_boundaries", "k_offset", "k_scale", "v_centers", "v_boundaries", "k_levels")
