@@ -1,4 +1,4 @@
-"""What the eval scripts that judge one codebook file share: its options, and loading the file,
+"""Shared by the eval scripts that judge one codebook file: its options, and loading the file,
 the model it was calibrated for and the text its calibration windows came from."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How much an int8 ``Q̂·K̂ᵀ`` could speed up prefill attention on this CPU: torch's int8 GEMM
+"""Exploratory: how much an int8 ``Q̂·K̂ᵀ`` could speed up prefill attention on this CPU: torch's int8 GEMM
 (``torch._int_mm``, oneDNN: VNNI / AMX-INT8 where the CPU has them) against the bf16 GEMM of the
 same scores, and both against the whole bf16 attention (``scaled_dot_product_attention``, causal),
 at SmolLM2-135M's geometry (9 query heads, head_dim 64), one sequence.

@@ -1,4 +1,4 @@
-"""At exactly b effective bits: sink tokens, group size and bit allocation.
+"""At exactly b effective bits: sink tokens, group size and bit allocation (BENCHMARKS.md "At exactly b effective bits").
 
 Pre-RoPE channel-group codebooks (the default family) with every bit counted — codes, the
 (mid, half) per channel and group (32/G in fp16, 16/G with 8-bit scales), exact sink tokens
@@ -18,12 +18,12 @@ Protocol (nothing is chosen on the evaluation windows):
 3. Evaluate on the FIRST ``--windows`` windows: the selected configuration at exactly b bits,
    at b code bits on average allocated, and with every channel at b code bits (the last two at the
    same effective bits, b + overhead: what allocation alone buys), the same three for the
-   uniform (min–max INT) codebook on the selected normalisation, and the previous default
-   (G 128, sink 1, fp16 scales, lambda-lloyd, b code bits) for reference.
+   uniform (min–max INT) codebook on the selected normalisation, and a fixed reference
+   (G 128, sink 1, fp16 scales, lambda-lloyd, b code bits).
 
-Usage:  python eval/budget.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
+Usage:  python eval/effective_bits.py [--seqlen 2048] [--calib 8] [--dev 2] [--windows 4] [--bits 4,3,2]
         [--model smollm2-135m] [--name smollm2]
-Writes out/budget_<name>.json and the ``budget-<name>`` section of BENCHMARKS.md.
+Writes out/effective_bits_<name>.json and the ``effective-bits-<name>`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (group, sink, scale bits) candidates; methods selected among these.
 CANDIDATES = [(128, 1, 16), (128, 1, 8), (64, 1, 8), (64, 4, 8), (32, 1, 8)]
 METHODS = ("lambda", "lambda-lloyd")
-PREVIOUS = (128, 1, 16, "lambda-lloyd")  # the default before per-channel allocation (every channel at b code bits)
+REFERENCE = (128, 1, 16, "lambda-lloyd")  # fp16 scales, every channel at b code bits (no allocation)
 
 
 def books_at(stats, hists, fp, group: int, sink: int, scale_bits: int, method: str, bits: int, seqlen: int,
@@ -98,17 +98,17 @@ def main(argv: list[str] | None = None) -> None:
         for name, method in (("selected", m), ("uniform", "uniform")):
             for mode in ("exact", "alloc", "equal"):
                 rows[f"{b}/{name}/{mode}"] = books_at(stats, hists, fp, g, s, sb, method, b, args.seqlen, mode)
-        rows[f"{b}/previous/equal"] = books_at(stats, hists, fp, *PREVIOUS, b, args.seqlen, "equal")
+        rows[f"{b}/reference/equal"] = books_at(stats, hists, fp, *REFERENCE, b, args.seqlen, "equal")
     results = evaluate(model, evals, rows)
-    command = ("python eval/budget.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python eval/effective_bits.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     payload = {"command": command, "model": args.model, "dataset": "enwiki-excerpt", "seqlen": args.seqlen,
                "calib_windows": calib.n, "dev_windows": int(dev.shape[0]), "eval_windows": int(evals.shape[0]),
                "dtype": "float32", "seconds": time.perf_counter() - t0, "dev_fp_ppl": dev_fp, "selection": selection,
                "rows": {k: v.to_dict() for k, v in results.items()}}
-    write_text(ROOT / "out" / f"budget_{args.name}.json", json.dumps(payload, indent=1))
+    write_text(ROOT / "out" / f"effective_bits_{args.name}.json", json.dumps(payload, indent=1))
     md = markdown(payload, bits_list)
     print(md)
-    replace_section(ROOT / "BENCHMARKS.md", f"budget-{args.name}", md)
+    replace_section(ROOT / "BENCHMARKS.md", f"effective-bits-{args.name}", md)
 
 
 def markdown(p: dict, bits_list: list[int]) -> str:
@@ -138,7 +138,7 @@ def markdown(p: dict, bits_list: list[int]) -> str:
               ("uniform (INT), selected normalisation, exact b", "uniform/exact"),
               ("uniform (INT), selected normalisation, b code bits on average, allocated", "uniform/alloc"),
               ("uniform (INT), selected normalisation, b code bits every channel", "uniform/equal"),
-              ("previous default (G128, sink 1, fp16 scales, lambda-lloyd), b code bits", "previous/equal")]
+              ("reference (G128, sink 1, fp16 scales, lambda-lloyd), b code bits", "reference/equal")]
     out.append("| selected on dev | " + " | ".join(f"`{p['selection'][str(b)]['best']}`" for b in bits_list) + " |")
     for label, key in labels:
         out.append(f"| {label} | " + " | ".join(cell(rows[f"{b}/{key}"]) for b in bits_list) + " |")

@@ -1,5 +1,5 @@
-"""Generation-mode perplexity as measured (chunks, `kvquant eval-ppl --mode generation`) against
-what decoding runs (one token per step; through kvquant's cache every step reads the codes).
+"""Exploratory: how far generation-mode perplexity as measured (chunks, `kvquant eval-ppl --mode generation`)
+is from what decoding runs (one token per step; through kvquant's cache every step reads the codes).
 
 The chunks are cut where the cache changes how it returns tokens already seen
 (:func:`kvquant.evaluation.generation.chunk_starts`), so both feed each query the same keys and values — up
@@ -7,9 +7,9 @@ to float rounding (a prefill SDPA over a chunk, a decoding step's kernel), which
 later layer can turn into a different code for a key near a boundary. This script measures that
 gap on held-out windows.
 
-Usage:  python eval/token_by_token.py --codebooks out/default.safetensors [--rows lambda-lloyd,...]
-                                      [--windows 1] [--seqlen 2048] [--threads 2]
-Prints a markdown table.
+Usage:  python eval/research/token_by_token.py --codebooks out/default.safetensors [--rows lambda-lloyd,...]
+                                               [--windows 1] [--seqlen 2048] [--threads 2]
+Prints a markdown table (docs/results.md shows one run).
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/, for its shared heldout.py
+from heldout import codebook_parser, load  # noqa: E402
 
 from kvquant.hf.compat import cache_kwargs
 from kvquant.io.data import held_out_windows
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = held_out_windows(tok, text, args.seqlen, args.windows, books.calibration).ids
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     factories = cache_factories(model, make_rows(names, books, seqlen=args.seqlen, generation=True))
-    print(f"`python eval/token_by_token.py {' '.join(argv if argv is not None else sys.argv[1:])}` — {args.model}, "
+    print(f"`python eval/research/token_by_token.py {' '.join(argv if argv is not None else sys.argv[1:])}` — {args.model}, "
           f"the first {args.windows} held-out window(s) of {args.seqlen} tokens, float32\n")
     print("| row | ppl, chunks (as measured) | ppl, token by token | gap | steps read the codes |")
     print("|---|---|---|---|---|")
