@@ -6,7 +6,8 @@
 # unquantized (DynamicCache), kvquant's cache at 4 and 2 bits per K/V entry held (the 2-bit row
 # rebuilt from the same statistics, as `kvquant calibrate --config configs/2bit.yaml` would build
 # it), the KIVI-style INT cache at 4 and 2 bits and transformers' quanto cache at 4 bits.
-# About 10 minutes on 2 cores, in the dtype the model ships in (bfloat16). Extra arguments go to `kvquant eval-ppl`.
+# About 10 minutes on 2 cores, in the dtype the model ships in (bfloat16) on a CPU with bfloat16 instructions
+# (AVX-512 BF16, AMX); on an AVX2-only CPU in float32, with a warning (--dtype). Extra arguments go to `kvquant eval-ppl`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

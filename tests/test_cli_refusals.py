@@ -114,24 +114,33 @@ def test_codebook_file_without_what_it_needs_refused(books_file, tmp_path, drop)
         Codebooks.load(path)
 
 
-def test_dtype_defaults_to_what_the_model_ships_in(tmp_path, text_file, capsys):
-    """--dtype auto (the default): the offline models load in bfloat16, a local folder in its config's dtype."""
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_defaults_to_what_the_model_ships_in(tmp_path, text_file, capsys, caplog, monkeypatch, native):
+    """--dtype auto (the default): the offline models ship in bfloat16, a local folder in its config's dtype;
+    loaded in it where the device computes it natively, else in float32 with a warning naming why and the
+    override (either way on any CPU: the hardware check is replaced here)."""
     import torch
     from conftest import make_model, make_tokenizer
 
-    from kvquant.io import assets
+    from kvquant.io import assets, dtypes
 
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     assert assets.shipped_dtype("smollm2-135m") == assets.shipped_dtype("gemma3-270m") == torch.bfloat16
+    assert dtypes.native_dtype(torch.bfloat16, "cpu") is native and dtypes.native_dtype(torch.float32, "cpu")
     folder = tmp_path / "bf16-model"
     make_model("llama").to(torch.bfloat16).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
-    assert assets.load_model(str(folder))[0].dtype == torch.bfloat16
+    loaded = torch.bfloat16 if native else torch.float32
+    with caplog.at_level("WARNING", logger="kvquant.io.dtypes"):
+        assert assets.load_model(str(folder))[0].dtype == loaded
+    assert ("ships in bfloat16" in caplog.text and "--dtype bfloat16" in caplog.text) is not native
     assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
                      "--windows", "1", "--baselines", "fp"]) == 0
-    assert "dtype bfloat16" in capsys.readouterr().out
-    assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
-                     "--windows", "1", "--baselines", "fp", "--dtype", "float32"]) == 0
-    assert "dtype float32" in capsys.readouterr().out
+    assert f"dtype {str(loaded).removeprefix('torch.')}" in capsys.readouterr().out
+    for given in ("float32", "bfloat16"):  # an explicit --dtype is taken as given
+        assert cli.main(["eval-ppl", "--model", str(folder), "--text-file", str(text_file), "--seqlen", "16",
+                         "--windows", "1", "--baselines", "fp", "--dtype", given]) == 0
+        assert f"dtype {given}" in capsys.readouterr().out
 
 
 def test_config_errors_name_their_fields_once():

@@ -32,7 +32,7 @@ DEFAULTS = {  # = configs/default.yaml (tests/test_cli.py checks)
     "budget_sides": "k",
     "bits_v": 4,
     "scale_bits": 8,
-    "dtype": "auto",  # the dtype the model ships in (kvquant.io.assets.shipped_dtype)
+    "dtype": "auto",  # the dtype the model ships in where the device runs it natively (kvquant.io.dtypes.auto_dtype)
     "device": "cpu",
     "baselines": "fp,int8,int4,int4-channel,fp8,fp4,lloydmax@4,uniform@4,lambda@4,lambda-lloyd@4",
 }
@@ -202,12 +202,15 @@ def _placement(args) -> dict:
 
 
 def _load(args):
-    """The model and tokenizer of ``--model`` in ``--dtype`` (``auto``: the dtype it ships in);
+    """The model and tokenizer of ``--model`` in ``--dtype`` (``auto``: the dtype it ships in, where the
+    device computes it natively, else float32 with a warning: :func:`kvquant.io.dtypes.auto_dtype`);
     ``args.dtype`` becomes the dtype loaded, for the tables."""
     from kvquant.io.assets import load_model
 
     placement = _placement(args)
-    model, tok = load_model(args.model, dtype="auto" if args.dtype == "auto" else DTYPES[args.dtype], **placement)
+    device = args.device if not placement else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model(args.model, dtype="auto" if args.dtype == "auto" else DTYPES[args.dtype], device=device,
+                            **placement)
     args.dtype = str(model.dtype).removeprefix("torch.")
     return (model if placement else model.to(args.device)), tok
 

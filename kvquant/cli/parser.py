@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p):
         p.add_argument("--model", help=f"offline name, local folder or hub id (default {DEFAULTS['model']})")
         p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: the dtype the model ships in, "
-                       "bfloat16 for the offline models)")
+                       "bfloat16 for the offline models, where the device computes it natively; float32, with a "
+                       "warning, on a CPU without bfloat16/float16 instructions)")
         p.add_argument("--device", help="cpu, cuda, cuda:0 … (default cpu)")
         p.add_argument("--device-map", help="auto | balanced | sequential: place the layers over the GPUs, the CPU and "
                        "disk with accelerate (models larger than one device; replaces --device)")

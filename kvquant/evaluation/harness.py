@@ -182,7 +182,8 @@ class KVQuantLM(HFLM):
             runs the unquantized model through ``DynamicCache``.
         bits_v, values, quantize_values, residual, sink, decode: :func:`kvquant.make_cache`'s options
             (default: the file's; e.g. ``bits_v=4``); only with ``codebooks``.
-        dtype: ``auto`` (default: the dtype the model ships in, bfloat16 for the offline models),
+        dtype: ``auto`` (default: the dtype the model ships in, bfloat16 for the offline models, where the
+            device computes it natively, else float32: :func:`kvquant.io.dtypes.auto_dtype`),
             ``float32``, ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:0`` … (default: CUDA where available, else the CPU).
         batch_size: requests per batch (default 1). Each row of a batch still runs through its own
@@ -251,7 +252,7 @@ class KVQuantLM(HFLM):
                                         "unquantized model") from None
             except ValueError as e:
                 raise ValueError(f"model_args codebooks={codebooks}: {e}") from None
-        model, tokenizer = load_model(pretrained, dtype=DTYPES.get(dtype, dtype))
+        model, tokenizer = load_model(pretrained, dtype=DTYPES.get(dtype, dtype), device=dev)
         model.to(dev)
         if books is not None:
             try:

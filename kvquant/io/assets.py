@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from kvquant.io.dtypes import auto_dtype
 from kvquant.io.fileio import atomic_path, write_text
 from kvquant.io.wheels import (
     AssetError,
@@ -332,17 +333,19 @@ def shipped_dtype(name_or_path: str) -> torch.dtype | str:
 
 def load_model(
     name_or_path: str, dtype: torch.dtype | str = "auto", device_map: Any = None, max_memory: dict | None = None,
-    offload_folder: str | None = None,
+    offload_folder: str | None = None, device: str | torch.device = "cpu",
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode from a registered name, a local folder or a hub id.
 
     Args:
         name_or_path: offline name (see :func:`list_assets`), local model folder, or hub id.
         dtype: torch dtype of the weights, or ``"auto"``: the dtype the model ships in
-            (:func:`shipped_dtype`; bfloat16 for the offline models).
+            (:func:`shipped_dtype`; bfloat16 for the offline models) where ``device`` computes it
+            natively, else float32 with a warning (:func:`kvquant.io.dtypes.auto_dtype`).
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``, ``"cuda:0"``); None = CPU.
         max_memory, offload_folder: with ``device_map``, accelerate's limits per device and the
             folder of the weights offloaded to disk (models larger than memory).
+        device: where the model will run (it is loaded on the CPU; the caller moves it), for ``"auto"``.
 
     Raises:
         AssetError: a non-registered, non-local name could not be loaded (hub unreachable or
@@ -359,7 +362,12 @@ def load_model(
         check_architecture(config, name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v}
-        dtype = shipped_dtype(name_or_path) if dtype == "auto" else dtype
+        if dtype == "auto":
+            shipped = shipped_dtype(name_or_path)
+            if shipped == "auto":  # a folder or hub id: the dtype its config declares (None: transformers decides)
+                shipped = getattr(config, "dtype", None)
+                shipped = getattr(torch, shipped) if isinstance(shipped, str) else shipped
+            dtype = auto_dtype(shipped, device, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **placement)
     except UnsupportedModelError:
         raise

@@ -1,0 +1,46 @@
+"""Which dtype a model is loaded in when the caller says ``"auto"``: the dtype it ships in, where the
+device computes it natively, else float32 — said in a warning, never silently.
+
+torch's CPU matmuls in bfloat16/float16 run on oneDNN kernels only where the CPU has the
+instructions for them (AVX-512 with BF16/FP16 support, AMX); on an AVX2-only CPU they fall back to
+an emulation tens of times slower than float32 (`python eval/research/cpu_dtypes.py` measures it), so
+that a calibration in bfloat16 would take hours instead of minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["auto_dtype", "native_dtype"]
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def native_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` multiplies matrices in ``dtype`` with hardware support: float32 everywhere;
+    bfloat16/float16 on CUDA, and on the CPU where oneDNN has kernels for them
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported`` / ``_is_mkldnn_fp16_supported``)."""
+    device = torch.device(device)
+    if dtype not in _HALF or device.type != "cpu":
+        return True
+    check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported
+    return bool(check())
+
+
+def auto_dtype(shipped: torch.dtype | None, device: str | torch.device = "cpu", name: str = "the model") -> torch.dtype | str:
+    """The dtype to load ``name`` in for ``dtype="auto"``: ``shipped`` (the dtype it ships in; None:
+    unknown, transformers reads its config and ``"auto"`` is returned) where ``device`` computes it
+    natively (:func:`native_dtype`), else float32 with a warning naming the reason and the override."""
+    if shipped is None or native_dtype(shipped, device):
+        return "auto" if shipped is None else shipped
+    kind = str(shipped).removeprefix("torch.")
+    logger.warning(
+        "%s ships in %s, which this CPU computes without hardware support (torch CPU capability %s: "
+        "tens of times slower than float32); loading it in float32 — give --dtype %s (dtype=torch.%s) to run "
+        "it in %s anyway", name, kind, torch.backends.cpu.get_cpu_capability(), kind, kind, kind,
+    )
+    return torch.float32
