@@ -253,6 +253,7 @@ def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_fi
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out.strip() and "bytes per token held" in captured.err and "for an fp16 cache" in captured.err
+    assert "the newest incomplete group of up to 3 tokens as INT8 per token" in captured.err
     assert run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", "x", "--max-new-tokens", 0]) == 2
 
 

@@ -47,5 +47,6 @@ def cmd_generate(args) -> None:
     bits, per_token = kv_bits(cache)
     print(f"KV cache: {per_token:.0f} bytes per token held ({bits:.2f} bits per K/V entry, everything counted) "
           f"vs {cache.fp16_bytes_per_token()} for an fp16 cache; {cache.quantized_tokens()} of {cache.get_seq_length()} "
-          f"tokens quantized (the sink and the newest incomplete group of {books.k.group or 1} stay exact)",
+          f"tokens quantized (the sink exact; the newest incomplete group of up to {(books.k.group or 1) - 1} tokens "
+          f"{'as INT8 per token' if cache.options.tail == 'int8' else 'exact'} until it completes)",
           file=sys.stderr)
