@@ -11,22 +11,19 @@ from kvquant.cache.layers import KVQuantCache, KVQuantLayer, KVQuantSlidingLayer
 from kvquant.cache.positions import LayerRope
 from kvquant.codebooks import Codebooks
 from kvquant.hf.compat import WINDOWED_LAYER_TYPES, DummyLayer, cache_layer_types
+from kvquant.hf.wrap import attention_modules, is_wrapped, rotary_tables, wrap
 from kvquant.kernels.dispatch import step_kernel
 
 
 def _wrap_for_hooks(model: torch.nn.Module) -> None:
     """Wrap the model (mode ``off``: logits unchanged) if it is not wrapped, for kvquant's
     pre-hook (it passes position ids on and routes decoding steps to the codes)."""
-    from kvquant.hf.wrap import is_wrapped, wrap
-
     if not is_wrapped(model):
         wrap(model, None)
 
 
 def _layer_ropes(model: torch.nn.Module) -> dict[int, LayerRope]:
     """:class:`LayerRope` of every attention layer (wraps the model: :func:`_wrap_for_hooks`)."""
-    from kvquant.hf.wrap import attention_modules, rotary_tables
-
     tables = rotary_tables(model)
     _wrap_for_hooks(model)
     shared: dict = {}

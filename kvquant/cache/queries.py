@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from kvquant.codebooks import Codebooks
+from kvquant.hf.wrap import attention_modules
 
 
 class QueryQuantizer:
@@ -26,8 +27,6 @@ class QueryQuantizer:
     sides = ("q",)
 
     def __init__(self, codebooks: Codebooks, model: torch.nn.Module):
-        from kvquant.hf.wrap import attention_modules
-
         if codebooks.q.group:
             raise ValueError(
                 "these query codebooks normalise over groups of tokens, which a decoding step does not have "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kvquant.kernels.dispatch import step_kernel
+from kvquant.kernels.dispatch import RotationPlan, step_kernel
 
 
 class CodeSteps:
@@ -69,8 +69,6 @@ class CodeSteps:
         """What update leaves to after the attention (sliding layers: drop expired tokens)."""
 
     def _rotation_plan(self):
-        from kvquant.kernels.dispatch import RotationPlan
-
         key = (self._seen - self.held_tokens, self.quantized_tokens, self.k_codes.shape[0], self.k_pos is not None)
         if self._plan is None or self._plan.key != key:
             self._plan = RotationPlan.build(self, key)
