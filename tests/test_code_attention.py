@@ -281,7 +281,7 @@ def under_triton(function: str):
 
     code = (
         "import json, sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
-        "import test_code_attention as t; from kvquant import triton_decode as td; ok, why = td.available(); "
+        "import test_code_attention as t; from kvquant.kernels import triton_decode as td; ok, why = td.available(); "
         f"print(json.dumps({{'ok': ok, 'why': why, 'result': t.{function}() if ok else None}}))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
