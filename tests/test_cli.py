@@ -195,10 +195,10 @@ def test_calibrate_at_exact_effective_bits(model_dir, text_file, tmp_path, capsy
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
 
-    from kvquant.cli import DEFAULTS, _config_values, codebook_config
+    from kvquant.cli import DEFAULTS, config_values, codebook_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
-    values = _config_values(str(path))
+    values = config_values(str(path))
     assert set(values) <= set(DEFAULTS), f"unknown keys in {path.name}: {set(values) - set(DEFAULTS)}"
     config = codebook_config({**DEFAULTS, **values})
     if name == "default":

@@ -384,7 +384,7 @@ def test_damaged_gguf_and_corpus_named_then_repaired(home, monkeypatch):
     gguf = home / "downloads" / spec.gguf_name
     gguf.parent.mkdir(parents=True)
     gguf.write_bytes(b"x" * 1000)
-    assets._record(gguf)
+    assets.record(gguf)
     gguf.write_bytes(b"x" * 500)  # truncated after it was verified
     with pytest.raises(AssetError, match="has 500 bytes, 1000 when it was written.*--force smollm2-135m"):
         assets.ensure_gguf("smollm2-135m")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kvquant.cache.store import _RESIDUAL, _slice
+from kvquant.cache.store import RESIDUAL_FIELDS, slice_tokens
 
 
 class KVEdits:
@@ -20,14 +20,14 @@ class KVEdits:
             m = m // self.group * self.group
         if m:
             self._slice_quantized(m, None)
-            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
+            self.sink_k, self.sink_v = slice_tokens(self.sink_k, m, None), slice_tokens(self.sink_v, m, None)
             n -= m
         if n <= 0 or self.quantized_tokens or self.group:  # group mode: the residual is the next group
             return
         m = min(n, self.res_k.shape[2])
         if m:
             self._slice_residual(m, None)
-            self.sink_k, self.sink_v = _slice(self.sink_k, m, None), _slice(self.sink_v, m, None)
+            self.sink_k, self.sink_v = slice_tokens(self.sink_k, m, None), slice_tokens(self.sink_v, m, None)
 
     def _drop_back(self, n: int) -> None:
         """Drop the ``n`` newest tokens. Within the last update while past recording is on (the
@@ -65,14 +65,14 @@ class KVEdits:
                 (ck, sk), (cv, sv) = (self._encode_tail(k[:, :, keep - partial : keep]),
                                       self._encode_tail(v[:, :, keep - partial : keep],
                                                         exact=not self.options.quantize_values))
-                for name, t in zip(_RESIDUAL[:4], (ck, sk, cv, sv)):
+                for name, t in zip(RESIDUAL_FIELDS[:4], (ck, sk, cv, sv)):
                     if t is not None:
                         setattr(self, name, torch.cat([t, getattr(self, name)], dim=2))
                 if self.res_pos is not None:
                     self.res_pos = torch.cat([self.k_pos[:, :, keep - partial : keep], self.res_pos], dim=2)
             self._slice_quantized(None, keep - partial)
             self._seen -= m
-        self.sink_k, self.sink_v = _slice(self.sink_k, None, self.held_tokens), _slice(self.sink_v, None, self.held_tokens)
+        self.sink_k, self.sink_v = slice_tokens(self.sink_k, None, self.held_tokens), slice_tokens(self.sink_v, None, self.held_tokens)
 
     def _keep_last(self, n: int) -> None:
         extra = self.held_tokens - max(n, 0)

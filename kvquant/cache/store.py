@@ -31,10 +31,10 @@ _STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale"
           "res_v", "res_v_scale", "res_pos")
 _PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
-_RESIDUAL = ("res_k", "res_k_scale", "res_v", "res_v_scale", "res_pos")
+RESIDUAL_FIELDS = ("res_k", "res_k_scale", "res_v", "res_v_scale", "res_pos")
 
 
-def _slice(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
+def slice_tokens(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
     """``t[:, :, start:stop]`` as a fresh tensor, so the dropped part's storage is freed."""
     return None if t is None else t[:, :, start:stop].clone()
 
@@ -61,14 +61,14 @@ class Undo:
 
     @classmethod
     def of(cls, layer: "KVStore", k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> "Undo":
-        return cls(layer.quantized_tokens, layer.sink_k.shape[2], tuple(getattr(layer, n) for n in _RESIDUAL),
+        return cls(layer.quantized_tokens, layer.sink_k.shape[2], tuple(getattr(layer, n) for n in RESIDUAL_FIELDS),
                    layer._seen, layer.k_pos is not None, k.clone(), v.clone(), None if pos is None else pos.clone())
 
     def restore(self, layer: "KVStore") -> None:
         """Put ``layer`` back as it was before the update (codes appended since are sliced off)."""
         layer._slice_quantized(None, self.quantized)
-        layer.sink_k, layer.sink_v = _slice(layer.sink_k, None, self.sinks), _slice(layer.sink_v, None, self.sinks)
-        for name, t in zip(_RESIDUAL, self.residual):
+        layer.sink_k, layer.sink_v = slice_tokens(layer.sink_k, None, self.sinks), slice_tokens(layer.sink_v, None, self.sinks)
+        for name, t in zip(RESIDUAL_FIELDS, self.residual):
             setattr(layer, name, t)
         layer._seen = self.seen
         if not self.positions_stored:
@@ -278,7 +278,7 @@ class KVStore:
             self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
         (ck, sk), (cv, sv) = self._encode_tail(k), self._encode_tail(v, exact=not self.options.quantize_values)
         cat = lambda a, b: None if b is None else torch.cat([a, b], dim=2)  # noqa: E731
-        res = dict(zip(_RESIDUAL, (cat(self.res_k, ck), cat(self.res_k_scale, sk), cat(self.res_v, cv),
+        res = dict(zip(RESIDUAL_FIELDS, (cat(self.res_k, ck), cat(self.res_k_scale, sk), cat(self.res_v, cv),
                                    cat(self.res_v_scale, sv), cat(self.res_pos, pos))))
         over = res["res_k"].shape[2] - self.options.residual
         if self.group:
@@ -306,7 +306,7 @@ class KVStore:
                 self.v_scale = torch.cat([self.v_scale, scale], dim=2)
             else:
                 self.v_codes = torch.cat([self.v_codes, values], dim=2)
-            res = {n: _slice(t, over, None) for n, t in res.items()}
+            res = {n: slice_tokens(t, over, None) for n, t in res.items()}
         for name, t in res.items():
             setattr(self, name, t)
 
@@ -324,17 +324,17 @@ class KVStore:
         """Keep quantized tokens ``[start:stop]`` (group mode: whole groups)."""
         self._plan = None
         for name in _PER_TOKEN_Q:
-            setattr(self, name, _slice(getattr(self, name), start, stop))
+            setattr(self, name, slice_tokens(getattr(self, name), start, stop))
         if self.group:
             g = lambda i: None if i is None else i // self.group  # noqa: E731
             for name in _PER_GROUP_K:
-                setattr(self, name, _slice(getattr(self, name), g(start), g(stop)))
+                setattr(self, name, slice_tokens(getattr(self, name), g(start), g(stop)))
         else:
-            self.k_codes = _slice(self.k_codes, start, stop)
+            self.k_codes = slice_tokens(self.k_codes, start, stop)
 
     def _slice_residual(self, start: int | None, stop: int | None) -> None:
-        for name in _RESIDUAL:
-            setattr(self, name, _slice(getattr(self, name), start, stop))
+        for name in RESIDUAL_FIELDS:
+            setattr(self, name, slice_tokens(getattr(self, name), start, stop))
 
     def _held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps between steps: its storage and the rotation plan of

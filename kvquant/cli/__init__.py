@@ -9,11 +9,11 @@ import sys
 import traceback
 
 from kvquant.cli.calibrate import calibration_config, codebook_config
-from kvquant.cli.options import DEFAULTS, _config_values, check_writable
+from kvquant.cli.options import DEFAULTS, config_values, check_writable
 from kvquant.cli.parser import build_parser
 
 __all__ = ["DEFAULTS", "USER_ERRORS", "build_parser", "calibration_config", "check_writable", "codebook_config", "main",
-           "_config_values"]
+           "config_values"]
 
 
 #: What a run reports as one line (exit 2) rather than a traceback: bad options and files, missing

@@ -6,10 +6,10 @@ import sys
 from dataclasses import fields
 
 from kvquant.cli.options import (
-    _check_context,
-    _load,
-    _option,
-    _resolve,
+    check_context,
+    load_model_of,
+    option_name,
+    resolve_options,
     option_text,
 )
 
@@ -74,7 +74,7 @@ def cmd_calibrate(args) -> None:
     from kvquant.io.data import load_text, make_windows
     from kvquant.io.fingerprint import ModelFingerprint
 
-    _resolve(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
+    resolve_options(args, ["model", "dataset", "seqlen", "samples", "bits_q", "bits_k", "method", "norm", "group", "sink",
                     "outliers", "rope", "budget", "effective_bits", "budget_sides", "bits_v", "scale_bits", "dtype",
                     "device", "out"])
     if not args.out:
@@ -86,8 +86,8 @@ def cmd_calibrate(args) -> None:
     if distributed.world()[1] > 1 and args.device_map:
         raise ValueError("--device-map places one model over several devices; with several processes each holds "
                          "its own copy: drop one of them")
-    model, tok = _load(args)
-    _check_context(model, args.seqlen, "--seqlen")
+    model, tok = load_model_of(args)
+    check_context(model, args.seqlen, "--seqlen")
     config = calibration_config(vars(args), ModelFingerprint.from_model(model).head_dim, args.seqlen, args.defaulted)
     if _bits_as_target(vars(args), args.defaulted):
         print(f"--bits-q {args.bits_q} --bits-k {args.bits_k}: {args.bits_q} effective bits per query and key entry, "
@@ -119,7 +119,7 @@ def _check_combination(options: dict, defaulted: set[str]) -> dict:
     if options["effective_bits"] and options["budget"]:
         raise ValueError("give --effective-bits (every bit counted) or --budget (code bits only), not both")
     if options["effective_bits"] and len(given) == 1:
-        raise ValueError(f"{_option(given.pop())} alone would be ignored: under --effective-bits, --bits-q and --bits-k "
+        raise ValueError(f"{option_name(given.pop())} alone would be ignored: under --effective-bits, --bits-q and --bits-k "
                          "are together the most bits one channel may get; give both, or --effective-bits 0 for fixed bits")
     if "budget_sides" not in defaulted and not (options["budget"] or options["effective_bits"]):
         raise ValueError("--budget-sides would be ignored: it says what --effective-bits/--budget spread bits over; "

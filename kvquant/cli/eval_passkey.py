@@ -6,13 +6,13 @@ import json
 import re
 from pathlib import Path
 
-from kvquant.cli.eval_ppl import _rows
+from kvquant.cli.eval_ppl import baseline_rows
 from kvquant.cli.options import (
-    _check_context,
-    _load,
-    _numbers,
-    _resolve,
-    _trained_context,
+    check_context,
+    load_model_of,
+    comma_numbers,
+    resolve_options,
+    trained_context,
 )
 
 
@@ -23,11 +23,11 @@ def cmd_eval_passkey(args) -> None:
     from kvquant.io.data import needs_bos
     from kvquant.io.fileio import atomic_paths
 
-    _resolve(args, ["model", "dtype", "device"])
-    lengths = _numbers("--lengths", args.lengths, int) if args.lengths is not None else None
+    resolve_options(args, ["model", "dtype", "device"])
+    lengths = comma_numbers("--lengths", args.lengths, int) if args.lengths is not None else None
     if lengths and min(lengths) < 1:
         raise ValueError(f"--lengths are token counts >= 1, got {args.lengths}")
-    depths = _numbers("--depths", args.depths)
+    depths = comma_numbers("--depths", args.depths)
     if any(not 0 <= d <= 100 for d in depths):
         raise ValueError(f"--depths are percentages in 0..100, got {args.depths}")
     if args.plots:
@@ -37,17 +37,17 @@ def cmd_eval_passkey(args) -> None:
             raise ValueError("--plots needs matplotlib: pip install 'kvquant-density[plot]'")
     books = Codebooks.load(args.codebooks) if args.codebooks else None
     seqlen = int(books.calibration["seqlen"]) if books is not None else None
-    rows = _rows(args.baselines or "fp", books, own=books is not None, seqlen=seqlen, generation=True)
-    model, tok = _load(args)
+    rows = baseline_rows(args.baselines or "fp", books, own=books is not None, seqlen=seqlen, generation=True)
+    model, tok = load_model_of(args)
     if books is not None:
         books.check_fits(model)
-    trained = _trained_context(model)
+    trained = trained_context(model)
     lengths = lengths or [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
                           if trained is None or n + ANSWER_TOKENS <= trained]
     if not lengths:
         raise ValueError(f"the model's trained context ({trained} tokens) is below the default lengths "
                          f"(1024 + {ANSWER_TOKENS} answer tokens and up): give --lengths")
-    _check_context(model, max(lengths), "--lengths", extra=ANSWER_TOKENS)
+    check_context(model, max(lengths), "--lengths", extra=ANSWER_TOKENS)
     for n in lengths:  # too short for the prompt's fixed parts: an error before the first answer
         try:
             passkey_prompt(tok, n, 0.5, 0, bos=needs_bos(tok))

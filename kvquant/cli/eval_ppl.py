@@ -6,13 +6,13 @@ import json
 import sys
 
 from kvquant.cli.options import (
-    _check_context,
-    _load,
-    _resolve,
+    check_context,
+    load_model_of,
+    resolve_options,
 )
 
 
-def _rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool) -> dict:
+def baseline_rows(baselines: str, books, own: bool, seqlen: int | None, generation: bool) -> dict:
     """The rows of ``--baselines`` (:func:`kvquant.evaluation.perplexity.make_rows`): fp first if not given (the
     reference of Δ, KL divergence, top-1 and passkey judgement), the codebook file's own method
     appended when ``own``, codebook rows dropped when there is no file — each such change printed
@@ -80,9 +80,9 @@ def cmd_eval_ppl(args) -> None:
     from kvquant.io.data import calibration_overlap, load_text, make_windows
     from kvquant.io.fileio import write_text
 
-    _resolve(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
+    resolve_options(args, ["model", "dataset", "seqlen", "windows", "baselines", "dtype", "device"])
     books = Codebooks.load(args.codebooks) if args.codebooks else None
-    rows = _rows(args.baselines, books, own=books is not None, seqlen=args.seqlen, generation=args.mode == "generation")
+    rows = baseline_rows(args.baselines, books, own=books is not None, seqlen=args.seqlen, generation=args.mode == "generation")
     if args.mode != "generation" and books is not None and books.config.budget_sides == "k":
         rows = _keys_only_own_row(rows, books)
     if args.mode == "generation":
@@ -96,10 +96,10 @@ def cmd_eval_ppl(args) -> None:
                          "file's calibration; give --codebooks or drop it")
     source = args.text_file or args.dataset
     text = load_text(args.text_file) if args.text_file else load_text(args.dataset, split="test")
-    model, tok = _load(args)
+    model, tok = load_model_of(args)
     if books is not None:
         books.check_fits(model)
-    _check_context(model, args.seqlen, "--seqlen")
+    check_context(model, args.seqlen, "--seqlen")
     windows = make_windows(tok, text, args.seqlen, args.windows, from_end=False, source=source)
     overlap = calibration_overlap(books.calibration, windows) if books is not None else None
     if overlap and not args.allow_overlap:

