@@ -24,13 +24,17 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def native_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` multiplies matrices in ``dtype`` with hardware support: float32 everywhere;
-    bfloat16/float16 on CUDA, and on the CPU where oneDNN has kernels for them
-    (``torch.ops.mkldnn._is_mkldnn_bf16_supported`` / ``_is_mkldnn_fp16_supported``)."""
+    bfloat16 on CUDA where ``torch.cuda.is_bf16_supported()`` (Ampere on), float16 on CUDA; on the CPU
+    where oneDNN has kernels for them (``torch.ops.mkldnn._is_mkldnn_bf16_supported`` /
+    ``_is_mkldnn_fp16_supported``; a torch without these checks is taken at its word: native)."""
     device = torch.device(device)
-    if dtype not in _HALF or device.type != "cpu":
+    if dtype not in _HALF or device.type not in ("cpu", "cuda"):
         return True
-    check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported
-    return bool(check())
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    check = getattr(torch.ops.mkldnn, name, None)
+    return True if check is None else bool(check())
 
 
 def auto_dtype(shipped: torch.dtype | None, device: str | torch.device = "cpu", name: str = "the model") -> torch.dtype | str:
@@ -39,10 +43,12 @@ def auto_dtype(shipped: torch.dtype | None, device: str | torch.device = "cpu", 
     natively (:func:`native_dtype`), else float32 with a warning naming the reason and the override."""
     if shipped is None or native_dtype(shipped, device):
         return "auto" if shipped is None else shipped
-    kind = str(shipped).removeprefix("torch.")
+    kind, device = str(shipped).removeprefix("torch."), torch.device(device)
+    where = (f"this CPU (torch CPU capability {torch.backends.cpu.get_cpu_capability()})" if device.type == "cpu"
+             else f"this {device.type} device")
     logger.warning(
-        "%s ships in %s, which this CPU computes without hardware support (torch CPU capability %s: "
-        "emulated, several times slower than float32); loading it in float32 — give --dtype %s (dtype=torch.%s) to run "
-        "it in %s anyway", name, kind, torch.backends.cpu.get_cpu_capability(), kind, kind, kind,
+        "%s ships in %s, which %s computes without hardware support (emulated, several times slower than "
+        "float32); loading it in float32 — give --dtype %s (dtype=torch.%s) to run it in %s anyway",
+        name, kind, where, kind, kind, kind,
     )
     return torch.float32
