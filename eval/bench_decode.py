@@ -1,6 +1,7 @@
 """Decode speed and memory of kvquant's KV cache against transformers' DynamicCache, all rows in one run.
 
-(a) CPU (always): the real offline model in ``--dtype`` (default bfloat16, as shipped), a prompt
+(a) CPU (always): the real offline model in ``--dtype`` (default ``auto``: bfloat16 as shipped, float32
+    on a CPU without bfloat16 instructions), a prompt
     from the start of the corpus (disjoint from the codebook file's calibration windows) prefilled
     once per row and context at batch 1 and repeated to each batch size
     (``Cache.batch_repeat_interleave``), then ``--steps`` greedy decoding steps timed one by one
@@ -18,7 +19,7 @@
     vs :func:`kvquant.kernels.triton_decode.decode_step`, with the bytes each reads and a measured copy
     bandwidth.
 
-Usage:  python eval/bench_decode.py --codebooks out/default.safetensors [--dtype bfloat16]
+Usage:  python eval/bench_decode.py --codebooks out/default.safetensors [--dtype auto]
             [--contexts 2048,8192,32768] [--batches 1,8] [--steps 8] [--threads 1,2]
             [--rows fp,lambda-lloyd,...] [--gpu]
 Prints markdown tables, writes out/bench_decode.json, docs/decode_speed.png (``plot`` extra) and
@@ -346,8 +347,9 @@ def platform_line() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = codebook_parser(__doc__)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                    help="the model's dtype (default bfloat16, as the offline models ship)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                    help="the model's dtype (default auto, as `kvquant --dtype auto`: bfloat16 as the offline models "
+                         "ship, float32 on a CPU without bfloat16 instructions)")
     ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=8)
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     if names[:1] != ["fp"]:
         raise ValueError("--rows must start with fp (the reference of the ratios)")
     t0 = time.perf_counter()
-    books, model, tok, text = load(args, dtype=getattr(torch, args.dtype))
+    books, model, tok, text = load(args, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
+    args.dtype = str(model.dtype).removeprefix("torch.")
     prompt = held_out_windows(tok, text, max(args.contexts), 1, books.calibration).ids[:1]
     bandwidth = {}
     for t in args.threads:

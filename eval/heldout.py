@@ -21,7 +21,7 @@ def codebook_parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def load(args: argparse.Namespace, dtype: torch.dtype = torch.float32):
+def load(args: argparse.Namespace, dtype: torch.dtype | str = torch.float32):
     """``(books, model, tokenizer, text)``: the codebook file, its model in ``dtype`` (checked to fit;
     float32 for the float32 tables of BENCHMARKS.md) and the text (test split; pass
     ``books.calibration`` to :func:`kvquant.io.data.held_out_windows`)."""
