@@ -80,13 +80,13 @@ def _held_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def _prefill(model, prompt, cache) -> torch.Tensor:
+def prefill(model, prompt, cache) -> torch.Tensor:
     """Fill ``cache`` with ``prompt`` (1, P); the greedy next token (1, 1)."""
     return model(prompt, **cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.no_grad()
-def _step(model, cache, token) -> tuple[torch.Tensor, float, int]:
+def greedy_step(model, cache, token) -> tuple[torch.Tensor, float, int]:
     """One greedy step: the next token, its seconds, and the peak resident growth during it."""
     _reset_peak()
     before = _rss("VmRSS")
@@ -146,7 +146,7 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
             if how == "dequantize":
                 for layer in cache.layers:
                     layer.reads_codes = False
-            first[name] = run(name, _prefill, prompt, cache)
+            first[name] = run(name, prefill, prompt, cache)
             caches[name] = cache
         for batch in args.batches:
             live = {n: copy.deepcopy(c) for n, c in caches.items()} if batch > 1 else caches
@@ -161,7 +161,7 @@ def cpu_rows(args, books, model, prompt_ids, names: list[str]) -> list[dict]:
                 transient = dict.fromkeys(names, 0)
                 for _ in range(args.steps):
                     for n in names:
-                        token[n], sec, grow = run(n, _step, live[n], token[n])
+                        token[n], sec, grow = run(n, greedy_step, live[n], token[n])
                         times[n].append(sec)
                         transient[n] = max(transient[n], grow)
                 for n in names:

@@ -1,6 +1,6 @@
 """Exploratory: where a decoding step's time goes, kvquant's cache against transformers' DynamicCache.
 
-Prefills ``--context`` tokens of enwiki-excerpt (the start of the text, held out from the codebook
+Prefills (eval/bench_decode.py's ``prefill`` and ``greedy_step``) ``--context`` tokens of enwiki-excerpt (the start of the text, held out from the codebook
 file's calibration) into each cache, times ``--steps`` greedy steps (median) on 1 thread, then
 prints cProfile's functions by own time over the same steps for each cache — e.g. the C kernel
 (``kvquant.kernels.cpu.decode_step``) against ``scaled_dot_product_attention`` plus
@@ -17,9 +17,13 @@ import cProfile
 import io
 import pstats
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: bench_decode's prefill and timed step
+from bench_decode import greedy_step, prefill  # noqa: E402
 
 
 def main() -> None:
@@ -41,24 +45,22 @@ def main() -> None:
     books = kvquant.Codebooks.load(args.codebooks)
     ids = tok(load_text("enwiki-excerpt", split="test"), return_tensors="pt").input_ids[:, : args.context]
 
-    def prefill(cache) -> torch.Tensor:
+    def first_token(cache) -> torch.Tensor:
         torch.set_num_threads(2)
         with torch.no_grad():
-            nxt = model(ids, **kvquant.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            nxt = prefill(model, ids, cache)
         torch.set_num_threads(1)
         return nxt
 
     def steps(cache, nxt: torch.Tensor) -> float:
         times = []
-        with torch.no_grad():
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                nxt = model(nxt, **kvquant.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - t)
+        for _ in range(args.steps):
+            nxt, seconds, _ = greedy_step(model, cache, nxt)
+            times.append(seconds)
         return statistics.median(times)
 
     caches = {"DynamicCache": DynamicCache(config=model.config), "kvquant": kvquant.make_cache(model, books)}
-    first = {name: prefill(cache) for name, cache in caches.items()}
+    first = {name: first_token(cache) for name, cache in caches.items()}
     print(f"smollm2-135m · {args.dtype} · {args.context} tokens held · batch 1 · 1 thread · "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     for name, cache in caches.items():
