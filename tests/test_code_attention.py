@@ -70,7 +70,9 @@ def test_decoding_steps_read_codes_and_equal_the_dequantize_path(family, rope, m
     layers = sum(isinstance(layer, _QuantKV) for layer in cache.layers)
     assert stats["codes"] == layers * 27 and stats["dequantize"] == layers  # only the prefill dequantized
     assert stats["max_err"] < 1e-5
-    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+    # whole decodes: a later group's quantizer can turn a 1e-7 rounding difference into one other
+    # code (0.01 in a logit, against logits of std ~1.6); a wrong step moves them by O(1)
+    torch.testing.assert_close(got, ref, atol=5e-2, rtol=0)
 
 
 def test_padding_beams_allocation_and_value_widths_from_codes(monkeypatch):
@@ -116,11 +118,33 @@ def _synthetic_layer(levels: torch.Tensor, group: int, **options) -> KVQuantLaye
     return KVQuantLayer(tables, opts)
 
 
-@pytest.mark.parametrize("scale_bits,tail", [(8, "exact"), (16, "exact"), (8, "int8")])
-def test_every_level_count_window_mask_and_sinks(scale_bits, tail):
+@pytest.fixture
+def portable_kernel(monkeypatch):
+    """The kernel built for a CPU without AVX2 (no intrinsics: its portable C, what non-x86 hosts run)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    cpu_kernels._library.cache_clear()
+    assert "-mavx2" not in cpu_kernels._flags()
+    yield
+    monkeypatch.undo()
+    cpu_kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("scale_bits,tail,rows", [(8, "exact", 3), (16, "exact", 1), (8, "int8", 5), (8, "int8", 4)])
+def test_every_level_count_window_mask_and_sinks(scale_bits, tail, rows):
     """Channels of every level count the packing knows (3 and 5 as base-n digits, 2…256 as bit
     fields), a first visible token inside a group (a sliding window), exact sinks and a residual
-    (exact or INT8), a mask with a fully masked row: attend == SDPA over the dequantized tokens."""
+    (exact or INT8), a mask with a fully masked row, 1 to 5 query rows per KV head (the kernel sums
+    up to 4 at once): attend == SDPA over the dequantized tokens."""
+    _check_every_level_count(scale_bits, tail, rows)
+
+
+def test_portable_kernel_equals_the_reference(portable_kernel):
+    """The same checks on the kernel compiled without AVX2 (its portable lookups and GNU C vectors)."""
+    _check_every_level_count(8, "int8", 5)
+    _check_every_level_count(16, "exact", 3)
+
+
+def _check_every_level_count(scale_bits: int, tail: str, rows: int) -> None:
     counts = sorted(LEVEL_PACKING)
     levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
     layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3, tail=tail)
@@ -129,7 +153,7 @@ def test_every_level_count_window_mask_and_sinks(scale_bits, tail):
         layer.update(torch.randn(3, 2, n, 24, generator=g) * 3 + 1, torch.randn(3, 2, n, 24, generator=g))
     assert layer.quantized_tokens == 48 and layer.res_k.shape[2] == 8
     k, v = layer._materialize()
-    q = torch.randn(3, 6, 1, 24, generator=g)
+    q = torch.randn(3, 2 * rows, 1, 24, generator=g)
     for start in (0, 1, 21):
         visible = k.shape[2] - start
         mask = torch.rand(3, 1, 1, visible, generator=g) > 0.3
@@ -203,9 +227,13 @@ def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
         assert plan is not None and plan.base.shape[1] == 2 and plan.delta is None
         held = sum(t.untyped_storage().nbytes() for t in layer._tensors())
         assert layer.memory_bytes() == held + sum(t.untyped_storage().nbytes() for t in plan.tensors())
-        # the δ tables are one copy for the cache's layers (same rope), counted once
-        assert cache.layers[1]._plan.cosd is plan.cosd
-        assert cache.memory_bytes() == sum(lay.memory_bytes() for lay in cache.layers) - 2 * plan.cosd.untyped_storage().nbytes()
+        # the δ tables and the groups' base tables are one copy for the cache's layers (same rope and
+        # positions), counted once
+        other = cache.layers[1]._plan
+        shared = [plan.cosd, plan.sind, plan.base, plan.base_cos, plan.base_sin]
+        assert all(a is b for a, b in zip(shared, [other.cosd, other.sind, other.base, other.base_cos, other.base_sin]))
+        assert cache.memory_bytes() == sum(lay.memory_bytes() for lay in cache.layers) - sum(
+            t.untyped_storage().nbytes() for t in shared)
         model(nxt, **cache_kwargs(cache), use_cache=True)
         assert layer._plan is plan  # same groups: kept
         for _ in range(8):

@@ -34,6 +34,17 @@ class LayerRope:
             self._shared[key] = (cos[0, :, :rh].T.contiguous(), sin[0, :, :rh].T.contiguous())
         return self._shared[key]
 
+    def latest(self, name: str, key: tuple, make: Callable[[], tuple]) -> tuple:
+        """``make()``, shared by the cache's layers of the same rotary embedding that ask for
+        ``name`` with the same ``key``; only the newest key's value is kept (layers advance together,
+        so an older one is not asked for again)."""
+        inv_freq, a = self.frequencies()
+        slot = (name, inv_freq.data_ptr(), a)
+        held = self._shared.get(slot)
+        if held is None or held[0] != key:
+            held = self._shared[slot] = (key, make())
+        return held[1]
+
     def positions(self, batch: int, n: int) -> torch.Tensor:
         """Position ids (B, 1, n) int32 of the ``n`` tokens this layer is being updated with."""
         pos = getattr(self.module, "kvquant_positions", None)

@@ -3,10 +3,12 @@ compiled on first use with the system C compiler and called through ctypes.
 
 Why C: a decode step is memory-bound, and a cache of ~4-bit codes reads an eighth of the bytes
 of a float32 cache — but only if the step does not first write every held key and value out in
-float32 (what the dequantize path does). :func:`decode_step` reads the codes once per step,
-unpacks them 8 at a time, looks centers up with AVX2 permutes (levels ≤ 16), fuses the rotation
-and the dot products, and runs the exact tokens, the mask, the softmax and the value sums in the
-same call, so nothing of size (tokens × head_dim) is written and no torch op runs per token.
+float32 (what the dequantize path does). :func:`decode_step` reads the codes once per step, one
+key group at a time: each channel's keys from its codes (8 at a time; AVX2 permutes for ≤ 16
+levels, gathers beyond), then the rotation and the dot products with the query rows' sums held in
+registers; and runs the exact tokens, the mask, the softmax and the value sums (8 tokens' value
+rows at once) in the same call, so nothing of size (tokens × head_dim) is written and no torch op
+runs per token.
 
 Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quantized values):
 
@@ -26,7 +28,8 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
 * exact tokens: the sinks ``(B, H, n_sink, D)`` laid over their code slots and the residual
   ``(B, H, n_exact, D)``, float32; the mask ``(B, visible)`` uint8, 1 = attend.
 
-Build: ``$CC`` (default ``cc``) with ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
+Build: ``$CC`` (default ``cc``; GCC or clang: the kernel uses GNU C vector extensions) with
+``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
 it, ``-mavx2 -mfma`` when torch reports AVX2 on this CPU; the library is cached in
 ``$KVQUANT_HOME/kernels/`` under a hash of the source, flags and compiler, written to a temp
 file and renamed (a killed build leaves no half-written library). :func:`available` says

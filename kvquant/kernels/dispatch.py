@@ -61,46 +61,48 @@ def step_kernel(kernel: str, device: torch.device, group: int) -> tuple[StepKern
 class RotationPlan:
     """What the kernel needs to rotate one layer's quantized keys, rebuilt when the held groups change.
 
-    ``base`` (B, m) int64: each group's base position p₀ (its cos/sin are computed per step by
-    :meth:`base_tables` rather than held: (B, m, r/2) float32 per layer would be ~2 bytes per
-    token and layer); ``cosd``/``sind`` (r/2, Δ): the model's ``a·cos(θ δ)``, ``a·sin(θ δ)``,
+    ``base`` (B, m) int64: each group's base position p₀; ``base_cos``/``base_sin`` (B, m, r/2)
+    float32: ``cos(θ p₀)``, ``sin(θ p₀)`` — the model's tables divided by the rotary scaling ``a``
+    (the δ tables carry it) — one copy for the cache's layers whose groups lie at the same stream
+    positions (:meth:`kvquant.cache.LayerRope.latest`), so ~4 bytes per token for the whole cache
+    rather than per layer; ``cosd``/``sind`` (r/2, Δ): the model's ``a·cos(θ δ)``, ``a·sin(θ δ)``,
     one copy per cache (:meth:`kvquant.cache.LayerRope.delta_tables`); ``delta`` (B, S) int32
     rows into them, or None when positions are the stream (δ = token index mod G); all None for
     keys stored after the rotation. ``key`` identifies the held state it was built for."""
 
     key: tuple
     base: torch.Tensor | None
+    base_cos: torch.Tensor | None
+    base_sin: torch.Tensor | None
     cosd: torch.Tensor | None
     sind: torch.Tensor | None
     delta: torch.Tensor | None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.base, self.cosd, self.sind, self.delta) if t is not None]
-
-    def base_tables(self, rope) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``cos(θ p₀)``, ``sin(θ p₀)`` (B, m, r/2) float32 at each group's base position: the
-        model's tables (``rope``: the layer's :class:`kvquant.cache.LayerRope`) divided by the
-        rotary scaling ``a``; (None, None) for keys stored after the rotation."""
-        if self.base is None:
-            return None, None
-        cos_b, sin_b = rope.tables(self.base)
-        rh, a = self.cosd.shape[0], self.cosd[:, 0]  # a·cos(0) = a
-        return (cos_b[..., :rh] / a).contiguous(), (sin_b[..., :rh] / a).contiguous()
+        return [t for t in (self.base, self.base_cos, self.base_sin, self.cosd, self.sind, self.delta) if t is not None]
 
     @classmethod
     def build(cls, layer, key: tuple) -> "RotationPlan":
         """The plan for ``layer``'s quantized tokens (pre-RoPE keys: ``layer.rope`` set)."""
         g, b, sq = layer.group, layer.k_codes.shape[0], layer.quantized_tokens
         if layer.rope is None:
-            return cls(key, None, None, None, None)
-        pos = layer._quantized_positions().long()  # (B, S)
-        grouped = pos.view(b, sq // g, g)
-        base = grouped.amin(-1)  # (B, m)
-        span = int((grouped.amax(-1) - base).max()) + 1 if sq else 1
+            return cls(key, None, None, None, None, None, None)
         stream = layer.k_pos is None
+
+        def bases() -> tuple[torch.Tensor, ...]:
+            grouped = layer._quantized_positions().long().view(b, sq // g, g)  # (B, m, G)
+            base = grouped.amin(-1).contiguous()  # (B, m)
+            cos_b, sin_b = layer.rope.tables(base)
+            inv_freq, a = layer.rope.frequencies()
+            rh = inv_freq.shape[0]
+            return grouped, base, (cos_b[..., :rh] / a).contiguous(), (sin_b[..., :rh] / a).contiguous()
+
+        # stream positions: the key fixes every base position, so layers at the same key share them
+        grouped, base, base_cos, base_sin = layer.rope.latest("group bases", key, bases) if stream else bases()
+        span = int((grouped.amax(-1) - base).max()) + 1 if sq else 1
         cos_d, sin_d = layer.rope.delta_tables(g if stream else max(span, 1))  # (r/2, Δ), a included
         delta = None if stream else (grouped - base.unsqueeze(-1)).reshape(b, sq).to(torch.int32).contiguous()
-        return cls(key, base.contiguous(), cos_d, sin_d, delta)
+        return cls(key, base, base_cos, base_sin, cos_d, sin_d, delta)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +130,6 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     scaling = d**-0.5 if scaling is None else float(scaling)
     plan = layer._rotation_plan()
     res_k, res_v = layer._residual()  # sinks still there as their exact copies
-    base_cos, base_sin = plan.base_tables(layer.rope)
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
     out = torch.empty(b, h, hq // h, d)
@@ -139,7 +140,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
                 rms_values=int(o.values == "rms"))
     cpu_kernels.decode_step(ints, dict(
         kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
-        base_cos=base_cos, base_sin=base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
+        base_cos=plan.base_cos, base_sin=plan.base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
         q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
         xk=_f32(res_k), xv=_f32(res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,

@@ -2,10 +2,14 @@
  *
  * Built and loaded by kvquant/kernels/cpu.py (the layout and the math are documented there).
  * kvq_decode_step runs, per (batch row, KV head) — in parallel with OpenMP when the compiler
- * has it — scores of the R query rows against the quantized keys (codes unpacked 8 at a time,
- * centers looked up with AVX2 permutes where the target has them, rotation and dot products
- * fused), the exact sinks and the exact residual; the mask; the softmax; and the value sums
- * from the value codes and the exact values. Nothing of size (tokens x head_dim) is written.
+ * has it — the scores of the R query rows against the quantized keys, one group at a time in two
+ * passes: (1) each channel's G keys from its codes (8 codes at a time: AVX2 shifts, permutes for
+ * <= 16 levels, gathers beyond, where the target has them; base-3/5 digits from tables), (2) the
+ * rotation and the dot products, 8 tokens at a time with up to 4 rows' sums held in registers over
+ * every channel; then the exact sinks and residual, the mask, the softmax, and the value sums
+ * (8 tokens' value rows decoded at once, each row's sum loaded once per 8 tokens). Nothing of
+ * size (tokens x head_dim) is written. The arithmetic on 8 floats is written once in GNU C
+ * vectors (AVX registers where the target has them, plain floats elsewhere).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -53,40 +57,60 @@ static void channel_codes(const uint8_t *rec, int64_t levels, int64_t nbits, int
 }
 
 #ifdef __AVX2__
-/* table[c] for 8 codes c < 16 (table has 16 readable entries) */
-static inline __m256 lut16(__m256 t0, __m256 t1, __m256i c) {
-  __m256 lo = _mm256_permutevar8x32_ps(t0, c), hi = _mm256_permutevar8x32_ps(t1, c);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+/* table[c] for 8 codes c < levels: one permute (levels <= 8), two and a blend (<= 16; table has
+ * 16 readable entries), else a gather */
+static inline __m256 lut(const float *table, int64_t levels, __m256i c) {
+  __m256 t0 = _mm256_loadu_ps(table);
+  if (levels <= 8) return _mm256_permutevar8x32_ps(t0, c);
+  if (levels <= 16) {
+    __m256 lo = _mm256_permutevar8x32_ps(t0, c), hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), c);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+  }
+  return _mm256_i32gather_ps(table, c, 4);
+}
+
+/* dst[t] = table[code_t] for n codes (a multiple of 8) of nb-bit fields (nb <= 8): each 8 fields'
+ * first four from the word's low 32 bits, the last four from the 32 bits at 4 nb, shifted by 0,
+ * nb, 2 nb, 3 nb (< 32) */
+static inline __attribute__((always_inline)) void fields8(int nb, const uint8_t *rec, int64_t n, const float *table,
+                                                          float *dst) {
+  const __m256i sh = _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 0, nb, 2 * nb, 3 * nb);
+  const __m256i mk = _mm256_set1_epi32((1 << nb) - 1);
+  for (int64_t u = 0; u < n / 8; u++) {
+    uint64_t w = 0; /* bytes combined in registers: a memcpy of nb < 8 bytes into w stalls the load */
+    for (int k = 0; k < nb; k++) w |= (uint64_t)rec[u * nb + k] << (8 * k);
+    int lo = (int)(uint32_t)w, hi = (int)(uint32_t)(w >> (4 * nb));
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi), sh), mk);
+    _mm256_storeu_ps(dst + 8 * u, lut(table, 1 << nb, c)); /* 2^nb levels: the branch folds */
+  }
 }
 #endif
 
-/* dst[t] = table[code_t] for n codes (a multiple of 8) of nbits-bit fields (powers of two levels)
- * or levels 3 / 5; table has at least 16 readable entries. */
+/* dst[t] = table[code_t] for n codes (a multiple of 8) of one channel (levels 3 / 5, or nbits-bit
+ * fields, nbits <= 8); table has at least 16 readable entries. */
 static void lookup_codes(const uint8_t *rec, int64_t levels, int64_t nbits, int64_t n, const float *table,
                          float *dst, int32_t *codes, const uint8_t *d3, const uint8_t *d5) {
 #ifdef __AVX2__
-  if (levels != 3 && levels != 5 && nbits <= 4) {
-    __m256 t0 = _mm256_loadu_ps(table), t1 = _mm256_loadu_ps(table + 8);
-    switch (nbits) {
-#define LOOKUP(NB)                                                                                  \
-  case NB: {                                                                                        \
-    const __m256i sh = _mm256_setr_epi32(0, NB, 2 * NB, 3 * NB, 4 * NB, 5 * NB, 6 * NB, 7 * NB);  \
-    const __m256i mk = _mm256_set1_epi32((1 << NB) - 1);                                            \
-    for (int64_t u = 0; u < n / 8; u++) {                                                           \
-      uint32_t w = 0;                                                                               \
-      memcpy(&w, rec + u * NB, NB);                                                                 \
-      __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mk);           \
-      _mm256_storeu_ps(dst + 8 * u, lut16(t0, t1, c));                                              \
-    }                                                                                               \
-    return;                                                                                         \
+  if (levels == 3 || levels == 5) {
+    channel_codes(rec, levels, nbits, n, codes, d3, d5);
+    for (int64_t u = 0; u < n / 8; u++)
+      _mm256_storeu_ps(dst + 8 * u, lut(table, levels, _mm256_loadu_si256((const __m256i *)(codes + 8 * u))));
+    return;
   }
-      LOOKUP(1) LOOKUP(2) LOOKUP(3) LOOKUP(4)
-#undef LOOKUP
-    }
+  switch (nbits) { /* constant widths, so each record read is one load */
+    case 1: fields8(1, rec, n, table, dst); break;
+    case 2: fields8(2, rec, n, table, dst); break;
+    case 3: fields8(3, rec, n, table, dst); break;
+    case 4: fields8(4, rec, n, table, dst); break;
+    case 5: fields8(5, rec, n, table, dst); break;
+    case 6: fields8(6, rec, n, table, dst); break;
+    case 7: fields8(7, rec, n, table, dst); break;
+    default: fields8(8, rec, n, table, dst); break;
   }
-#endif
+#else
   channel_codes(rec, levels, nbits, n, codes, d3, d5);
   for (int64_t t = 0; t < n; t++) dst[t] = table[codes[t]];
+#endif
 }
 
 /* ---- the step ---------------------------------------------------------------------------- */
@@ -144,13 +168,110 @@ static inline float dot(const float *x, const float *y, int64_t n) {
   return s;
 }
 
-/* scores sc[r * G + t] = q'_r . R(delta_t) k^_t of group g's G tokens */
-static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, const float *q, float *qg, float *sc,
-                         float *table, float *k1, float *k2, int32_t *codes) {
-  const int64_t G = a->G, D = a->D, R = a->R, rh = a->rh;
+/* Eight floats in a GNU C vector (AVX registers where the target has them, else plain floats):
+ * the rotation, the dot products and the value sums are written once for every target. */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld8(const float *p) {
+  v8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void st8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp_neg on eight floats at once (the same steps; n by truncating x log2(e) - 1/2, x <= 0) */
+static inline v8 exp_neg8(v8 x) {
+  const v8 lo = (v8){0} - 87.0f;
+  v8i below = x < lo;
+  x = (v8)(((v8i)x & ~below) | ((v8i)lo & below));
+  v8 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, v8i), v8);
+  v8 r = x - n * 0.693145752f - n * 1.42860677e-6f;
+  v8 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+/* pr[0..n) = softmax(pr) over the entries mask allows (mask NULL: all), the others 0; a row with
+ * no allowed entry becomes zeros (it attends to nothing, as SDPA) */
+static void softmax(float *pr, int64_t n, const uint8_t *mask) {
+  float mx = -INFINITY, sum = 0.0f;
+  for (int64_t t = 0; t < n; t++)
+    if ((!mask || mask[t]) && pr[t] > mx) mx = pr[t];
+  if (mx == -INFINITY) {
+    memset(pr, 0, sizeof(float) * n);
+    return;
+  }
+  int64_t t = 0;
+  v8 acc = {0};
+  for (; t + 8 <= n; t += 8) {
+    v8 e = exp_neg8(ld8(pr + t) - mx);
+    st8(pr + t, e);
+    acc += e;
+  }
+  for (; t < n; t++) pr[t] = exp_neg(pr[t] - mx);
+  if (mask)
+    for (t = 0; t < n; t++) pr[t] = mask[t] ? pr[t] : 0.0f;
+  if (mask) {
+    for (t = 0; t < n; t++) sum += pr[t];
+  } else {
+    for (int k = 0; k < 8; k++) sum += acc[k];
+    for (t = n - n % 8; t < n; t++) sum += pr[t];
+  }
+  float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (t = 0; t + 8 <= n; t += 8) st8(pr + t, ld8(pr + t) * inv);
+  for (; t < n; t++) pr[t] *= inv;
+}
+
+/* Group g's keys k^[j * G + t] = centers[code]·half + mid of channel j, token t (pass 1). */
+static void group_keys(const kvq_step *a, int64_t b, int64_t h, int64_t g, float *kf, float *table, int32_t *codes) {
+  const int64_t G = a->G, D = a->D;
   const uint8_t *rec = a->kcodes + (b * a->m + g) * a->gb;
   const int64_t sidx = ((b * a->H + h) * a->m + g) * D;
-  for (int64_t r = 0; r < R; r++) { /* the query rotated back to the group's base position */
+  for (int64_t j = 0; j < D; j++) {
+    const int64_t c = h * D + j, levels = a->ch_levels[c];
+    float mid, half;
+    scale_pair(a, a->kmid, a->khalf, sidx + j, &mid, &half);
+    const float *cent = a->kcent + c * a->K;
+    for (int64_t l = 0; l < levels; l++) table[l] = cent[l] * half + mid;
+    lookup_codes(rec + a->ch_off[c], levels, a->ch_bits[c], G, table, kf + j * G, codes, a->d3, a->d5);
+  }
+}
+
+/* Scores of NR (<= 4) query rows qr[r * D] against 8 tokens from t0 (pass 2): rotary pairs
+ * (j, j + rh) rotated by the tokens' R(delta) (rows cs / sn of the tables, stride st), then the
+ * channels past the rotary ones. The rows' sums stay in registers over every channel. */
+static inline __attribute__((always_inline)) void dots8(int NR, const float *qr, const float *kf, int64_t G,
+                                                        int64_t D, int64_t rh, const float *cs, const float *sn,
+                                                        int64_t st, int64_t t0, float *sc) {
+  v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+  for (int64_t j = 0; j < rh; j++) {
+    v8 x1 = ld8(kf + j * G + t0), x2 = ld8(kf + (j + rh) * G + t0);
+    v8 c = ld8(cs + j * st + t0), s = ld8(sn + j * st + t0);
+    v8 y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+    s0 += qr[j] * y1 + qr[j + rh] * y2;
+    if (NR > 1) s1 += qr[D + j] * y1 + qr[D + j + rh] * y2;
+    if (NR > 2) s2 += qr[2 * D + j] * y1 + qr[2 * D + j + rh] * y2;
+    if (NR > 3) s3 += qr[3 * D + j] * y1 + qr[3 * D + j + rh] * y2;
+  }
+  for (int64_t j = 2 * rh; j < D; j++) {
+    v8 x = ld8(kf + j * G + t0);
+    s0 += qr[j] * x;
+    if (NR > 1) s1 += qr[D + j] * x;
+    if (NR > 2) s2 += qr[2 * D + j] * x;
+    if (NR > 3) s3 += qr[3 * D + j] * x;
+  }
+  st8(sc + t0, s0);
+  if (NR > 1) st8(sc + G + t0, s1);
+  if (NR > 2) st8(sc + 2 * G + t0, s2);
+  if (NR > 3) st8(sc + 3 * G + t0, s3);
+}
+
+/* scores sc[r * G + t] = q'_r . R(delta_t) k^_t of group g's G tokens, q' the query rotated back
+ * to the group's base position */
+static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, const float *q, float *qg, float *sc,
+                         float *table, float *kf, float *rot, int32_t *codes) {
+  const int64_t G = a->G, D = a->D, R = a->R, rh = a->rh;
+  for (int64_t r = 0; r < R; r++) {
     const float *qr = q + r * D;
     float *o = qg + r * D;
     for (int64_t i = 0; i < rh; i++) {
@@ -160,64 +281,79 @@ static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, con
     }
     for (int64_t j = 2 * rh; j < D; j++) o[j] = qr[j];
   }
-  memset(sc, 0, sizeof(float) * R * G);
-  for (int64_t j = 0; j < D; j++) {
-    if (j >= rh && j < 2 * rh) continue; /* second of a pair: done with its first */
-    int64_t pair = j < rh;
-    for (int64_t z = 0; z <= pair; z++) {
-      int64_t jj = j + z * rh, c = h * D + jj;
-      float mid, half;
-      scale_pair(a, a->kmid, a->khalf, sidx + jj, &mid, &half);
-      const float *cent = a->kcent + c * a->K;
-      for (int64_t l = 0; l < a->ch_levels[c]; l++) table[l] = cent[l] * half + mid;
-      lookup_codes(rec + a->ch_off[c], a->ch_levels[c], a->ch_bits[c], G, table, z ? k2 : k1, codes, a->d3, a->d5);
+  group_keys(a, b, h, g, kf, table, codes);
+  const float *cs = a->cosd, *sn = a->sind;
+  int64_t st = a->nd;
+  if (rh && a->delta) { /* positions stored: the tokens' rows of the tables, gathered once */
+    const int32_t *dl = a->delta + (b * a->m + g) * G;
+    for (int64_t j = 0; j < rh; j++)
+      for (int64_t t = 0; t < G; t++) {
+        rot[j * G + t] = a->cosd[j * a->nd + dl[t]];
+        rot[(rh + j) * G + t] = a->sind[j * a->nd + dl[t]];
+      }
+    cs = rot, sn = rot + rh * G, st = G;
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += 4)
+    for (int64_t t0 = 0; t0 < G; t0 += 8) {
+      const float *qr = qg + r0 * D;
+      float *o = sc + r0 * G;
+      switch (R - r0 < 4 ? R - r0 : 4) {
+        case 1: dots8(1, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
+        case 2: dots8(2, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
+        case 3: dots8(3, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
+        default: dots8(4, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
+      }
     }
-    if (pair) {
-      if (!a->delta) {
-        const float *ci = a->cosd + j * a->nd, *si = a->sind + j * a->nd;
-        for (int64_t t = 0; t < G; t++) {
-          float x1 = k1[t], x2 = k2[t];
-          k1[t] = x1 * ci[t] - x2 * si[t];
-          k2[t] = x2 * ci[t] + x1 * si[t];
-        }
-      } else {
-        const int32_t *dl = a->delta + b * a->m * G + g * G;
-        for (int64_t t = 0; t < G; t++) {
-          float x1 = k1[t], x2 = k2[t], ci = a->cosd[j * a->nd + dl[t]], si = a->sind[j * a->nd + dl[t]];
-          k1[t] = x1 * ci - x2 * si;
-          k2[t] = x2 * ci + x1 * si;
-        }
-      }
-      for (int64_t r = 0; r < R; r++) {
-        float a1 = qg[r * D + j], a2 = qg[r * D + j + rh], *s = sc + r * G;
-        for (int64_t t = 0; t < G; t++) s[t] += a1 * k1[t] + a2 * k2[t];
-      }
+}
+
+/* Rows i < nb (D floats each) of the values of tokens s0 + i: centers[code]·mul + add from their
+ * codes (one lookup over the block where every token has codes: their records are contiguous), or
+ * their exact copies. */
+static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, int64_t first_code, int64_t sq,
+                       const float *vtab, float *dst, int32_t *codes) {
+  const int64_t D = a->D, levels = (int64_t)1 << a->bits_v;
+  if (s0 >= first_code && s0 + nb <= sq)
+    lookup_codes(a->vcodes + (bh * sq + s0) * a->pv, levels, a->bits_v, nb * D, vtab, dst, codes, NULL, NULL);
+  for (int64_t i = 0; i < nb; i++) {
+    const int64_t s = s0 + i;
+    float *row = dst + i * D;
+    if (s < first_code || s >= sq) {
+      memcpy(row, s < sq ? a->sink_v + (bh * a->n_sink + s) * D : a->xv + (bh * a->n_exact + s - sq) * D,
+             sizeof(float) * D);
+      continue;
+    }
+    if (s0 < first_code || s0 + nb > sq)
+      lookup_codes(a->vcodes + (bh * sq + s) * a->pv, levels, a->bits_v, D, vtab, row, codes, NULL, NULL);
+    float mul, add;
+    if (a->rms_values) {
+      mul = ((const float *)a->vscale)[bh * sq + s];
+      add = 0.0f;
     } else {
-      for (int64_t r = 0; r < R; r++) {
-        float w = qg[r * D + j], *s = sc + r * G;
-        for (int64_t t = 0; t < G; t++) s[t] += w * k1[t];
-      }
+      const int8_t *sc8 = (const int8_t *)a->vscale + (bh * sq + s) * 2;
+      mul = a->half_of_code[sc8[1] + 128];
+      add = (float)sc8[0] * mul / 16.0f;
     }
+    for (int64_t j = 0; j < D; j += 8) st8(row + j, ld8(row + j) * mul + add);
   }
 }
 
 int kvq_decode_step(const kvq_step *a) {
   const int64_t G = a->G, D = a->D, R = a->R, H = a->H, sq = a->m * G, n_all = sq + a->n_exact;
-  const int64_t start = a->start, n_vis = n_all - start;
+  const int64_t start = a->start, n_vis = n_all - start, VB = 8; /* value rows summed per block */
   int failed = 0;
 #pragma omp parallel for num_threads(a->nthreads) schedule(static) if (a->nthreads > 1 && a->B * a->H > 1)
   for (int64_t bh = 0; bh < a->B * H; bh++) {
     const int64_t b = bh / H, h = bh % H, tabn = (a->K > 256 ? a->K : 256);
-    float *buf = malloc(sizeof(float) * (tabn + 2 * G + R * G + R * D + R * n_vis + R * D + R + D + 256));
-    int32_t *codes = malloc(sizeof(int32_t) * ((G > D ? G : D) + 8));
+    float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n_vis + R * D + VB * D + 256));
+    int32_t *codes = malloc(sizeof(int32_t) * ((G > VB * D ? G : VB * D) + 8));
     if (!buf || !codes) {
       failed = 1;
       free(buf);
       free(codes);
       continue;
     }
-    float *table = buf, *k1 = table + tabn, *k2 = k1 + G, *sc = k2 + G, *qg = sc + R * G, *p = qg + R * D;
-    float *acc = p + R * n_vis, *cst = acc + R * D, *vals = cst + R, *vtab = vals + D;
+    float *table = buf, *kf = table + tabn, *rot = kf + D * G, *sc = rot + D * G, *qg = sc + R * G;
+    float *p = qg + R * D, *acc = p + R * n_vis, *vals = acc + R * D, *vtab = vals + VB * D;
     memset(table, 0, sizeof(float) * tabn);
     memset(vtab, 0, sizeof(float) * 256);
     memcpy(vtab, a->vcent, sizeof(float) * ((int64_t)1 << a->bits_v));
@@ -225,7 +361,7 @@ int kvq_decode_step(const kvq_step *a) {
     const uint8_t *mask = a->mask ? a->mask + b * n_vis : NULL;
     /* scores p[r * n_vis + (s - start)] */
     for (int64_t g = start / G; g < a->m; g++) {
-      group_scores(a, b, h, g, q, qg, sc, table, k1, k2, codes);
+      group_scores(a, b, h, g, q, qg, sc, table, kf, rot, codes);
       int64_t lo = start > g * G ? start : g * G;
       for (int64_t r = 0; r < R; r++)
         memcpy(p + r * n_vis + (lo - start), sc + r * G + (lo - g * G), sizeof(float) * ((g + 1) * G - lo));
@@ -235,54 +371,24 @@ int kvq_decode_step(const kvq_step *a) {
     for (int64_t s = (start > sq ? start : sq); s < n_all; s++)
       for (int64_t r = 0; r < R; r++)
         p[r * n_vis + s - start] = dot(q + r * D, a->xk + (bh * a->n_exact + s - sq) * D, D);
-    /* softmax per row (a row with no allowed key attends to nothing: zeros, as SDPA) */
-    for (int64_t r = 0; r < R; r++) {
-      float *pr = p + r * n_vis, mx = -INFINITY, sum = 0.0f;
-      for (int64_t t = 0; t < n_vis; t++)
-        if ((!mask || mask[t]) && pr[t] > mx) mx = pr[t];
-      if (mx == -INFINITY) { /* no allowed key */
-        memset(pr, 0, sizeof(float) * n_vis);
-        continue;
-      }
-      for (int64_t t = 0; t < n_vis; t++) pr[t] = exp_neg(pr[t] - mx);
-      if (mask)
-        for (int64_t t = 0; t < n_vis; t++) pr[t] = mask[t] ? pr[t] : 0.0f;
-      for (int64_t t = 0; t < n_vis; t++) sum += pr[t];
-      float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      for (int64_t t = 0; t < n_vis; t++) pr[t] *= inv;
-    }
-    /* values: codes, then exact sinks and residual */
-    memset(acc, 0, sizeof(float) * (R * D + R));
+    for (int64_t r = 0; r < R; r++) softmax(p + r * n_vis, n_vis, mask);
+    /* values, VB tokens at a time: their rows (from codes or exact), then acc_r += sum_i p_ri v_i
+     * with acc_r's eight floats loaded once per block */
     const int64_t first_code = start > a->n_sink ? start : a->n_sink;
-    for (int64_t s = first_code; s < sq; s++) {
-      lookup_codes(a->vcodes + (bh * sq + s) * a->pv, (int64_t)1 << a->bits_v, a->bits_v, D, vtab, vals, codes,
-                   NULL, NULL);
-      float mul, add;
-      if (a->rms_values) {
-        mul = ((const float *)a->vscale)[bh * sq + s];
-        add = 0.0f;
-      } else {
-        const int8_t *sc8 = (const int8_t *)a->vscale + (bh * sq + s) * 2;
-        mul = a->half_of_code[sc8[1] + 128];
-        add = (float)sc8[0] * mul / 16.0f;
-      }
+    memset(acc, 0, sizeof(float) * R * D);
+    for (int64_t s0 = start; s0 < n_all; s0 += VB) {
+      const int64_t nb = n_all - s0 < VB ? n_all - s0 : VB;
+      value_rows(a, bh, s0, nb, first_code, sq, vtab, vals, codes);
       for (int64_t r = 0; r < R; r++) {
-        float pr = p[r * n_vis + s - start], w = pr * mul, *ac = acc + r * D;
-        if (pr == 0.0f) continue;
-        cst[r] += pr * add;
-        for (int64_t j = 0; j < D; j++) ac[j] += w * vals[j];
+        const float *w = p + r * n_vis + s0 - start;
+        for (int64_t j = 0; j < D; j += 8) {
+          v8 x = ld8(acc + r * D + j);
+          for (int64_t i = 0; i < nb; i++) x += w[i] * ld8(vals + i * D + j);
+          st8(acc + r * D + j, x);
+        }
       }
     }
-    for (int64_t s = start; s < n_all; s++) {
-      if (s >= first_code && s < sq) continue;
-      const float *v = s < sq ? a->sink_v + (bh * a->n_sink + s) * D : a->xv + (bh * a->n_exact + s - sq) * D;
-      for (int64_t r = 0; r < R; r++) {
-        float pr = p[r * n_vis + s - start], *ac = acc + r * D;
-        for (int64_t j = 0; j < D; j++) ac[j] += pr * v[j];
-      }
-    }
-    for (int64_t r = 0; r < R; r++)
-      for (int64_t j = 0; j < D; j++) a->out[(bh * R + r) * D + j] = acc[r * D + j] + cst[r];
+    memcpy(a->out + bh * R * D, acc, sizeof(float) * R * D);
     free(buf);
     free(codes);
   }
