@@ -69,18 +69,41 @@ static inline __m256 lut(const float *table, int64_t levels, __m256i c) {
   return _mm256_i32gather_ps(table, c, 4);
 }
 
-/* dst[t] = table[code_t] for n codes (a multiple of 8) of nb-bit fields (nb <= 8): each 8 fields'
- * first four from the word's low 32 bits, the last four from the 32 bits at 4 nb, shifted by 0,
- * nb, 2 nb, 3 nb (< 32) */
+/* The nb bytes (nb <= 8) at p as a little-endian word: one load where nb is 1, 2, 4 or 8, else
+ * bytes combined in registers (a memcpy of 3 bytes into a word makes the next load stall). */
+static inline __attribute__((always_inline)) uint64_t bytes_le(const uint8_t *p, int nb) {
+  uint8_t b1;
+  uint16_t b2;
+  uint32_t b4;
+  uint64_t b8 = 0;
+  switch (nb) {
+    case 1: memcpy(&b1, p, 1); return b1;
+    case 2: memcpy(&b2, p, 2); return b2;
+    case 4: memcpy(&b4, p, 4); return b4;
+    case 8: memcpy(&b8, p, 8); return b8;
+  }
+  for (int k = 0; k < nb; k++) b8 |= (uint64_t)p[k] << (8 * k);
+  return b8;
+}
+
+/* dst[t] = table[code_t] for n codes (a multiple of 8) of nb-bit fields (nb <= 8). Eight fields
+ * are one nb-byte word: for nb <= 4 it is broadcast and shifted by 0, nb, ..., 7 nb; wider, the
+ * first four fields come from its low 32 bits and the last four from the 32 bits at 4 nb. */
 static inline __attribute__((always_inline)) void fields8(int nb, const uint8_t *rec, int64_t n, const float *table,
                                                           float *dst) {
-  const __m256i sh = _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 0, nb, 2 * nb, 3 * nb);
+  const __m256i sh = nb <= 4 ? _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb)
+                             : _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 0, nb, 2 * nb, 3 * nb);
   const __m256i mk = _mm256_set1_epi32((1 << nb) - 1);
   for (int64_t u = 0; u < n / 8; u++) {
-    uint64_t w = 0; /* bytes combined in registers: a memcpy of nb < 8 bytes into w stalls the load */
-    for (int k = 0; k < nb; k++) w |= (uint64_t)rec[u * nb + k] << (8 * k);
-    int lo = (int)(uint32_t)w, hi = (int)(uint32_t)(w >> (4 * nb));
-    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi), sh), mk);
+    uint64_t w = bytes_le(rec + u * nb, nb);
+    __m256i words;
+    if (nb <= 4) {
+      words = _mm256_set1_epi32((int)(uint32_t)w);
+    } else {
+      int lo = (int)(uint32_t)w, hi = (int)(uint32_t)(w >> (4 * nb));
+      words = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+    }
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(words, sh), mk);
     _mm256_storeu_ps(dst + 8 * u, lut(table, 1 << nb, c)); /* 2^nb levels: the branch folds */
   }
 }
@@ -88,7 +111,7 @@ static inline __attribute__((always_inline)) void fields8(int nb, const uint8_t 
 
 /* dst[t] = table[code_t] for n codes (a multiple of 8) of one channel (levels 3 / 5, or nbits-bit
  * fields, nbits <= 8); table has at least 16 readable entries. */
-static void lookup_codes(const uint8_t *rec, int64_t levels, int64_t nbits, int64_t n, const float *table,
+static inline void lookup_codes(const uint8_t *rec, int64_t levels, int64_t nbits, int64_t n, const float *table,
                          float *dst, int32_t *codes, const uint8_t *d3, const uint8_t *d5) {
 #ifdef __AVX2__
   if (levels == 3 || levels == 5) {
@@ -307,13 +330,12 @@ static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, con
 }
 
 /* Rows i < nb (D floats each) of the values of tokens s0 + i: centers[code]·mul + add from their
- * codes (one lookup over the block where every token has codes: their records are contiguous), or
+ * codes — up to 16 levels through a table of the token's own centers·mul + add (vtab: the
+ * centers, 16 readable; tab: 16 floats of scratch), more by centers then one multiply-add —, or
  * their exact copies. */
 static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, int64_t first_code, int64_t sq,
-                       const float *vtab, float *dst, int32_t *codes) {
+                       const float *vtab, float *tab, float *dst, int32_t *codes) {
   const int64_t D = a->D, levels = (int64_t)1 << a->bits_v;
-  if (s0 >= first_code && s0 + nb <= sq)
-    lookup_codes(a->vcodes + (bh * sq + s0) * a->pv, levels, a->bits_v, nb * D, vtab, dst, codes, NULL, NULL);
   for (int64_t i = 0; i < nb; i++) {
     const int64_t s = s0 + i;
     float *row = dst + i * D;
@@ -322,8 +344,6 @@ static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, in
              sizeof(float) * D);
       continue;
     }
-    if (s0 < first_code || s0 + nb > sq)
-      lookup_codes(a->vcodes + (bh * sq + s) * a->pv, levels, a->bits_v, D, vtab, row, codes, NULL, NULL);
     float mul, add;
     if (a->rms_values) {
       mul = ((const float *)a->vscale)[bh * sq + s];
@@ -333,7 +353,15 @@ static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, in
       mul = a->half_of_code[sc8[1] + 128];
       add = (float)sc8[0] * mul / 16.0f;
     }
-    for (int64_t j = 0; j < D; j += 8) st8(row + j, ld8(row + j) * mul + add);
+    const uint8_t *rec = a->vcodes + (bh * sq + s) * a->pv;
+    if (levels <= 16) {
+      st8(tab, ld8(vtab) * mul + add);
+      st8(tab + 8, ld8(vtab + 8) * mul + add);
+      lookup_codes(rec, levels, a->bits_v, D, tab, row, codes, NULL, NULL);
+    } else {
+      lookup_codes(rec, levels, a->bits_v, D, vtab, row, codes, NULL, NULL);
+      for (int64_t j = 0; j < D; j += 8) st8(row + j, ld8(row + j) * mul + add);
+    }
   }
 }
 
@@ -344,7 +372,7 @@ int kvq_decode_step(const kvq_step *a) {
 #pragma omp parallel for num_threads(a->nthreads) schedule(static) if (a->nthreads > 1 && a->B * a->H > 1)
   for (int64_t bh = 0; bh < a->B * H; bh++) {
     const int64_t b = bh / H, h = bh % H, tabn = (a->K > 256 ? a->K : 256);
-    float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n_vis + R * D + VB * D + 256));
+    float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n_vis + R * D + VB * D + 256 + 16));
     int32_t *codes = malloc(sizeof(int32_t) * ((G > VB * D ? G : VB * D) + 8));
     if (!buf || !codes) {
       failed = 1;
@@ -378,7 +406,7 @@ int kvq_decode_step(const kvq_step *a) {
     memset(acc, 0, sizeof(float) * R * D);
     for (int64_t s0 = start; s0 < n_all; s0 += VB) {
       const int64_t nb = n_all - s0 < VB ? n_all - s0 : VB;
-      value_rows(a, bh, s0, nb, first_code, sq, vtab, vals, codes);
+      value_rows(a, bh, s0, nb, first_code, sq, vtab, vtab + 256, vals, codes);
       for (int64_t r = 0; r < R; r++) {
         const float *w = p + r * n_vis + s0 - start;
         for (int64_t j = 0; j < D; j += 8) {
