@@ -129,18 +129,31 @@ def portable_kernel(monkeypatch):
     cpu_kernels._library.cache_clear()
 
 
-@pytest.mark.parametrize("scale_bits,tail,rows", [(8, "exact", 3), (16, "exact", 1), (8, "int8", 5), (8, "int8", 4)])
-def test_every_level_count_window_mask_and_sinks(scale_bits, tail, rows):
+@pytest.fixture
+def threads():
+    """Run with the given torch thread count (the kernel's), restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("scale_bits,tail,rows,n_threads",
+                         [(8, "exact", 3, 1), (16, "exact", 1, 1), (8, "int8", 5, 1), (8, "int8", 4, 1), (8, "int8", 3, 8)])
+def test_every_level_count_window_mask_and_sinks(scale_bits, tail, rows, n_threads, threads):
     """Channels of every level count the packing knows (3 and 5 as base-n digits, 2…256 as bit
     fields), a first visible token inside a group (a sliding window), exact sinks and a residual
     (exact or INT8), a mask with a fully masked row, 1 to 5 query rows per KV head (the kernel sums
-    up to 4 at once): attend == SDPA over the dequantized tokens."""
+    up to 4 at once), each row's tokens cut into spans merged after (8 threads for 6 rows x heads:
+    3 spans each, some with no allowed key): attend == SDPA over the dequantized tokens."""
+    threads(n_threads)
     _check_every_level_count(scale_bits, tail, rows)
 
 
-def test_portable_kernel_equals_the_reference(portable_kernel):
+def test_portable_kernel_equals_the_reference(portable_kernel, threads):
     """The same checks on the kernel compiled without AVX2 (its portable lookups and GNU C vectors)."""
+    threads(1)
     _check_every_level_count(8, "int8", 5)
+    threads(8)
     _check_every_level_count(16, "exact", 3)
 
 

@@ -8,7 +8,9 @@ key group at a time: each channel's keys from its codes (8 at a time; AVX2 permu
 levels, gathers beyond), then the rotation and the dot products with the query rows' sums held in
 registers; and runs the exact tokens, the mask, the softmax and the value sums (8 tokens' value
 rows at once) in the same call, so nothing of size (tokens × head_dim) is written and no torch op
-runs per token.
+runs per token. Threads (torch's count) take (batch row, KV head, span of key groups) tasks; a
+row's spans are merged as in flash-decoding, so a batch-1 step with 3 KV heads still uses every
+thread.
 
 Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quantized values):
 

@@ -1,15 +1,17 @@
 /* One decoding step of attention read straight from a KVQuantCache layer's codes, on the CPU.
  *
  * Built and loaded by kvquant/kernels/cpu.py (the layout and the math are documented there).
- * kvq_decode_step runs, per (batch row, KV head) — in parallel with OpenMP when the compiler
- * has it — the scores of the R query rows against the quantized keys, one group at a time in two
- * passes: (1) each channel's G keys from its codes (8 codes at a time: AVX2 shifts, permutes for
- * <= 16 levels, gathers beyond, where the target has them; base-3/5 digits from tables), (2) the
- * rotation and the dot products, 8 tokens at a time with up to 4 rows' sums held in registers over
- * every channel; then the exact sinks and residual, the mask, the softmax, and the value sums
- * (8 tokens' value rows decoded at once, each row's sum loaded once per 8 tokens). Nothing of
- * size (tokens x head_dim) is written. The arithmetic on 8 floats is written once in GNU C
- * vectors (AVX registers where the target has them, plain floats elsewhere).
+ * kvq_decode_step cuts each (batch row, KV head)'s visible tokens into spans of whole key groups
+ * (more than one only where rows x heads would leave threads idle), runs the spans in parallel
+ * with OpenMP when the compiler has it, and merges their softmax pieces as flash-decoding does.
+ * A span computes the scores of the R query rows against its quantized keys one group at a time
+ * in two passes: (1) each channel's G keys from its codes (8 codes at a time: AVX2 shifts,
+ * permutes for <= 16 levels, gathers beyond, where the target has them; base-3/5 digits from
+ * tables), (2) the rotation and the dot products, 8 tokens at a time with up to 4 rows' sums held
+ * in registers over every channel; then the exact sinks and residual, the mask, the exponentials,
+ * and the value sums (value rows decoded 8 tokens at a time, each row's sum loaded once per 8
+ * tokens). Nothing of size (tokens x head_dim) is written. The arithmetic on 8 floats is written
+ * once in GNU C vectors (AVX registers where the target has them, plain floats elsewhere).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -214,35 +216,34 @@ static inline v8 exp_neg8(v8 x) {
   return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
-/* pr[0..n) = softmax(pr) over the entries mask allows (mask NULL: all), the others 0; a row with
- * no allowed entry becomes zeros (it attends to nothing, as SDPA) */
-static void softmax(float *pr, int64_t n, const uint8_t *mask) {
-  float mx = -INFINITY, sum = 0.0f;
+/* The softmax's pieces of one row's scores pr[0..n): *mx the largest score the mask allows (mask
+ * NULL: all; -inf where none is), pr[t] = e^(pr[t] - *mx) where allowed and 0 elsewhere, and
+ * *sum their sum. */
+static void exp_scores(float *pr, int64_t n, const uint8_t *mask, float *mx, float *sum) {
+  float m = -INFINITY, total = 0.0f;
   for (int64_t t = 0; t < n; t++)
-    if ((!mask || mask[t]) && pr[t] > mx) mx = pr[t];
-  if (mx == -INFINITY) {
+    if ((!mask || mask[t]) && pr[t] > m) m = pr[t];
+  *mx = m;
+  if (m == -INFINITY) {
     memset(pr, 0, sizeof(float) * n);
+    *sum = 0.0f;
     return;
   }
   int64_t t = 0;
   v8 acc = {0};
   for (; t + 8 <= n; t += 8) {
-    v8 e = exp_neg8(ld8(pr + t) - mx);
+    v8 e = exp_neg8(ld8(pr + t) - m);
     st8(pr + t, e);
     acc += e;
   }
-  for (; t < n; t++) pr[t] = exp_neg(pr[t] - mx);
-  if (mask)
-    for (t = 0; t < n; t++) pr[t] = mask[t] ? pr[t] : 0.0f;
+  for (; t < n; t++) pr[t] = exp_neg(pr[t] - m);
   if (mask) {
-    for (t = 0; t < n; t++) sum += pr[t];
+    for (t = 0; t < n; t++) total += pr[t] = mask[t] ? pr[t] : 0.0f;
   } else {
-    for (int k = 0; k < 8; k++) sum += acc[k];
-    for (t = n - n % 8; t < n; t++) sum += pr[t];
+    for (int k = 0; k < 8; k++) total += acc[k];
+    for (t = n - n % 8; t < n; t++) total += pr[t];
   }
-  float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  for (t = 0; t + 8 <= n; t += 8) st8(pr + t, ld8(pr + t) * inv);
-  for (; t < n; t++) pr[t] *= inv;
+  *sum = total;
 }
 
 /* Group g's keys k^[j * G + t] = centers[code]·half + mid of channel j, token t (pass 1). */
@@ -365,60 +366,101 @@ static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, in
   }
 }
 
-int kvq_decode_step(const kvq_step *a) {
-  const int64_t G = a->G, D = a->D, R = a->R, H = a->H, sq = a->m * G, n_all = sq + a->n_exact;
-  const int64_t start = a->start, n_vis = n_all - start, VB = 8; /* value rows summed per block */
-  int failed = 0;
-#pragma omp parallel for num_threads(a->nthreads) schedule(static) if (a->nthreads > 1 && a->B * a->H > 1)
-  for (int64_t bh = 0; bh < a->B * H; bh++) {
-    const int64_t b = bh / H, h = bh % H, tabn = (a->K > 256 ? a->K : 256);
-    float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n_vis + R * D + VB * D + 256 + 16));
-    int32_t *codes = malloc(sizeof(int32_t) * ((G > VB * D ? G : VB * D) + 8));
-    if (!buf || !codes) {
-      failed = 1;
-      free(buf);
-      free(codes);
-      continue;
-    }
-    float *table = buf, *kf = table + tabn, *rot = kf + D * G, *sc = rot + D * G, *qg = sc + R * G;
-    float *p = qg + R * D, *acc = p + R * n_vis, *vals = acc + R * D, *vtab = vals + VB * D;
-    memset(table, 0, sizeof(float) * tabn);
-    memset(vtab, 0, sizeof(float) * 256);
-    memcpy(vtab, a->vcent, sizeof(float) * ((int64_t)1 << a->bits_v));
-    const float *q = a->q + bh * R * D;
-    const uint8_t *mask = a->mask ? a->mask + b * n_vis : NULL;
-    /* scores p[r * n_vis + (s - start)] */
-    for (int64_t g = start / G; g < a->m; g++) {
-      group_scores(a, b, h, g, q, qg, sc, table, kf, rot, codes);
-      int64_t lo = start > g * G ? start : g * G;
-      for (int64_t r = 0; r < R; r++)
-        memcpy(p + r * n_vis + (lo - start), sc + r * G + (lo - g * G), sizeof(float) * ((g + 1) * G - lo));
-    }
-    for (int64_t s = start; s < a->n_sink && s < sq; s++) /* exact sinks over their code slots */
-      for (int64_t r = 0; r < R; r++) p[r * n_vis + s - start] = dot(q + r * D, a->sink_k + (bh * a->n_sink + s) * D, D);
-    for (int64_t s = (start > sq ? start : sq); s < n_all; s++)
-      for (int64_t r = 0; r < R; r++)
-        p[r * n_vis + s - start] = dot(q + r * D, a->xk + (bh * a->n_exact + s - sq) * D, D);
-    for (int64_t r = 0; r < R; r++) softmax(p + r * n_vis, n_vis, mask);
-    /* values, VB tokens at a time: their rows (from codes or exact), then acc_r += sum_i p_ri v_i
-     * with acc_r's eight floats loaded once per block */
-    const int64_t first_code = start > a->n_sink ? start : a->n_sink;
-    memset(acc, 0, sizeof(float) * R * D);
-    for (int64_t s0 = start; s0 < n_all; s0 += VB) {
-      const int64_t nb = n_all - s0 < VB ? n_all - s0 : VB;
-      value_rows(a, bh, s0, nb, first_code, sq, vtab, vtab + 256, vals, codes);
-      for (int64_t r = 0; r < R; r++) {
-        const float *w = p + r * n_vis + s0 - start;
-        for (int64_t j = 0; j < D; j += 8) {
-          v8 x = ld8(acc + r * D + j);
-          for (int64_t i = 0; i < nb; i++) x += w[i] * ld8(vals + i * D + j);
-          st8(acc + r * D + j, x);
-        }
-      }
-    }
-    memcpy(a->out + bh * R * D, acc, sizeof(float) * R * D);
+/* Attention of row (b, h)'s R queries over its visible tokens [lo, hi) (lo >= start), in the
+ * pieces the spans' merge needs: per query row r, mx[r] the largest allowed score (-inf: none),
+ * sum[r] = sum_s e^(score_s - mx[r]) and acc[r * D + j] = sum_s e^(score_s - mx[r]) v_sj over
+ * the allowed tokens s. Returns -1 where scratch memory cannot be had. */
+static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, int64_t hi, float *mx, float *sum,
+                          float *acc) {
+  const int64_t G = a->G, D = a->D, R = a->R, sq = a->m * G, n = hi - lo, VB = 8; /* value rows per block */
+  const int64_t bh = b * a->H + h, tabn = (a->K > 256 ? a->K : 256), n_vis = sq + a->n_exact - a->start;
+  float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n + VB * D + 256 + 16));
+  int32_t *codes = malloc(sizeof(int32_t) * ((G > VB * D ? G : VB * D) + 8));
+  if (!buf || !codes) {
     free(buf);
     free(codes);
+    return -1;
   }
+  float *table = buf, *kf = table + tabn, *rot = kf + D * G, *sc = rot + D * G, *qg = sc + R * G;
+  float *p = qg + R * D, *vals = p + R * n, *vtab = vals + VB * D;
+  memset(table, 0, sizeof(float) * tabn);
+  memset(vtab, 0, sizeof(float) * 256);
+  memcpy(vtab, a->vcent, sizeof(float) * ((int64_t)1 << a->bits_v));
+  const float *q = a->q + bh * R * D;
+  const uint8_t *mask = a->mask ? a->mask + b * n_vis + (lo - a->start) : NULL;
+  /* scores p[r * n + (s - lo)]: the quantized keys group by group, then the exact sinks laid over
+   * their code slots and the exact residual */
+  for (int64_t g = lo / G; g * G < hi && g < a->m; g++) {
+    group_scores(a, b, h, g, q, qg, sc, table, kf, rot, codes);
+    const int64_t from = lo > g * G ? lo : g * G, to = hi < (g + 1) * G ? hi : (g + 1) * G;
+    for (int64_t r = 0; r < R; r++) memcpy(p + r * n + (from - lo), sc + r * G + (from - g * G), sizeof(float) * (to - from));
+  }
+  for (int64_t s = lo; s < hi && s < a->n_sink && s < sq; s++)
+    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, a->sink_k + (bh * a->n_sink + s) * D, D);
+  for (int64_t s = (lo > sq ? lo : sq); s < hi; s++)
+    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, a->xk + (bh * a->n_exact + s - sq) * D, D);
+  for (int64_t r = 0; r < R; r++) exp_scores(p + r * n, n, mask, mx + r, sum + r);
+  /* values, VB tokens at a time: their rows (from codes or exact), then acc_r += sum_i p_ri v_i
+   * with acc_r's eight floats loaded once per block */
+  const int64_t first_code = a->start > a->n_sink ? a->start : a->n_sink;
+  memset(acc, 0, sizeof(float) * R * D);
+  for (int64_t s0 = lo; s0 < hi; s0 += VB) {
+    const int64_t nb = hi - s0 < VB ? hi - s0 : VB;
+    value_rows(a, bh, s0, nb, first_code, sq, vtab, vtab + 256, vals, codes);
+    for (int64_t r = 0; r < R; r++) {
+      const float *w = p + r * n + s0 - lo;
+      for (int64_t j = 0; j < D; j += 8) {
+        v8 x = ld8(acc + r * D + j);
+        for (int64_t i = 0; i < nb; i++) x += w[i] * ld8(vals + i * D + j);
+        st8(acc + r * D + j, x);
+      }
+    }
+  }
+  free(buf);
+  free(codes);
+  return 0;
+}
+
+/* The step: each (batch row, KV head)'s visible tokens cut into S spans of whole key groups (S > 1
+ * only where there are fewer rows x heads than twice the threads, so every thread has work),
+ * the spans in parallel, then each query row's out = sum_k e^(mx_k - M) acc_k / sum_k e^(mx_k - M)
+ * sum_k with M the largest mx_k (a row with no allowed key attends to nothing: zeros, as SDPA). */
+int kvq_decode_step(const kvq_step *a) {
+  const int64_t G = a->G, D = a->D, R = a->R, BH = a->B * a->H, n_all = a->m * G + a->n_exact;
+  const int64_t g0 = a->start / G, groups = a->m - g0;
+  int64_t S = BH < 2 * a->nthreads ? (2 * a->nthreads + BH - 1) / BH : 1;
+  S = S > groups ? (groups > 0 ? groups : 1) : S;
+  const int64_t W = R * (D + 2); /* a span's pieces: acc (R x D), mx (R), sum (R) */
+  float *part = malloc(sizeof(float) * BH * S * W);
+  if (!part) return -1;
+  int failed = 0;
+#pragma omp parallel for num_threads(a->nthreads) schedule(dynamic) if (a->nthreads > 1 && BH * S > 1)
+  for (int64_t task = 0; task < BH * S; task++) {
+    const int64_t bh = task / S, k = task % S;
+    const int64_t lo = k ? (g0 + k * groups / S) * G : a->start;
+    const int64_t hi = k < S - 1 ? (g0 + (k + 1) * groups / S) * G : n_all;
+    float *pc = part + task * W;
+    if (span_attention(a, bh / a->H, bh % a->H, lo, hi, pc + R * D, pc + R * D + R, pc)) failed = 1;
+  }
+  for (int64_t bh = 0; bh < BH && !failed; bh++)
+    for (int64_t r = 0; r < R; r++) {
+      float M = -INFINITY, L = 0.0f, *out = a->out + (bh * R + r) * D;
+      for (int64_t k = 0; k < S; k++) {
+        const float m = part[(bh * S + k) * W + R * D + r];
+        M = m > M ? m : M;
+      }
+      memset(out, 0, sizeof(float) * D);
+      if (M == -INFINITY) continue;
+      for (int64_t k = 0; k < S; k++) {
+        const float *pc = part + (bh * S + k) * W, m = pc[R * D + r];
+        if (m == -INFINITY) continue;
+        const float w = exp_neg(m - M);
+        L += w * pc[R * D + R + r];
+        for (int64_t j = 0; j < D; j++) out[j] += w * pc[r * D + j];
+      }
+      const float inv = 1.0f / L;
+      for (int64_t j = 0; j < D; j++) out[j] *= inv;
+    }
+  free(part);
   return failed ? -1 : 0;
 }
