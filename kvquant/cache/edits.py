@@ -62,9 +62,7 @@ class KVEdits:
             partial = keep % self.group if self.group else 0
             if partial:
                 k, v = self._dequantized()
-                (ck, sk), (cv, sv) = (self._encode_tail(k[:, :, keep - partial : keep]),
-                                      self._encode_tail(v[:, :, keep - partial : keep],
-                                                        exact=not self.options.quantize_values))
+                (ck, sk), (cv, sv) = self._encode_tails(k[:, :, keep - partial : keep], v[:, :, keep - partial : keep])
                 for name, t in zip(RESIDUAL_FIELDS[:4], (ck, sk, cv, sv)):
                     if t is not None:
                         setattr(self, name, torch.cat([t, getattr(self, name)], dim=2))

@@ -27,8 +27,10 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
   from transformers' direct ``cos(θp)`` by the float rounding of the angle only.
 * values: codes of ``bits`` bits along head_dim, ``v̂ = centers[code]·half + mid`` per token
   (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``).
-* exact tokens: the sinks ``(B, H, n_sink, D)`` laid over their code slots and the residual
-  ``(B, H, n_exact, D)``, float32; the mask ``(B, visible)`` uint8, 1 = attend.
+* exact tokens: the sinks ``(B, H, n_sink, D)`` float32, laid over their slots (codes or residual),
+  and the residual ``(B, H, n_exact, D)``, float32 or — the INT8 newest group — its int8 codes read
+  as held with their fp16 per-token scales (``codes·scale``, :meth:`kvquant.cache.store.KVStore._decode_tail`'s
+  arithmetic); the mask ``(B, visible)`` uint8, 1 = attend.
 
 Build: ``$CC`` (default ``cc``; GCC or clang: the kernel uses GNU C vector extensions) with
 ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
@@ -58,7 +60,7 @@ from kvquant.io.fileio import atomic_path
 __all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 2
+_ABI = 3
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
@@ -71,7 +73,7 @@ HALF_OF_CODE = load_scales(torch.zeros(256, dtype=torch.int8), _CODES, 8)[1].con
 _INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_exact", "start", "pv", "bits_v",
          "scale_bits", "rms_values", "nthreads")
 _PTRS = ("kcodes", "ch_off", "ch_levels", "ch_bits", "kcent", "kmid", "khalf", "half_of_code", "base_cos", "base_sin",
-         "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "xv", "vcodes", "vcent", "vscale", "mask", "out",
+         "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "xv", "xk_scale", "xv_scale", "vcodes", "vcent", "vscale", "mask", "out",
          "d3", "d5")
 
 
@@ -144,23 +146,28 @@ def available() -> tuple[bool, str]:
 
 
 _DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int64, "ch_bits": torch.int64,
-           "delta": torch.int32, "vcodes": torch.uint8, "mask": torch.uint8, "d3": torch.uint8, "d5": torch.uint8}
+           "delta": torch.int32, "vcodes": torch.uint8, "mask": torch.uint8, "d3": torch.uint8, "d5": torch.uint8,
+           "xk_scale": torch.float16, "xv_scale": torch.float16}
+#: Inputs that may also be int8: 8-bit group scales, INT8 value scales, the INT8 newest tokens.
+_INT8_OK = frozenset(("kmid", "khalf", "vscale", "xk", "xv"))
 
 
 def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None]) -> None:
     """Run ``kvq_decode_step`` on ``tensors`` (contiguous CPU tensors, float32 unless listed in
     :data:`_DTYPES`; ``kmid``/``khalf`` int8 for 8-bit scales, ``vscale`` int8 for minmax
-    values; None for an absent optional input) and the sizes ``ints``; it writes ``tensors["out"]``."""
+    values, ``xk``/``xv`` int8 with their fp16 ``xk_scale``/``xv_scale``; None for an absent optional
+    input) and the sizes ``ints``; it writes ``tensors["out"]``."""
     step = Step(**ints, nthreads=torch.get_num_threads(), half_of_code=HALF_OF_CODE.data_ptr(),
                 d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr())
     for name, t in tensors.items():
         if t is None:
             continue
-        want = _DTYPES.get(name, torch.float32)
-        if name in ("kmid", "khalf", "vscale") and t.dtype == torch.int8:
-            want = torch.int8
-        if t.dtype != want or not t.is_contiguous() or t.device.type != "cpu":
+        want = torch.int8 if t.dtype == torch.int8 and name in _INT8_OK else _DTYPES.get(name, torch.float32)
+        if t.dtype != want or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"{name} must be a contiguous CPU {want} tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if name in ("xk", "xv") and (t.dtype == torch.int8) != (tensors.get(f"{name}_scale") is not None):
+            raise ValueError(f"{name} is INT8 codes exactly when {name}_scale is given, got {t.dtype} and "
+                             f"{name}_scale {tensors.get(f'{name}_scale') is not None}")
         setattr(step, name, t.data_ptr())
     if _library().kvq_decode_step(ctypes.byref(step)):
         raise MemoryError("kvq_decode_step could not allocate its scratch buffers")

@@ -109,6 +109,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
+def _exact_tail(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The residual as the kernel reads it: INT8 codes as held (their fp16 scales beside), else float32."""
+    return x.contiguous() if scale is not None else _f32(x)
+
+
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
            start: int) -> torch.Tensor:
     """Attention output (B, 1, H_q, D) in ``query``'s dtype — transformers' SDPA output layout —
@@ -129,7 +134,6 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         attention_mask = attention_mask.to(torch.uint8).contiguous()
     scaling = d**-0.5 if scaling is None else float(scaling)
     plan = layer._rotation_plan()
-    res_k, res_v = layer._residual()  # sinks still there as their exact copies
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
     out = torch.empty(b, h, hq // h, d)
@@ -142,7 +146,8 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
         base_cos=plan.base_cos, base_sin=plan.base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
         q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
-        xk=_f32(res_k), xv=_f32(res_v), vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
+        xk=_exact_tail(layer.res_k, layer.res_k_scale), xv=_exact_tail(layer.res_v, layer.res_v_scale),
+        xk_scale=layer.res_k_scale, xv_scale=layer.res_v_scale, vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
     ))
     return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

@@ -21,7 +21,7 @@
 #include <immintrin.h>
 #endif
 
-int kvq_abi_version(void) { return 2; }
+int kvq_abi_version(void) { return 3; }
 
 /* ---- codes ------------------------------------------------------------------------------ */
 
@@ -154,7 +154,8 @@ typedef struct {
   const int32_t *delta;                      /* (B, m G) rows into cosd / sind, or NULL: delta = s mod G */
   const float *q;                            /* (B, H, R, D), scaled */
   const float *sink_k, *sink_v;              /* (B, H, n_sink, D) */
-  const float *xk, *xv;                      /* (B, H, n_exact, D): the exact residual */
+  const void *xk, *xv;                       /* (B, H, n_exact, D): the newest tokens, float32 or INT8 codes */
+  const uint16_t *xk_scale, *xv_scale;       /* (B, H, n_exact) fp16 scales of INT8 codes, or NULL: float32 */
   const uint8_t *vcodes;                     /* (B, H, m G, pv) */
   const float *vcent;                        /* (2^bits_v,) */
   const void *vscale;                        /* (B, H, m G, 2) int8 (mid, half) codes, or (B, H, m G) float32 RMS */
@@ -171,6 +172,34 @@ static inline void scale_pair(const kvq_step *a, const void *mid, const void *ha
     *h = ((const float *)half)[i];
     *m = ((const float *)mid)[i];
   }
+}
+
+/* The IEEE half-precision number of bits h as a float. */
+static inline float half_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, man = h & 1023;
+  if (e == 0) { /* zero or subnormal: man 2^-24 */
+    const float f = (float)man * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13));
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* Held token s's exact key (which 0) or value (1) row, D floats: the sink's copy where s is a sink
+ * (s < n_sink: laid over its code slot or its residual slot alike), else residual row s - sq —
+ * float32 as held, or INT8 codes times the token's fp16 scale, decoded into tmp. */
+static const float *exact_row(const kvq_step *a, int which, int64_t bh, int64_t s, int64_t sq, float *tmp) {
+  const int64_t D = a->D;
+  if (s < a->n_sink) return (which ? a->sink_v : a->sink_k) + (bh * a->n_sink + s) * D;
+  const int64_t i = bh * a->n_exact + s - sq;
+  const uint16_t *scale = which ? a->xv_scale : a->xk_scale;
+  if (!scale) return (const float *)(which ? a->xv : a->xk) + i * D;
+  const int8_t *c = (const int8_t *)(which ? a->xv : a->xk) + i * D;
+  const float f = half_float(scale[i]);
+  for (int64_t j = 0; j < D; j++) tmp[j] = (float)c[j] * f;
+  return tmp;
 }
 
 /* e^x for x <= 0 (scores minus their max), branch-free so the softmax loop vectorizes: x = n ln2 + r,
@@ -341,8 +370,8 @@ static void value_rows(const kvq_step *a, int64_t bh, int64_t s0, int64_t nb, in
     const int64_t s = s0 + i;
     float *row = dst + i * D;
     if (s < first_code || s >= sq) {
-      memcpy(row, s < sq ? a->sink_v + (bh * a->n_sink + s) * D : a->xv + (bh * a->n_exact + s - sq) * D,
-             sizeof(float) * D);
+      const float *v = exact_row(a, 1, bh, s, sq, row);
+      if (v != row) memcpy(row, v, sizeof(float) * D);
       continue;
     }
     float mul, add;
@@ -395,10 +424,15 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
     const int64_t from = lo > g * G ? lo : g * G, to = hi < (g + 1) * G ? hi : (g + 1) * G;
     for (int64_t r = 0; r < R; r++) memcpy(p + r * n + (from - lo), sc + r * G + (from - g * G), sizeof(float) * (to - from));
   }
-  for (int64_t s = lo; s < hi && s < a->n_sink && s < sq; s++)
-    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, a->sink_k + (bh * a->n_sink + s) * D, D);
-  for (int64_t s = (lo > sq ? lo : sq); s < hi; s++)
-    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, a->xk + (bh * a->n_exact + s - sq) * D, D);
+  const int64_t sinks_end = hi < a->n_sink ? hi : a->n_sink; /* the exact tokens: the sinks ... */
+  int64_t res_from = lo > sq ? lo : sq;                           /* ... and the residual after them */
+  res_from = res_from > sinks_end ? res_from : sinks_end;
+  for (int64_t s = lo; s < sinks_end; s++)
+    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, exact_row(a, 0, bh, s, sq, vals), D);
+  for (int64_t s = res_from; s < hi; s++) {
+    const float *k = exact_row(a, 0, bh, s, sq, vals);
+    for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, k, D);
+  }
   for (int64_t r = 0; r < R; r++) exp_scores(p + r * n, n, mask, mx + r, sum + r);
   /* values, VB tokens at a time: their rows (from codes or exact), then acc_r += sum_i p_ri v_i
    * with acc_r's eight floats loaded once per block */
