@@ -87,21 +87,25 @@ class RotationPlan:
         g, b, sq = layer.group, layer.k_codes.shape[0], layer.quantized_tokens
         if layer.rope is None:
             return cls(key, None, None, None, None, None, None)
-        stream = layer.k_pos is None
 
-        def bases() -> tuple[torch.Tensor, ...]:
-            grouped = layer._quantized_positions().long().view(b, sq // g, g)  # (B, m, G)
+        def positions() -> torch.Tensor:  # (B, m, G)
+            return layer._quantized_positions().long().view(b, sq // g, g)
+
+        def bases(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             base = grouped.amin(-1).contiguous()  # (B, m)
             cos_b, sin_b = layer.rope.tables(base)
             inv_freq, a = layer.rope.frequencies()
             rh = inv_freq.shape[0]
-            return grouped, base, (cos_b[..., :rh] / a).contiguous(), (sin_b[..., :rh] / a).contiguous()
+            return base, (cos_b[..., :rh] / a).contiguous(), (sin_b[..., :rh] / a).contiguous()
 
-        # stream positions: the key fixes every base position, so layers at the same key share them
-        grouped, base, base_cos, base_sin = layer.rope.latest("group bases", key, bases) if stream else bases()
+        if layer.k_pos is None:  # stream positions: the key fixes every base, so layers at one key share them
+            base, base_cos, base_sin = layer.rope.latest("group bases", key, lambda: bases(positions()))
+            return cls(key, base, base_cos, base_sin, *layer.rope.delta_tables(g), None)  # δ = index mod G
+        grouped = positions()
+        base, base_cos, base_sin = bases(grouped)
         span = int((grouped.amax(-1) - base).max()) + 1 if sq else 1
-        cos_d, sin_d = layer.rope.delta_tables(g if stream else max(span, 1))  # (r/2, Δ), a included
-        delta = None if stream else (grouped - base.unsqueeze(-1)).reshape(b, sq).to(torch.int32).contiguous()
+        cos_d, sin_d = layer.rope.delta_tables(max(span, 1))  # (r/2, Δ), a included
+        delta = (grouped - base.unsqueeze(-1)).reshape(b, sq).to(torch.int32).contiguous()
         return cls(key, base, base_cos, base_sin, cos_d, sin_d, delta)
 
 
