@@ -75,6 +75,18 @@ def test_decoding_steps_read_codes_and_equal_the_dequantize_path(family, rope, m
     torch.testing.assert_close(got, ref, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("tail", ["int8", "exact"])
+def test_bfloat16_model_steps_read_codes(tail, monkeypatch):
+    """A bfloat16 model (what the offline models ship in): its exact sinks and newest group (bf16, or
+    INT8 codes with fp16 scales) reach the kernel in the dtypes it reads; each step equals SDPA over
+    the dequantized bf16 tokens to bf16 rounding (a dtype read wrongly gives garbage, not 1e-2)."""
+    model = make_model("llama").to(torch.bfloat16)
+    books = calibrated(make_model("llama"), norm="channel-group", group=8, sink=1, scale_bits=8, rope="pre")
+    stats = _check_steps(monkeypatch)
+    stepwise_logits(model, random_ids(2, 20), make_cache(model, books, tail=tail), 3)
+    assert stats["codes"] == 2 * 17 and 0 < stats["max_err"] < 3e-2
+
+
 def test_padding_beams_allocation_and_value_widths_from_codes(monkeypatch):
     """Left padding (positions stored: the rotation table read per token; pad queries with no key
     to attend), bit allocation (channels of different level counts), 8- and 16-bit scales, rms
