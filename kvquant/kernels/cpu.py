@@ -1,9 +1,11 @@
 """Decode attention from the KV cache's codes on the CPU: the C kernel of ``csrc/decode_cpu.c``,
 compiled on first use with the system C compiler and called through ctypes.
 
-Why C: a decode step is memory-bound, and a cache of ~4-bit codes reads an eighth of the bytes
-of a float32 cache — but only if the step does not first write every held key and value out in
-float32 (what the dequantize path does). :func:`decode_step` reads the codes once per step, one
+Why C: a cache of ~4-bit codes holds an eighth of the bytes of a float32 cache, and a step gains
+from that only if it does not first write every held key and value out in float32 (what the
+dequantize path does). On the CPUs measured a step is not memory-bound (its bytes read are 2–33%
+of the copy bandwidth, BENCHMARKS.md "Decode speed"): the kernel's arithmetic per code sets its
+speed. :func:`decode_step` reads the codes once per step, one
 key group at a time: each channel's keys from its codes (8 at a time; AVX2 permutes for ≤ 16
 levels, gathers beyond), then the rotation and the dot products with the query rows' sums held in
 registers; and runs the exact tokens, the mask, the softmax and the value sums (8 tokens' value

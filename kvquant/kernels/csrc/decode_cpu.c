@@ -404,7 +404,7 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
   const int64_t G = a->G, D = a->D, R = a->R, sq = a->m * G, n = hi - lo, VB = 8; /* value rows per block */
   const int64_t bh = b * a->H + h, tabn = (a->K > 256 ? a->K : 256), n_vis = sq + a->n_exact - a->start;
   float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n + VB * D + 256 + 16));
-  int32_t *codes = malloc(sizeof(int32_t) * ((G > VB * D ? G : VB * D) + 8));
+  int32_t *codes = malloc(sizeof(int32_t) * ((G > D ? G : D) + 8)); /* one channel's or one token's codes */
   if (!buf || !codes) {
     free(buf);
     free(codes);
