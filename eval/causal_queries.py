@@ -3,8 +3,11 @@ the rows reported on evaluation windows (BENCHMARKS.md "Queries quantized beside
 
 A decoder quantizes each query from its own token (it has no later queries), so the query rules
 here are static per-channel tables from the calibration (:meth:`kvquant.codebooks.Codebooks.causal_queries`):
-``channel`` — (x − μ_c)/σ_c through the head's pair codebook; ``channel-token`` — the same with one
-fp16 scale per token and head that maps its largest entry onto the outermost center (+16/D bits).
+``channel`` — (x − μ_c)/σ_c through the head's pair codebooks; ``channel-token`` — the same with one
+fp16 scale per token and head that maps its largest entry onto the outermost center of the head's
+2^B-level codebook (+16/D bits). Both with their levels allocated over channels (2 … 2^(B+2),
+mean B: reverse water-filling of the calibration's query Fisher weights); ``channel-token uniform``
+— every channel at 2^B levels, the rule before the allocation — is shown beside them.
 
 (1) Selection on the development windows (the ``--dev`` windows after the first ``--windows``),
     simulated path (one forward per window; values exact; keys as the cache serves them:
@@ -14,7 +17,7 @@ fp16 scale per token and head that maps its largest entry onto the outermost cen
     at). The rule, fixed before the run: the causal norm with the lower KL divergence from fp.
 (2) The evaluation windows in generation mode (every token reads the cache, K and V quantized): fp,
     and for each cache row (the file's own, ``lambda-lloyd@2.65/3``, ``lambda-lloyd@1.65/2``) its
-    queries exact, through ``channel`` and through the chosen rule, at 4 / 3 / 2 bits.
+    queries exact, through ``channel-token uniform`` and through the chosen rule, at 4 / 3 / 2 bits.
 
 Usage:  python eval/causal_queries.py --codebooks out/default.safetensors [--windows 4] [--dev 2]
 Prints markdown, writes out/causal_queries.json and the ``causal-queries`` section of BENCHMARKS.md.
@@ -39,6 +42,13 @@ from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ("channel", "channel-token")
+UNIFORM = "channel-token uniform"
+
+
+def uniform_levels(books, bits: int):
+    """``channel-token`` queries with every channel at 2^bits levels (the rule before allocation)."""
+    return books.rebuilt(norm="channel-token", bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk",
+                         scale_bits=16, outliers=0.0)
 #: cache rows and the bits of their queries
 CACHES = {"lambda-lloyd": 4, "lambda-lloyd@2.65/3": 3, "lambda-lloyd@1.65/2": 2}
 
@@ -60,17 +70,19 @@ def main(argv: list[str] | None = None) -> None:
     lookahead = books.rebuilt(bits_q=b, bits_k=b, budget=0.0, budget_sides="qk")  # its queries only are used
     sim = {"fp": None, "queries exact": KeysOnly(books),
            **{f"{rule}@{b}": QueryKeyPair(books.causal_queries(b, norm=rule), books) for rule in RULES},
+           f"{UNIFORM}@{b}": QueryKeyPair(uniform_levels(books, b), books),
            f"look-ahead groups@{b} (not causal)": QueryKeyPair(lookahead, books)}
     caches = cache_factories(model, {"fp": None, **make_rows(list(CACHES), books, seqlen, generation=True)})
     queries = {(name, rule): query_quantizer(books.causal_queries(qbits, norm=rule), model)  # built before the
                for name, qbits in CACHES.items() for rule in RULES}                           # runs: errors first
+    queries.update({(name, UNIFORM): query_quantizer(uniform_levels(books, qbits), model) for name, qbits in CACHES.items()})
 
     dev_res = evaluate(model, dev, sim)
     chosen = min(RULES, key=lambda rule: dev_res[f"{rule}@{b}"].kld)
     factories, row_queries = {"fp": caches["fp"]}, {}
     for name, qbits in CACHES.items():
         factories[name] = caches[name]
-        for rule in dict.fromkeys(["channel", chosen]):  # the earlier rule beside the chosen one
+        for rule in (UNIFORM, chosen):  # the earlier rule beside the chosen one
             label = f"{name} +q{qbits} {rule}"
             factories[label], row_queries[label] = caches[name], queries[name, rule]
     ev_res = evaluate_generation(model, ev, factories, queries=row_queries)
@@ -80,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         f"## Queries quantized beside the cache, causally ({time.strftime('%Y-%m-%d')})", "",
         f"Command: `{cmd}` — {args.model}, {args.dataset}, {seqlen}-token windows, {args.dtype}; codebook file "
         f"`{Path(args.codebooks).name}`. Queries are quantized from their own token: `channel` static per-channel "
-        "(μ, σ) and the head's pair codebook; `channel-token` the same with an fp16 scale per token and head mapping "
-        "its largest entry onto the outermost center (+16/64 bits per query entry); the first token exact. "
+        "(μ, σ) and the head's pair codebooks; `channel-token` the same with an fp16 scale per token and head mapping "
+        "its largest entry onto the outermost center of the head's 2^B-level codebook (+16/64 bits per query entry); "
+        "both with levels allocated over channels (2 … 2^(B+2), mean B, by the calibration's query Fisher weights); "
+        "`channel-token uniform` every channel at 2^B levels (the rule before the allocation); the first token exact. "
         "Query bits are not held (queries are not cached).", "",
         f"**Selection** (development windows {args.windows + 1}–{args.windows + args.dev}, simulated path: one forward "
         "per window, keys as the cache serves them, values exact; eff. bits: the mean of the query and key "

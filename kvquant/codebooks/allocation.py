@@ -1,12 +1,15 @@
-"""Codebooks of a Gaussian pair per head, and code levels allocated over channels by water-filling
-the Fisher-weighted distortion (:func:`kvquant.core.allocate.water_fill`)."""
+"""Codebooks of a Gaussian pair per head, code levels allocated over channels by water-filling
+the Fisher-weighted distortion (:func:`kvquant.core.allocate.water_fill`), and the per-channel
+tables that hold an allocation."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from kvquant.core import pair_codebooks as pcb
 from kvquant.core.allocate import water_fill
@@ -16,6 +19,11 @@ from kvquant.core.packing import LEVEL_PACKING, level_bits
 @lru_cache(maxsize=4096)
 def cached_pair_books(method: str, bits_q: int, bits_k: int, rho: float, m_q: float, m_k: float):
     return pcb.gaussian_pair_codebooks(method, bits_q, bits_k, rho, m_q, m_k)
+
+
+@lru_cache(maxsize=4096)
+def cached_level_book(method: str, levels: int, rho: float):
+    return pcb.gaussian_level_codebook(method, levels, rho)
 
 
 def rounded_stat(v: float) -> float:
@@ -69,3 +77,45 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
         out[side] = levels[start : start + n].reshape(shape)
         start += n
     return out
+
+
+#: A unit Gaussian on a grid (σ units, ±8σ): what a static side's normalised entries are modelled
+#: by when its levels are allocated (:func:`allocate_static_levels`).
+GAUSS_NODES = np.linspace(-8.0, 8.0, 2001)
+GAUSS_WEIGHT = np.exp(-0.5 * GAUSS_NODES**2) / np.exp(-0.5 * GAUSS_NODES**2).sum()
+
+
+def allocate_static_levels(method: str, rho: torch.Tensor, channel_fisher: np.ndarray, cap: int,
+                           budget: float) -> np.ndarray:
+    """Levels (L, H, D) of a static-norm side (``channel``/``channel-token``: x̃ = (x − μ_c)/σ_c,
+    the head's pair codebook) by :func:`allocate_levels` with every head's x̃ modelled as a unit
+    Gaussian: ``ε(n)`` is the MSE of the head's n-level codebook (:func:`cached_level_book`, ρ the
+    head's), ``F_c`` the calibration's ``channel_fisher`` (L, H, D). Mean code bits ``budget``,
+    each channel between 2 and ``2^cap`` levels."""
+    L, H, _ = channel_fisher.shape
+    weight = np.broadcast_to(GAUSS_WEIGHT, (L, H, GAUSS_NODES.size))
+
+    def book(side: str, layer: int, h: int, n: int):
+        return cached_level_book(method, n, rounded_stat(rho[layer, h]))
+
+    return allocate_levels(book, {"q": weight}, {"q": channel_fisher}, {"q": cap}, budget, GAUSS_NODES)["q"]
+
+
+def channel_tables(book, levels: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The tables that hold an allocation ``levels`` (L, H, D): ``(bits, centers (L, H, D, K),
+    boundaries (L, H, D, K − 1))`` with K = 2^bits the next power of two of the most levels; a
+    channel with n levels gets ``book(layer, head, n)``, its boundaries padded with +inf (codes
+    never reach them) and its centers with its last center (:class:`kvquant.codebooks.SideBooks`)."""
+    L, H, D = levels.shape
+    bits = math.ceil(math.log2(int(levels.max())))
+    k = 2**bits
+    centers, bounds = torch.empty(L, H, D, k), torch.full((L, H, D, k - 1), math.inf)
+    for layer, h in itertools.product(range(L), range(H)):
+        table_c, table_b = torch.empty(k + 1, k), torch.full((k + 1, k - 1), math.inf)  # row n: n levels
+        for n in levels[layer, h].unique().tolist():
+            book_n = book(layer, h, n)
+            table_c[n, :n], table_c[n, n:] = torch.from_numpy(book_n.centers), float(book_n.centers[-1])
+            table_b[n, : n - 1] = torch.from_numpy(book_n.boundaries)
+        rows = levels[layer, h].long()
+        centers[layer, h], bounds[layer, h] = table_c[rows], table_b[rows]
+    return bits, centers, bounds

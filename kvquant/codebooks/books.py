@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant.codebooks.allocation import cached_pair_books, rounded_stat, allocate_levels
+from kvquant.codebooks.allocation import (
+    allocate_levels,
+    allocate_static_levels,
+    cached_level_book,
+    cached_pair_books,
+    channel_tables,
+    rounded_stat,
+)
 from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, CodebookConfig
 from kvquant.codebooks.fileformat import CALIBRATION_RECORD, file_problem
 from kvquant.codebooks.sides import SideBooks
@@ -141,17 +148,7 @@ class Codebooks:
                 return SideBooks(caps[side], centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
                                  None, config.scale_bits)
             levels = torch.from_numpy(channel_levels[side])
-            top = math.ceil(math.log2(int(levels.max())))
-            k = 2**top
-            centers, bounds = torch.empty(L, H, D, k), torch.full((L, H, D, k - 1), math.inf)
-            for layer, h in itertools.product(range(L), range(H)):
-                table_c, table_b = torch.empty(k + 1, k), torch.full((k + 1, k - 1), math.inf)  # row n: n levels
-                for n in levels[layer, h].unique().tolist():
-                    book_n = book(side, layer, h, n)
-                    table_c[n, :n], table_c[n, n:] = torch.from_numpy(book_n.centers), float(book_n.centers[-1])
-                    table_b[n, : n - 1] = torch.from_numpy(book_n.boundaries)
-                rows = levels[layer, h].long()
-                centers[layer, h], bounds[layer, h] = table_c[rows], table_b[rows]
+            top, centers, bounds = channel_tables(lambda layer, h, n: book(side, layer, h, n), levels)
             return SideBooks(top, centers, bounds, unit, unit + 1, config.group, config.sink, config.outliers,
                              levels.to(torch.int16), config.scale_bits)
 
@@ -182,19 +179,43 @@ class Codebooks:
     def causal_queries(self, bits: int | None = None, norm: str = "channel-token") -> "Codebooks":
         """Codebooks whose queries are quantized causally — each query from its own token and
         static tables — for :func:`kvquant.query_quantizer` beside a KV cache, from the same
-        statistics and frame: per-channel (μ, σ) of the calibration, the head's pair codebook at
-        ``bits`` (default the file's ``bits_q``) and, with ``norm="channel-token"`` (the default,
-        chosen on development windows: eval/causal_queries.py), a per-token scale so that no
-        entry is clipped; ``norm="channel"`` leaves it out. The keys of the result are not meant to
-        be used (the cache holds this file's). Codebooks with a static norm are returned as they
-        are (rebuilt at ``bits`` if given)."""
+        statistics and frame: per-channel (μ, σ) of the calibration, the head's pair codebooks,
+        ``bits`` code bits per query entry on average (default the file's ``bits_q``) and, with
+        ``norm="channel-token"`` (the default, chosen on development windows: eval/causal_queries.py),
+        a per-token scale that maps the token's largest entry onto the outermost center of the
+        head's 2^bits-level codebook; ``norm="channel"`` leaves it out.
+
+        The levels are allocated over channels (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
+        2 … 2^(bits+2) levels, reverse water-filling of the calibration's query Fisher weights, which
+        carry the keys each channel multiplies) where the file holds them (calibrated with a budget,
+        the CLI's default); otherwise every channel gets 2^bits levels and a warning says so. The
+        keys of the result are not meant to be used (the cache holds this file's). Codebooks with a
+        static norm are returned as they are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
             return self if bits is None else self.rebuilt(bits_q=bits)
         if norm not in ("channel", "channel-token"):
             raise ValueError(f"causal query norms are 'channel' and 'channel-token', got {norm!r}")
         bits = bits or self.config.bits_q
-        return self.rebuilt(norm=norm, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
-                            outliers=0.0)
+        books = self.rebuilt(norm=norm, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
+                             outliers=0.0)
+        fisher = None if self.hist is None else self.hist.channel_fisher_q
+        if fisher is None:
+            warnings.warn("this codebook file holds no Fisher weights of the queries (calibrated without a budget): "
+                          f"every query channel gets {2**bits} levels; calibrate with --effective-bits (the default) "
+                          "to allocate them", stacklevel=2)
+            return books
+        rho = self.stats.channel_moments().rho.mean(-1)  # as from_stats' per-head pair model
+        cap = min(cb.MAX_BITS, bits + 2)
+        levels = torch.from_numpy(allocate_static_levels(self.config.method, rho, fisher.double().numpy(), cap, bits))
+        top, centers, bounds = channel_tables(
+            lambda layer, h, n: cached_level_book(self.config.method, n, rounded_stat(rho[layer, h])), levels)
+        L, H = levels.shape[:2]
+        token_range = torch.tensor([[float(cached_level_book(self.config.method, 2**bits,
+                                                               rounded_stat(rho[layer, h])).centers[-1])
+                                     for h in range(H)] for layer in range(L)])
+        q = replace(books.q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
+                    token_range=token_range if books.q.token_scale else None)
+        return replace(books, q=q)
 
     # --- use ------------------------------------------------------------------------
     @property
@@ -297,6 +318,7 @@ class Codebooks:
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
             config.outliers, t.get(f"{p}.channel_levels"), config.scale_bits, config.norm == "channel-token",
+            t.get(f"{p}.token_range"),
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

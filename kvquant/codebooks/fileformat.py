@@ -24,7 +24,8 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
     D = head_dim): ``centers`` float32 (L, H, K) or (L, H, D, K), K a power of two ≤ 2^8, finite and
     non-decreasing; ``boundaries`` float32, K−1 in the last axis, non-decreasing, no NaN (+inf pads
     a channel's unused levels); ``offset``/``scale`` float32 (L, H, D), finite, scale > 0;
-    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K. ``stats.*``: (L, H, D) floats."""
+    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K; ``token_range`` (allocated
+    ``channel-token`` queries) float32 (L, H) > 0. ``stats.*``: (L, H, D) floats."""
     L, D = fp.num_layers, fp.head_dim
     for side, H in (("q", fp.num_heads), ("k", fp.num_kv_heads)):
         for name in ("centers", "boundaries", "offset", "scale"):
@@ -61,6 +62,10 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
                 return f"{side}.channel_levels outside 2..{K}"
         elif c.ndim == 4:
             return f"{side}.channel_levels is missing (the centers are per channel)"
+        token_range = t.get(f"{side}.token_range")
+        if token_range is not None and (token_range.dtype != torch.float32 or tuple(token_range.shape) != (L, H)
+                                        or not (token_range > 0).all() or not torch.isfinite(token_range).all()):
+            return f"{side}.token_range is not float32 ({L}, {H}), finite and > 0"
     for k in (f"stats.{f.name}" for f in fields(PairStats)):
         if k not in t:
             return f"tensor {k} (calibration statistics) is missing"

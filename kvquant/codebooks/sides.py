@@ -43,6 +43,9 @@ class SideBooks:
     channel_levels: torch.Tensor | None = None  # (L, H, D) int: allocated levels per channel (None: all 2^bits)
     scale_bits: int = 16  # group mode: bits of each stored mid / half
     token_scale: bool = False  # static mode: one fp16 scale per token and head (norm "channel-token")
+    # token_scale: the |x̃| a token's largest entry is mapped onto, (L, H); None: the outermost center
+    # of the head's table (allocated static books give the head's 2^b-level codebook's)
+    token_range: torch.Tensor | None = None
 
     @property
     def mean_bits(self) -> float:
@@ -95,14 +98,16 @@ class SideBooks:
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc
         if not self.token_scale:
-            return (cb.fake_quantize(xn, centers, bounds, dim=1) * sc + off).to(x.dtype)
-        # one fp16 scale per token and head: the token's largest |x̃| onto the outermost center
-        top = centers.abs().flatten(1).amax(-1)[None, :, None, None]
-        r = (xn.abs().amax(-1, keepdim=True) / top).clamp_min(torch.finfo(torch.float16).tiny).half().float()
-        return (cb.fake_quantize(xn / r, centers, bounds, dim=1) * r * sc + off).to(x.dtype)
+            return (fake_quantize_rows(xn, centers, bounds) * sc + off).to(x.dtype)
+        # one fp16 scale per token and head: the token's largest |x̃| onto the head's token range
+        top = (centers.abs().flatten(1).amax(-1) if self.token_range is None else self.token_range[layer].to(dev))
+        r = (xn.abs().amax(-1, keepdim=True) / top[None, :, None, None]).clamp_min(torch.finfo(torch.float16).tiny)
+        r = r.half().float()
+        return (fake_quantize_rows(xn / r, centers, bounds) * r * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        names = ("centers", "boundaries", "offset", "scale") + (("channel_levels",) if self.channel_levels is not None else ())
+        names = ("centers", "boundaries", "offset", "scale") + tuple(
+            k for k in ("channel_levels", "token_range") if getattr(self, k) is not None)
         return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
 
 

@@ -292,6 +292,15 @@ def gaussian_pair_codebooks(
     return _center(bx, model.mean_x), _center(by, model.mean_y)
 
 
+def gaussian_level_codebook(method: Method, levels: int, rho: float = 0.0) -> Codebook:
+    """The ``levels``-level codebook (any count 2 … 256, e.g. 3 or 5 for bit allocation) of X in a
+    zero-mean Gaussian pair with correlation ``rho`` whose partner has as many levels, σ units:
+    :func:`gaussian_pair_codebooks`' X codebook by level count (``2^bits`` levels give the same)."""
+    if int(levels) != levels or not 2 <= levels <= 2**MAX_BITS:
+        raise ValueError(f"levels must be an integer in [2, {2**MAX_BITS}], got {levels!r}")
+    return _uncentered_pair(method, GaussianPair(float(rho), 0.0, 0.0), int(levels), int(levels))[0]
+
+
 def gaussian_centers(method: Method, bits: int, rho: float = 0.0, mean: float = 0.0) -> np.ndarray:
     """The K = 2^bits centers (σ units, centered) of X when both factors use ``bits``.
 

@@ -1,0 +1,146 @@
+"""Exploratory: causal queries (``channel-token``) with their code levels allocated over channels.
+
+The ``channel-token`` rule gives every query channel the head's 2^B-level codebook. A query
+channel's error reaches the loss through the keys it multiplies, which differ a lot between
+channels (the calibration's Fisher weights of the queries spread ~4× between arithmetic and
+geometric mean). Here each (layer, query head, channel) gets 2, 3, 4, 5, 8, …, 2^(B+2) levels by
+reverse water-filling (:func:`kvquant.core.allocate.water_fill`) of ``½ F_c · ε(n)``:
+``F_c`` the file's ``channel_fisher_q``, ``ε(n)`` the head's n-level pair codebook's MSE on a
+unit Gaussian; mean code bits B over all query channels, as the uniform rule.
+Screened on the development windows (held-out windows 5–6), simulated path (keys as the cache
+serves them, block-causal; values exact), by perplexity and KL divergence from fp.
+
+Rules: ``absmax`` the current rule (uniform levels); ``alloc`` allocated levels, per-token scale
+mapping the largest |x̃| onto the outermost center of the head's 2^B-level book (channels with
+fewer levels clip); ``allocmax`` the same onto the largest outermost center of the head's
+channels; ``alloc32`` onto the 2^(B+1)-level book's; ``alloc85`` onto 1/0.85 of the 2^B-level
+book's (both clip more); ``alloc16`` onto the 16-level book's whatever B; ``allocE`` onto
+E[max of D |N(0, 1)|] (≈ 2.6 for D = 64: a scaled token is about unit Gaussian, as the books assume); ``allocstatic`` allocated, no
+per-token scale; ``allochead`` the budget per head.
+
+Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic [float32|bfloat16]
+"""
+import math, sys, time
+import numpy as np
+import torch
+from kvquant.io.assets import load_model
+from kvquant.codebooks import Codebooks
+from kvquant.io.data import held_out_windows, load_text
+from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
+from kvquant.evaluation.perplexity import evaluate, format_table
+from kvquant.core import pair_codebooks as pcb
+from kvquant.core.allocate import water_fill
+from kvquant.core.packing import LEVEL_PACKING, level_bits
+from kvquant.core.quantizer import channel_codes, channel_values
+
+torch.set_num_threads(2)
+bits_list = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [4]
+modes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["absmax", "alloc"]
+dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.float32
+books = Codebooks.load("out/default.safetensors")
+model, tok = load_model("smollm2-135m", dtype=dtype)
+text = load_text("enwiki-excerpt", split="test")
+w = held_out_windows(tok, text, 2048, 6, books.calibration)
+dev = w.ids[4:6]
+
+u = np.linspace(-8, 8, 16001)
+pdf = np.exp(-u * u / 2); pdf /= pdf.sum()
+
+
+EMAX = {d: float(torch.randn(200000, d).abs().amax(-1).mean()) for d in (64,)}
+
+
+def book_n(method, rho, n):
+    return pcb._uncentered_pair(method, pcb.GaussianPair(float(rho), 0.0, 0.0), n, n)[0]
+
+
+def mse(book):
+    return float(np.sum(pdf * (u - book.centers[book.encode(u)]) ** 2))
+
+
+class Alloc:
+    rope = "pre"
+
+    def __init__(self, mode, b):
+        self.mode, self.b = mode, b
+        self.base = books.causal_queries(b)  # offsets, scales, uniform tables
+        s = self.base.q
+        L, H, D = s.offset.shape
+        rho = books.stats.channel_moments().rho.mean(-1)
+        method = books.config.method
+        options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** (b + 2)]
+        obits = np.array([level_bits(n) for n in options])
+        cf = books.hist.channel_fisher_q.double().numpy()  # (L, H, D)
+        tabs = {}
+        eps = np.zeros((L, H, len(options)))
+        for l in range(L):
+            for h in range(H):
+                r = round(float(rho[l, h]), 2)
+                for i, n in enumerate(options):
+                    key = (r, n)
+                    if key not in tabs:
+                        bk = book_n(method, r, n)
+                        tabs[key] = (bk, mse(bk))
+                    eps[l, h, i] = tabs[key][1]
+        curves = 0.5 * cf[..., None] * eps[:, :, None, :]
+        if mode == "allochead":
+            chosen = np.stack([water_fill(curves[l, h], np.full(D, 1 / D), b, 0, len(options) - 1, obits)
+                               for l in range(L) for h in range(H)]).reshape(L, H, D)
+        else:
+            chosen = water_fill(curves.reshape(-1, len(options)), np.full(L * H * D, 1 / (L * H * D)), b, 0,
+                                len(options) - 1, obits).reshape(L, H, D)
+        levels = np.array(options)[chosen]
+        self.mean_bits = float(np.mean(obits[chosen]))
+        K = 2 ** (b + 2)
+        self.centers = torch.empty(L, H, D, K)
+        self.bounds = torch.full((L, H, D, K - 1), math.inf)
+        self.top = torch.empty(L, H, 1)
+        for l in range(L):
+            for h in range(H):
+                r = round(float(rho[l, h]), 2)
+                for d in range(D):
+                    bk = tabs[(r, int(levels[l, h, d]))][0]
+                    n = len(bk.centers)
+                    self.centers[l, h, d, :n] = torch.from_numpy(bk.centers)
+                    self.centers[l, h, d, n:] = float(bk.centers[-1])
+                    self.bounds[l, h, d, : n - 1] = torch.from_numpy(bk.boundaries)
+                outer = self.centers[l, h].abs().amax(-1)
+                top_levels = {"alloc32": 2 ** (b + 1), "alloc16": 16}.get(mode, 2**b)
+                if (r, top_levels) not in tabs:
+                    tabs[(r, top_levels)] = (book_n(method, r, top_levels), 0.0)
+                self.top[l, h] = float(outer.max()) if mode == "allocmax" else float(tabs[(r, top_levels)][0].centers[-1])
+                if mode == "allocE":  # E[max of D |N(0, 1)|]: the scaled token is ~unit Gaussian
+                    self.top[l, h] = EMAX[D]
+                if mode == "alloc85":
+                    self.top[l, h] *= 1 / 0.85
+        hist = np.bincount(np.searchsorted(options, levels.ravel()), minlength=len(options))
+        print(mode, "mean code bits", round(self.mean_bits, 4), dict(zip(options, hist.tolist())), flush=True)
+
+    def effective_bits(self, head_dim=None, seqlen=None):
+        return self.b
+
+    def __call__(self, x, layer, side):
+        s = self.base.q
+        if self.mode == "absmax":
+            return s.apply(x, layer)
+        xf = x.float()
+        off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
+        xn = (xf - off) / sc
+        if self.mode == "allocstatic":
+            r = torch.ones_like(xn[..., :1])
+        else:
+            r = (xn.abs().amax(-1, keepdim=True) / self.top[layer][None, :, None]).clamp_min(1e-6).half().float()
+        out = channel_values(channel_codes(xn / r, self.bounds[layer]), self.centers[layer]) * r * sc + off
+        out[:, :, :1] = xf[:, :, :1]  # the sink exact
+        return out.to(x.dtype)
+
+
+keys = KeysOnly(books)
+rows = {"fp": None, "keys only": keys}
+for b in bits_list:
+    for mode in modes:
+        rows[f"{mode}@{b}"] = QueryKeyPair(Alloc(mode, b), books)
+t0 = time.time()
+res = evaluate(model, dev, rows)
+print(format_table(res))
+print("seconds", time.time() - t0)
