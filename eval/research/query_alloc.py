@@ -15,7 +15,8 @@ mapping the largest |x̃| onto the outermost center of the head's 2^B-level book
 fewer levels clip); ``allocmax`` the same onto the largest outermost center of the head's
 channels; ``alloc32`` onto the 2^(B+1)-level book's; ``alloc85`` onto 1/0.85 of the 2^B-level
 book's (both clip more); ``alloc16`` onto the 16-level book's whatever B; ``allocE`` onto
-E[max of D |N(0, 1)|] (≈ 2.6 for D = 64: a scaled token is about unit Gaussian, as the books assume); ``allocstatic`` allocated, no
+E[max of D |N(0, 1)|] (≈ 2.6 for D = 64: a scaled token is about unit Gaussian, as the books assume);
+``allocarg`` onto the outermost center of the channel that holds it (that entry lands on a center); ``allocstatic`` allocated, no
 per-token scale; ``allochead`` the budget per head.
 
 Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic [float32|bfloat16]
@@ -128,6 +129,10 @@ class Alloc:
         xn = (xf - off) / sc
         if self.mode == "allocstatic":
             r = torch.ones_like(xn[..., :1])
+        elif self.mode == "allocarg":  # the largest |x̃| onto its own channel's outermost center
+            outer = self.centers[layer].abs().amax(-1)[None, :, None, :]  # (1, H, 1, D)
+            big, at = xn.abs().max(-1, keepdim=True)
+            r = (big / outer.expand_as(xn).gather(-1, at)).clamp_min(1e-6).half().float()
         else:
             r = (xn.abs().amax(-1, keepdim=True) / self.top[layer][None, :, None]).clamp_min(1e-6).half().float()
         out = channel_values(channel_codes(xn / r, self.bounds[layer]), self.centers[layer]) * r * sc + off

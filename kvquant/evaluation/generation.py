@@ -209,11 +209,13 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
         return logits
 
     scores = score_windows(model, windows, {name: run(name, new) for name, new in caches.items()}, progress=progress)
-    out = {}
+    out, held_of = {}, {}
     n = int(getattr(windows, "ids", windows).shape[1])
     for name, s in scores.items():
         _, per_token = kv_bits(last[name])
-        held = held_bits(caches[name], model, n)
+        if caches[name] not in held_of:  # rows that share a factory (queries quantized beside it) hold alike
+            held_of[caches[name]] = held_bits(caches[name], model, n)
+        held = held_of[caches[name]]
         out[name] = s.row(name, held.mean, kv_bytes_per_token=per_token, kv_bits_end=held.end, kv_bits_max=held.max)
     return out
 
