@@ -115,7 +115,8 @@ class Alloc:
                 if mode == "alloc85":
                     self.top[l, h] *= 1 / 0.85
         hist = np.bincount(np.searchsorted(options, levels.ravel()), minlength=len(options))
-        print(mode, "mean code bits", round(self.mean_bits, 4), dict(zip(options, hist.tolist())), flush=True)
+        if mode != "absmax":  # (absmax keeps 2^B levels everywhere; the tables above go unused)
+            print(mode, "mean code bits", round(self.mean_bits, 4), dict(zip(options, hist.tolist())), flush=True)
 
     def effective_bits(self, head_dim=None, seqlen=None):
         return self.b
