@@ -69,7 +69,8 @@ class Alloc:
         L, H, D = s.offset.shape
         rho = books.stats.channel_moments().rho.mean(-1)
         method = books.config.method
-        options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** (b + 2)]
+        extra = int(mode.split("+")[1]) if "+" in mode else 2  # alloc+E: at most 2^(B+E) levels
+        options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** min(b + extra, 8)]
         obits = np.array([level_bits(n) for n in options])
         cf = books.hist.channel_fisher_q.double().numpy()  # (L, H, D)
         tabs = {}
@@ -92,7 +93,7 @@ class Alloc:
                                 len(options) - 1, obits).reshape(L, H, D)
         levels = np.array(options)[chosen]
         self.mean_bits = float(np.mean(obits[chosen]))
-        K = 2 ** (b + 2)
+        K = max(options)
         self.centers = torch.empty(L, H, D, K)
         self.bounds = torch.full((L, H, D, K - 1), math.inf)
         self.top = torch.empty(L, H, 1)
