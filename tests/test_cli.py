@@ -245,6 +245,31 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
     assert "--bits-v" in capsys.readouterr().err
 
 
+def test_eval_ppl_quantizes_queries_beside_each_cache(model_dir, text_file, tmp_path, capsys):
+    """--queries B: each codebook row runs again with its queries quantized causally (row 'ROW +qB'),
+    the same cache and bits held; the fp row is left alone; bad combinations are refused."""
+    books_path = tmp_path / "books.safetensors"
+    assert run(calibrate_args(model_dir, text_file, books_path, "--group", 4, "--effective-bits", 6)) == 0
+    js = tmp_path / "q.json"
+    rc = run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "fp,kivi@4", "--mode", "generation",
+                       "--queries", 3, "--json", js))
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "rows '+q3' queries quantized causally at 3 bits" in out
+    payload = json.loads(js.read_text())
+    rows = payload["rows"]
+    assert list(rows) == ["fp", "kivi@4", "kivi@4 +q3", "lambda-lloyd", "lambda-lloyd +q3"] and payload["queries"] == 3
+    for name in ("kivi@4", "lambda-lloyd"):
+        plain, queried = rows[name], rows[f"{name} +q3"]
+        assert queried["kv_bytes_per_token"] == plain["kv_bytes_per_token"]
+        assert queried["effective_bits"] == plain["effective_bits"]
+        assert queried["ppl"] != plain["ppl"] and queried["kld"] > 0
+    assert run(eval_args(model_dir, text_file, "--codebooks", books_path, "--baselines", "fp", "--queries", 3)) == 2
+    assert "--mode generation" in capsys.readouterr().err
+    assert run(eval_args(model_dir, text_file, "--baselines", "fp", "--mode", "generation", "--queries", 3)) == 2
+    assert "--codebooks" in capsys.readouterr().err
+
+
 def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_file, tmp_path, capsys):
     books_path = tmp_path / "books.safetensors"
     assert run(calibrate_args(model_dir, text_file, books_path, "--group", 4, "--effective-bits", 6)) == 0

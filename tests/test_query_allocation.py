@@ -112,3 +112,18 @@ def test_the_query_quantizer_counts_the_allocated_bits(books):
     causal = b.causal_queries(3)
     qq = kvquant.query_quantizer(causal, model)
     assert qq.effective_bits() == pytest.approx(causal.q.mean_bits + 16 / 8)
+
+
+def test_a_query_gets_the_same_codes_alone_as_in_a_prefill(books):
+    """Decoding quantizes one query at a time, a prefill all at once: each token's result is the
+    same (nothing is taken from other tokens)."""
+    from dataclasses import replace
+
+    model, ids, b = books
+    q = replace(b.causal_queries(3).q, sink=0)  # as QueryQuantizer applies it
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 9, 8) * q.scale[1][None, :, None] * 2 + q.offset[1][None, :, None]
+    x[:, :, 4] *= 30
+    together = q.apply(x, 1)
+    alone = torch.cat([q.apply(x[:, :, t : t + 1], 1) for t in range(9)], dim=2)
+    torch.testing.assert_close(alone, together, rtol=0, atol=0)

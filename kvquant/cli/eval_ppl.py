@@ -73,6 +73,25 @@ def _keys_only_own_row(rows: dict, books) -> dict:
             for n, r in rows.items()}
 
 
+def with_queries(factories: dict, rows: dict, books, model, bits: int | None) -> tuple[dict, dict]:
+    """Generation mode with ``--queries B``: after each codebook row (a kvquant cache) a row
+    ``"ROW +qB"`` with the same cache and the queries quantized causally beside it
+    (:func:`kvquant.query_quantizer` of ``books.causal_queries(B)``); ``(factories, queries)`` for
+    :func:`kvquant.evaluation.generation.evaluate_generation`."""
+    from kvquant import query_quantizer
+    from kvquant.codebooks import Codebooks
+
+    if bits is None:
+        return factories, {}
+    quantizer = query_quantizer(books.causal_queries(bits), model)
+    out, queries = {}, {}
+    for name, factory in factories.items():
+        out[name] = factory
+        if isinstance(rows[name], Codebooks):
+            out[f"{name} +q{bits}"], queries[f"{name} +q{bits}"] = factory, quantizer
+    return out, queries
+
+
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
     from kvquant.evaluation.generation import cache_factories, evaluate_generation
@@ -89,6 +108,11 @@ def cmd_eval_ppl(args) -> None:
         _check_rows_quantize(rows, args.seqlen)
     if args.bits_v is not None and args.mode != "generation":
         raise ValueError("--bits-v quantizes the values a KV cache holds: give it with --mode generation")
+    if args.queries is not None and args.mode != "generation":
+        raise ValueError("--queries quantizes the queries beside a KV cache: give it with --mode generation (the "
+                         "simulated path quantizes queries and keys with the codebook rows themselves)")
+    if args.queries is not None and books is None:
+        raise ValueError("--queries builds its causal query tables from a codebook file's statistics: give --codebooks")
     if args.values is not None and not args.bits_v:
         raise ValueError("--values normalises quantized values: give it with --mode generation --bits-v B")
     if args.allow_overlap and books is None:
@@ -106,12 +130,16 @@ def cmd_eval_ppl(args) -> None:
         raise ValueError(f"{overlap}: the table would not be held out. Use fewer --windows or --seqlen, calibrate on "
                          f"other text, or give --allow-overlap to report it labelled NOT HELD OUT")
     if args.mode == "generation":
-        results = evaluate_generation(model, windows, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"))
+        factories = cache_factories(model, rows, args.bits_v or 0, args.values or "minmax")
+        factories, queries = with_queries(factories, rows, books, model, args.queries)
+        results = evaluate_generation(model, windows, factories, queries=queries)
     else:
         results = evaluate(model, windows, rows)
     values = (f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)" if args.bits_v else
               "values as each row's cache holds them (a row's /V, else the codebooks' bits_v, else exact)")
-    mode = (f" · generation mode (every token reads the KV cache; queries exact; {values})"
+    queried = (f"queries exact, rows '+q{args.queries}' queries quantized causally at {args.queries} bits"
+               if args.queries is not None else "queries exact")
+    mode = (f" · generation mode (every token reads the KV cache; {queried}; {values})"
             if args.mode == "generation" else " · simulated (one forward pass per window)")
     header = (f"model {args.model} · text {source} · {windows.n} windows × {args.seqlen} tokens "
               f"(first windows; BOS prepended: {windows.bos_prepended}) · dtype {args.dtype}{mode}"
@@ -126,6 +154,7 @@ def cmd_eval_ppl(args) -> None:
         payload = {
             "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n, "mode": args.mode,
             "bits_v": args.bits_v or 0 if args.mode == "generation" else None,
+            "queries": args.queries,
             "values": (args.values or "minmax") if args.bits_v else None,
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,

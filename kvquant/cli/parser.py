@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=["simulated", "generation"], default="simulated",
                    help="simulated: q and k quantized inside one forward pass per window (default); generation: "
                         "every token reads the keys (and values) a KV cache returns — fp through transformers' "
-                        "DynamicCache, codebook rows through kvquant's cache, queries exact")
+                        "DynamicCache, codebook rows through kvquant's cache, queries exact (see --queries)")
     e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: each row's /V, else the file's bits_v)")
+    e.add_argument("--queries", type=int, metavar="B",
+                   help="--mode generation: also run each codebook row with its queries quantized causally at B "
+                        "bits on average (Codebooks.causal_queries(B) of --codebooks: static per-channel tables, a "
+                        "per-token scale, levels allocated over channels), as rows 'ROW +qB'")
     e.add_argument("--values", choices=["rms", "minmax"],
                    help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")
