@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kvquant.core import pair_codebooks as pcb
 from kvquant.core.allocate import water_fill
@@ -94,6 +95,10 @@ def allocate_static_levels(method: str, rho: torch.Tensor, channel_fisher: np.nd
     each channel between 2 and ``2^cap`` levels."""
     L, H, _ = channel_fisher.shape
     weight = np.broadcast_to(GAUSS_WEIGHT, (L, H, GAUSS_NODES.size))
+    stats = sorted({rounded_stat(r) for r in rho.flatten().tolist()})
+    todo = list(itertools.product(stats, [n for n in sorted(LEVEL_PACKING) if n <= 2**cap]))
+    for r, n in tqdm(todo, desc="query codebooks", unit="book", leave=False):  # pair-Lloyd: ~0.5 s each
+        cached_level_book(method, n, r)
 
     def book(side: str, layer: int, h: int, n: int):
         return cached_level_book(method, n, rounded_stat(rho[layer, h]))
