@@ -17,7 +17,9 @@ channels; ``alloc32`` onto the 2^(B+1)-level book's; ``alloc85`` onto 1/0.85 of 
 book's (both clip more); ``alloc16`` onto the 16-level book's whatever B; ``allocE`` onto
 E[max of D |N(0, 1)|] (≈ 2.6 for D = 64: a scaled token is about unit Gaussian, as the books assume);
 ``allocarg`` onto the outermost center of the channel that holds it (that entry lands on a center); ``allocstatic`` allocated, no
-per-token scale; ``allochead`` the budget per head.
+per-token scale; ``allochead`` the budget per head; ``had``/``hadraw`` no allocation: each
+head's channels rotated by a Hadamard matrix (after the static normalisation, or the offset only),
+a token's RMS as its scale, the head's 2^B-level book, rotated back (run 6: far worse at 2 bits).
 
 Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic [float32|bfloat16]
 """
@@ -116,7 +118,7 @@ class Alloc:
                 if mode == "alloc85":
                     self.top[l, h] *= 1 / 0.85
         hist = np.bincount(np.searchsorted(options, levels.ravel()), minlength=len(options))
-        if mode != "absmax":  # (absmax keeps 2^B levels everywhere; the tables above go unused)
+        if mode != "absmax" and not mode.startswith("had"):  # (absmax and had* keep 2^B levels everywhere; the tables above go unused)
             print(mode, "mean code bits", round(self.mean_bits, 4), dict(zip(options, hist.tolist())), flush=True)
 
     def effective_bits(self, head_dim=None, seqlen=None):
@@ -126,6 +128,8 @@ class Alloc:
         s = self.base.q
         if self.mode == "absmax":
             return s.apply(x, layer)
+        if self.mode.startswith("had"):
+            return self.rotated(x, layer)
         xf = x.float()
         off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
         xn = (xf - off) / sc
@@ -141,6 +145,43 @@ class Alloc:
         out[:, :, :1] = xf[:, :, :1]  # the sink exact
         return out.to(x.dtype)
 
+
+def hadamard(d):
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(d)
+
+
+def rotated(self, x, layer):
+    """``had``: statically normalised channels rotated by a Hadamard matrix, a token's RMS as its
+    scale, the head's 2^B-level book, rotated back; ``hadraw``: the same without the per-channel
+    normalisation (offset only)."""
+    s = self.base.q
+    xf = x.float()
+    off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
+    if self.mode == "hadraw":
+        sc = torch.ones_like(sc)
+    d = xf.shape[-1]
+    hm = hadamard(d)
+    y = ((xf - off) / sc) @ hm
+    r = y.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-6).half().float()
+    rho = books.stats.channel_moments().rho.mean(-1)
+    out = torch.empty_like(y)
+    for h in range(y.shape[1]):
+        key = (round(float(rho[layer, h]), 2), 2**self.b)
+        if key not in HAD_BOOKS:
+            HAD_BOOKS[key] = book_n(books.config.method, *key)
+        bk = HAD_BOOKS[key]
+        c, bd = torch.from_numpy(bk.centers).float(), torch.from_numpy(bk.boundaries).float()
+        out[:, h] = c[torch.bucketize(y[:, h] / r[:, h], bd)] * r[:, h]
+    out = (out @ hm.T) * sc + off
+    out[:, :, :1] = xf[:, :, :1]  # the sink exact
+    return out.to(x.dtype)
+
+
+HAD_BOOKS = {}
+Alloc.rotated = rotated
 
 keys = KeysOnly(books)
 rows = {"fp": None, "keys only": keys}
