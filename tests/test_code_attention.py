@@ -169,6 +169,42 @@ def test_portable_kernel_equals_the_reference(portable_kernel, threads):
     _check_every_level_count(16, "exact", 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_append_equals_the_torch_encoding(dtype, monkeypatch):
+    """kvq_append_int8 (how a CPU layer appends to its INT8 residual) holds bit for bit what torch's
+    encoding (KVStore._encode_tail) and torch.cat hold — all-zero rows (the smallest scale),
+    scales from fp16's subnormal range to its largest value, rounding ties of the fp16 scale — and
+    a layer fed through it equals one fed through torch, codes and group scales included."""
+    g = torch.Generator().manual_seed(0)
+    layer = _synthetic_layer(torch.full((3, 16), 8), 8, tail="int8")
+    held = layer._encode_tail(torch.randn(2, 3, 5, 16, generator=g))
+    x = torch.randn(2, 3, 400, 16, generator=g) * torch.logspace(-10, 4.7, 400).view(1, 1, 400, 1)
+    x[0, 0, :3] = 0.0
+    x[1, 1, 0] = 127 * 2.0**-14 * (1 + 2.0**-11)  # max/127 exactly halfway between two fp16 numbers: ties to even
+    x[1, 1, 1] = 127 * 2.0**-14 * (1 + 3 * 2.0**-11)
+    x = x.to(dtype)
+    codes, scales = cpu_kernels.append_int8(*held, x)
+    ref = layer._encode_tail(x)
+    assert torch.equal(codes, torch.cat([held[0], ref[0]], dim=2))
+    assert torch.equal(scales.view(torch.int16), torch.cat([held[1], ref[1]], dim=2).view(torch.int16))
+    assert scales.float().min() == 2.0**-24 and scales.float().max() > 2.0**-14 * 1000  # the range was covered
+
+    def fed(use_kernel: bool) -> KVQuantLayer:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: (use_kernel, ""))
+        lay = _synthetic_layer(torch.full((3, 16), 8), 8, tail="int8", sink=1)
+        gen = torch.Generator().manual_seed(1)
+        for n in (5, 1, 1, 9, 1):
+            lay.update(torch.randn(2, 3, n, 16, generator=gen).to(dtype), torch.randn(2, 3, n, 16, generator=gen).to(dtype))
+        return lay
+
+    fast, slow = fed(True), fed(False)
+    assert fast.quantized_tokens == 16 and fast.res_k.shape[2] == 1
+    for name in ("res_k", "res_v", "k_codes", "v_codes", "v_scale", "sink_k"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    for name in ("res_k_scale", "res_v_scale", "k_mid", "k_half"):
+        assert torch.equal(getattr(fast, name).view(torch.int16), getattr(slow, name).view(torch.int16)), name
+
+
 def _check_every_level_count(scale_bits: int, tail: str, rows: int) -> None:
     counts = sorted(LEVEL_PACKING)
     levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)

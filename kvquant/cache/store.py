@@ -18,6 +18,7 @@ from kvquant.core.groupnorm import causal_groups
 from kvquant.core.packing import ChannelPacking, packed_size
 from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.core.rope import derotate, rotate
+from kvquant.kernels import cpu as cpu_kernels
 
 # Per-layer storage, in token order: [quantized | residual (exact)], plus sink_k/sink_v: exact copies
 # of the first held quantized tokens while they are the stream's first ``sink`` tokens. Values are
@@ -230,6 +231,20 @@ class KVStore:
             return (codes[0], scale[0]), (codes[1], scale[1])
         return self._encode_tail(k), self._encode_tail(v, exact=not self.options.quantize_values)
 
+    def _grown_tails(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``(res_k, res_k_scale, res_v, res_v_scale)`` with keys and values ``k``, ``v`` (B, H, n, D)
+        appended as :meth:`_encode_tails` holds them. An INT8 tail on the CPU takes one pass of
+        :func:`kvquant.kernels.cpu.append_int8` per side (equal bit for bit; ~6× fewer microseconds
+        for a decoding step's token than the dozen torch ops, which short contexts feel)."""
+        if self.options.tail == "int8" and k.is_cpu and k.dtype in cpu_kernels.APPEND_DTYPES and cpu_kernels.available()[0]:
+            res_k, res_k_scale = cpu_kernels.append_int8(self.res_k, self.res_k_scale, k)
+            if self.options.quantize_values:
+                return res_k, res_k_scale, *cpu_kernels.append_int8(self.res_v, self.res_v_scale, v)
+            return res_k, res_k_scale, torch.cat([self.res_v, v], dim=2), None
+        (ck, sk), (cv, sv) = self._encode_tails(k, v)
+        cat = lambda a, b: None if b is None else torch.cat([a, b], dim=2)  # noqa: E731
+        return cat(self.res_k, ck), cat(self.res_k_scale, sk), cat(self.res_v, cv), cat(self.res_v_scale, sv)
+
     def _decode_tail(self, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """What :meth:`_encode_tail` holds, in the model's dtype."""
         return codes if scale is None else (codes.float() * scale.float().unsqueeze(-1)).to(self.dtype)
@@ -284,10 +299,8 @@ class KVStore:
         if take:  # exact copies of the sinks, laid over their slots when read
             self.sink_k = torch.cat([self.sink_k, k[:, :, :take]], dim=2)
             self.sink_v = torch.cat([self.sink_v, v[:, :, :take]], dim=2)
-        (ck, sk), (cv, sv) = self._encode_tails(k, v)
-        cat = lambda a, b: None if b is None else torch.cat([a, b], dim=2)  # noqa: E731
-        res = dict(zip(RESIDUAL_FIELDS, (cat(self.res_k, ck), cat(self.res_k_scale, sk), cat(self.res_v, cv),
-                                   cat(self.res_v_scale, sv), cat(self.res_pos, pos))))
+        res = dict(zip(RESIDUAL_FIELDS, (*self._grown_tails(k, v),
+                                         None if pos is None else torch.cat([self.res_pos, pos], dim=2))))
         over = res["res_k"].shape[2] - self.options.residual
         if self.group:
             over = over // self.group * self.group  # whole groups only

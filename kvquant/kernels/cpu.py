@@ -59,10 +59,10 @@ import torch
 from kvquant.core.groupnorm import load_scales
 from kvquant.io.fileio import atomic_path
 
-__all__ = ["available", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
+__all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 3
+_ABI = 4
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
@@ -135,6 +135,8 @@ def _library() -> ctypes.CDLL:
         raise KernelUnavailable(f"{lib} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
     dll.kvq_decode_step.argtypes = [ctypes.POINTER(Step)]
     dll.kvq_decode_step.restype = ctypes.c_int
+    dll.kvq_append_int8.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
+    dll.kvq_append_int8.restype = None
     return dll
 
 
@@ -173,3 +175,32 @@ def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None]) -
         setattr(step, name, t.data_ptr())
     if _library().kvq_decode_step(ctypes.byref(step)):
         raise MemoryError("kvq_decode_step could not allocate its scratch buffers")
+
+
+#: Token dtypes :func:`append_int8` reads, by their code in ``kvq_append_int8``.
+APPEND_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def append_int8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INT8 residual ``codes`` (B, H, n, D) int8 and ``scales`` (B, H, n) fp16 with the tokens
+    ``x`` (B, H, m, D; float32, bfloat16 or float16, on the CPU) appended, as new tensors — in one
+    pass of ``kvq_append_int8``, equal bit for bit to ``torch.cat`` of the held tensors and
+    :meth:`kvquant.cache.store.KVStore._encode_tail` of ``x`` (finite ``x``). Raises
+    :class:`KernelUnavailable` where the kernel does not build."""
+    dll = _library()
+    if x.dtype not in APPEND_DTYPES or codes.dtype != torch.int8 or scales.dtype != torch.float16:
+        raise ValueError(f"append_int8 takes int8 codes, fp16 scales and float32/bfloat16/float16 tokens, got "
+                         f"{codes.dtype}, {scales.dtype}, {x.dtype}")
+    b, h, n, d = codes.shape
+    if x.shape[:2] != (b, h) or x.shape[3] != d or scales.shape != (b, h, n):
+        raise ValueError(f"append_int8: tokens {tuple(x.shape)} do not fit codes {tuple(codes.shape)} "
+                         f"and scales {tuple(scales.shape)}")
+    if not (codes.is_cpu and scales.is_cpu and x.is_cpu):
+        raise ValueError("append_int8 runs on CPU tensors only")
+    codes, scales, x = codes.contiguous(), scales.contiguous(), x.contiguous()
+    m = x.shape[2]
+    out_codes = torch.empty(b, h, n + m, d, dtype=torch.int8)
+    out_scales = torch.empty(b, h, n + m, dtype=torch.float16)
+    dll.kvq_append_int8(b * h, n, m, d, APPEND_DTYPES[x.dtype], codes.data_ptr(), scales.data_ptr(), x.data_ptr(),
+                        out_codes.data_ptr(), out_scales.data_ptr())
+    return out_codes, out_scales

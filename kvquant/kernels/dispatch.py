@@ -140,7 +140,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     plan = layer._rotation_plan()
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
-    out = torch.empty(b, h, hq // h, d)
+    out = torch.empty(b, 1, hq, d)  # the kernel writes (B, H, R, D): the same memory, query head h·R + r
     ints = dict(B=b, H=h, R=hq // h, D=d, G=layer.group, m=sq // layer.group, gb=layer.k_codes.shape[-1],
                 K=centers.shape[-1], nd=0 if plan.cosd is None else plan.cosd.shape[1],
                 rh=0 if plan.cosd is None else plan.cosd.shape[0], n_sink=layer.sink_k.shape[2], n_exact=n_exact,
@@ -154,4 +154,4 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         xk_scale=layer.res_k_scale, xv_scale=layer.res_v_scale, vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
     ))
-    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
+    return out.to(query.dtype)

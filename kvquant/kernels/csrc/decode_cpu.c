@@ -12,6 +12,7 @@
  * and the value sums (value rows decoded 8 tokens at a time, each row's sum loaded once per 8
  * tokens). Nothing of size (tokens x head_dim) is written. The arithmetic on 8 floats is written
  * once in GNU C vectors (AVX registers where the target has them, plain floats elsewhere).
+ * kvq_append_int8 appends tokens to the INT8 residual (the newest incomplete group) in one pass.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,7 +22,7 @@
 #include <immintrin.h>
 #endif
 
-int kvq_abi_version(void) { return 3; }
+int kvq_abi_version(void) { return 4; }
 
 /* ---- codes ------------------------------------------------------------------------------ */
 
@@ -185,6 +186,64 @@ static inline float half_float(uint16_t h) {
   float f;
   memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+/* The half-precision bits of f, rounded to nearest (ties to even) as torch's float -> float16
+ * conversion rounds; f positive and at most 65504 (a clamped scale). */
+static inline uint16_t float_half(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  const uint32_t e = (b >> 23) & 255;
+  if (e < 113) return (uint16_t)__builtin_rintf(f * 16777216.0f); /* below 2^-14: m 2^-24, m <= 1024 */
+  const uint32_t mant = b & 0x7fffff, rest = mant & 0x1fff;
+  uint32_t h = ((e - 112) << 10) | (mant >> 13);
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++; /* a carry moves into the exponent, as it should */
+  return (uint16_t)h;
+}
+
+/* Element i of x as float: dtype 0 float32, 1 bfloat16, 2 float16. */
+static inline float load_any(const void *x, int64_t i, int dtype) {
+  if (dtype == 0) return ((const float *)x)[i];
+  if (dtype == 2) return half_float(((const uint16_t *)x)[i]);
+  const uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* The INT8 residual after appending n tokens, bit for bit the arithmetic of
+ * kvquant.cache.store.KVStore._encode_tail: per (batch row, KV head) the n_old held rows (codes,
+ * fp16 scales) copied, then each new row x (D values of dtype 0 float32, 1 bfloat16, 2 float16)
+ * as s = fp16(clamp(max|x| / 127, 2^-24, 65504)) and codes rint(x / s) (ties to even) clamped to
+ * +-127. Finite inputs (a NaN is not propagated as torch would). Shapes: old_codes (BH, n_old, D),
+ * old_scales (BH, n_old), x (BH, n, D), codes (BH, n_old + n, D), scales (BH, n_old + n). */
+void kvq_append_int8(int64_t BH, int64_t n_old, int64_t n, int64_t D, int64_t dtype, const int8_t *old_codes,
+                     const uint16_t *old_scales, const void *x, int8_t *codes, uint16_t *scales) {
+  const int64_t n_all = n_old + n;
+  for (int64_t bh = 0; bh < BH; bh++) {
+    if (n_old) {
+      memcpy(codes + bh * n_all * D, old_codes + bh * n_old * D, (size_t)(n_old * D));
+      memcpy(scales + bh * n_all, old_scales + bh * n_old, sizeof(uint16_t) * n_old);
+    }
+    for (int64_t t = 0; t < n; t++) {
+      const int64_t src = (bh * n + t) * D, row = bh * n_all + n_old + t;
+      float big = 0.0f;
+      for (int64_t j = 0; j < D; j++) {
+        const float a = fabsf(load_any(x, src + j, (int)dtype));
+        big = a > big ? a : big;
+      }
+      float sc = big / 127.0f;
+      sc = sc < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (sc > 65504.0f ? 65504.0f : sc);
+      const uint16_t h = float_half(sc);
+      const float s = half_float(h);
+      scales[row] = h;
+      int8_t *c = codes + row * D;
+      for (int64_t j = 0; j < D; j++) {
+        float r = __builtin_rintf(load_any(x, src + j, (int)dtype) / s);
+        c[j] = (int8_t)(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
+      }
+    }
+  }
 }
 
 /* Held token s's exact key (which 0) or value (1) row, D floats: the sink's copy where s is a sink
