@@ -34,6 +34,11 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
   as held with their fp16 per-token scales (``codes·scale``, :meth:`kvquant.cache.store.KVStore._decode_tail`'s
   arithmetic); the mask ``(B, visible)`` uint8, 1 = attend.
 
+The same library appends tokens to a layer's INT8 residual (:func:`append_int8`,
+``kvq_append_int8``): encoding and concatenation in one pass, bit for bit
+:meth:`kvquant.cache.store.KVStore._encode_tail` and ``torch.cat``, in place of a dozen torch ops
+per decoding step.
+
 Build: ``$CC`` (default ``cc``; GCC or clang: the kernel uses GNU C vector extensions) with
 ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
 it, ``-mavx2 -mfma`` when torch reports AVX2 on this CPU; the library is cached in
