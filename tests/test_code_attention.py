@@ -3,6 +3,8 @@ dequantize-then-SDPA reference: the same codes, outputs within float rounding.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,28 @@ def test_int8_append_equals_the_torch_encoding(dtype, monkeypatch):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
     for name in ("res_k_scale", "res_v_scale", "k_mid", "k_half"):
         assert torch.equal(getattr(fast, name).view(torch.int16), getattr(slow, name).view(torch.int16)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tail", ["int8", "exact"])
+def test_kernel_reads_and_writes_the_model_dtype_as_float32_would(dtype, tail):
+    """The kernel reads a bf16/fp16 query, sinks and exact residual as held and writes its output in
+    that dtype: bit for bit the float32 kernel on the same values, its output rounded by torch."""
+    g = torch.Generator().manual_seed(5)
+    low = _synthetic_layer(torch.full((2, 16), 16), 8, sink=2, tail=tail)
+    for n in (13, 1, 4):
+        low.update((torch.randn(2, 2, n, 16, generator=g) * 3).to(dtype), torch.randn(2, 2, n, 16, generator=g).to(dtype))
+    assert low.res_k.dtype == (dtype if tail == "exact" else torch.int8) and low.sink_k.dtype == dtype
+    high = copy.deepcopy(low)  # the same codes, its rows in the model's dtype upcast
+    high.dtype = torch.float32
+    for name in ("sink_k", "sink_v") + (("res_k", "res_v") if tail == "exact" else ()):
+        setattr(high, name, getattr(low, name).float())
+    q = torch.randn(2, 6, 1, 16, generator=g).to(dtype)
+    mask = torch.rand(2, 1, 1, 18, generator=g) > 0.2
+    for m in (None, mask):
+        got = attend(low, q, m, 0.37, 0)
+        assert got.dtype == dtype
+        assert torch.equal(got, attend(high, q.float(), m, 0.37, 0).to(dtype))
 
 
 def _check_every_level_count(scale_bits: int, tail: str, rows: int) -> None:

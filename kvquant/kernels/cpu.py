@@ -29,8 +29,10 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
   from transformers' direct ``cos(θp)`` by the float rounding of the angle only.
 * values: codes of ``bits`` bits along head_dim, ``v̂ = centers[code]·half + mid`` per token
   (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``).
-* exact tokens: the sinks ``(B, H, n_sink, D)`` float32, laid over their slots (codes or residual),
-  and the residual ``(B, H, n_exact, D)``, float32 or — the INT8 newest group — its int8 codes read
+* the query ``(B, H, R, D)`` and the output in the model's dtype (float32, bfloat16 or float16),
+  read and written as they are — the softmax scale applied in the kernel, in float32.
+* exact tokens: the sinks ``(B, H, n_sink, D)`` in the model's dtype, laid over their slots (codes
+  or residual), and the residual ``(B, H, n_exact, D)``, in the model's dtype or — the INT8 newest group — its int8 codes read
   as held with their fp16 per-token scales (``codes·scale``, :meth:`kvquant.cache.store.KVStore._decode_tail`'s
   arithmetic); the mask ``(B, visible)`` uint8, 1 = attend.
 
@@ -67,7 +69,7 @@ from kvquant.io.fileio import atomic_path
 __all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 4
+_ABI = 5
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
@@ -87,7 +89,8 @@ _PTRS = ("kcodes", "ch_off", "ch_levels", "ch_bits", "kcent", "kmid", "khalf", "
 class Step(ctypes.Structure):
     """The arguments of one ``kvq_decode_step`` (``kvq_step`` in ``csrc/decode_cpu.c``; shapes there)."""
 
-    _fields_ = [(n, ctypes.c_int64) for n in _INTS] + [(n, ctypes.c_void_p) for n in _PTRS]
+    _fields_ = ([(n, ctypes.c_int64) for n in _INTS] + [(n, ctypes.c_void_p) for n in _PTRS]
+                + [("dtype", ctypes.c_int64), ("scale", ctypes.c_double)])
 
 
 class KernelUnavailable(RuntimeError):
@@ -159,19 +162,30 @@ _DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int6
            "xk_scale": torch.float16, "xv_scale": torch.float16}
 #: Inputs that may also be int8: 8-bit group scales, INT8 value scales, the INT8 newest tokens.
 _INT8_OK = frozenset(("kmid", "khalf", "vscale", "xk", "xv"))
+#: Inputs (and the output) held in the model's dtype (float32, bfloat16 or float16): the kernel
+#: reads and writes them as they are, no float32 copy.
+_MODEL_DTYPE = frozenset(("q", "out", "sink_k", "sink_v", "xk", "xv"))
 
 
-def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None]) -> None:
-    """Run ``kvq_decode_step`` on ``tensors`` (contiguous CPU tensors, float32 unless listed in
-    :data:`_DTYPES`; ``kmid``/``khalf`` int8 for 8-bit scales, ``vscale`` int8 for minmax
-    values, ``xk``/``xv`` int8 with their fp16 ``xk_scale``/``xv_scale``; None for an absent optional
-    input) and the sizes ``ints``; it writes ``tensors["out"]``."""
+def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None], scale: float) -> None:
+    """Run ``kvq_decode_step`` on ``tensors`` (contiguous CPU tensors: ``q``, ``out``, the sinks and
+    an exact residual ``xk``/``xv`` in the query's dtype — float32, bfloat16 or float16 —, the rest
+    float32 unless listed in :data:`_DTYPES`; ``kmid``/``khalf`` int8 for 8-bit scales, ``vscale``
+    int8 for minmax values, ``xk``/``xv`` int8 with their fp16 ``xk_scale``/``xv_scale``; None for
+    an absent optional input), the sizes ``ints`` and the softmax ``scale`` (the kernel multiplies
+    the query by it in float32, as ``q.float() * scale``); it writes ``tensors["out"]``."""
+    model_dtype = tensors["q"].dtype
+    if model_dtype not in APPEND_DTYPES:
+        raise ValueError(f"q must be float32, bfloat16 or float16, got {model_dtype}")
     step = Step(**ints, nthreads=torch.get_num_threads(), half_of_code=HALF_OF_CODE.data_ptr(),
-                d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr())
+                d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr(), dtype=APPEND_DTYPES[model_dtype], scale=scale)
     for name, t in tensors.items():
         if t is None:
             continue
-        want = torch.int8 if t.dtype == torch.int8 and name in _INT8_OK else _DTYPES.get(name, torch.float32)
+        if t.dtype == torch.int8 and name in _INT8_OK:
+            want = torch.int8
+        else:
+            want = model_dtype if name in _MODEL_DTYPE else _DTYPES.get(name, torch.float32)
         if t.dtype != want or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"{name} must be a contiguous CPU {want} tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
         if name in ("xk", "xv") and (t.dtype == torch.int8) != (tensors.get(f"{name}_scale") is not None):

@@ -113,9 +113,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
-def _exact_tail(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The residual as the kernel reads it: INT8 codes as held (their fp16 scales beside), else float32."""
-    return x.contiguous() if scale is not None else _f32(x)
+def _held(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Exact rows (sinks, the residual) as the kernel reads them: INT8 codes as held (``scale``: their
+    fp16 scales), else in ``dtype`` (the query's: as held, no copy, in a model's own dtype)."""
+    return x.contiguous() if scale is not None else x.to(dtype).contiguous()
 
 
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
@@ -137,10 +138,11 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
         attention_mask = attention_mask.to(torch.uint8).contiguous()
     scaling = d**-0.5 if scaling is None else float(scaling)
+    dt = query.dtype if query.dtype in cpu_kernels.APPEND_DTYPES else torch.float32  # what the kernel reads
     plan = layer._rotation_plan()
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
-    out = torch.empty(b, 1, hq, d)  # the kernel writes (B, H, R, D): the same memory, query head h·R + r
+    out = torch.empty(b, 1, hq, d, dtype=dt)  # the kernel writes (B, H, R, D): the same memory, query head h·R + r
     ints = dict(B=b, H=h, R=hq // h, D=d, G=layer.group, m=sq // layer.group, gb=layer.k_codes.shape[-1],
                 K=centers.shape[-1], nd=0 if plan.cosd is None else plan.cosd.shape[1],
                 rh=0 if plan.cosd is None else plan.cosd.shape[0], n_sink=layer.sink_k.shape[2], n_exact=n_exact,
@@ -149,9 +151,9 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     cpu_kernels.decode_step(ints, dict(
         kcodes=layer.k_codes, ch_off=off, ch_levels=lev, ch_bits=bits, kcent=centers, kmid=kmid, khalf=khalf,
         base_cos=plan.base_cos, base_sin=plan.base_sin, cosd=plan.cosd, sind=plan.sind, delta=plan.delta,
-        q=(query.float() * scaling).contiguous(), sink_k=_f32(layer.sink_k), sink_v=_f32(layer.sink_v),
-        xk=_exact_tail(layer.res_k, layer.res_k_scale), xv=_exact_tail(layer.res_v, layer.res_v_scale),
+        q=query.to(dt).contiguous(), sink_k=_held(layer.sink_k, None, dt), sink_v=_held(layer.sink_v, None, dt),
+        xk=_held(layer.res_k, layer.res_k_scale, dt), xv=_held(layer.res_v, layer.res_v_scale, dt),
         xk_scale=layer.res_k_scale, xv_scale=layer.res_v_scale, vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
         vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
-    ))
+    ), scaling)
     return out.to(query.dtype)

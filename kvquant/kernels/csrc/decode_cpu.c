@@ -22,7 +22,7 @@
 #include <immintrin.h>
 #endif
 
-int kvq_abi_version(void) { return 4; }
+int kvq_abi_version(void) { return 5; }
 
 /* ---- codes ------------------------------------------------------------------------------ */
 
@@ -153,16 +153,18 @@ typedef struct {
   const float *base_cos, *base_sin;          /* (B, m, rh): cos, sin of each group's base position */
   const float *cosd, *sind;                  /* (rh, nd): a cos(theta delta), a sin(theta delta) */
   const int32_t *delta;                      /* (B, m G) rows into cosd / sind, or NULL: delta = s mod G */
-  const float *q;                            /* (B, H, R, D), scaled */
-  const float *sink_k, *sink_v;              /* (B, H, n_sink, D) */
-  const void *xk, *xv;                       /* (B, H, n_exact, D): the newest tokens, float32 or INT8 codes */
+  const void *q;                             /* (B, H, R, D) in dtype, unscaled (times `scale` here) */
+  const void *sink_k, *sink_v;               /* (B, H, n_sink, D) in dtype */
+  const void *xk, *xv;                       /* (B, H, n_exact, D): the newest tokens, in dtype or INT8 codes */
   const uint16_t *xk_scale, *xv_scale;       /* (B, H, n_exact) fp16 scales of INT8 codes, or NULL: float32 */
   const uint8_t *vcodes;                     /* (B, H, m G, pv) */
   const float *vcent;                        /* (2^bits_v,) */
   const void *vscale;                        /* (B, H, m G, 2) int8 (mid, half) codes, or (B, H, m G) float32 RMS */
   const uint8_t *mask;                       /* (B, visible tokens) 1 = attend, or NULL */
-  float *out;                                /* (B, H, R, D) */
+  void *out;                                 /* (B, H, R, D) in dtype */
   const uint8_t *d3, *d5;
+  int64_t dtype;                             /* of q, out, the sinks and exact residual rows: 0 float32, 1 bfloat16, 2 float16 */
+  double scale;                              /* the softmax scale, applied to q (as float32) */
 } kvq_step;
 
 static inline void scale_pair(const kvq_step *a, const void *mid, const void *half, int64_t i, float *m, float *h) {
@@ -189,7 +191,7 @@ static inline float half_float(uint16_t h) {
 }
 
 /* The half-precision bits of f, rounded to nearest (ties to even) as torch's float -> float16
- * conversion rounds; f positive and at most 65504 (a clamped scale). */
+ * conversion rounds; 0 <= f < 65520 (what rounds to a finite float16). */
 static inline uint16_t float_half(float f) {
   uint32_t b;
   memcpy(&b, &f, sizeof b);
@@ -209,6 +211,35 @@ static inline float load_any(const void *x, int64_t i, int dtype) {
   float f;
   memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+/* f as bfloat16 bits, rounded to nearest (ties to even), NaN as 0x7fc0: torch's conversion. */
+static inline uint16_t bf16_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  if (f != f) return 0x7fc0;
+  return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
+/* f as float16 bits, rounded to nearest (ties to even), overflow to infinity: torch's conversion. */
+static inline uint16_t f16_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  const uint16_t sign = (uint16_t)((b >> 16) & 0x8000);
+  const float a = fabsf(f);
+  if (a != a) return sign | 0x7e00;
+  if (a >= 65520.0f) return sign | 0x7c00; /* rounds past 65504 */
+  return sign | float_half(a);
+}
+
+/* Row of D floats stored at element i of x in dtype (0 float32, 1 bfloat16, 2 float16). */
+static inline void store_row(void *x, int64_t i, int64_t D, int dtype, const float *row) {
+  if (dtype == 0) {
+    memcpy((float *)x + i, row, sizeof(float) * D);
+    return;
+  }
+  uint16_t *h = (uint16_t *)x + i;
+  for (int64_t j = 0; j < D; j++) h[j] = dtype == 1 ? bf16_bits(row[j]) : f16_bits(row[j]);
 }
 
 /* The INT8 residual after appending n tokens, bit for bit the arithmetic of
@@ -248,16 +279,28 @@ void kvq_append_int8(int64_t BH, int64_t n_old, int64_t n, int64_t D, int64_t dt
 
 /* Held token s's exact key (which 0) or value (1) row, D floats: the sink's copy where s is a sink
  * (s < n_sink: laid over its code slot or its residual slot alike), else residual row s - sq —
- * float32 as held, or INT8 codes times the token's fp16 scale, decoded into tmp. */
+ * held in dtype, or INT8 codes times the token's fp16 scale —, as float32: a pointer into the
+ * held float32 row, or the row decoded into tmp. */
 static const float *exact_row(const kvq_step *a, int which, int64_t bh, int64_t s, int64_t sq, float *tmp) {
   const int64_t D = a->D;
-  if (s < a->n_sink) return (which ? a->sink_v : a->sink_k) + (bh * a->n_sink + s) * D;
-  const int64_t i = bh * a->n_exact + s - sq;
-  const uint16_t *scale = which ? a->xv_scale : a->xk_scale;
-  if (!scale) return (const float *)(which ? a->xv : a->xk) + i * D;
-  const int8_t *c = (const int8_t *)(which ? a->xv : a->xk) + i * D;
-  const float f = half_float(scale[i]);
-  for (int64_t j = 0; j < D; j++) tmp[j] = (float)c[j] * f;
+  const void *x;
+  int64_t i;
+  if (s < a->n_sink) {
+    x = which ? a->sink_v : a->sink_k;
+    i = (bh * a->n_sink + s) * D;
+  } else {
+    x = which ? a->xv : a->xk;
+    i = (bh * a->n_exact + s - sq) * D;
+    const uint16_t *scale = which ? a->xv_scale : a->xk_scale;
+    if (scale) {
+      const int8_t *c = (const int8_t *)x + i;
+      const float f = half_float(scale[i / D]);
+      for (int64_t j = 0; j < D; j++) tmp[j] = (float)c[j] * f;
+      return tmp;
+    }
+  }
+  if (a->dtype == 0) return (const float *)x + i;
+  for (int64_t j = 0; j < D; j++) tmp[j] = load_any(x, i + j, (int)a->dtype);
   return tmp;
 }
 
@@ -462,7 +505,7 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
                           float *acc) {
   const int64_t G = a->G, D = a->D, R = a->R, sq = a->m * G, n = hi - lo, VB = 8; /* value rows per block */
   const int64_t bh = b * a->H + h, tabn = (a->K > 256 ? a->K : 256), n_vis = sq + a->n_exact - a->start;
-  float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + R * D + R * n + VB * D + 256 + 16));
+  float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + 2 * R * D + R * n + VB * D + 256 + 16));
   int32_t *codes = malloc(sizeof(int32_t) * ((G > D ? G : D) + 8)); /* one channel's or one token's codes */
   if (!buf || !codes) {
     free(buf);
@@ -470,11 +513,13 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
     return -1;
   }
   float *table = buf, *kf = table + tabn, *rot = kf + D * G, *sc = rot + D * G, *qg = sc + R * G;
-  float *p = qg + R * D, *vals = p + R * n, *vtab = vals + VB * D;
+  float *qs = qg + R * D, *p = qs + R * D, *vals = p + R * n, *vtab = vals + VB * D;
   memset(table, 0, sizeof(float) * tabn);
   memset(vtab, 0, sizeof(float) * 256);
   memcpy(vtab, a->vcent, sizeof(float) * ((int64_t)1 << a->bits_v));
-  const float *q = a->q + bh * R * D;
+  const float qscale = (float)a->scale; /* q (as float32) times the scale: torch's q.float() * scale */
+  for (int64_t i = 0; i < R * D; i++) qs[i] = load_any(a->q, bh * R * D + i, (int)a->dtype) * qscale;
+  const float *q = qs;
   const uint8_t *mask = a->mask ? a->mask + b * n_vis + (lo - a->start) : NULL;
   /* scores p[r * n + (s - lo)]: the quantized keys group by group, then the exact sinks laid over
    * their code slots and the exact residual */
@@ -524,7 +569,7 @@ int kvq_decode_step(const kvq_step *a) {
   int64_t S = BH < 2 * a->nthreads ? (2 * a->nthreads + BH - 1) / BH : 1;
   S = S > groups ? (groups > 0 ? groups : 1) : S;
   const int64_t W = R * (D + 2); /* a span's pieces: acc (R x D), mx (R), sum (R) */
-  float *part = malloc(sizeof(float) * BH * S * W);
+  float *part = malloc(sizeof(float) * (BH * S * W + D)), *out = part + BH * S * W; /* + one output row */
   if (!part) return -1;
   int failed = 0;
 #pragma omp parallel for num_threads(a->nthreads) schedule(dynamic) if (a->nthreads > 1 && BH * S > 1)
@@ -537,13 +582,16 @@ int kvq_decode_step(const kvq_step *a) {
   }
   for (int64_t bh = 0; bh < BH && !failed; bh++)
     for (int64_t r = 0; r < R; r++) {
-      float M = -INFINITY, L = 0.0f, *out = a->out + (bh * R + r) * D;
+      float M = -INFINITY, L = 0.0f;
       for (int64_t k = 0; k < S; k++) {
         const float m = part[(bh * S + k) * W + R * D + r];
         M = m > M ? m : M;
       }
       memset(out, 0, sizeof(float) * D);
-      if (M == -INFINITY) continue;
+      if (M == -INFINITY) {
+        store_row(a->out, (bh * R + r) * D, D, (int)a->dtype, out);
+        continue;
+      }
       for (int64_t k = 0; k < S; k++) {
         const float *pc = part + (bh * S + k) * W, m = pc[R * D + r];
         if (m == -INFINITY) continue;
@@ -553,6 +601,7 @@ int kvq_decode_step(const kvq_step *a) {
       }
       const float inv = 1.0f / L;
       for (int64_t j = 0; j < D; j++) out[j] *= inv;
+      store_row(a->out, (bh * R + r) * D, D, (int)a->dtype, out);
     }
   free(part);
   return failed ? -1 : 0;
