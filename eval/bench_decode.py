@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--gpu", action="store_true", help="also (b), on CUDA")
     ap.add_argument("--gpu-contexts", default="4096,16384,32768,65536,131072")
-    ap.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--no-markdown", action="store_true",
+                    help="print only: write neither BENCHMARKS.md nor out/bench_decode.json nor docs/decode_speed.png")
     args = ap.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -377,7 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     recs = cpu_rows(args, books, model, prompt, names)
     cmd = "python eval/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = ["## Decode speed and memory\n", f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})\n",
-             cpu_table(recs, args, bandwidth), plot(recs, ROOT / "docs" / "decode_speed.png")]
+             cpu_table(recs, args, bandwidth)]
+    if not args.no_markdown:
+        parts.append(plot(recs, ROOT / "docs" / "decode_speed.png"))
     if args.gpu:
         parts.append(gpu_section([int(c) for c in args.gpu_contexts.split(",")], args.batches))
     else:
@@ -386,9 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     parts.append(f"_total {time.perf_counter() - t0:.0f} s_")
     md = "\n".join(parts)
     print(md)
-    write_text(ROOT / "out" / "bench_decode.json", json.dumps(dict(command=cmd, bandwidth=bandwidth, rows=recs),
-                                                             indent=1))
     if not args.no_markdown:
+        write_text(ROOT / "out" / "bench_decode.json", json.dumps(dict(command=cmd, bandwidth=bandwidth, rows=recs),
+                                                                 indent=1))
         replace_section(ROOT / "BENCHMARKS.md", "decode", md)
 
 
