@@ -191,12 +191,17 @@ def test_int8_append_equals_the_torch_encoding(dtype, monkeypatch):
     assert torch.equal(scales.view(torch.int16), torch.cat([held[1], ref[1]], dim=2).view(torch.int16))
     assert scales.float().min() == 2.0**-24 and scales.float().max() > 2.0**-14 * 1000  # the range was covered
 
+    calls, append = [], cpu_kernels.append_int8
+    monkeypatch.setattr(cpu_kernels, "append_int8", lambda *a: calls.append(1) or append(*a))
+
     def fed(use_kernel: bool) -> KVQuantLayer:
         monkeypatch.setattr(cpu_kernels, "available", lambda: (use_kernel, ""))
+        calls.clear()
         lay = _synthetic_layer(torch.full((3, 16), 8), 8, tail="int8", sink=1)
         gen = torch.Generator().manual_seed(1)
         for n in (5, 1, 1, 9, 1):
             lay.update(torch.randn(2, 3, n, 16, generator=gen).to(dtype), torch.randn(2, 3, n, 16, generator=gen).to(dtype))
+        assert len(calls) == (10 if use_kernel else 0)  # keys and values of each update through the C pass, or none
         return lay
 
     fast, slow = fed(True), fed(False)

@@ -129,6 +129,9 @@ class KVStore:
             self.res_k, self.res_v = e(b, h, 0, d), e(b, h, 0, d)
         # pre-RoPE positions: k_pos/res_pos stay None (the stream index) until a row departs from it
         self._dev_tables = self.tables.to(dev)
+        # appends to an INT8 residual through the C library where it builds (decided once: a failed
+        # build is not retried at every token)
+        self._c_append = o.tail == "int8" and dev.type == "cpu" and cpu_kernels.available()[0]
 
     @property
     def held_tokens(self) -> int:
@@ -236,7 +239,7 @@ class KVStore:
         appended as :meth:`_encode_tails` holds them. An INT8 tail on the CPU takes one pass of
         :func:`kvquant.kernels.cpu.append_int8` per side (equal bit for bit; ~6× fewer microseconds
         for a decoding step's token than the dozen torch ops, which short contexts feel)."""
-        if self.options.tail == "int8" and k.is_cpu and k.dtype in cpu_kernels.APPEND_DTYPES and cpu_kernels.available()[0]:
+        if self._c_append and k.is_cpu and k.dtype in cpu_kernels.ROW_DTYPES:
             res_k, res_k_scale = cpu_kernels.append_int8(self.res_k, self.res_k_scale, k)
             if self.options.quantize_values:
                 return res_k, res_k_scale, *cpu_kernels.append_int8(self.res_v, self.res_v_scale, v)

@@ -162,9 +162,10 @@ _DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int6
            "xk_scale": torch.float16, "xv_scale": torch.float16}
 #: Inputs that may also be int8: 8-bit group scales, INT8 value scales, the INT8 newest tokens.
 _INT8_OK = frozenset(("kmid", "khalf", "vscale", "xk", "xv"))
-#: Inputs (and the output) held in the model's dtype (float32, bfloat16 or float16): the kernel
-#: reads and writes them as they are, no float32 copy.
-_MODEL_DTYPE = frozenset(("q", "out", "sink_k", "sink_v", "xk", "xv"))
+#: Inputs (and the output) held in the model's dtype: the kernel reads and writes them as they are.
+_IN_MODEL_DTYPE = frozenset(("q", "out", "sink_k", "sink_v", "xk", "xv"))
+#: The model dtypes the library reads and writes rows in, by their code in the C source.
+ROW_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None], scale: float) -> None:
@@ -175,17 +176,17 @@ def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None], s
     an absent optional input), the sizes ``ints`` and the softmax ``scale`` (the kernel multiplies
     the query by it in float32, as ``q.float() * scale``); it writes ``tensors["out"]``."""
     model_dtype = tensors["q"].dtype
-    if model_dtype not in APPEND_DTYPES:
+    if model_dtype not in ROW_DTYPES:
         raise ValueError(f"q must be float32, bfloat16 or float16, got {model_dtype}")
     step = Step(**ints, nthreads=torch.get_num_threads(), half_of_code=HALF_OF_CODE.data_ptr(),
-                d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr(), dtype=APPEND_DTYPES[model_dtype], scale=scale)
+                d3=DIGITS3.data_ptr(), d5=DIGITS5.data_ptr(), dtype=ROW_DTYPES[model_dtype], scale=scale)
     for name, t in tensors.items():
         if t is None:
             continue
         if t.dtype == torch.int8 and name in _INT8_OK:
             want = torch.int8
         else:
-            want = model_dtype if name in _MODEL_DTYPE else _DTYPES.get(name, torch.float32)
+            want = model_dtype if name in _IN_MODEL_DTYPE else _DTYPES.get(name, torch.float32)
         if t.dtype != want or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"{name} must be a contiguous CPU {want} tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
         if name in ("xk", "xv") and (t.dtype == torch.int8) != (tensors.get(f"{name}_scale") is not None):
@@ -196,9 +197,6 @@ def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None], s
         raise MemoryError("kvq_decode_step could not allocate its scratch buffers")
 
 
-#: Token dtypes :func:`append_int8` reads, by their code in ``kvq_append_int8``.
-APPEND_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
 
 def append_int8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The INT8 residual ``codes`` (B, H, n, D) int8 and ``scales`` (B, H, n) fp16 with the tokens
@@ -207,7 +205,7 @@ def append_int8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> t
     :meth:`kvquant.cache.store.KVStore._encode_tail` of ``x`` (finite ``x``). Raises
     :class:`KernelUnavailable` where the kernel does not build."""
     dll = _library()
-    if x.dtype not in APPEND_DTYPES or codes.dtype != torch.int8 or scales.dtype != torch.float16:
+    if x.dtype not in ROW_DTYPES or codes.dtype != torch.int8 or scales.dtype != torch.float16:
         raise ValueError(f"append_int8 takes int8 codes, fp16 scales and float32/bfloat16/float16 tokens, got "
                          f"{codes.dtype}, {scales.dtype}, {x.dtype}")
     b, h, n, d = codes.shape
@@ -220,6 +218,6 @@ def append_int8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> t
     m = x.shape[2]
     out_codes = torch.empty(b, h, n + m, d, dtype=torch.int8)
     out_scales = torch.empty(b, h, n + m, dtype=torch.float16)
-    dll.kvq_append_int8(b * h, n, m, d, APPEND_DTYPES[x.dtype], codes.data_ptr(), scales.data_ptr(), x.data_ptr(),
+    dll.kvq_append_int8(b * h, n, m, d, ROW_DTYPES[x.dtype], codes.data_ptr(), scales.data_ptr(), x.data_ptr(),
                         out_codes.data_ptr(), out_scales.data_ptr())
     return out_codes, out_scales

@@ -138,7 +138,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         attention_mask = attention_mask.reshape(attention_mask.shape[0], visible).expand(b, visible)
         attention_mask = attention_mask.to(torch.uint8).contiguous()
     scaling = d**-0.5 if scaling is None else float(scaling)
-    dt = query.dtype if query.dtype in cpu_kernels.APPEND_DTYPES else torch.float32  # what the kernel reads
+    dt = query.dtype if query.dtype in cpu_kernels.ROW_DTYPES else torch.float32  # what the kernel reads
     plan = layer._rotation_plan()
     off, lev, bits, centers = layer._channel_layout
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (_f32(layer.k_mid), _f32(layer.k_half))
