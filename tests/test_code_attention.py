@@ -77,12 +77,14 @@ def test_decoding_steps_read_codes_and_equal_the_dequantize_path(family, rope, m
     torch.testing.assert_close(got, ref, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tail", ["int8", "exact"])
-def test_bfloat16_model_steps_read_codes(tail, monkeypatch):
-    """A bfloat16 model (what the offline models ship in): its exact sinks and newest group (bf16, or
-    INT8 codes with fp16 scales) reach the kernel in the dtypes it reads; each step equals SDPA over
-    the dequantized bf16 tokens to bf16 rounding (a dtype read wrongly gives garbage, not 1e-2)."""
-    model = make_model("llama").to(torch.bfloat16)
+def test_half_precision_model_steps_read_codes(tail, dtype, monkeypatch):
+    """A bfloat16 model (what the offline models ship in) or a float16 one: its queries, exact sinks
+    and newest group (in the model's dtype, or INT8 codes with fp16 scales) reach the kernel in the
+    dtypes it reads; each step equals SDPA over the dequantized tokens to the dtype's rounding (a
+    dtype read wrongly gives garbage, not 1e-2)."""
+    model = make_model("llama").to(dtype)
     books = calibrated(make_model("llama"), norm="channel-group", group=8, sink=1, scale_bits=8, rope="pre")
     stats = _check_steps(monkeypatch)
     stepwise_logits(model, random_ids(2, 20), make_cache(model, books, tail=tail), 3)
