@@ -237,9 +237,9 @@ class KVStore:
     def _grown_tails(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``(res_k, res_k_scale, res_v, res_v_scale)`` with keys and values ``k``, ``v`` (B, H, n, D)
         appended as :meth:`_encode_tails` holds them. An INT8 tail on the CPU takes one pass of
-        :func:`kvquant.kernels.cpu.append_int8` per side (equal bit for bit; ~6× fewer microseconds
-        for a decoding step's token than the dozen torch ops, which short contexts feel)."""
-        if self._c_append and k.is_cpu and k.dtype in cpu_kernels.ROW_DTYPES:
+        :func:`kvquant.kernels.cpu.append_int8` per side (equal bit for bit) in place of a dozen torch
+        ops per token (BENCHMARKS.md "A token's INT8 append in one C pass")."""
+        if self._c_append and k.dtype in cpu_kernels.ROW_DTYPES:
             res_k, res_k_scale = cpu_kernels.append_int8(self.res_k, self.res_k_scale, k)
             if self.options.quantize_values:
                 return res_k, res_k_scale, *cpu_kernels.append_int8(self.res_v, self.res_v_scale, v)

@@ -32,9 +32,10 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
 * the query ``(B, H, R, D)`` and the output in the model's dtype (float32, bfloat16 or float16),
   read and written as they are — the softmax scale applied in the kernel, in float32.
 * exact tokens: the sinks ``(B, H, n_sink, D)`` in the model's dtype, laid over their slots (codes
-  or residual), and the residual ``(B, H, n_exact, D)``, in the model's dtype or — the INT8 newest group — its int8 codes read
-  as held with their fp16 per-token scales (``codes·scale``, :meth:`kvquant.cache.store.KVStore._decode_tail`'s
-  arithmetic); the mask ``(B, visible)`` uint8, 1 = attend.
+  or residual), and the residual ``(B, H, n_exact, D)``, in the model's dtype or — the INT8 newest
+  group — its int8 codes read as held with their fp16 per-token scales (``codes·scale``,
+  :meth:`kvquant.cache.store.KVStore._decode_tail`'s arithmetic); the mask ``(B, visible)`` uint8,
+  1 = attend.
 
 The same library appends tokens to a layer's INT8 residual (:func:`append_int8`,
 ``kvq_append_int8``): encoding and concatenation in one pass, bit for bit
@@ -195,7 +196,6 @@ def decode_step(ints: dict[str, int], tensors: dict[str, torch.Tensor | None], s
         setattr(step, name, t.data_ptr())
     if _library().kvq_decode_step(ctypes.byref(step)):
         raise MemoryError("kvq_decode_step could not allocate its scratch buffers")
-
 
 
 def append_int8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

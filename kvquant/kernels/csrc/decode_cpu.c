@@ -177,6 +177,19 @@ static inline void scale_pair(const kvq_step *a, const void *mid, const void *ha
   }
 }
 
+/* The float of IEEE single-precision bits b, and the bits of f. */
+static inline float float_of_bits(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+static inline uint32_t bits_of_float(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return b;
+}
+
 /* The IEEE half-precision number of bits h as a float. */
 static inline float half_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, man = h & 1023;
@@ -184,18 +197,13 @@ static inline float half_float(uint16_t h) {
     const float f = (float)man * 5.9604644775390625e-8f;
     return sign ? -f : f;
   }
-  const uint32_t bits = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13));
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
+  return float_of_bits(sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13)));
 }
 
 /* The half-precision bits of f, rounded to nearest (ties to even) as torch's float -> float16
  * conversion rounds; 0 <= f < 65520 (what rounds to a finite float16). */
 static inline uint16_t float_half(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof b);
-  const uint32_t e = (b >> 23) & 255;
+  const uint32_t b = bits_of_float(f), e = (b >> 23) & 255;
   if (e < 113) return (uint16_t)__builtin_rintf(f * 16777216.0f); /* below 2^-14: m 2^-24, m <= 1024 */
   const uint32_t mant = b & 0x7fffff, rest = mant & 0x1fff;
   uint32_t h = ((e - 112) << 10) | (mant >> 13);
@@ -207,25 +215,19 @@ static inline uint16_t float_half(float f) {
 static inline float load_any(const void *x, int64_t i, int dtype) {
   if (dtype == 0) return ((const float *)x)[i];
   if (dtype == 2) return half_float(((const uint16_t *)x)[i]);
-  const uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
+  return float_of_bits((uint32_t)((const uint16_t *)x)[i] << 16);
 }
 
 /* f as bfloat16 bits, rounded to nearest (ties to even), NaN as 0x7fc0: torch's conversion. */
 static inline uint16_t bf16_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof b);
+  const uint32_t b = bits_of_float(f);
   if (f != f) return 0x7fc0;
   return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 
 /* f as float16 bits, rounded to nearest (ties to even), overflow to infinity: torch's conversion. */
 static inline uint16_t f16_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof b);
-  const uint16_t sign = (uint16_t)((b >> 16) & 0x8000);
+  const uint16_t sign = (uint16_t)((bits_of_float(f) >> 16) & 0x8000);
   const float a = fabsf(f);
   if (a != a) return sign | 0x7e00;
   if (a >= 65520.0f) return sign | 0x7c00; /* rounds past 65504 */
