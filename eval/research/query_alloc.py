@@ -61,6 +61,13 @@ def mse(book):
     return float(np.sum(pdf * (u - book.centers[book.encode(u)]) ** 2))
 
 
+def hadamard(d):
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(d)
+
+
 class Alloc:
     rope = "pre"
 
@@ -120,9 +127,35 @@ class Alloc:
         hist = np.bincount(np.searchsorted(options, levels.ravel()), minlength=len(options))
         if mode != "absmax" and not mode.startswith("had"):  # (absmax and had* keep 2^B levels everywhere; the tables above go unused)
             print(mode, "mean code bits", round(self.mean_bits, 4), dict(zip(options, hist.tolist())), flush=True)
+        if mode.startswith("had"):  # the head's 2^B-level book per (layer, head), the rotation once
+            self.hm = hadamard(D)
+            self.had = {}
+            for l in range(L):
+                for h in range(H):
+                    bk = book_n(method, round(float(rho[l, h]), 2), 2**b)
+                    self.had[l, h] = (torch.from_numpy(bk.centers).float(), torch.from_numpy(bk.boundaries).float())
 
     def effective_bits(self, head_dim=None, seqlen=None):
         return self.b
+
+    def rotated(self, x, layer):
+        """``had``: statically normalised channels rotated by a Hadamard matrix, a token's RMS as its
+        scale, the head's 2^B-level book, rotated back; ``hadraw``: the same without the per-channel
+        normalisation (offset only)."""
+        s = self.base.q
+        xf = x.float()
+        off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
+        if self.mode == "hadraw":
+            sc = torch.ones_like(sc)
+        y = ((xf - off) / sc) @ self.hm
+        r = y.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-6).half().float()
+        out = torch.empty_like(y)
+        for h in range(y.shape[1]):
+            c, bd = self.had[layer, h]
+            out[:, h] = c[torch.bucketize(y[:, h] / r[:, h], bd)] * r[:, h]
+        out = (out @ self.hm.T) * sc + off
+        out[:, :, :1] = xf[:, :, :1]  # the sink exact
+        return out.to(x.dtype)
 
     def __call__(self, x, layer, side):
         s = self.base.q
@@ -145,43 +178,6 @@ class Alloc:
         out[:, :, :1] = xf[:, :, :1]  # the sink exact
         return out.to(x.dtype)
 
-
-def hadamard(d):
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(d)
-
-
-def rotated(self, x, layer):
-    """``had``: statically normalised channels rotated by a Hadamard matrix, a token's RMS as its
-    scale, the head's 2^B-level book, rotated back; ``hadraw``: the same without the per-channel
-    normalisation (offset only)."""
-    s = self.base.q
-    xf = x.float()
-    off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
-    if self.mode == "hadraw":
-        sc = torch.ones_like(sc)
-    d = xf.shape[-1]
-    hm = hadamard(d)
-    y = ((xf - off) / sc) @ hm
-    r = y.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-6).half().float()
-    rho = books.stats.channel_moments().rho.mean(-1)
-    out = torch.empty_like(y)
-    for h in range(y.shape[1]):
-        key = (round(float(rho[layer, h]), 2), 2**self.b)
-        if key not in HAD_BOOKS:
-            HAD_BOOKS[key] = book_n(books.config.method, *key)
-        bk = HAD_BOOKS[key]
-        c, bd = torch.from_numpy(bk.centers).float(), torch.from_numpy(bk.boundaries).float()
-        out[:, h] = c[torch.bucketize(y[:, h] / r[:, h], bd)] * r[:, h]
-    out = (out @ hm.T) * sc + off
-    out[:, :, :1] = xf[:, :, :1]  # the sink exact
-    return out.to(x.dtype)
-
-
-HAD_BOOKS = {}
-Alloc.rotated = rotated
 
 keys = KeysOnly(books)
 rows = {"fp": None, "keys only": keys}
