@@ -39,7 +39,8 @@ def main() -> None:
     model, _ = load_model(args.model)
     books = Codebooks.load(args.codebooks)
     names = [r for r in args.rows.split(",") if r]
-    rows = {n: (books if n == "default" else make_rows([n], books, generation=True)[n]) for n in names}
+    rows = {n: (books if n == "default" else make_rows([n], books, books.calibration["seqlen"], generation=True)[n])
+            for n in names}
     factories = cache_factories(model, rows)
     lengths = [n for n in LENGTHS if n <= args.max_len]
     curves = {name: held_bits_curve(new, model, args.max_len) for name, new in factories.items()}

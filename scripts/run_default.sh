@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: set up .venv (scripts/setup.sh), fetch the offline default
 # model and text, calibrate the default codebooks (configs/default.yaml: the deployed KV cache at
-# 4 bits per K/V entry held; 8 calibration windows from the end of the text), then one
+# 4 bits per K/V entry held at a window's end, 4.4 on average; 8 calibration windows from the end of the text), then one
 # generation-mode perplexity table on the first 4 windows — every token reads the KV cache:
 # unquantized (DynamicCache), kvquant's cache at 4 and 2 bits per K/V entry held (the 2-bit row
 # rebuilt from the same statistics, as `kvquant calibrate --config configs/2bit.yaml` would build
