@@ -11,9 +11,14 @@ reads INT8; the group is quantized from them when it completes, as today). Bits 
 the INT8 cache's measured mean minus what b-bit packed tails would not hold,
 ``½ (16 − kb − vb) · mean_t((t − C_t)/t)`` (C_t tokens in complete groups after t).
 
+``kbn/vb`` (keys "normalised"): each key channel divided by its calibration RMS (pre-RoPE, equal
+over each rotary pair, so it holds after the rotation) before the per-token code and multiplied
+back after — the outlier channels no longer set every token's step (rows fake-quantized and held
+in a float container; bits counted as for packed b-bit codes).
+
 Rows: development windows 5–6, float32 (this CPU), ``out/default.safetensors``.
 
-Usage:  python eval/research/tail_int_bits.py [--tails 8/8,6/6,5/5,4/4,8/5,5/8] [--key-bits 3.65]
+Usage:  python eval/research/tail_int_bits.py [--tails 8/8,6/6,5/5,4/4,8/5,5/8,6n/8,5n/8,4n/8] [--key-bits 3.65]
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import kvquant.cache.store as store
 from kvquant.cache import make_cache
 from kvquant.cache.format import _SCALE_MAX, _SCALE_MIN, SCALE_DTYPE
 from kvquant.codebooks import Codebooks
-from kvquant.evaluation.generation import evaluate_generation
+from kvquant.evaluation.generation import evaluate_generation, held_bits
 from kvquant.evaluation.perplexity import format_table, make_rows
 from kvquant.io.assets import load_model
 from kvquant.io.data import held_out_windows, load_text
@@ -50,9 +55,29 @@ def _patched_allocate(self, *a, **k):
         self._c_append = False  # the C append writes INT8: the torch path below instead
 
 
+def _fake(x: torch.Tensor, bits: int) -> torch.Tensor:
+    codes, scale = _encode(x, bits)
+    return codes.float() * scale.float().unsqueeze(-1)
+
+
 def _patched_tails(self, k: torch.Tensor, v: torch.Tensor):
+    if hasattr(self, "_tail_norm"):  # keys divided by a static per-channel RMS before the per-token code
+        kb, vb, norm = self._tail_norm
+        n = norm.to(k.device)[None, :, None, :]
+        return (( _fake(k.float() / n, kb) * n).to(k.dtype), None), (_fake(v, vb).to(v.dtype), None)
     kb, vb = getattr(self, "_tail_bits", (8, 8))
     return _encode(k, kb), _encode(v, vb)
+
+
+def channel_rms(books: Codebooks) -> torch.Tensor:
+    """(L, H, D) RMS of each key channel from the calibration's sums (pre-RoPE), made equal over
+    each rotary pair (j, j + D/2) — what a post-RoPE key channel's RMS is whatever the position."""
+    e2 = (books.stats.skk / books.stats.n.clamp_min(1)).float()  # (L, H_q, D): per query head's pairs
+    h = books.k.offset.shape[1]
+    e2 = e2.reshape(e2.shape[0], h, -1, e2.shape[-1]).mean(2)  # the query heads of each KV head see its keys
+    d2 = e2.shape[-1] // 2
+    pair = ((e2[..., :d2] + e2[..., d2:]) / 2).sqrt().clamp_min(1e-6)
+    return torch.cat([pair, pair], -1)
 
 
 store.KVStore._allocate = _patched_allocate
@@ -72,24 +97,36 @@ def main() -> None:
     variants = {"": books} | {f"@{kb}": make_rows([f"lambda-lloyd@{kb}/4"], books, n, generation=True)[f"lambda-lloyd@{kb}/4"]
                               for kb in args.key_bits.split(",") if kb}
 
-    def factory(b, bits):
+    rms = channel_rms(books)
+
+    def factory(b, bits, normed):
         def new():
-            cache = make_cache(model, b)
-            for layer in cache.layers:
-                layer._tail_bits = bits
+            cache = make_cache(model, b, tail="exact" if normed else "int8")  # normed: fake-quantized rows, held exact
+            for i, layer in enumerate(cache.layers):
+                if normed:
+                    layer._tail_norm = (*bits, rms[i])
+                else:
+                    layer._tail_bits = bits
             return cache
         return new
 
     caches, saved = {"fp": lambda: DynamicCache(config=model.config)}, {}
     for vname, b in variants.items():
         for spec in args.tails.split(","):
-            kb, vb = (int(x) for x in spec.split("/"))
-            name = f"K{vname or ' 3.65'} tail {kb}/{vb}"
-            caches[name], saved[name] = factory(b, (kb, vb)), 0.5 * (16 - kb - vb) * frac
+            ks, vs = spec.split("/")
+            kb, vb, normed = int(ks.rstrip("n")), int(vs), ks.endswith("n")
+            name = f"K{vname or ' 3.65'} tail {spec}"
+            caches[name], saved[name] = factory(b, (kb, vb), normed), 0.5 * (16 - kb - vb) * frac
+            if normed:  # held exact (a float container): count it as the INT8 cache of the same keys, less the cut
+                int8 = held_bits(factory(b, (8, 8), False), model, n)
+                saved[name] = (saved[name], int8)
     t0 = time.time()
     rows = evaluate_generation(model, dev, caches)
     for name, cut in saved.items():  # the replay counts the int8 container: take off what b bits would not hold
         r = rows[name]
+        if isinstance(cut, tuple):
+            cut, int8 = cut
+            r = replace(r, effective_bits=int8.mean, kv_bits_end=int8.end, kv_bits_max=int8.max)
         rows[name] = replace(r, effective_bits=r.effective_bits - cut, kv_bits_max=r.kv_bits_max - cut / frac)
     print(f"smollm2-135m · enwiki-excerpt · development windows 5–6 × {n} · float32 · generation mode · "
           f"out/default.safetensors · tail share {frac:.4f} · {time.time() - t0:.0f} s")
