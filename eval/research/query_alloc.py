@@ -19,9 +19,12 @@ E[max of D |N(0, 1)|] (≈ 2.6 for D = 64: a scaled token is about unit Gaussian
 ``allocarg`` onto the outermost center of the channel that holds it (that entry lands on a center); ``allocstatic`` allocated, no
 per-token scale; ``allochead`` the budget per head; ``had``/``hadraw`` no allocation: each
 head's channels rotated by a Hadamard matrix (after the static normalisation, or the offset only),
-a token's RMS as its scale, the head's 2^B-level book, rotated back (run 6: far worse at 2 bits).
+a token's RMS as its scale, the head's 2^B-level book, rotated back (run 6: far worse at 2 bits);
+``klt`` transform coding under the error's metric (:class:`KLT`: the Fisher-weighted queries'
+eigenbasis from 2 calibration windows, levels water-filled over its components; run 7).
 
-Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic [float32|bfloat16]
+Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic [float32|bfloat16] [generation]
+(``generation``: the rules' queries beside eval/causal_queries.py's caches on evaluation windows 1–4)
 """
 import math, sys, time
 import numpy as np
@@ -81,7 +84,7 @@ class Alloc:
         extra = int(mode.split("+")[1]) if "+" in mode else 2  # alloc+E: at most 2^(B+E) levels
         options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** min(b + extra, 8)]
         obits = np.array([level_bits(n) for n in options])
-        cf = books.hist.channel_fisher_q.double().numpy()  # (L, H, D)
+        cf = self._curves_weights()  # (L, H, D): what an error of unit variance in each channel costs
         tabs = {}
         eps = np.zeros((L, H, len(options)))
         for l in range(L):
@@ -135,6 +138,9 @@ class Alloc:
                     bk = book_n(method, round(float(rho[l, h]), 2), 2**b)
                     self.had[l, h] = (torch.from_numpy(bk.centers).float(), torch.from_numpy(bk.boundaries).float())
 
+    def _curves_weights(self):
+        return books.hist.channel_fisher_q.double().numpy()
+
     def effective_bits(self, head_dim=None, seqlen=None):
         return self.b
 
@@ -179,11 +185,127 @@ class Alloc:
         return out.to(x.dtype)
 
 
+class QueryMoments:
+    """Records Σ xn xnᵀ per (layer, head) of the statically normalised pre-RoPE queries (a
+    pass-through quantizer): the KLT rule's covariance, from calibration tokens."""
+
+    rope = "pre"
+    key_group = 0
+
+    def __init__(self, base):
+        self.s = base.q
+        L, H, D = self.s.offset.shape
+        self.c, self.n = torch.zeros(L, H, D, D, dtype=torch.float64), 0
+
+    def effective_bits(self, head_dim=None, seqlen=None):
+        return 32.0
+
+    def __call__(self, x, layer, side):
+        if side == "q":
+            xn = (x.float() - self.s.offset[layer][None, :, None, :]) / self.s.scale[layer][None, :, None, :]
+            xn = xn[:, :, 1:]  # the sink left out (held exact)
+            self.c[layer] += torch.einsum("bhtd,bhte->hde", xn, xn).double()
+            self.n = xn.shape[0] * xn.shape[2] if layer == 0 else self.n
+        return x
+
+
+class KLT(Alloc):
+    """``klt``: transform coding of the query under the error's own metric. A query error e (in the
+    statically normalised units) costs ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights,
+    as ``alloc`` uses them); with z = F^{1/2} xn that is |e_z|², and in the eigenbasis V of z's
+    covariance (calibration tokens: the end of the text, never the development windows) the
+    components y = Vᵀ z are uncorrelated with variances λ_i. Each component gets 2 … 2^(B+2)
+    levels by reverse water-filling ½ λ_i ε(n) (mean B bits per entry), y/√λ is scaled per token
+    as ``alloc`` scales (largest entry onto the 2^B book's outermost center), and x̂ = F^{−1/2} V ŷ."""
+
+    def __init__(self, b, calib_ids):
+        mom = QueryMoments(books.causal_queries(b))
+        from kvquant import wrapped as _wrapped
+        with torch.no_grad(), _wrapped(model, mom):
+            for x in calib_ids:
+                model(x[None])
+        cov = (mom.c / (mom.n * len(calib_ids))).float()  # (L, H, D, D)
+        cf = books.hist.channel_fisher_q.float()
+        cf = torch.maximum(cf, 1e-3 * cf.mean(-1, keepdim=True))
+        self.fh = cf.sqrt()  # (L, H, D)
+        lam, vec = torch.linalg.eigh(self.fh[..., :, None] * cov * self.fh[..., None, :])
+        self.lam, self.vec = lam.clamp_min(1e-12), vec  # (L, H, D), (L, H, D, D): columns are components
+        super().__init__("klt", b)
+
+    def _curves_weights(self):
+        return self.lam.double().numpy()
+
+    def __call__(self, x, layer, side):
+        s = self.base.q
+        xf = x.float()
+        off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
+        fh, v, sl = self.fh[layer][None, :, None, :], self.vec[layer], self.lam[layer].sqrt()[None, :, None, :]
+        y = torch.einsum("bhtd,hde->bhte", (xf - off) / sc * fh, v) / sl
+        r = (y.abs().amax(-1, keepdim=True) / self.top[layer][None, :, None]).clamp_min(1e-6).half().float()
+        yq = channel_values(channel_codes(y / r, self.bounds[layer]), self.centers[layer]) * r * sl
+        out = torch.einsum("bhte,hde->bhtd", yq, v) / fh * sc + off
+        out[:, :, :1] = xf[:, :, :1]  # the sink exact
+        return out.to(x.dtype)
+
+
+def calibration_ids(n: int = 2):
+    """``n`` windows of 2048 tokens from the codebook file's calibration range (the end of the text)."""
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    assert len(ids) == books.calibration["total_tokens"], "not the calibration's tokenization"
+    first = int(books.calibration["first_token"])
+    return [ids[first + i * 2048 : first + (i + 1) * 2048] for i in range(n)]
+
+
+class QueriesOnly:
+    """A rule's queries beside a KV cache (generation mode): the rule without its index-0 sink —
+    a decoding step's one query is not the sink — and the sink from the positions the attention
+    module was called with, as :class:`kvquant.QueryQuantizer` keeps it."""
+
+    rope, sides = "pre", ("q",)
+
+    def __init__(self, rule, b):
+        from kvquant import query_quantizer
+        self.rule, self.b = rule, b
+        self.pos = query_quantizer(books.causal_queries(b), model)  # positions and sink of the same books
+
+    def effective_bits(self, head_dim=None, *args, **kwargs):
+        return self.pos.effective_bits(head_dim)
+
+    def __call__(self, x, layer, side):
+        if side != "q":
+            return x
+        pos = self.pos._modules[layer].kvquant_positions
+        out = self.rule(torch.cat([x[:, :, :1], x], 2), layer, side)[:, :, 1:]  # a dummy first row takes the exact sink
+        exact = (pos < self.pos.sink).expand(x.shape[0], -1)[:, None, :, None].to(x.device)
+        return torch.where(exact, x, out)
+
+
+if len(sys.argv) > 4 and sys.argv[4] == "generation":  # the rules beside the caches, evaluation windows 1-4
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from causal_queries import CACHES
+    from kvquant.evaluation.generation import cache_factories, evaluate_generation
+    from kvquant.evaluation.perplexity import make_rows
+    ev = w.ids[:4]
+    caches = cache_factories(model, {"fp": None, **make_rows(list(CACHES), books, 2048, generation=True)})
+    factories, queries = {"fp": caches["fp"]}, {}
+    for name, qb in CACHES.items():
+        if qb in bits_list:
+            for mode in modes:
+                label = f"{name} +q{qb} {mode}"
+                rule = KLT(qb, calibration_ids()) if mode == "klt" else Alloc(mode, qb)
+                factories[label], queries[label] = caches[name], QueriesOnly(rule, qb)
+    t0 = time.time()
+    res = evaluate_generation(model, ev, factories, queries=queries)
+    print("evaluation windows 1-4, generation mode (every token reads the cache)")
+    print(format_table(res))
+    print("seconds", time.time() - t0)
+    sys.exit(0)
+
 keys = KeysOnly(books)
 rows = {"fp": None, "keys only": keys}
 for b in bits_list:
     for mode in modes:
-        rows[f"{mode}@{b}"] = QueryKeyPair(Alloc(mode, b), books)
+        rows[f"{mode}@{b}"] = QueryKeyPair(KLT(b, calibration_ids()) if mode == "klt" else Alloc(mode, b), books)
 t0 = time.time()
 res = evaluate(model, dev, rows)
 print(format_table(res))
