@@ -27,8 +27,10 @@ Usage:  python eval/research/query_alloc.py 4 absmax,alloc,allocmax,allocstatic 
 (``generation``: the rules' queries beside eval/causal_queries.py's caches on evaluation windows 1–4)
 """
 import math, sys, time
+from pathlib import Path
 import numpy as np
 import torch
+from kvquant import query_quantizer, wrapped
 from kvquant.io.assets import load_model
 from kvquant.codebooks import Codebooks
 from kvquant.io.data import held_out_windows, load_text
@@ -38,6 +40,7 @@ from kvquant.core import pair_codebooks as pcb
 from kvquant.core.allocate import water_fill
 from kvquant.core.packing import LEVEL_PACKING, level_bits
 from kvquant.core.quantizer import channel_codes, channel_values
+from kvquant.hf.wrap import attention_modules
 
 torch.set_num_threads(2)
 bits_list = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [4]
@@ -73,10 +76,11 @@ def hadamard(d):
 
 class Alloc:
     rope = "pre"
+    index_sink = True  # the tensor's token 0 exact: simulated windows start at position 0 (QueriesOnly clears it)
 
-    def __init__(self, mode, b):
+    def __init__(self, mode, b, base=None):
         self.mode, self.b = mode, b
-        self.base = books.causal_queries(b)  # offsets, scales, uniform tables
+        self.base = base or books.causal_queries(b)  # offsets, scales, uniform tables
         s = self.base.q
         L, H, D = s.offset.shape
         rho = books.stats.channel_moments().rho.mean(-1)
@@ -159,16 +163,19 @@ class Alloc:
         for h in range(y.shape[1]):
             c, bd = self.had[layer, h]
             out[:, h] = c[torch.bucketize(y[:, h] / r[:, h], bd)] * r[:, h]
-        out = (out @ self.hm.T) * sc + off
-        out[:, :, :1] = xf[:, :, :1]  # the sink exact
-        return out.to(x.dtype)
+        return (out @ self.hm.T) * sc + off
 
     def __call__(self, x, layer, side):
+        if self.mode == "absmax":  # the library's books, their own index sink
+            return self.base.q.apply(x, layer)
+        out = self.rotated(x, layer) if self.mode.startswith("had") else self.quantized(x, layer)
+        if self.index_sink:
+            out[:, :, :1] = x[:, :, :1].float()  # the sink exact
+        return out.to(x.dtype)
+
+    def quantized(self, x, layer):
+        """The rule's x̂ (float32), every token quantized."""
         s = self.base.q
-        if self.mode == "absmax":
-            return s.apply(x, layer)
-        if self.mode.startswith("had"):
-            return self.rotated(x, layer)
         xf = x.float()
         off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
         xn = (xf - off) / sc
@@ -180,9 +187,7 @@ class Alloc:
             r = (big / outer.expand_as(xn).gather(-1, at)).clamp_min(1e-6).half().float()
         else:
             r = (xn.abs().amax(-1, keepdim=True) / self.top[layer][None, :, None]).clamp_min(1e-6).half().float()
-        out = channel_values(channel_codes(xn / r, self.bounds[layer]), self.centers[layer]) * r * sc + off
-        out[:, :, :1] = xf[:, :, :1]  # the sink exact
-        return out.to(x.dtype)
+        return channel_values(channel_codes(xn / r, self.bounds[layer]), self.centers[layer]) * r * sc + off
 
 
 class QueryMoments:
@@ -205,7 +210,7 @@ class QueryMoments:
             xn = (x.float() - self.s.offset[layer][None, :, None, :]) / self.s.scale[layer][None, :, None, :]
             xn = xn[:, :, 1:]  # the sink left out (held exact)
             self.c[layer] += torch.einsum("bhtd,bhte->hde", xn, xn).double()
-            self.n = xn.shape[0] * xn.shape[2] if layer == 0 else self.n
+            self.n += xn.shape[0] * xn.shape[2] if layer == 0 else 0  # tokens seen (every layer sees the same)
         return x
 
 
@@ -219,23 +224,23 @@ class KLT(Alloc):
     as ``alloc`` scales (largest entry onto the 2^B book's outermost center), and x̂ = F^{−1/2} V ŷ."""
 
     def __init__(self, b, calib_ids):
-        mom = QueryMoments(books.causal_queries(b))
-        from kvquant import wrapped as _wrapped
-        with torch.no_grad(), _wrapped(model, mom):
+        base = books.causal_queries(b)
+        mom = QueryMoments(base)
+        with torch.no_grad(), wrapped(model, mom):
             for x in calib_ids:
                 model(x[None])
-        cov = (mom.c / (mom.n * len(calib_ids))).float()  # (L, H, D, D)
+        cov = (mom.c / mom.n).float()  # (L, H, D, D)
         cf = books.hist.channel_fisher_q.float()
         cf = torch.maximum(cf, 1e-3 * cf.mean(-1, keepdim=True))
         self.fh = cf.sqrt()  # (L, H, D)
         lam, vec = torch.linalg.eigh(self.fh[..., :, None] * cov * self.fh[..., None, :])
         self.lam, self.vec = lam.clamp_min(1e-12), vec  # (L, H, D), (L, H, D, D): columns are components
-        super().__init__("klt", b)
+        super().__init__("klt", b, base)
 
     def _curves_weights(self):
         return self.lam.double().numpy()
 
-    def __call__(self, x, layer, side):
+    def quantized(self, x, layer):
         s = self.base.q
         xf = x.float()
         off, sc = s.offset[layer][None, :, None, :], s.scale[layer][None, :, None, :]
@@ -243,9 +248,7 @@ class KLT(Alloc):
         y = torch.einsum("bhtd,hde->bhte", (xf - off) / sc * fh, v) / sl
         r = (y.abs().amax(-1, keepdim=True) / self.top[layer][None, :, None]).clamp_min(1e-6).half().float()
         yq = channel_values(channel_codes(y / r, self.bounds[layer]), self.centers[layer]) * r * sl
-        out = torch.einsum("bhte,hde->bhtd", yq, v) / fh * sc + off
-        out[:, :, :1] = xf[:, :, :1]  # the sink exact
-        return out.to(x.dtype)
+        return torch.einsum("bhte,hde->bhtd", yq, v) / fh * sc + off
 
 
 def calibration_ids(n: int = 2):
@@ -259,29 +262,28 @@ def calibration_ids(n: int = 2):
 class QueriesOnly:
     """A rule's queries beside a KV cache (generation mode): the rule without its index-0 sink —
     a decoding step's one query is not the sink — and the sink from the positions the attention
-    module was called with, as :class:`kvquant.QueryQuantizer` keeps it."""
+    module was called with (stashed by kvquant.wrap's pre-hook), as :class:`kvquant.QueryQuantizer`
+    keeps it; bits as that quantizer counts them for the rule's books."""
 
     rope, sides = "pre", ("q",)
 
-    def __init__(self, rule, b):
-        from kvquant import query_quantizer
-        self.rule, self.b = rule, b
-        self.pos = query_quantizer(books.causal_queries(b), model)  # positions and sink of the same books
+    def __init__(self, rule):
+        rule.index_sink = False
+        self.rule, self.books = rule, query_quantizer(rule.base, model)
+        self.modules = {m.layer_idx: m for m in attention_modules(model)}
 
     def effective_bits(self, head_dim=None, *args, **kwargs):
-        return self.pos.effective_bits(head_dim)
+        return self.books.effective_bits(head_dim)
 
     def __call__(self, x, layer, side):
         if side != "q":
             return x
-        pos = self.pos._modules[layer].kvquant_positions
-        out = self.rule(torch.cat([x[:, :, :1], x], 2), layer, side)[:, :, 1:]  # a dummy first row takes the exact sink
-        exact = (pos < self.pos.sink).expand(x.shape[0], -1)[:, None, :, None].to(x.device)
-        return torch.where(exact, x, out)
+        exact = (self.modules[layer].kvquant_positions < self.books.sink).expand(x.shape[0], -1)
+        return torch.where(exact[:, None, :, None].to(x.device), x, self.rule(x, layer, side))
 
 
 if len(sys.argv) > 4 and sys.argv[4] == "generation":  # the rules beside the caches, evaluation windows 1-4
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from causal_queries import CACHES
     from kvquant.evaluation.generation import cache_factories, evaluate_generation
     from kvquant.evaluation.perplexity import make_rows
@@ -293,7 +295,7 @@ if len(sys.argv) > 4 and sys.argv[4] == "generation":  # the rules beside the ca
             for mode in modes:
                 label = f"{name} +q{qb} {mode}"
                 rule = KLT(qb, calibration_ids()) if mode == "klt" else Alloc(mode, qb)
-                factories[label], queries[label] = caches[name], QueriesOnly(rule, qb)
+                factories[label], queries[label] = caches[name], QueriesOnly(rule)
     t0 = time.time()
     res = evaluate_generation(model, ev, factories, queries=queries)
     print("evaluation windows 1-4, generation mode (every token reads the cache)")
