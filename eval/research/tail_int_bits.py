@@ -110,7 +110,7 @@ def main() -> None:
             return cache
         return new
 
-    caches, saved = {"fp": lambda: DynamicCache(config=model.config)}, {}
+    caches, saved, int8 = {"fp": lambda: DynamicCache(config=model.config)}, {}, {}
     for vname, b in variants.items():
         for spec in args.tails.split(","):
             ks, vs = spec.split("/")
@@ -118,8 +118,9 @@ def main() -> None:
             name = f"K{vname or ' 3.65'} tail {spec}"
             caches[name], saved[name] = factory(b, (kb, vb), normed), 0.5 * (16 - kb - vb) * frac
             if normed:  # held exact (a float container): count it as the INT8 cache of the same keys, less the cut
-                int8 = held_bits(factory(b, (8, 8), False), model, n)
-                saved[name] = (saved[name], int8)
+                if vname not in int8:
+                    int8[vname] = held_bits(factory(b, (8, 8), False), model, n)
+                saved[name] = (saved[name], int8[vname])
     t0 = time.time()
     rows = evaluate_generation(model, dev, caches)
     for name, cut in saved.items():  # the replay counts the int8 container: take off what b bits would not hold
