@@ -6,7 +6,9 @@ here are static per-channel tables from the calibration (:meth:`kvquant.codebook
 ``channel`` — (x − μ_c)/σ_c through the head's pair codebooks; ``channel-token`` — the same with one
 fp16 scale per token and head that maps its largest entry onto the outermost center of the head's
 2^B-level codebook (+16/D bits). Both with their levels allocated over channels (2 … 2^(B+2),
-mean B: reverse water-filling of the calibration's query Fisher weights); ``channel-token uniform``
+mean B: reverse water-filling of the calibration's query Fisher weights); ``klt`` — ``channel-token``
+on the components of the Fisher-weighted queries' eigenbasis, levels allocated over components
+(transform coding, :meth:`kvquant.codebooks.Codebooks.causal_queries`); ``channel-token uniform``
 — every channel at 2^B levels, the rule before the allocation — is shown beside them.
 
 (1) Selection on the development windows (the ``--dev`` windows after the first ``--windows``),
@@ -17,7 +19,8 @@ mean B: reverse water-filling of the calibration's query Fisher weights); ``chan
     at). The rule, fixed before the run: the causal norm with the lower KL divergence from fp.
 (2) The evaluation windows in generation mode (every token reads the cache, K and V quantized): fp,
     and for each cache row (the file's own, ``lambda-lloyd@2.65/3``, ``lambda-lloyd@1.65/2``) its
-    queries exact, through ``channel-token uniform`` and through the chosen rule, at 4 / 3 / 2 bits.
+    queries exact, through ``channel-token`` (the rule chosen before ``klt`` existed) and through the
+    chosen rule, at 4 / 3 / 2 bits.
 
 Usage:  python eval/causal_queries.py --codebooks out/default.safetensors [--windows 4] [--dev 2]
 Prints markdown, writes out/causal_queries.json and the ``causal-queries`` section of BENCHMARKS.md.
@@ -41,7 +44,8 @@ from kvquant.evaluation.generation import cache_factories, evaluate_generation
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ("channel", "channel-token")
+RULES = ("channel", "channel-token", "klt")
+EARLIER = "channel-token"  # the rule chosen before klt existed (2026-12-05): its rows stay beside the chosen one
 UNIFORM = "channel-token uniform"
 
 
@@ -75,14 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     caches = cache_factories(model, {"fp": None, **make_rows(list(CACHES), books, seqlen, generation=True)})
     queries = {(name, rule): query_quantizer(books.causal_queries(qbits, norm=rule), model)  # built before the
                for name, qbits in CACHES.items() for rule in RULES}                           # runs: errors first
-    queries.update({(name, UNIFORM): query_quantizer(uniform_levels(books, qbits), model) for name, qbits in CACHES.items()})
 
     dev_res = evaluate(model, dev, sim)
     chosen = min(RULES, key=lambda rule: dev_res[f"{rule}@{b}"].kld)
     factories, row_queries = {"fp": caches["fp"]}, {}
     for name, qbits in CACHES.items():
         factories[name] = caches[name]
-        for rule in (UNIFORM, chosen):  # the earlier rule beside the chosen one
+        for rule in dict.fromkeys((EARLIER, chosen)):  # the earlier rule beside the chosen one
             label = f"{name} +q{qbits} {rule}"
             factories[label], row_queries[label] = caches[name], queries[name, rule]
     ev_res = evaluate_generation(model, ev, factories, queries=row_queries)
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         "(μ, σ) and the head's pair codebooks; `channel-token` the same with an fp16 scale per token and head mapping "
         "its largest entry onto the outermost center of the head's 2^B-level codebook (+16/64 bits per query entry); "
         "both with levels allocated over channels (2 … 2^(B+2), mean B, by the calibration's query Fisher weights); "
+        "`klt` `channel-token` on the components of the Fisher-weighted queries' eigenbasis (calibration tokens), "
+        "levels allocated over components; "
         "`channel-token uniform` every channel at 2^B levels (the rule before the allocation); the first token exact. "
         "Query bits are not held (queries are not cached).", "",
         f"**Selection** (development windows {args.windows + 1}–{args.windows + args.dev}, simulated path: one forward "

@@ -20,7 +20,8 @@ codebook's error is lower than INT's and FP's, each comparison at the same place
 (d) ``qk``        a ``Q̂·K̂ᵀ`` a decoder can run: the keys of (c), and the queries quantized causally
                   from their own token — static per-channel (μ, σ), the head's pair codebook at
                   b bits and a per-token scale (:meth:`kvquant.codebooks.Codebooks.causal_queries`,
-                  norm ``channel-token``), first token exact;
+                  norm ``channel-token``), first token exact; ``klt``: the queries transform-coded
+                  (norm ``klt``: the Fisher-weighted queries' eigenbasis; files with Fisher weights);
                   ``uniform`` the same layouts with evenly spaced levels; ``int``/``fp`` per-token
                   absmax on both sides, pre-RoPE, keys block-causal.
 
@@ -83,6 +84,7 @@ COMPARE = [
     ("pre", "lambda@{b}/channel", ["int{b}", "{fp}", "int{b}-channel"]),
     ("deployed", "lambda-lloyd@{b}", ["uniform@{b}", "int{b}", "{fp}", "kivi@{b}", "lambda@{b}"]),
     ("qk", "lambda-lloyd@{b}", ["uniform@{b}", "int{b}", "{fp}"]),
+    ("qk", "lambda-lloyd@{b} klt", ["lambda-lloyd@{b}", "int{b}", "{fp}"]),
 ]
 
 
@@ -111,6 +113,8 @@ def quantizers(books: Codebooks, static_post: Codebooks, bits: int, head_dim: in
     for method in ("lambda-lloyd", "uniform"):  # (d): queries static per channel, keys as the cache holds them
         keys = books.rebuilt(method=method, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="k")
         rows[f"qk:{method}@{bits}"] = QueryKeyPair(keys.causal_queries(bits), keys)
+        if method == "lambda-lloyd" and books.hist is not None and books.hist.gram_q is not None:
+            rows[f"qk:{method}@{bits} klt"] = QueryKeyPair(keys.causal_queries(bits, norm="klt"), keys)
     for base in [f"int{bits}", fp]:
         if base:
             rows[f"qk:{base}"] = QueryKeyPair(Baseline(base, rope="pre"), Baseline(base, rope="pre"), key_group=group)

@@ -22,7 +22,7 @@ def books():
 
 def test_levels_follow_the_fisher_weights_at_the_mean_bits(books):
     model, ids, b = books
-    q = b.causal_queries(3).q
+    q = b.causal_queries(3, norm="channel-token").q
     levels = q.channel_levels
     assert levels is not None and q.token_scale
     assert q.mean_bits == pytest.approx(3, abs=0.05)  # the budget, to the packing's granularity
@@ -38,7 +38,7 @@ def test_levels_follow_the_fisher_weights_at_the_mean_bits(books):
 
 def test_each_channel_uses_its_own_level_count(books):
     model, ids, b = books
-    q = b.causal_queries(3).q
+    q = b.causal_queries(3, norm="channel-token").q
     torch.manual_seed(1)
     x = torch.randn(1, 4, 200, 8) * q.scale[0][None, :, None] * 3 + q.offset[0][None, :, None]
     out = q.apply(x, 0)
@@ -53,7 +53,7 @@ def test_each_channel_uses_its_own_level_count(books):
 
 def test_the_token_scale_maps_the_largest_entry_onto_the_heads_range(books):
     model, ids, b = books
-    q = b.causal_queries(3).q
+    q = b.causal_queries(3, norm="channel-token").q
     x = torch.randn(1, 4, 6, 8) * q.scale[0][None, :, None] + q.offset[0][None, :, None]
     big = x.clone()
     big[:, :, 1:] = (x[:, :, 1:] - q.offset[0][None, :, None]) * 40 + q.offset[0][None, :, None]
@@ -99,7 +99,7 @@ def test_without_fisher_weights_every_channel_gets_the_bits_and_a_warning():
 
 def test_allocated_queries_survive_save_and_load(books, tmp_path):
     model, ids, b = books
-    causal = b.causal_queries(3)
+    causal = b.causal_queries(3, norm="channel-token")
     path = tmp_path / "causal.safetensors"
     causal.save(path)
     loaded = Codebooks.load(path)
@@ -109,7 +109,7 @@ def test_allocated_queries_survive_save_and_load(books, tmp_path):
 
 def test_the_query_quantizer_counts_the_allocated_bits(books):
     model, ids, b = books
-    causal = b.causal_queries(3)
+    causal = b.causal_queries(3, norm="channel-token")
     qq = kvquant.query_quantizer(causal, model)
     assert qq.effective_bits() == pytest.approx(causal.q.mean_bits + 16 / 8)
 
@@ -120,10 +120,128 @@ def test_a_query_gets_the_same_codes_alone_as_in_a_prefill(books):
     from dataclasses import replace
 
     model, ids, b = books
-    q = replace(b.causal_queries(3).q, sink=0)  # as QueryQuantizer applies it
+    q = replace(b.causal_queries(3, norm="channel-token").q, sink=0)  # as QueryQuantizer applies it
     torch.manual_seed(2)
     x = torch.randn(2, 4, 9, 8) * q.scale[1][None, :, None] * 2 + q.offset[1][None, :, None]
     x[:, :, 4] *= 30
     together = q.apply(x, 1)
     alone = torch.cat([q.apply(x[:, :, t : t + 1], 1) for t in range(9)], dim=2)
     torch.testing.assert_close(alone, together, rtol=0, atol=0)
+
+
+# --- transform coding (norm="klt") -----------------------------------------------------------
+
+
+def test_the_gram_holds_the_histograms_tokens(books):
+    """``gram_q`` is Σ [q, 1][q, 1]ᵀ over the tokens the histograms bin: complete groups, past the sink."""
+    from kvquant.core.groupnorm import GroupHistogram
+
+    hist = GroupHistogram.zeros(1, 2, 1, group=4, sink=1, fisher=True, head_dim=3)
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 2, 11, 3), torch.randn(2, 1, 11, 3)
+    hist.update(0, q, k, torch.ones(1, 1, 11, 11, dtype=torch.bool).tril())
+    kept = q[:, :, 1:8].double()  # tokens 1..7: the sink out, the incomplete group 8..10 out
+    g = hist.gram_q[0]
+    torch.testing.assert_close(g[:, :3, :3], torch.einsum("bhtd,bhte->hde", kept, kept))
+    torch.testing.assert_close(g[:, :3, 3], kept.sum((0, 2)))
+    assert g[:, 3, 3].tolist() == [14.0, 14.0]
+
+
+def test_klt_queries_with_an_identity_basis_are_the_channel_rule():
+    """With V = I and unit component deviations the transform is the identity: the same tables
+    give bit-identical queries (the transform adds nothing else)."""
+    from dataclasses import replace
+
+    model, ids, b = tiny_books(norm="channel-group", group=4, sink=1, rope="pre", bits_q=3, bits_k=3, budget=2.5)
+    q = b.causal_queries(3, norm="channel-token").q
+    L, H, D = q.offset.shape
+    eye = replace(q, basis=torch.eye(D).expand(L, H, D, D).contiguous(), basis_sd=torch.ones(L, H, D))
+    x = torch.randn(2, H, 7, D) * 3
+    torch.testing.assert_close(eye.apply(x, 1), q.apply(x, 1), rtol=0, atol=0)
+
+
+def test_klt_components_are_uncorrelated_with_unit_variance(books):
+    """On the calibration's own queries the components y = (x̃ V)/s have E[y yᵀ] = I (the basis
+    diagonalises the Fisher-weighted second moment the Gram holds)."""
+    from kvquant.hf.calibrate import run_capture
+
+    model, ids, b = books
+    q = b.causal_queries(3, norm="klt").q
+    seen = {}
+
+    def observe(layer, qx, kx, mask):  # one call per layer and window (batch size 1)
+        seen[layer] = torch.cat([seen[layer], qx.detach()]) if layer in seen else qx.detach()
+
+    run_capture(model, ids, observe, progress=False, rope="pre")
+    for layer, qx in seen.items():
+        xs = qx[:, :, 1:].double()  # the tokens the Gram holds (sink 1; 24 tokens: complete groups of 4)
+        xn = (xs - q.offset[layer].double()[None, :, None]) / q.scale[layer].double()[None, :, None]
+        y = torch.einsum("bhtd,hde->bhte", xn, q.basis[layer].double()) / q.basis_sd[layer].double()[None, :, None]
+        m = torch.einsum("bhtd,bhte->hde", y, y) / (y.shape[0] * y.shape[2])
+        big = q.basis_sd[layer] > 1e-3 * q.basis_sd[layer].amax(-1, keepdim=True)  # rank: 46 tokens, 8 dims
+        for h in range(m.shape[0]):
+            sub = m[h][big[h]][:, big[h]]
+            torch.testing.assert_close(sub, torch.eye(sub.shape[0], dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_klt_levels_follow_the_component_variances_at_the_mean_bits(books):
+    model, ids, b = books
+    q = b.causal_queries(3, norm="klt").q
+    assert q.token_scale and q.mean_bits <= 3 + 1e-9 and q.mean_bits == pytest.approx(3, abs=0.05)
+    for layer in range(q.channel_levels.shape[0]):
+        for h in range(q.channel_levels.shape[1]):  # the basis is in ascending λ: levels never fall
+            assert (q.channel_levels[layer, h].diff() >= 0).all()
+
+
+def test_klt_queries_are_causal_and_survive_save_and_load(books, tmp_path):
+    from dataclasses import replace
+
+    model, ids, b = books
+    causal = b.causal_queries(3, norm="klt")
+    q = replace(causal.q, sink=0)
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 9, 8) * 2
+    together = q.apply(x, 1)
+    alone = torch.cat([q.apply(x[:, :, t : t + 1], 1) for t in range(9)], dim=2)
+    torch.testing.assert_close(alone, together, rtol=1e-6, atol=1e-6)  # einsum batching: float rounding only
+    assert (together - x).abs().mean() < 0.5 * x.abs().mean()  # a quantizer, not noise
+    path = tmp_path / "klt.safetensors"
+    causal.save(path)
+    loaded = Codebooks.load(path)
+    torch.testing.assert_close(loaded.q.basis, causal.q.basis, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.q.apply(x, 1), causal.q.apply(x, 1), rtol=0, atol=0)
+
+
+def test_a_damaged_basis_is_refused(books, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model, ids, b = books
+    path = tmp_path / "klt.safetensors"
+    b.causal_queries(3, norm="klt").save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    t["q.basis"] = t["q.basis"] * 1.5
+    save_file(t, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="not orthonormal"):
+        Codebooks.load(path)
+
+
+def test_klt_needs_the_calibration_gram():
+    model, ids, b = tiny_books(norm="channel-group", group=4, sink=1, rope="pre", bits_q=3, bits_k=3)
+    with pytest.raises(ValueError, match="re-run `kvquant calibrate`"):
+        b.causal_queries(norm="klt")
+    with pytest.raises(ValueError, match="'klt'"):
+        b.causal_queries(norm="token")
+
+
+def test_the_default_rule_is_klt_where_the_file_holds_the_gram(books):
+    model, ids, b = books
+    assert b.causal_queries(3).q.basis is not None
+    from dataclasses import replace
+
+    old = replace(b, hist=replace(b.hist, gram_q=None))  # a file from before the Gram was captured
+    with pytest.warns(UserWarning, match="no query Gram"):
+        q = old.causal_queries(3).q
+    assert q.basis is None and q.token_scale and q.channel_levels is not None

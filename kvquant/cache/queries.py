@@ -30,7 +30,7 @@ class QueryQuantizer:
         if codebooks.q.group:
             raise ValueError(
                 "these query codebooks normalise over groups of tokens, which a decoding step does not have "
-                "(the group's range spans later queries): use codebooks.causal_queries() for static per-channel tables"
+                "(the group's range spans later queries): use codebooks.causal_queries() for static tables"
             )
         self.codebooks, self.rope, self.sink = codebooks, codebooks.config.rope, codebooks.q.sink
         self._modules = {m.layer_idx: m for m in attention_modules(model)}

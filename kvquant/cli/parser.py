@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits-v", type=int, help="--mode generation: bits of the cached values (default: each row's /V, else the file's bits_v)")
     e.add_argument("--queries", type=int, metavar="B",
                    help="--mode generation: also run each codebook row with its queries quantized causally at B "
-                        "bits on average (Codebooks.causal_queries(B) of --codebooks: static per-channel tables, a "
-                        "per-token scale, levels allocated over channels), as rows 'ROW +qB'")
+                        "bits on average (Codebooks.causal_queries(B) of --codebooks: static tables, transform-coded "
+                        "in the Fisher-weighted eigenbasis, a per-token scale, levels allocated over components), "
+                        "as rows 'ROW +qB'")
     e.add_argument("--values", choices=["rms", "minmax"],
                    help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
                         "(minmax, default) or v/RMS through the ρ = 0 codebook (rms)")

@@ -34,6 +34,31 @@ from kvquant.io.fileio import atomic_path
 from kvquant.io.fingerprint import ModelFingerprint
 
 
+#: Causal query rules of :meth:`Codebooks.causal_queries`.
+CAUSAL_QUERY_NORMS = ("channel", "channel-token", "klt")
+
+
+def query_basis(fisher: torch.Tensor, gram: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor,
+                floor: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``klt`` transform of every query head (float64 in; see :meth:`Codebooks.causal_queries`).
+
+    ``fisher`` (L, H, D) the query channels' Fisher weights F, ``gram`` (L, H, D+1, D+1) the Gram
+    matrix of [q, 1] (:attr:`GroupHistogram.gram_q`), ``offset``/``scale`` (L, H, D) μ and σ.
+    With f = √max(F, floor · mean F) and z = f ∘ (q − μ)/σ: E[z zᵀ] = V diag(λ) Vᵀ. Returns
+    ``(V, √λ, σ/f, λ)`` — the basis (columns: components, ascending λ), the components' standard
+    deviations, the scale that makes (q − μ)/scale = z, and λ (the allocation's weights) — the
+    first three float32."""
+    n = gram[..., -1, -1].clamp_min(1)
+    m2, m1 = gram[..., :-1, :-1] / n[..., None, None], gram[..., :-1, -1] / n[..., None]  # E[q qᵀ], E[q]
+    centred = m2 - m1[..., :, None] * offset[..., None, :] - offset[..., :, None] * m1[..., None, :] \
+        + offset[..., :, None] * offset[..., None, :]  # E[(q − μ)(q − μ)ᵀ]
+    f = fisher.clamp_min(floor * fisher.mean(-1, keepdim=True)).sqrt()
+    w = f / scale
+    lam, vec = torch.linalg.eigh(w[..., :, None] * centred * w[..., None, :])
+    lam = lam.clamp_min(1e-12 * lam[..., -1:].clamp_min(1e-300))
+    return vec.float().contiguous(), lam.sqrt().float().contiguous(), (scale / f).float().contiguous(), lam
+
+
 @dataclass
 class Codebooks:
     """Per-layer, per-head codebooks for queries and keys of one model."""
@@ -176,14 +201,24 @@ class Codebooks:
         config = replace(self.config, **changes).at_effective_bits(effective_bits, self.fingerprint.head_dim, seqlen)
         return self.rebuilt(**{k: getattr(config, k) for k in ("budget", "bits_q", "bits_k")}, **changes)
 
-    def causal_queries(self, bits: int | None = None, norm: str = "channel-token") -> "Codebooks":
+    def causal_queries(self, bits: int | None = None, norm: str | None = None) -> "Codebooks":
         """Codebooks whose queries are quantized causally — each query from its own token and
         static tables — for :func:`kvquant.query_quantizer` beside a KV cache, from the same
         statistics and frame: per-channel (μ, σ) of the calibration, the head's pair codebooks,
-        ``bits`` code bits per query entry on average (default the file's ``bits_q``) and, with
-        ``norm="channel-token"`` (the default, chosen on development windows: eval/causal_queries.py),
-        a per-token scale that maps the token's largest entry onto the outermost center of the
-        head's 2^bits-level codebook; ``norm="channel"`` leaves it out.
+        ``bits`` code bits per query entry on average (default the file's ``bits_q``) and:
+
+        - ``norm="channel-token"``: a per-token scale that maps the token's largest entry onto the
+          outermost center of the head's 2^bits-level codebook; ``norm="channel"`` leaves it out;
+        - ``norm="klt"`` (the default where the file holds what it needs, chosen on development
+          windows: eval/causal_queries.py; otherwise ``channel-token`` with a warning): transform
+          coding under the error's own metric. A query error e (in x̃ =
+          (x − μ)/σ units) costs ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights, floored
+          at 10⁻³ of the head's mean); with z = F^{1/2} ∘ x̃ that is |e_z|², and in the eigenbasis V
+          of z's second moment E[z zᵀ] (the calibration's tokens, :attr:`GroupHistogram.gram_q`)
+          the components y = Vᵀ z / √λ are uncorrelated with unit variance. The levels are
+          allocated over the components by ½ λ_i ε(n), the per-token scale as ``channel-token``
+          (:class:`SideBooks`' ``basis``; σ/√F is the stored scale). Needs a file calibrated with
+          Fisher weights at this kvquant.
 
         The levels are allocated over channels (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
         2 … 2^(bits+2) levels, reverse water-filling of the calibration's query Fisher weights, which
@@ -193,28 +228,44 @@ class Codebooks:
         static norm are returned as they are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
             return self if bits is None else self.rebuilt(bits_q=bits)
-        if norm not in ("channel", "channel-token"):
-            raise ValueError(f"causal query norms are 'channel' and 'channel-token', got {norm!r}")
+        if norm is None:
+            norm = "klt" if self.hist is not None and self.hist.gram_q is not None else "channel-token"
+            if norm != "klt" and self.hist is not None and self.hist.channel_fisher_q is not None:
+                warnings.warn("this codebook file holds no query Gram matrices (calibrated by an earlier kvquant): its "
+                              "causal queries use norm 'channel-token', not the default 'klt' (transform coding, lower "
+                              "KL divergence); re-run `kvquant calibrate` to get it", stacklevel=2)
+        if norm not in CAUSAL_QUERY_NORMS:
+            raise ValueError(f"causal query norms are {', '.join(map(repr, CAUSAL_QUERY_NORMS))}, got {norm!r}")
         bits = bits or self.config.bits_q
-        books = self.rebuilt(norm=norm, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="qk", scale_bits=16,
-                             outliers=0.0)
+        books = self.rebuilt(norm="channel" if norm == "channel" else "channel-token", bits_q=bits, bits_k=bits,
+                             budget=0.0, budget_sides="qk", scale_bits=16, outliers=0.0)
         fisher = None if self.hist is None else self.hist.channel_fisher_q
+        gram = None if self.hist is None else self.hist.gram_q
+        if norm == "klt" and (fisher is None or gram is None):
+            raise ValueError("norm='klt' needs the calibration's query Fisher weights and Gram matrices, which this "
+                             "codebook file does not hold: re-run `kvquant calibrate` (with --effective-bits, the "
+                             "default) at this kvquant version")
         if fisher is None:
             warnings.warn("this codebook file holds no Fisher weights of the queries (calibrated without a budget): "
                           f"every query channel gets {2**bits} levels; calibrate with --effective-bits (the default) "
                           "to allocate them", stacklevel=2)
             return books
+        q = books.q
+        weights = fisher.double()
+        if norm == "klt":
+            basis, sd, scale, weights = query_basis(fisher.double(), gram, q.offset.double(), q.scale.double())
+            q = replace(q, scale=scale, basis=basis, basis_sd=sd)
         rho = self.stats.channel_moments().rho.mean(-1)  # as from_stats' per-head pair model
         cap = min(cb.MAX_BITS, bits + 2)
-        levels = torch.from_numpy(allocate_static_levels(self.config.method, rho, fisher.double().numpy(), cap, bits))
+        levels = torch.from_numpy(allocate_static_levels(self.config.method, rho, weights.numpy(), cap, bits))
         top, centers, bounds = channel_tables(
             lambda layer, h, n: cached_level_book(self.config.method, n, rounded_stat(rho[layer, h])), levels)
         L, H = levels.shape[:2]
         token_range = torch.tensor([[float(cached_level_book(self.config.method, 2**bits,
                                                                rounded_stat(rho[layer, h])).centers[-1])
                                      for h in range(H)] for layer in range(L)])
-        q = replace(books.q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
-                    token_range=token_range if books.q.token_scale else None)
+        q = replace(q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
+                    token_range=token_range if q.token_scale else None)
         return replace(books, q=q)
 
     # --- use ------------------------------------------------------------------------
@@ -318,7 +369,7 @@ class Codebooks:
         side = lambda p, bits: SideBooks(  # noqa: E731
             bits, *(t[f"{p}.{k}"] for k in ("centers", "boundaries", "offset", "scale")), group, config.sink,
             config.outliers, t.get(f"{p}.channel_levels"), config.scale_bits, config.norm == "channel-token",
-            t.get(f"{p}.token_range"),
+            t.get(f"{p}.token_range"), t.get(f"{p}.basis"), t.get(f"{p}.basis_sd"),
         )
         stats = PairStats.from_dict({k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")})
         hist_t = {k[len("hist."):]: v for k, v in t.items() if k.startswith("hist.")}

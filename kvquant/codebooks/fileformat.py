@@ -25,7 +25,9 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
     non-decreasing; ``boundaries`` float32, K−1 in the last axis, non-decreasing, no NaN (+inf pads
     a channel's unused levels); ``offset``/``scale`` float32 (L, H, D), finite, scale > 0;
     ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K; ``token_range`` (allocated
-    ``channel-token`` queries) float32 (L, H) > 0. ``stats.*``: (L, H, D) floats."""
+    ``channel-token`` queries) float32 (L, H) > 0; ``basis`` / ``basis_sd`` (transform-coded
+    queries, together) float32 (L, H, D, D) with orthonormal columns / (L, H, D) > 0.
+    ``stats.*``: (L, H, D) floats."""
     L, D = fp.num_layers, fp.head_dim
     for side, H in (("q", fp.num_heads), ("k", fp.num_kv_heads)):
         for name in ("centers", "boundaries", "offset", "scale"):
@@ -66,9 +68,30 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
         if token_range is not None and (token_range.dtype != torch.float32 or tuple(token_range.shape) != (L, H)
                                         or not (token_range > 0).all() or not torch.isfinite(token_range).all()):
             return f"{side}.token_range is not float32 ({L}, {H}), finite and > 0"
+        problem = basis_problem(t.get(f"{side}.basis"), t.get(f"{side}.basis_sd"), (L, H, D))
+        if problem:
+            return f"{side}.{problem}"
     for k in (f"stats.{f.name}" for f in fields(PairStats)):
         if k not in t:
             return f"tensor {k} (calibration statistics) is missing"
         if not t[k].is_floating_point() or tuple(t[k].shape) != (L, fp.num_heads, D):
             return f"{k} is {str(t[k].dtype).removeprefix('torch.')} {tuple(t[k].shape)}, expected floats {(L, fp.num_heads, D)}"
+    return None
+
+
+def basis_problem(basis: torch.Tensor | None, sd: torch.Tensor | None, shape: tuple[int, int, int]) -> str | None:
+    """What is wrong with a side's transform (``basis`` (L, H, D, D) with orthonormal columns,
+    ``basis_sd`` (L, H, D) > 0, both float32, both or neither), or None."""
+    if basis is None and sd is None:
+        return None
+    if basis is None or sd is None:
+        return "basis and basis_sd: one is missing"
+    L, H, D = shape
+    if basis.dtype != torch.float32 or tuple(basis.shape) != (L, H, D, D) or not torch.isfinite(basis).all():
+        return f"basis is not float32 ({L}, {H}, {D}, {D}) and finite"
+    if sd.dtype != torch.float32 or tuple(sd.shape) != (L, H, D) or not torch.isfinite(sd).all() or not (sd > 0).all():
+        return f"basis_sd is not float32 ({L}, {H}, {D}), finite and > 0"
+    eye = torch.eye(D, dtype=torch.float64)
+    if (basis.double().transpose(-1, -2) @ basis.double() - eye).abs().amax() > 1e-4:
+        return "basis columns are not orthonormal"
     return None

@@ -30,7 +30,13 @@ class SideBooks:
     (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.core.packing.LEVEL_PACKING`)
     and every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1),
     K = 2^bits; a channel with n levels uses its head's n-level codebook, its boundaries padded
-    with +inf (codes never reach the padding) and its centers with its last center."""
+    with +inf (codes never reach the padding) and its centers with its last center.
+
+    Transform coding (static mode, queries: ``Codebooks.causal_queries(norm="klt")``): with
+    ``basis`` V (L, H, D, D), orthonormal columns, and ``basis_sd`` s (L, H, D), a token's
+    normalised entries x̃ = (x − offset)/scale are coded as the components y = (x̃ V)/s — the
+    tables, the levels and the token scale apply to y's entries in place of x̃'s channels — and
+    restored as x̂ = ((ŷ ∘ s) Vᵀ) ∘ scale + offset."""
 
     bits: int
     centers: torch.Tensor
@@ -46,6 +52,14 @@ class SideBooks:
     # token_scale: the |x̃| a token's largest entry is mapped onto, (L, H); None: the outermost center
     # of the head's table (allocated static books give the head's 2^b-level codebook's)
     token_range: torch.Tensor | None = None
+    basis: torch.Tensor | None = None  # (L, H, D, D): static mode, components y = (x̃ V) / basis_sd
+    basis_sd: torch.Tensor | None = None  # (L, H, D)
+
+    def __post_init__(self) -> None:
+        if (self.basis is None) != (self.basis_sd is None):
+            raise ValueError("basis and basis_sd come together (transform coding) or not at all")
+        if self.basis is not None and self.group:
+            raise ValueError("a basis (transform coding) needs static normalisation (group = 0)")
 
     @property
     def mean_bits(self) -> float:
@@ -97,17 +111,23 @@ class SideBooks:
         off = self.offset[layer].to(dev)[None, :, None, :]
         sc = self.scale[layer].to(dev)[None, :, None, :]
         xn = (x.float() - off) / sc
-        if not self.token_scale:
-            return (fake_quantize_rows(xn, centers, bounds) * sc + off).to(x.dtype)
-        # one fp16 scale per token and head: the token's largest |x̃| onto the head's token range
-        top = (centers.abs().flatten(1).amax(-1) if self.token_range is None else self.token_range[layer].to(dev))
-        r = (xn.abs().amax(-1, keepdim=True) / top[None, :, None, None]).clamp_min(torch.finfo(torch.float16).tiny)
-        r = r.half().float()
-        return (fake_quantize_rows(xn / r, centers, bounds) * r * sc + off).to(x.dtype)
+        if self.basis is not None:  # the components y = (x̃ V) / s take the channels' place
+            basis, sd = self.basis[layer].to(dev), self.basis_sd[layer].to(dev)[None, :, None, :]
+            xn = torch.einsum("bhtd,hde->bhte", xn, basis) / sd
+        if self.token_scale:  # one fp16 scale per token and head: the token's largest |x̃| onto the head's range
+            top = (centers.abs().flatten(1).amax(-1) if self.token_range is None else self.token_range[layer].to(dev))
+            r = (xn.abs().amax(-1, keepdim=True) / top[None, :, None, None]).clamp_min(torch.finfo(torch.float16).tiny)
+            r = r.half().float()
+            out = fake_quantize_rows(xn / r, centers, bounds) * r
+        else:
+            out = fake_quantize_rows(xn, centers, bounds)
+        if self.basis is not None:
+            out = torch.einsum("bhte,hde->bhtd", out * sd, basis)
+        return (out * sc + off).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         names = ("centers", "boundaries", "offset", "scale") + tuple(
-            k for k in ("channel_levels", "token_range") if getattr(self, k) is not None)
+            k for k in ("channel_levels", "token_range", "basis", "basis_sd") if getattr(self, k) is not None)
         return {f"{prefix}.{k}": getattr(self, k).contiguous() for k in names}
 
 

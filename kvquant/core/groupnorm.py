@@ -242,6 +242,12 @@ class GroupHistogram:
     channel, and a channel's loss increase at b bits is estimated as its Fisher total times its
     head's Fisher-weighted mean (x̃ − Q_b(x̃))².
 
+    With Fisher weights, ``gram_q`` (L, H, D+1, D+1) also holds each query head's Gram matrix of
+    the augmented query [q, 1] (raw units, the same tokens as the histograms): Σ q qᵀ in
+    ``[:D, :D]``, Σ q in ``[:D, D]`` and the token count in ``[D, D]`` — the second moments that
+    transform coding of causal queries (:meth:`kvquant.codebooks.Codebooks.causal_queries`, ``klt``)
+    needs, about whatever per-channel offset it normalises with.
+
     Captured with the quantizer's own settings (:func:`causal_groups`): ``group`` tokens per
     scale aligned at token 0, the first ``sink`` tokens and the incomplete last group left out, and with ``outliers`` > 0 the entries :func:`group_split` keeps exact left
     out too (x̃ and half of the others are those of the reduced min–max)."""
@@ -258,6 +264,7 @@ class GroupHistogram:
     scale_bits: int = 16
     channel_fisher_q: torch.Tensor | None = None
     channel_fisher_k: torch.Tensor | None = None
+    gram_q: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, layers: int, heads: int, kv_heads: int, group: int, sink: int, outliers: float = 0.0,
@@ -271,6 +278,7 @@ class GroupHistogram:
                 raise ValueError("Fisher weights are also kept per channel: GroupHistogram.zeros(fisher=True) needs head_dim")
             out.fisher_q, out.fisher_k = z(heads, bins + 1), z(kv_heads, bins + 1)
             out.channel_fisher_q, out.channel_fisher_k = z(heads, head_dim), z(kv_heads, head_dim)
+            out.gram_q = z(heads, head_dim + 1, head_dim + 1)
         return out
 
     @property
@@ -297,6 +305,10 @@ class GroupHistogram:
         partner_k = m.transpose(-1, -2) @ q2 / m_s  # E[Σ_g q² | key entry]
         for name, x, partner in (("q", q32, partner_q), ("k", k32, partner_k)):
             self._add(layer, x, partner, f"weight_{name}", f"count_{name}")
+        if self.gram_q is not None:
+            xs = causal_groups(q, self.group, self.sink)[:, :, self.sink :].double()
+            aug = torch.cat([xs, torch.ones_like(xs[..., :1])], dim=-1)  # [q, 1]
+            self.gram_q[layer] += torch.einsum("bhtd,bhte->hde", aug, aug).cpu()
 
     def update_grad(self, layer: int, side: str, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Add Fisher weights ``half² · grad²`` of one attention input: ``side`` "q" or "k", x and
@@ -354,4 +366,5 @@ class GroupHistogram:
         outliers = float(d["outliers"][0]) if "outliers" in d else 0.0
         scale_bits = int(d["scale_bits"][0]) if "scale_bits" in d else 16
         return cls(d["count_q"], d["weight_q"], d["count_k"], d["weight_k"], group, sink, outliers,
-                   d.get("fisher_q"), d.get("fisher_k"), scale_bits, d.get("channel_fisher_q"), d.get("channel_fisher_k"))
+                   d.get("fisher_q"), d.get("fisher_k"), scale_bits, d.get("channel_fisher_q"), d.get("channel_fisher_k"),
+                   d.get("gram_q"))
