@@ -112,7 +112,7 @@ def quantizers(books: Codebooks, static_post: Codebooks, bits: int, head_dim: in
     rows[f"deployed:kivi@{bits}"] = KeysOnly(kivi_codebooks(books, bits))
     for method in ("lambda-lloyd", "uniform"):  # (d): queries static per channel, keys as the cache holds them
         keys = books.rebuilt(method=method, bits_q=bits, bits_k=bits, budget=0.0, budget_sides="k")
-        rows[f"qk:{method}@{bits}"] = QueryKeyPair(keys.causal_queries(bits), keys)
+        rows[f"qk:{method}@{bits}"] = QueryKeyPair(keys.causal_queries(bits, norm="channel-token"), keys)
         if method == "lambda-lloyd" and books.hist is not None and books.hist.gram_q is not None:
             rows[f"qk:{method}@{bits} klt"] = QueryKeyPair(keys.causal_queries(bits, norm="klt"), keys)
     for base in [f"int{bits}", fp]:

@@ -80,7 +80,7 @@ class Alloc:
 
     def __init__(self, mode, b, base=None):
         self.mode, self.b = mode, b
-        self.base = base or books.causal_queries(b)  # offsets, scales, uniform tables
+        self.base = base or books.causal_queries(b, norm="channel-token")  # offsets, scales, uniform tables
         s = self.base.q
         L, H, D = s.offset.shape
         rho = books.stats.channel_moments().rho.mean(-1)
@@ -224,7 +224,7 @@ class KLT(Alloc):
     as ``alloc`` scales (largest entry onto the 2^B book's outermost center), and x̂ = F^{−1/2} V ŷ."""
 
     def __init__(self, b, calib_ids):
-        base = books.causal_queries(b)
+        base = books.causal_queries(b, norm="channel-token")
         mom = QueryMoments(base)
         with torch.no_grad(), wrapped(model, mom):
             for x in calib_ids:

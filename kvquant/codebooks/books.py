@@ -211,21 +211,21 @@ class Codebooks:
           outermost center of the head's 2^bits-level codebook; ``norm="channel"`` leaves it out;
         - ``norm="klt"`` (the default where the file holds what it needs, chosen on development
           windows: eval/causal_queries.py; otherwise ``channel-token`` with a warning): transform
-          coding under the error's own metric. A query error e (in x̃ =
-          (x − μ)/σ units) costs ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights, floored
-          at 10⁻³ of the head's mean); with z = F^{1/2} ∘ x̃ that is |e_z|², and in the eigenbasis V
-          of z's second moment E[z zᵀ] (the calibration's tokens, :attr:`GroupHistogram.gram_q`)
-          the components y = Vᵀ z / √λ are uncorrelated with unit variance. The levels are
-          allocated over the components by ½ λ_i ε(n), the per-token scale as ``channel-token``
-          (:class:`SideBooks`' ``basis``; σ/√F is the stored scale). Needs a file calibrated with
-          Fisher weights at this kvquant.
+          coding under the error's own metric. A query error e (in x̃ = (x − μ)/σ units) costs
+          ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights, floored at 10⁻³ of the head's
+          mean); with z = F^{1/2} ∘ x̃ that is |e_z|², and in the eigenbasis V of z's second moment
+          E[z zᵀ] (the calibration's tokens, :attr:`GroupHistogram.gram_q`) the components
+          y = Vᵀ z / √λ are uncorrelated with unit variance; the per-token scale as
+          ``channel-token`` (:class:`SideBooks`' ``basis``; σ/√F is the stored scale). Needs a file
+          calibrated with Fisher weights by a kvquant that captures the Gram.
 
-        The levels are allocated over channels (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
-        2 … 2^(bits+2) levels, reverse water-filling of the calibration's query Fisher weights, which
-        carry the keys each channel multiplies) where the file holds them (calibrated with a budget,
-        the CLI's default); otherwise every channel gets 2^bits levels and a warning says so. The
-        keys of the result are not meant to be used (the cache holds this file's). Codebooks with a
-        static norm are returned as they are (rebuilt at ``bits`` if given)."""
+        The levels are allocated (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
+        2 … 2^(bits+2) levels, mean ``bits``, reverse water-filling) over the channels by the
+        calibration's query Fisher weights, which carry the keys each channel multiplies — for
+        ``klt`` over the components by ½ λ_i ε(n) — where the file holds Fisher weights (calibrated
+        with a budget, the CLI's default); otherwise every channel gets 2^bits levels and a warning
+        says so. The keys of the result are not meant to be used (the cache holds this file's).
+        Codebooks with a static norm are returned as they are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
             return self if bits is None else self.rebuilt(bits_q=bits)
         if norm is None:
