@@ -188,9 +188,27 @@ def test_klt_levels_follow_the_component_variances_at_the_mean_bits(books):
     model, ids, b = books
     q = b.causal_queries(3, norm="klt").q
     assert q.token_scale and q.mean_bits <= 3 + 1e-9 and q.mean_bits == pytest.approx(3, abs=0.05)
+    assert int(q.channel_levels.min()) >= 2 and int(q.channel_levels.max()) <= 2 ** (3 + 3)
     for layer in range(q.channel_levels.shape[0]):
         for h in range(q.channel_levels.shape[1]):  # the basis is in ascending λ: levels never fall
             assert (q.channel_levels[layer, h].diff() >= 0).all()
+
+
+def test_klt_token_range_is_the_book_edge_or_the_expected_largest_component(books):
+    """The token's largest |y| goes onto max(outermost center of the 2^B book, E[max of D |N(0,1)|])."""
+    from kvquant.codebooks.allocation import expected_max_abs_gaussian
+
+    model, ids, b = books
+    rho = b.stats.channel_moments().rho.mean(-1)
+    emax = expected_max_abs_gaussian(8)  # head_dim 8
+    g = torch.Generator().manual_seed(0)
+    assert emax == pytest.approx(float(torch.randn(400000, 8, generator=g).abs().amax(-1).mean()), abs=0.01)
+    for bits in (1, 3):
+        q = b.causal_queries(bits, norm="klt").q
+        for layer, h in ((0, 0), (1, 3)):
+            edge = float(cached_level_book(b.config.method, 2**bits, round(float(rho[layer, h]), 2)).centers[-1])
+            assert float(q.token_range[layer, h]) == pytest.approx(max(edge, emax), rel=1e-6)
+    assert float(b.causal_queries(1, norm="klt").q.token_range.min()) == pytest.approx(emax, rel=1e-6)  # edge 0.8
 
 
 def test_klt_queries_are_causal_and_survive_save_and_load(books, tmp_path):

@@ -3,16 +3,19 @@ at a given width, screened on the development windows (held-out windows 5–6), 
 (keys as a cache serves them: the cache row given, block-causal; values exact), by KL divergence.
 
 Variants (the basis, its deviations and the per-channel normalisation are the library's; only the
-levels and the token scale change):
-``klt``       the library's rule: levels 2 … 2^(B+2) water-filled over the components by their
-              variances λ, mean B; one fp16 scale per token and head mapping the largest |y| onto
-              the outermost center of the head's 2^B-level codebook (+16/D bits).
+levels and the token scale change). Names as in the logs of the first screen (2026-12-07,
+logs/klt_variants_{2,3,4,2b}.log), when the library's ``klt`` was the first of them:
+``klt``/``B+2 book`` levels 2 … 2^(B+2) water-filled over the components by their variances λ,
+              mean B; one fp16 scale per token and head mapping the largest |y| onto the outermost
+              center of the head's 2^B-level codebook (+16/D bits).
 ``cap+1``     the same with up to 2^(B+3) levels per component.
 ``static``    no per-token scale (the components are whitened: unit variance), the 16/D bits it
               took go to the levels instead (mean code bits B + 16/D: equal total bits).
-``emax``      the token scale maps the largest |y| onto E[max of D |N(0, 1)|] (≈ 2.6 at D = 64): a
+``emax``      the token scale maps the largest |y| onto E[max of D |N(0, 1)|] (≈ 2.60 at D = 64): a
               scaled token is about unit Gaussian, as the component books assume.
 ``emax+cap+1`` both.
+``library``   the library's ``klt`` since that screen: up to 2^(B+3) levels, the largest |y| onto
+              max(the 2^B book's outermost center, E[max of D |N(0, 1)|]).
 
 Usage:  python eval/research/klt_variants.py BITS CACHE_ROW [VARIANTS] [float32|bfloat16]
         (e.g. ``2 lambda-lloyd@1.65/2``; ``4 lambda-lloyd klt,emax`` for the file's own keys;
@@ -28,7 +31,13 @@ from dataclasses import replace
 import torch
 
 from kvquant.codebooks import Codebooks
-from kvquant.codebooks.allocation import allocate_static_levels, cached_level_book, channel_tables, rounded_stat
+from kvquant.codebooks.allocation import (
+    allocate_static_levels,
+    cached_level_book,
+    channel_tables,
+    expected_max_abs_gaussian,
+    rounded_stat,
+)
 from kvquant.core import scalar as cb
 from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
@@ -53,22 +62,25 @@ lam = base.q.basis_sd.double() ** 2
 D = lam.shape[-1]
 
 
-def variant(cap: int, budget: float, token: bool, top: float | None = None) -> Codebooks:
+def variant(cap: int, budget: float, token: bool, top: float | torch.Tensor | None = None) -> Codebooks:
     levels = torch.from_numpy(allocate_static_levels(method, rho, lam.numpy(), min(cb.MAX_BITS, cap), budget))
     width, centers, bounds = channel_tables(lambda l, h, n: cached_level_book(method, n, rounded_stat(rho[l, h])), levels)
     token_range = None
     if token:
-        token_range = base.q.token_range if top is None else torch.full_like(base.q.token_range, top)
+        token_range = torch.full_like(base.q.token_range, top) if isinstance(top, float) else top
     q = replace(base.q, bits=width, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
                 token_scale=token, token_range=token_range)
     print(f"{budget:.2f} budget, cap {cap}: mean code bits {q.mean_bits:.3f}", flush=True)
     return replace(base, q=q)
 
 
-emax = float(torch.randn(200000, D).abs().amax(-1).mean())
+emax = expected_max_abs_gaussian(D)  # 2.596 at D = 64; the first screen sampled it: 2.60
+book_edge = torch.tensor([[float(cached_level_book(method, 2**bits, rounded_stat(rho[l, h])).centers[-1])
+                           for h in range(rho.shape[1])] for l in range(rho.shape[0])])
 made = {
-    "klt": lambda: base,
-    "cap+1": lambda: variant(bits + 3, bits, True),
+    "library": lambda: base,
+    "klt": lambda: variant(bits + 2, bits, True, book_edge),
+    "cap+1": lambda: variant(bits + 3, bits, True, book_edge),
     "static": lambda: variant(bits + 2, bits + 16 / D, False),
     "emax": lambda: variant(bits + 2, bits, True, emax),
     "emax+cap+1": lambda: variant(bits + 3, bits, True, emax),

@@ -20,6 +20,7 @@ from kvquant.codebooks.allocation import (
     cached_level_book,
     cached_pair_books,
     channel_tables,
+    expected_max_abs_gaussian,
     rounded_stat,
 )
 from kvquant.codebooks.config import FORMAT, FORMAT_VERSION, CodebookConfig
@@ -215,12 +216,15 @@ class Codebooks:
           ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights, floored at 10⁻³ of the head's
           mean); with z = F^{1/2} ∘ x̃ that is |e_z|², and in the eigenbasis V of z's second moment
           E[z zᵀ] (the calibration's tokens, :attr:`GroupHistogram.gram_q`) the components
-          y = Vᵀ z / √λ are uncorrelated with unit variance; the per-token scale as
-          ``channel-token`` (:class:`SideBooks`' ``basis``; σ/√F is the stored scale). Needs a file
-          calibrated with Fisher weights by a kvquant that captures the Gram.
+          y = Vᵀ z / √λ are uncorrelated with unit variance; each component gets 2 … 2^(bits+3)
+          levels, and the per-token scale maps the token's largest |y| onto the larger of the
+          2^bits-level codebook's outermost center and E[max of D |N(0, 1)|] (≈ 2.60 at D = 64:
+          where a whitened token's largest entry lies; both chosen on development windows,
+          eval/research/klt_variants.py). :class:`SideBooks`' ``basis``; σ/√F is the stored
+          scale. Needs a file calibrated with Fisher weights by a kvquant that captures the Gram.
 
         The levels are allocated (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
-        2 … 2^(bits+2) levels, mean ``bits``, reverse water-filling) over the channels by the
+        2 … 2^(bits+2) levels (``klt``: 2^(bits+3)), mean ``bits``, reverse water-filling) over the channels by the
         calibration's query Fisher weights, which carry the keys each channel multiplies — for
         ``klt`` over the components by ½ λ_i ε(n) — where the file holds Fisher weights (calibrated
         with a budget, the CLI's default); otherwise every channel gets 2^bits levels and a warning
@@ -256,7 +260,7 @@ class Codebooks:
             basis, sd, scale, weights = query_basis(fisher.double(), gram, q.offset.double(), q.scale.double())
             q = replace(q, scale=scale, basis=basis, basis_sd=sd)
         rho = self.stats.channel_moments().rho.mean(-1)  # as from_stats' per-head pair model
-        cap = min(cb.MAX_BITS, bits + 2)
+        cap = min(cb.MAX_BITS, bits + (3 if norm == "klt" else 2))
         levels = torch.from_numpy(allocate_static_levels(self.config.method, rho, weights.numpy(), cap, bits))
         top, centers, bounds = channel_tables(
             lambda layer, h, n: cached_level_book(self.config.method, n, rounded_stat(rho[layer, h])), levels)
@@ -264,6 +268,8 @@ class Codebooks:
         token_range = torch.tensor([[float(cached_level_book(self.config.method, 2**bits,
                                                                rounded_stat(rho[layer, h])).centers[-1])
                                      for h in range(H)] for layer in range(L)])
+        if norm == "klt":  # whitened components: the largest of D sits near E[max |N(0, 1)|]
+            token_range = token_range.clamp_min(expected_max_abs_gaussian(levels.shape[-1]))
         q = replace(q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
                     token_range=token_range if q.token_scale else None)
         return replace(books, q=q)
