@@ -37,6 +37,7 @@ import torch
 from heldout import codebook_parser, load  # eval/ (the script's folder) is on sys.path
 
 from kvquant import query_quantizer
+from kvquant.codebooks.books import CAUSAL_QUERY_NORMS
 from kvquant.io.data import held_out_windows
 from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
 from kvquant.io.fileio import replace_section, write_text
@@ -44,7 +45,7 @@ from kvquant.evaluation.generation import cache_factories, evaluate_generation
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ("channel", "channel-token", "klt")
+RULES = CAUSAL_QUERY_NORMS
 EARLIER = "channel-token"  # the rule chosen before klt existed (2026-12-05): its rows stay beside the chosen one
 UNIFORM = "channel-token uniform"
 

@@ -163,6 +163,20 @@ def tiny_books(**cfg):
     return model, ids, calibrate(model, ids, CalibrationConfig(CodebookConfig(**cfg)), progress=False)
 
 
+def damaged_copy(src, dst, edit):
+    """A copy of the codebook file ``src`` at ``dst`` with ``edit(tensors, metadata)`` applied
+    (both dicts, edited in place): a file kvquant must refuse on load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+    edit(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a model folder (what ``--model`` takes)."""

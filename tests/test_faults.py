@@ -18,8 +18,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, text_of
-from safetensors.torch import load_file, save_file
+from conftest import damaged_copy, make_model, make_tokenizer, text_of
 
 from kvquant.io import assets
 from kvquant.io import fileio
@@ -171,17 +170,6 @@ def test_verbose_shows_the_traceback(tmp_path, text_file, capsys):
 # --- bad codebook files: the schema check on load names the file and the tensor ---------------------------------
 
 
-def _damaged_copy(src: Path, dst: Path, edit) -> Path:
-    from safetensors import safe_open
-
-    with safe_open(str(src), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(src))
-    edit(tensors, meta)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 def _swap_layers(t, meta):
     fp = json.loads(meta["fingerprint"])
     fp["num_layers"] = 3  # the tensors hold 2 layers
@@ -199,14 +187,14 @@ def _swap_layers(t, meta):
     (lambda t, m: m.update({"config": "{not json"}), "metadata is damaged"),
 ])
 def test_damaged_codebook_file_refused_on_load(books_file, tmp_path, edit, needle):
-    bad = _damaged_copy(books_file[0], tmp_path / "bad.safetensors", edit)
+    bad = damaged_copy(books_file[0], tmp_path / "bad.safetensors", edit)
     with pytest.raises(ValueError) as err:
         Codebooks.load(bad)
     assert str(bad) in str(err.value) and needle in str(err.value), err.value
 
 
 def test_damaged_codebook_file_refused_before_any_row_runs(model_dir, books_file, tmp_path, capsys):
-    bad = _damaged_copy(books_file[0], tmp_path / "bad.safetensors",
+    bad = damaged_copy(books_file[0], tmp_path / "bad.safetensors",
                         lambda t, m: t.update({"k.centers": t["k.centers"].to(torch.int32)}))
     refused(["eval-ppl", "--model", model_dir, "--text-file", books_file[1], "--seqlen", 16, "--windows", 2,
              "--codebooks", bad], capsys, "bad.safetensors", "int32")

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_books
+from conftest import damaged_copy, tiny_books
 
 import kvquant
 from kvquant.codebooks import Codebooks
@@ -117,8 +119,6 @@ def test_the_query_quantizer_counts_the_allocated_bits(books):
 def test_a_query_gets_the_same_codes_alone_as_in_a_prefill(books):
     """Decoding quantizes one query at a time, a prefill all at once: each token's result is the
     same (nothing is taken from other tokens)."""
-    from dataclasses import replace
-
     model, ids, b = books
     q = replace(b.causal_queries(3, norm="channel-token").q, sink=0)  # as QueryQuantizer applies it
     torch.manual_seed(2)
@@ -150,8 +150,6 @@ def test_the_gram_holds_the_histograms_tokens(books):
 def test_klt_queries_with_an_identity_basis_are_the_channel_rule():
     """With V = I and unit component deviations the transform is the identity: the same tables
     give bit-identical queries (the transform adds nothing else)."""
-    from dataclasses import replace
-
     model, ids, b = tiny_books(norm="channel-group", group=4, sink=1, rope="pre", bits_q=3, bits_k=3, budget=2.5)
     q = b.causal_queries(3, norm="channel-token").q
     L, H, D = q.offset.shape
@@ -212,8 +210,6 @@ def test_klt_token_range_is_the_book_edge_or_the_expected_largest_component(book
 
 
 def test_klt_queries_are_causal_and_survive_save_and_load(books, tmp_path):
-    from dataclasses import replace
-
     model, ids, b = books
     causal = b.causal_queries(3, norm="klt")
     q = replace(causal.q, sink=0)
@@ -231,19 +227,13 @@ def test_klt_queries_are_causal_and_survive_save_and_load(books, tmp_path):
 
 
 def test_a_damaged_basis_is_refused(books, tmp_path):
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     model, ids, b = books
     path = tmp_path / "klt.safetensors"
     b.causal_queries(3, norm="klt").save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    t = load_file(str(path))
-    t["q.basis"] = t["q.basis"] * 1.5
-    save_file(t, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="not orthonormal"):
-        Codebooks.load(path)
+    Codebooks.load(path)  # the undamaged file loads
+    bad = damaged_copy(path, tmp_path / "bad.safetensors", lambda t, m: t["q.basis"].mul_(1.5))
+    with pytest.raises(ValueError, match="q.basis columns are not orthonormal"):
+        Codebooks.load(bad)
 
 
 def test_klt_needs_the_calibration_gram():
@@ -257,8 +247,6 @@ def test_klt_needs_the_calibration_gram():
 def test_the_default_rule_is_klt_where_the_file_holds_the_gram(books):
     model, ids, b = books
     assert b.causal_queries(3).q.basis is not None
-    from dataclasses import replace
-
     old = replace(b, hist=replace(b.hist, gram_q=None))  # a file from before the Gram was captured
     with pytest.warns(UserWarning, match="no query Gram"):
         q = old.causal_queries(3).q

@@ -31,14 +31,8 @@ from dataclasses import replace
 import torch
 
 from kvquant.codebooks import Codebooks
-from kvquant.codebooks.allocation import (
-    allocate_static_levels,
-    cached_level_book,
-    channel_tables,
-    expected_max_abs_gaussian,
-    rounded_stat,
-)
-from kvquant.core import scalar as cb
+from kvquant.codebooks.allocation import expected_max_abs_gaussian
+from kvquant.codebooks.books import allocated_levels, book_edges
 from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 from kvquant.io.assets import load_model
@@ -53,8 +47,6 @@ model, tok = load_model("smollm2-135m", dtype=dtype)
 text = load_text("enwiki-excerpt", split="test")
 dev = held_out_windows(tok, text, 2048, 6, books.calibration).ids[4:6]
 keys = make_rows([cache_row], books, 2048, generation=True)[cache_row]
-if keys is books or not isinstance(keys, Codebooks):
-    keys = books
 
 base = books.causal_queries(bits, norm="klt")
 method, rho = books.config.method, books.stats.channel_moments().rho.mean(-1)
@@ -63,20 +55,16 @@ D = lam.shape[-1]
 
 
 def variant(cap: int, budget: float, token: bool, top: float | torch.Tensor | None = None) -> Codebooks:
-    levels = torch.from_numpy(allocate_static_levels(method, rho, lam.numpy(), min(cb.MAX_BITS, cap), budget))
-    width, centers, bounds = channel_tables(lambda l, h, n: cached_level_book(method, n, rounded_stat(rho[l, h])), levels)
     token_range = None
     if token:
         token_range = torch.full_like(base.q.token_range, top) if isinstance(top, float) else top
-    q = replace(base.q, bits=width, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
-                token_scale=token, token_range=token_range)
+    q = allocated_levels(base.q, method, rho, lam, budget, cap, token_range)
     print(f"{budget:.2f} budget, cap {cap}: mean code bits {q.mean_bits:.3f}", flush=True)
     return replace(base, q=q)
 
 
 emax = expected_max_abs_gaussian(D)  # 2.596 at D = 64; the first screen sampled it: 2.60
-book_edge = torch.tensor([[float(cached_level_book(method, 2**bits, rounded_stat(rho[l, h])).centers[-1])
-                           for h in range(rho.shape[1])] for l in range(rho.shape[0])])
+book_edge = book_edges(method, rho, bits)
 made = {
     "library": lambda: base,
     "klt": lambda: variant(bits + 2, bits, True, book_edge),

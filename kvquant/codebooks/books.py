@@ -60,6 +60,25 @@ def query_basis(fisher: torch.Tensor, gram: torch.Tensor, offset: torch.Tensor, 
     return vec.float().contiguous(), lam.sqrt().float().contiguous(), (scale / f).float().contiguous(), lam
 
 
+def book_edges(method: str, rho: torch.Tensor, bits: int) -> torch.Tensor:
+    """(L, H): the outermost center of each head's 2^bits-level codebook (ρ the head's, ``rho`` (L, H))."""
+    return torch.tensor([[float(cached_level_book(method, 2**bits, rounded_stat(r)).centers[-1]) for r in row]
+                         for row in rho.tolist()])
+
+
+def allocated_levels(q: SideBooks, method: str, rho: torch.Tensor, weights: torch.Tensor, budget: float, cap: int,
+                     token_range: torch.Tensor | None) -> SideBooks:
+    """``q`` (static) with 2 … 2^min(cap, 8) levels per channel (or component) water-filled by
+    ``weights`` (L, H, D) at ``budget`` mean code bits (:func:`allocate_static_levels`), the
+    tables of each head's n-level codebooks (ρ from ``rho`` (L, H)), and ``token_range`` (L, H)
+    as the per-token scale's target (None: no per-token scale)."""
+    levels = torch.from_numpy(allocate_static_levels(method, rho, weights.double().numpy(), min(cb.MAX_BITS, cap), budget))
+    top, centers, bounds = channel_tables(lambda layer, h, n: cached_level_book(method, n, rounded_stat(rho[layer, h])),
+                                          levels)
+    return replace(q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
+                   token_scale=token_range is not None, token_range=token_range)
+
+
 @dataclass
 class Codebooks:
     """Per-layer, per-head codebooks for queries and keys of one model."""
@@ -254,24 +273,15 @@ class Codebooks:
                           f"every query channel gets {2**bits} levels; calibrate with --effective-bits (the default) "
                           "to allocate them", stacklevel=2)
             return books
-        q = books.q
-        weights = fisher.double()
+        q, weights = books.q, fisher.double()
         if norm == "klt":
-            basis, sd, scale, weights = query_basis(fisher.double(), gram, q.offset.double(), q.scale.double())
+            basis, sd, scale, weights = query_basis(weights, gram, q.offset.double(), q.scale.double())
             q = replace(q, scale=scale, basis=basis, basis_sd=sd)
         rho = self.stats.channel_moments().rho.mean(-1)  # as from_stats' per-head pair model
-        cap = min(cb.MAX_BITS, bits + (3 if norm == "klt" else 2))
-        levels = torch.from_numpy(allocate_static_levels(self.config.method, rho, weights.numpy(), cap, bits))
-        top, centers, bounds = channel_tables(
-            lambda layer, h, n: cached_level_book(self.config.method, n, rounded_stat(rho[layer, h])), levels)
-        L, H = levels.shape[:2]
-        token_range = torch.tensor([[float(cached_level_book(self.config.method, 2**bits,
-                                                               rounded_stat(rho[layer, h])).centers[-1])
-                                     for h in range(H)] for layer in range(L)])
+        token_range = book_edges(self.config.method, rho, bits) if q.token_scale else None
         if norm == "klt":  # whitened components: the largest of D sits near E[max |N(0, 1)|]
-            token_range = token_range.clamp_min(expected_max_abs_gaussian(levels.shape[-1]))
-        q = replace(q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
-                    token_range=token_range if q.token_scale else None)
+            token_range = token_range.clamp_min(expected_max_abs_gaussian(q.offset.shape[-1]))
+        q = allocated_levels(q, self.config.method, rho, weights, bits, bits + (3 if norm == "klt" else 2), token_range)
         return replace(books, q=q)
 
     # --- use ------------------------------------------------------------------------
