@@ -186,27 +186,60 @@ def test_klt_levels_follow_the_component_variances_at_the_mean_bits(books):
     model, ids, b = books
     q = b.causal_queries(3, norm="klt").q
     assert q.token_scale and q.mean_bits <= 3 + 1e-9 and q.mean_bits == pytest.approx(3, abs=0.05)
-    assert int(q.channel_levels.min()) >= 2 and int(q.channel_levels.max()) <= 2 ** (3 + 3)
+    assert int(q.channel_levels.min()) >= 1 and int(q.channel_levels.max()) <= 2 ** (3 + 3)
     for layer in range(q.channel_levels.shape[0]):
         for h in range(q.channel_levels.shape[1]):  # the basis is in ascending λ: levels never fall
             assert (q.channel_levels[layer, h].diff() >= 0).all()
 
 
 def test_klt_token_range_is_the_book_edge_or_the_expected_largest_component(books):
-    """The token's largest |y| goes onto max(outermost center of the 2^B book, E[max of D |N(0,1)|])."""
+    """The token's largest |y| goes onto max(outermost center of the 2^B book, E[max of n |N(0,1)|]),
+    n the head's coded components (at least 2 levels)."""
     from kvquant.codebooks.allocation import expected_max_abs_gaussian
 
     model, ids, b = books
     rho = b.stats.channel_moments().rho.mean(-1)
-    emax = expected_max_abs_gaussian(8)  # head_dim 8
     g = torch.Generator().manual_seed(0)
-    assert emax == pytest.approx(float(torch.randn(400000, 8, generator=g).abs().amax(-1).mean()), abs=0.01)
+    for n in (8, 5):
+        sampled = float(torch.randn(400000, n, generator=g).abs().amax(-1).mean())
+        assert expected_max_abs_gaussian(n) == pytest.approx(sampled, abs=0.01)
     for bits in (1, 3):
         q = b.causal_queries(bits, norm="klt").q
         for layer, h in ((0, 0), (1, 3)):
             edge = float(cached_level_book(b.config.method, 2**bits, round(float(rho[layer, h]), 2)).centers[-1])
+            emax = expected_max_abs_gaussian(int((q.channel_levels[layer, h] > 1).sum()))
             assert float(q.token_range[layer, h]) == pytest.approx(max(edge, emax), rel=1e-6)
-    assert float(b.causal_queries(1, norm="klt").q.token_range.min()) == pytest.approx(emax, rel=1e-6)  # edge 0.8
+
+
+def test_klt_drops_the_weakest_components_and_they_take_no_part_in_the_range(books, tmp_path):
+    """At 1 bit per entry some components get 1 level (0 bits): the lowest-λ ones; such a
+    component decodes to its mean whatever its value, and moving it leaves the token's other codes
+    (and so its scale) as they were. The file keeps them; 1-level keys are refused."""
+    model, ids, b = books
+    causal = b.causal_queries(1, norm="klt")
+    q = replace(causal.q, sink=0)
+    dropped = q.channel_levels == 1
+    assert dropped.any() and q.mean_bits <= 1 + 1e-9 and level_bits(1) == 0.0
+    layer, h = [int(i) for i in dropped.nonzero()[0][:2]]
+    assert dropped[layer, h, 0]  # ascending λ: the weakest component goes first
+    D = q.offset.shape[-1]
+    torch.manual_seed(5)
+    x = torch.randn(1, q.offset.shape[1], 6, D) * 2
+    j = int(dropped[layer, h].nonzero()[-1])  # the strongest dropped component of the head
+    step = (q.basis[layer, h][:, j] * q.basis_sd[layer, h, j]) * q.scale[layer, h]  # +1 in y_j, in x units
+    moved = x.clone()
+    moved[0, h] += 50.0 * step  # y_j far beyond every coded component's range
+    torch.testing.assert_close(q.apply(moved, layer), q.apply(x, layer), rtol=1e-5, atol=1e-5)
+    coded = replace(q, channel_levels=q.channel_levels.clamp(min=2))  # the same tables, the range over all D
+    assert not torch.allclose(coded.apply(moved, layer), coded.apply(x, layer), rtol=1e-3, atol=1e-3)
+    path = tmp_path / "dropped.safetensors"
+    causal.save(path)
+    torch.testing.assert_close(Codebooks.load(path).q.channel_levels, causal.q.channel_levels, rtol=0, atol=0)
+    b.save(tmp_path / "keys.safetensors")  # allocated keys (budget 2.5): packed, 2 levels at least
+    bad = damaged_copy(tmp_path / "keys.safetensors", tmp_path / "bad.safetensors",
+                       lambda t, m: t["k.channel_levels"].view(-1)[0].fill_(1))
+    with pytest.raises(ValueError, match=r"k.channel_levels outside 2\.\."):
+        Codebooks.load(bad)
 
 
 def test_klt_queries_are_causal_and_survive_save_and_load(books, tmp_path):

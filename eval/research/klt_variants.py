@@ -14,8 +14,15 @@ logs/klt_variants_{2,3,4,2b}.log), when the library's ``klt`` was the first of t
 ``emax``      the token scale maps the largest |y| onto E[max of D |N(0, 1)|] (≈ 2.60 at D = 64): a
               scaled token is about unit Gaussian, as the component books assume.
 ``emax+cap+1`` both.
-``library``   the library's ``klt`` since that screen: up to 2^(B+3) levels, the largest |y| onto
+``library`` at that date (now ``previous``): up to 2^(B+3) levels, the largest |y| onto
               max(the 2^B book's outermost center, E[max of D |N(0, 1)|]).
+``floor1``    ``previous`` with 1 level (0 bits: the component is its calibration mean) among the
+              options of the water-filling, so components of tiny λ give their bits to others; the
+              token scale still maps the largest |y| of all D components onto max(edge, E[max of D]).
+``previous``  the library's ``klt`` between the two screens.
+``library``   since the second screen (2026-12-07, logs/klt_variants_{2,3,4}_floor1.log): ``floor1``
+              with the token's largest |y| taken over its coded components (n of them) onto
+              max(edge, E[max of n |N(0, 1)|]).
 
 Usage:  python eval/research/klt_variants.py BITS CACHE_ROW [VARIANTS] [float32|bfloat16]
         (e.g. ``2 lambda-lloyd@1.65/2``; ``4 lambda-lloyd klt,emax`` for the file's own keys;
@@ -24,15 +31,21 @@ Usage:  python eval/research/klt_variants.py BITS CACHE_ROW [VARIANTS] [float32|
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from kvquant.codebooks import Codebooks
-from kvquant.codebooks.allocation import expected_max_abs_gaussian
+from kvquant.codebooks.allocation import (GAUSS_NODES, GAUSS_WEIGHT, cached_level_book, channel_tables,
+                                          expected_max_abs_gaussian, rounded_stat)
 from kvquant.codebooks.books import allocated_levels, book_edges
+from kvquant.core.allocate import water_fill
+from kvquant.core.packing import LEVEL_PACKING, level_bits
+from kvquant.core.pair_codebooks import histogram_distortion
 from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 from kvquant.io.assets import load_model
@@ -63,6 +76,32 @@ def variant(cap: int, budget: float, token: bool, top: float | torch.Tensor | No
     return replace(base, q=q)
 
 
+def floor1() -> Codebooks:
+    """The library's ``klt`` with a 1-level option (0 bits, ε = 1: the component set to its mean)."""
+    options = [1] + [n for n in sorted(LEVEL_PACKING) if n <= 2 ** (bits + 3)]
+    option_bits = np.array([0.0] + [level_bits(n) for n in options[1:]])
+    L, H, _ = lam.shape
+    eps = np.zeros((L, H, len(options)))
+    total = GAUSS_WEIGHT.sum()
+    for layer, h in itertools.product(range(L), range(H)):
+        eps[layer, h, 0] = float(GAUSS_WEIGHT @ GAUSS_NODES**2) / total
+        for i, n in enumerate(options[1:], 1):
+            book = cached_level_book(method, n, rounded_stat(rho[layer, h]))
+            eps[layer, h, i] = histogram_distortion(book, GAUSS_NODES, GAUSS_WEIGHT) / total
+    curves = (0.5 * lam.numpy()[..., None] * eps[:, :, None, :]).reshape(-1, len(options))
+    chosen = water_fill(curves, np.full(curves.shape[0], 1 / curves.shape[0]), float(bits), 0, len(options) - 1,
+                        option_bits)
+    levels = torch.from_numpy(np.array(options)[chosen].reshape(lam.shape))
+    print(f"floor1: mean code bits {float(option_bits[chosen].mean()):.3f}, "
+          f"{int((levels == 1).sum())} of {levels.numel()} components at 1 level", flush=True)
+    top, centers, bounds = channel_tables(
+        lambda layer, h, n: cached_level_book(method, n, rounded_stat(rho[layer, h])), levels.clamp(min=2))
+    centers[levels == 1] = 0.0  # one level: every code decodes to the component's mean
+    q = replace(base.q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.clamp(min=2).to(torch.int16),
+                token_range=torch.maximum(book_edge, torch.tensor(emax)).to(base.q.token_range.dtype))
+    return replace(base, q=q)
+
+
 emax = expected_max_abs_gaussian(D)  # 2.596 at D = 64; the first screen sampled it: 2.60
 book_edge = book_edges(method, rho, bits)
 made = {
@@ -72,6 +111,8 @@ made = {
     "static": lambda: variant(bits + 2, bits + 16 / D, False),
     "emax": lambda: variant(bits + 2, bits, True, emax),
     "emax+cap+1": lambda: variant(bits + 3, bits, True, emax),
+    "floor1": floor1,
+    "previous": lambda: variant(bits + 3, bits, True, torch.maximum(book_edge, torch.tensor(emax))),
 }
 rows = {"fp": None, f"{cache_row} keys, queries exact": KeysOnly(keys),
         **{f"{v}@{bits}": QueryKeyPair(made[v](), keys) for v in variants}}

@@ -34,7 +34,7 @@ def rounded_stat(v: float) -> float:
 
 
 def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[str, np.ndarray], caps: dict[str, int],
-                    budget: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
+                    budget: float, nodes: np.ndarray, min_levels: int = 2) -> dict[str, np.ndarray]:
     """Levels per (layer, head, channel) of each side (``"q"``, ``"k"``) by :func:`kvquant.core.allocate.water_fill`.
 
     Unit: one channel of one head, quantized with its head's n-level codebook ``book(side, layer,
@@ -50,9 +50,13 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
     values, and its range by the group's — so the budget moves to where it lowers the loss most.
     Cost of a bit: ``1 / (2 · L · H_side · D)`` of the average ``½(mean_q bits + mean_k bits)``
     (``1 / (L · H_k · D)`` of the keys' mean when ``fisher`` holds the keys only).
-    Every channel gets between 2 and 2^cap levels (cap = its side's bits).
+    Every channel gets between ``min_levels`` (2, or 1: 0 bits, every entry decoded as the mean,
+    ``ε(1) = Σ f_i node_i² / Σ f_i``; no ``book`` is asked for it) and 2^cap levels (cap = its
+    side's bits).
     """
-    options = [n for n in sorted(LEVEL_PACKING) if n <= 2 ** max(caps.values())]
+    if min_levels not in (1, 2):
+        raise ValueError(f"min_levels is 1 or 2, got {min_levels!r}")
+    options = [1] * (min_levels == 1) + [n for n in sorted(LEVEL_PACKING) if n <= 2 ** max(caps.values())]
     option_bits = np.array([level_bits(n) for n in options])
     curves, costs, his, shapes = [], [], [], {}
     for side, weight in fisher.items():
@@ -65,7 +69,8 @@ def allocate_levels(book, fisher: dict[str, np.ndarray], channel_fisher: dict[st
         for layer, h in itertools.product(range(L), range(H)):
             total = weight[layer, h].sum()
             for i, n in enumerate(options[: top + 1]):
-                err = pcb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h])
+                err = (weight[layer, h] @ nodes**2 if n == 1
+                       else pcb.histogram_distortion(book(side, layer, h, n), nodes, weight[layer, h]))
                 eps[layer, h, i] = err / total if total > 0 else 0.0
         curves.append((0.5 * chan[..., None] * eps[:, :, None, :]).reshape(-1, len(options)))
         costs.append(np.full(L * H * D, 1 / (len(fisher) * L * H * D)))
@@ -95,12 +100,12 @@ def expected_max_abs_gaussian(n: int) -> float:
 
 
 def allocate_static_levels(method: str, rho: torch.Tensor, channel_fisher: np.ndarray, cap: int,
-                           budget: float) -> np.ndarray:
+                           budget: float, min_levels: int = 2) -> np.ndarray:
     """Levels (L, H, D) of a static-norm side (``channel``/``channel-token``: x̃ = (x − μ_c)/σ_c,
     the head's pair codebook) by :func:`allocate_levels` with every head's x̃ modelled as a unit
     Gaussian: ``ε(n)`` is the MSE of the head's n-level codebook (:func:`cached_level_book`, ρ the
     head's), ``F_c`` the calibration's ``channel_fisher`` (L, H, D). Mean code bits ``budget``,
-    each channel between 2 and ``2^cap`` levels."""
+    each channel between ``min_levels`` (2, or 1: the channel set to its mean) and ``2^cap`` levels."""
     L, H, _ = channel_fisher.shape
     weight = np.broadcast_to(GAUSS_WEIGHT, (L, H, GAUSS_NODES.size))
     stats = sorted({rounded_stat(r) for r in rho.flatten().tolist()})
@@ -111,21 +116,25 @@ def allocate_static_levels(method: str, rho: torch.Tensor, channel_fisher: np.nd
     def book(side: str, layer: int, h: int, n: int):
         return cached_level_book(method, n, rounded_stat(rho[layer, h]))
 
-    return allocate_levels(book, {"q": weight}, {"q": channel_fisher}, {"q": cap}, budget, GAUSS_NODES)["q"]
+    return allocate_levels(book, {"q": weight}, {"q": channel_fisher}, {"q": cap}, budget, GAUSS_NODES, min_levels)["q"]
 
 
 def channel_tables(book, levels: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """The tables that hold an allocation ``levels`` (L, H, D): ``(bits, centers (L, H, D, K),
     boundaries (L, H, D, K − 1))`` with K = 2^bits the next power of two of the most levels; a
     channel with n levels gets ``book(layer, head, n)``, its boundaries padded with +inf (codes
-    never reach them) and its centers with its last center (:class:`kvquant.codebooks.SideBooks`)."""
+    never reach them) and its centers with its last center (:class:`kvquant.codebooks.SideBooks`);
+    a channel with one level decodes every code to 0 (its mean; its boundaries all +inf: code 0)."""
     L, H, D = levels.shape
     bits = math.ceil(math.log2(int(levels.max())))
     k = 2**bits
     centers, bounds = torch.empty(L, H, D, k), torch.full((L, H, D, k - 1), math.inf)
     for layer, h in itertools.product(range(L), range(H)):
         table_c, table_b = torch.empty(k + 1, k), torch.full((k + 1, k - 1), math.inf)  # row n: n levels
+        table_c[1] = 0.0
         for n in levels[layer, h].unique().tolist():
+            if n == 1:
+                continue
             book_n = book(layer, h, n)
             table_c[n, :n], table_c[n, n:] = torch.from_numpy(book_n.centers), float(book_n.centers[-1])
             table_b[n, : n - 1] = torch.from_numpy(book_n.boundaries)

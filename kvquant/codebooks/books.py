@@ -67,12 +67,14 @@ def book_edges(method: str, rho: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def allocated_levels(q: SideBooks, method: str, rho: torch.Tensor, weights: torch.Tensor, budget: float, cap: int,
-                     token_range: torch.Tensor | None) -> SideBooks:
-    """``q`` (static) with 2 … 2^min(cap, 8) levels per channel (or component) water-filled by
-    ``weights`` (L, H, D) at ``budget`` mean code bits (:func:`allocate_static_levels`), the
-    tables of each head's n-level codebooks (ρ from ``rho`` (L, H)), and ``token_range`` (L, H)
-    as the per-token scale's target (None: no per-token scale)."""
-    levels = torch.from_numpy(allocate_static_levels(method, rho, weights.double().numpy(), min(cb.MAX_BITS, cap), budget))
+                     token_range: torch.Tensor | None, min_levels: int = 2) -> SideBooks:
+    """``q`` (static) with ``min_levels`` (2, or 1: 0 bits, the entry set to its mean) …
+    2^min(cap, 8) levels per channel (or component) water-filled by ``weights`` (L, H, D) at
+    ``budget`` mean code bits (:func:`allocate_static_levels`), the tables of each head's n-level
+    codebooks (ρ from ``rho`` (L, H)), and ``token_range`` (L, H) as the per-token scale's target
+    (None: no per-token scale)."""
+    levels = torch.from_numpy(allocate_static_levels(method, rho, weights.double().numpy(), min(cb.MAX_BITS, cap),
+                                                     budget, min_levels))
     top, centers, bounds = channel_tables(lambda layer, h, n: cached_level_book(method, n, rounded_stat(rho[layer, h])),
                                           levels)
     return replace(q, bits=top, centers=centers, boundaries=bounds, channel_levels=levels.to(torch.int16),
@@ -235,18 +237,19 @@ class Codebooks:
           ≈ Σ_c F_c e_c² (F: the calibration's query Fisher weights, floored at 10⁻³ of the head's
           mean); with z = F^{1/2} ∘ x̃ that is |e_z|², and in the eigenbasis V of z's second moment
           E[z zᵀ] (the calibration's tokens, :attr:`GroupHistogram.gram_q`) the components
-          y = Vᵀ z / √λ are uncorrelated with unit variance; each component gets 2 … 2^(bits+3)
-          levels, and the per-token scale maps the token's largest |y| onto the larger of the
-          2^bits-level codebook's outermost center and E[max of D |N(0, 1)|] (≈ 2.60 at D = 64:
-          where a whitened token's largest entry lies; both chosen on development windows,
-          eval/research/klt_variants.py). :class:`SideBooks`' ``basis``; σ/√F is the stored
-          scale. Needs a file calibrated with Fisher weights by a kvquant that captures the Gram.
+          y = Vᵀ z / √λ are uncorrelated with unit variance; each component gets 1 … 2^(bits+3)
+          levels (1: 0 bits, the component set to its mean — the weakest give their bits to the
+          others), and the per-token scale maps the token's largest |y| among its n coded
+          components (2 levels or more) onto the larger of the 2^bits-level codebook's outermost
+          center and E[max of n |N(0, 1)|] (≈ 2.60 at n = 64: where a whitened token's largest
+          entry lies; all three chosen on development windows, eval/research/klt_variants.py).
+          :class:`SideBooks`' ``basis``; σ/√F is the stored scale. Needs a file calibrated with Fisher weights by a kvquant that captures the Gram.
 
         The levels are allocated (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
-        2 … 2^(bits+2) levels (``klt``: 2^(bits+3)), mean ``bits``, reverse water-filling) over the channels by the
-        calibration's query Fisher weights, which carry the keys each channel multiplies — for
-        ``klt`` over the components by ½ λ_i ε(n) — where the file holds Fisher weights (calibrated
-        with a budget, the CLI's default); otherwise every channel gets 2^bits levels and a warning
+        2 … 2^(bits+2) levels (``klt``: 1 … 2^(bits+3)), mean ``bits``, reverse water-filling) over
+        the channels by the calibration's query Fisher weights, which carry the keys each channel
+        multiplies — for ``klt`` over the components by ½ λ_i ε(n) — where the file holds Fisher
+        weights (calibrated with a budget, the CLI's default); otherwise every channel gets 2^bits levels and a warning
         says so. The keys of the result are not meant to be used (the cache holds this file's).
         Codebooks with a static norm are returned as they are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
@@ -279,9 +282,12 @@ class Codebooks:
             q = replace(q, scale=scale, basis=basis, basis_sd=sd)
         rho = self.stats.channel_moments().rho.mean(-1)  # as from_stats' per-head pair model
         token_range = book_edges(self.config.method, rho, bits) if q.token_scale else None
-        if norm == "klt":  # whitened components: the largest of D sits near E[max |N(0, 1)|]
-            token_range = token_range.clamp_min(expected_max_abs_gaussian(q.offset.shape[-1]))
-        q = allocated_levels(q, self.config.method, rho, weights, bits, bits + (3 if norm == "klt" else 2), token_range)
+        q = allocated_levels(q, self.config.method, rho, weights, bits, bits + (3 if norm == "klt" else 2), token_range,
+                             min_levels=1 if norm == "klt" else 2)
+        if norm == "klt":  # whitened components: the largest of a head's n coded ones sits near E[max of n |N(0, 1)|]
+            emax = torch.tensor([[expected_max_abs_gaussian(int(n)) for n in row]
+                                 for row in (q.channel_levels > 1).sum(-1).tolist()])
+            q = replace(q, token_range=torch.maximum(q.token_range, emax.to(q.token_range.dtype)))
         return replace(books, q=q)
 
     # --- use ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
     D = head_dim): ``centers`` float32 (L, H, K) or (L, H, D, K), K a power of two ≤ 2^8, finite and
     non-decreasing; ``boundaries`` float32, K−1 in the last axis, non-decreasing, no NaN (+inf pads
     a channel's unused levels); ``offset``/``scale`` float32 (L, H, D), finite, scale > 0;
-    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K; ``token_range`` (allocated
+    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K (queries 1..K); ``token_range`` (allocated
     ``channel-token`` queries) float32 (L, H) > 0; ``basis`` / ``basis_sd`` (transform-coded
     queries, together) float32 (L, H, D, D) with orthonormal columns / (L, H, D) > 0.
     ``stats.*``: (L, H, D) floats."""
@@ -60,8 +60,9 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
             if levels.dtype != torch.int16 or tuple(levels.shape) != (L, H, D):
                 return (f"{side}.channel_levels is {str(levels.dtype).removeprefix('torch.')} {tuple(levels.shape)}, "
                         f"expected int16 {(L, H, D)}")
-            if (levels < 2).any() or (levels > K).any():
-                return f"{side}.channel_levels outside 2..{K}"
+            low = 1 if side == "q" else 2  # a query component may be dropped (0 bits); key codes are packed
+            if (levels < low).any() or (levels > K).any():
+                return f"{side}.channel_levels outside {low}..{K}"
         elif c.ndim == 4:
             return f"{side}.channel_levels is missing (the centers are per channel)"
         token_range = t.get(f"{side}.token_range")

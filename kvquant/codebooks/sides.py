@@ -27,7 +27,8 @@ class SideBooks:
     offset and scale (L, H, D) in the activations' units.
 
     With bit allocation, ``channel_levels`` (L, H, D) gives each channel its number of levels
-    (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.core.packing.LEVEL_PACKING`)
+    (2, 3, 4, 5, 8, …, ≤ 2^bits; 3 and 5 pack at 1.6 and 2.33 bits, :data:`kvquant.core.packing.LEVEL_PACKING`;
+    transform-coded queries also 1: 0 bits, the component decoded as its mean, center 0)
     and every channel has its own table: centers (L, H, D, K), boundaries (L, H, D, K−1),
     K = 2^bits; a channel with n levels uses its head's n-level codebook, its boundaries padded
     with +inf (codes never reach the padding) and its centers with its last center.
@@ -116,7 +117,10 @@ class SideBooks:
             xn = torch.einsum("bhtd,hde->bhte", xn, basis) / sd
         if self.token_scale:  # one fp16 scale per token and head: the token's largest |x̃| onto the head's range
             top = (centers.abs().flatten(1).amax(-1) if self.token_range is None else self.token_range[layer].to(dev))
-            r = (xn.abs().amax(-1, keepdim=True) / top[None, :, None, None]).clamp_min(torch.finfo(torch.float16).tiny)
+            a = xn.abs()
+            if self.channel_levels is not None:  # a 1-level (dropped) component takes no part in the range
+                a = a * (self.channel_levels[layer].to(dev) > 1)[None, :, None, :]
+            r = (a.amax(-1, keepdim=True) / top[None, :, None, None]).clamp_min(torch.finfo(torch.float16).tiny)
             r = r.half().float()
             out = fake_quantize_rows(xn / r, centers, bounds) * r
         else:

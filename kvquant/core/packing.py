@@ -87,7 +87,10 @@ def _level_word(levels: int) -> tuple[int, int]:
 
 
 def level_bits(levels: int) -> float:
-    """Bits per code of ``levels``-level codes when packed (:data:`LEVEL_PACKING`)."""
+    """Bits per code of ``levels``-level codes when packed (:data:`LEVEL_PACKING`); one level needs
+    no code (0 bits: transform-coded queries drop their weakest components so)."""
+    if levels == 1:
+        return 0.0
     per_word, bits = _level_word(levels)
     return bits / per_word
 
