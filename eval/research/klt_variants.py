@@ -31,21 +31,22 @@ Usage:  python eval/research/klt_variants.py BITS CACHE_ROW [VARIANTS] [float32|
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from kvquant.codebooks import Codebooks
-from kvquant.codebooks.allocation import (GAUSS_NODES, GAUSS_WEIGHT, cached_level_book, channel_tables,
-                                          expected_max_abs_gaussian, rounded_stat)
+from kvquant.codebooks.allocation import (
+    allocate_static_levels,
+    cached_level_book,
+    channel_tables,
+    expected_max_abs_gaussian,
+    rounded_stat,
+)
 from kvquant.codebooks.books import allocated_levels, book_edges
-from kvquant.core.allocate import water_fill
-from kvquant.core.packing import LEVEL_PACKING, level_bits
-from kvquant.core.pair_codebooks import histogram_distortion
+from kvquant.core.packing import level_bits
 from kvquant.evaluation.diagnostics import KeysOnly, QueryKeyPair
 from kvquant.evaluation.perplexity import evaluate, format_table, make_rows
 from kvquant.io.assets import load_model
@@ -77,22 +78,10 @@ def variant(cap: int, budget: float, token: bool, top: float | torch.Tensor | No
 
 
 def floor1() -> Codebooks:
-    """The library's ``klt`` with a 1-level option (0 bits, ε = 1: the component set to its mean)."""
-    options = [1] + [n for n in sorted(LEVEL_PACKING) if n <= 2 ** (bits + 3)]
-    option_bits = np.array([0.0] + [level_bits(n) for n in options[1:]])
-    L, H, _ = lam.shape
-    eps = np.zeros((L, H, len(options)))
-    total = GAUSS_WEIGHT.sum()
-    for layer, h in itertools.product(range(L), range(H)):
-        eps[layer, h, 0] = float(GAUSS_WEIGHT @ GAUSS_NODES**2) / total
-        for i, n in enumerate(options[1:], 1):
-            book = cached_level_book(method, n, rounded_stat(rho[layer, h]))
-            eps[layer, h, i] = histogram_distortion(book, GAUSS_NODES, GAUSS_WEIGHT) / total
-    curves = (0.5 * lam.numpy()[..., None] * eps[:, :, None, :]).reshape(-1, len(options))
-    chosen = water_fill(curves, np.full(curves.shape[0], 1 / curves.shape[0]), float(bits), 0, len(options) - 1,
-                        option_bits)
-    levels = torch.from_numpy(np.array(options)[chosen].reshape(lam.shape))
-    print(f"floor1: mean code bits {float(option_bits[chosen].mean()):.3f}, "
+    """``previous`` with a 1-level option (0 bits, ε = 1: the component set to its mean), the
+    token's range over all D components (the levels as the library allocates them)."""
+    levels = torch.from_numpy(allocate_static_levels(method, rho, lam.numpy(), bits + 3, float(bits), min_levels=1))
+    print(f"floor1: mean code bits {sum(level_bits(int(n)) for n in levels.flatten()) / levels.numel():.3f}, "
           f"{int((levels == 1).sum())} of {levels.numel()} components at 1 level", flush=True)
     top, centers, bounds = channel_tables(
         lambda layer, h, n: cached_level_book(method, n, rounded_stat(rho[layer, h])), levels.clamp(min=2))
