@@ -243,14 +243,15 @@ class Codebooks:
           components (2 levels or more) onto the larger of the 2^bits-level codebook's outermost
           center and E[max of n |N(0, 1)|] (≈ 2.60 at n = 64: where a whitened token's largest
           entry lies; all three chosen on development windows, eval/research/klt_variants.py).
-          :class:`SideBooks`' ``basis``; σ/√F is the stored scale. Needs a file calibrated with Fisher weights by a kvquant that captures the Gram.
+          :class:`SideBooks`' ``basis``; σ/√F is the stored scale. Needs a file calibrated with
+          Fisher weights by a kvquant that captures the Gram.
 
         The levels are allocated (:func:`kvquant.codebooks.allocation.allocate_static_levels`:
         2 … 2^(bits+2) levels (``klt``: 1 … 2^(bits+3)), mean ``bits``, reverse water-filling) over
         the channels by the calibration's query Fisher weights, which carry the keys each channel
         multiplies — for ``klt`` over the components by ½ λ_i ε(n) — where the file holds Fisher
-        weights (calibrated with a budget, the CLI's default); otherwise every channel gets 2^bits levels and a warning
-        says so. The keys of the result are not meant to be used (the cache holds this file's).
+        weights (calibrated with a budget, the CLI's default); otherwise every channel gets 2^bits
+        levels and a warning says so. The keys of the result are not meant to be used (the cache holds this file's).
         Codebooks with a static norm are returned as they are (rebuilt at ``bits`` if given)."""
         if not self.config.dynamic:
             return self if bits is None else self.rebuilt(bits_q=bits)

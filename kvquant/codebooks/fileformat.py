@@ -24,8 +24,8 @@ def file_problem(t: dict[str, torch.Tensor], config: CodebookConfig, fp: ModelFi
     D = head_dim): ``centers`` float32 (L, H, K) or (L, H, D, K), K a power of two ≤ 2^8, finite and
     non-decreasing; ``boundaries`` float32, K−1 in the last axis, non-decreasing, no NaN (+inf pads
     a channel's unused levels); ``offset``/``scale`` float32 (L, H, D), finite, scale > 0;
-    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K (queries 1..K); ``token_range`` (allocated
-    ``channel-token`` queries) float32 (L, H) > 0; ``basis`` / ``basis_sd`` (transform-coded
+    ``channel_levels`` (allocated files) int16 (L, H, D) in 2..K (queries 1..K); ``token_range``
+    (allocated ``channel-token`` queries) float32 (L, H) > 0; ``basis`` / ``basis_sd`` (transform-coded
     queries, together) float32 (L, H, D, D) with orthonormal columns / (L, H, D) > 0.
     ``stats.*``: (L, H, D) floats."""
     L, D = fp.num_layers, fp.head_dim
