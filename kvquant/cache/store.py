@@ -15,6 +15,7 @@ from kvquant.cache.positions import LayerRope
 from kvquant.cache.static_layout import dequantize_keys, dequantize_values, pack, unpack
 from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import causal_groups
+from kvquant.core.int8_rows import decode_int8_rows, encode_int8_rows
 from kvquant.core.packing import ChannelPacking, packed_size
 from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.core.rope import derotate, rotate
@@ -222,9 +223,7 @@ class KVStore:
         fp16 (B, H, n)."""
         if exact or self.options.tail == "exact":
             return x, None
-        xf = x.float()
-        scale = xf.abs().amax(-1, keepdim=True).div_(127).clamp_(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
-        return xf.div(scale).round_().clamp_(-127, 127).to(torch.int8), scale.squeeze(-1)  # x / s in float32
+        return encode_int8_rows(x)
 
     def _encode_tails(self, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, tuple]:
         """``(codes, scale)`` of keys and values as :meth:`_encode_tail` holds them (values exact
@@ -250,7 +249,7 @@ class KVStore:
 
     def _decode_tail(self, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """What :meth:`_encode_tail` holds, in the model's dtype."""
-        return codes if scale is None else (codes.float() * scale.float().unsqueeze(-1)).to(self.dtype)
+        return codes if scale is None else decode_int8_rows(codes, scale, self.dtype)
 
     def _residual(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual's keys and values (B, H, r, D) in the model's dtype, sinks still there as

@@ -5,7 +5,9 @@ Qwen2, Mistral, Gemma3, GPT-2, GPT-NeoX, …). It receives post-RoPE ``query`` (
 ``key``/``value`` (B, H_kv, S, D) — keys not repeated for GQA, cached past tokens included —
 and, depending on the :class:`Controller` attached to the attention module by ``wrap``:
 
-``off``       calls transformers' SDPA attention unchanged (bit-identical logits to ``sdpa``);
+``off``       calls transformers' SDPA attention unchanged (bit-identical logits to ``sdpa``) — or,
+              with ``Controller.prefill == "int8"``, runs prefills from INT8 codes
+              (:mod:`kvquant.hf.prefill`);
 ``capture``   hands q, k and the mask of allowed (query, key) pairs to an observer
               (e.g. :meth:`kvquant.core.stats.PairStats.update`), then attends unchanged; in a
               forward that records gradients, a ``grad_observer`` also gets ∂loss/∂q and
@@ -39,6 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvquant.core.rope import Rope, derotate, pullback, rotate
 from kvquant.hf.compat import passed_cache
+from kvquant.hf.prefill import int8_prefill
 
 ATTN_NAME = "kvquant"
 Mode = Literal["off", "capture", "quantize"]
@@ -63,6 +66,8 @@ class Controller:
     grad_observer: GradObserver | None = None  # capture mode, when the forward records gradients
     calls: set[int] = field(default_factory=set)  # layers that ran through this function
     rope: Rope = "post"  # frame in which the observer / quantizer see q and k
+    prefill: str = "sdpa"  # "int8": prefills of unquantized entries from INT8 codes (kvquant.hf.prefill)
+    prefill_warned: bool = False
 
     def set_mode(self, mode: Mode) -> None:
         if mode not in ("off", "capture", "quantize"):
@@ -109,6 +114,10 @@ def kvquant_attention(
     layer = module.layer_idx
     ctl.calls.add(layer)
     if ctl.mode == "off":
+        if ctl.prefill == "int8":
+            done = int8_prefill(module, query, key, value, attention_mask, **kwargs)
+            if done is not None:
+                return done
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
     if ctl.mode == "capture":
         tables = _rotary_tables(module, query, key) if ctl.rope == "pre" else None

@@ -16,6 +16,7 @@ import torch
 
 from kvquant.codebooks import Codebooks
 from kvquant.hf.attention import ATTN_NAME, Controller, Quantizer, register, stash_rotary
+from kvquant.hf.prefill import check_prefill
 from kvquant.io.fingerprint import SUPPORTED, UnsupportedModelError
 
 _ORIGINAL = "_kvquant_original_attn"
@@ -40,7 +41,8 @@ def is_wrapped(model: torch.nn.Module) -> bool:
     return hasattr(model, _ORIGINAL)
 
 
-def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None, *,
+         prefill: str | None = None) -> torch.nn.Module:
     """Route ``model``'s attention through kvquant; returns the same model object.
 
     ``codebooks``: a :class:`Codebooks` (checked against the model: layers, heads, head_dim,
@@ -48,7 +50,13 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
     (its attribute ``rope``, ``"post"`` if absent, says whether it quantizes post- or pre-RoPE
     entries; see :mod:`kvquant.hf.attention`), or None (mode ``off``: logits identical to the
     ``sdpa`` implementation). With a quantizer the mode is ``quantize``. Wrapping a wrapped model replaces its quantizer.
+
+    ``prefill``: ``"int8"`` runs the prefills of an unquantized model (mode ``off``, a KV cache's
+    prompt included) with ``Q·Kᵀ`` from INT8 codes on the CPU (:mod:`kvquant.hf.prefill`);
+    ``"sdpa"`` with transformers' SDPA; None keeps the model's setting (``"sdpa"`` when first wrapped).
     """
+    if prefill is not None:
+        check_prefill(prefill)
     if isinstance(codebooks, Codebooks):
         codebooks.check_fits(model)
     elif codebooks is not None and not callable(codebooks):
@@ -81,6 +89,8 @@ def wrap(model: torch.nn.Module, codebooks: Codebooks | Quantizer | None = None)
         setattr(model, _ORIGINAL, original)
     ctl.quantizer = codebooks
     ctl.rope = getattr(codebooks, "rope", "post")
+    if prefill is not None:
+        ctl.prefill = prefill
     ctl.set_mode("quantize" if codebooks is not None else "off")
     return model
 

@@ -53,11 +53,6 @@ whether it builds here, and why not.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,7 +60,7 @@ import numpy as np
 import torch
 
 from kvquant.core.groupnorm import load_scales
-from kvquant.io.fileio import atomic_path
+from kvquant.kernels.build import KernelUnavailable, build_library
 
 __all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
@@ -94,10 +89,6 @@ class Step(ctypes.Structure):
                 + [("dtype", ctypes.c_int64), ("scale", ctypes.c_double)])
 
 
-class KernelUnavailable(RuntimeError):
-    """The CPU decode kernel cannot be built or loaded here (the message says why and what to do)."""
-
-
 def _flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
@@ -105,43 +96,11 @@ def _flags() -> list[str]:
     return flags
 
 
-def _compiles(cc: str, flags: list[str], folder: Path) -> bool:
-    src = folder / "probe.c"
-    src.write_text("int main(void) { return 0; }\n")
-    r = subprocess.run([cc, *flags, str(src), "-o", str(folder / "probe")], capture_output=True)
-    return r.returncode == 0
-
-
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    from kvquant.io.assets import cache_dir
-
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise KernelUnavailable(
-            f"no C compiler ({cc!r} is not on PATH) to build kvquant's CPU decode kernel; install one "
-            "(e.g. apt install gcc) or set CC, or build the cache with make_cache(..., decode='dequantize')"
-        )
-    folder = cache_dir() / "kernels"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KernelUnavailable(f"cannot create {folder} for the CPU decode kernel ({e}); set KVQUANT_HOME") from e
-    flags = _flags()
-    with tempfile.TemporaryDirectory() as tmp:
-        if _compiles(cc, flags + ["-fopenmp"], Path(tmp)):
-            flags.append("-fopenmp")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version]).encode()).hexdigest()[:16]
-    lib = folder / f"decode_cpu-{key}.so"
-    if not lib.exists():
-        with atomic_path(lib) as tmp:
-            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-            if r.returncode:
-                raise KernelUnavailable(f"building {_SOURCE.name} with {cc} failed:\n{r.stderr.strip()}")
-    dll = ctypes.CDLL(str(lib))
+    dll = build_library(_SOURCE, _flags(), "CPU decode kernel", "or build the cache with make_cache(..., decode='dequantize')")
     if dll.kvq_abi_version() != _ABI:
-        raise KernelUnavailable(f"{lib} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
+        raise KernelUnavailable(f"{dll._name} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
     dll.kvq_decode_step.argtypes = [ctypes.POINTER(Step)]
     dll.kvq_decode_step.restype = ctypes.c_int
     dll.kvq_append_int8.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
