@@ -42,22 +42,16 @@ def _qkv(b: int, h: int, hk: int, t: int, d: int, seed: int = 0, dtype=torch.flo
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-@pytest.mark.parametrize("t", [2, 17, 32])
-def test_one_block_of_keys_equals_the_reference_to_float_rounding(kernel_path, t):
-    """≤ 32 keys: the kernel's running max is the row's max, so its arithmetic is the reference's
-    (the same integer dots, the same float products, the same bf16 probabilities)."""
-    q, k, v = _qkv(2, 4, 2, t, 64)
-    out, ref = prefill_cpu.prefill_attention(q, k, v, 0.125), prefill_cpu.reference_attention(q, k, v, 0.125)
-    assert out.dtype == torch.float32 and out.shape == q.shape
-    assert (out - ref).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("shape,window", [((1, 3, 1, 300, 64), 0), ((2, 4, 2, 130, 32), 0), ((1, 2, 2, 200, 16), 24)])
-def test_long_prefills_equal_the_reference_to_bf16_probabilities(kernel_path, shape, window):
+@pytest.mark.parametrize("shape,window", [((2, 4, 2, 2, 64), 0), ((2, 4, 2, 32, 64), 0), ((1, 3, 1, 300, 64), 0),
+                                          ((2, 4, 2, 130, 32), 0), ((1, 2, 2, 200, 16), 24), ((1, 2, 1, 100, 16), 1)])
+def test_the_kernel_equals_its_reference_to_float_rounding(kernel_path, shape, window):
+    """The same integer dots, float products and bf16 probabilities against the same running max:
+    outputs equal up to summation order (GQA, head_dim 16–64, one block of keys or many, windows)."""
     q, k, v = _qkv(*shape)
     out = prefill_cpu.prefill_attention(q, k, v, shape[-1] ** -0.5, window)
     ref = prefill_cpu.reference_attention(q, k, v, shape[-1] ** -0.5, window)
-    assert (out - ref).abs().max() < 1e-2 * v.abs().max()
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert (out - ref).abs().max() < 1e-4 * v.abs().max()
 
 
 def test_the_reference_is_int8_attention_over_smoothed_keys():
@@ -91,7 +85,7 @@ def test_half_inputs_and_threads_give_the_same_output():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # a task's sums do not depend on the thread that runs it
-    assert (one - prefill_cpu.reference_attention(q, k, v, 0.125)).abs().max() < 1e-2 * v.float().abs().max()
+    assert (one - prefill_cpu.reference_attention(q, k, v, 0.125)).abs().max() < 1e-4 * v.float().abs().max()
 
 
 def test_bad_shapes_are_refused_with_the_reason():
@@ -105,29 +99,27 @@ def test_bad_shapes_are_refused_with_the_reason():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_wrapped_prefills_run_the_kernel_with_each_layers_window(family, monkeypatch):
-    """Every layer's prefill goes through the kernel with its own sliding window, and its logits are
-    nearer those of the reference path (the simulated int8 prefill; they differ by the bf16 rounding
-    of probabilities taken against a running max) than those of exact attention."""
+    """Every layer's prefill goes through the kernel with its own sliding window and scaling, each
+    call equal to the reference (the simulated int8 prefill) on the same inputs; the logits move
+    from exact attention's, by less than a tenth of their range."""
     model = make_model(family)
     ids = random_ids(2, 40)
     windows, real = [], prefill_cpu.prefill_attention
 
     def spy(q, k, v, scale, window=0):
         windows.append(window)
-        return real(q, k, v, scale, window)
+        out = real(q, k, v, scale, window)
+        assert (out - prefill_cpu.reference_attention(q, k, v, scale, window)).abs().max() < 1e-4 * v.abs().max()
+        return out
 
     with torch.no_grad():
+        exact = model(ids).logits
         kvquant.wrap(model, prefill="int8")
         monkeypatch.setattr(prefill_cpu, "prefill_attention", spy)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             out = model(ids).logits
-        monkeypatch.setattr(prefill_cpu, "prefill_attention", prefill_cpu.reference_attention)
-        sim = model(ids).logits
-        kvquant.wrap(model, prefill="sdpa")
-        exact = model(ids).logits
     assert windows == [w or 0 for w in EXPECTED_WINDOWS[family]]
-    assert (out - sim).abs().max() < 0.3 * (out - exact).abs().max()
     assert 0 < (out - exact).abs().max() < 0.1 * exact.abs().max()
 
 

@@ -114,12 +114,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
-    """The kernel's math in torch, the simulated path: float32 (B, H, T, D). Scores in log2 units
-    ``Σ_c c_q·c_k`` (exact in float32: |Σ| ≤ 127²·D < 2²⁴) times ``s_q·scale·log₂e`` times ``s_k``
-    — the kernel's float products in its order —, probabilities ``2^(s − max)`` over the visible
-    keys rounded to bf16, values rounded to bf16, ``Σ p·v / Σ p``. The kernel takes the max as it
-    goes (flash attention), so its probabilities can round differently where a row's max is not in
-    its first block of keys."""
+    """The kernel's math in torch, the simulated path: float32 (B, H, T, D).
+
+    Scores in log2 units, ``Σ_c c_q·c_k`` (exact in float32: |Σ| ≤ 127²·D < 2²⁴) times
+    ``s_q·scale·log₂e`` times ``s_k`` — the kernel's float products in its order. The kernel walks
+    the keys in blocks of 32 (aligned at key 0) with a running max, so a probability is rounded to
+    bf16 against the max ``m_b`` of the row's scores up to its key's block: ``p = bf16(2^(s − m_b))``,
+    then scaled by ``2^(m_b − m)`` to the row's max m; the output is ``Σ p·bf16(v) / Σ p``. The
+    kernel equals this up to float summation order and its 2^x polynomial (relative 2e-7)."""
     _check(q, k, v)
     c_q, s_q, c_k, s_k = smoothed_codes(q, k)
     rep = q.shape[1] // k.shape[1]
@@ -130,7 +132,12 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     visible = (j <= i) & ((j > i - window) if window > 0 else True)
     scores = scores.masked_fill(~visible, float("-inf"))
-    p = torch.exp2(scores - scores.amax(-1, keepdim=True)).to(torch.bfloat16).float()
+    blocks = -(-t // _KEY_BLOCK)
+    padded = F.pad(scores, (0, blocks * _KEY_BLOCK - t), value=float("-inf"))
+    running = padded.unflatten(-1, (blocks, _KEY_BLOCK)).amax(-1).cummax(-1).values  # m_b (…, T, blocks)
+    m_b = running.repeat_interleave(_KEY_BLOCK, -1)[..., :t]
+    p = torch.exp2(scores - m_b).to(torch.bfloat16).float() * torch.exp2(m_b - running[..., -1:])
+    p = torch.where(visible, p, 0.0)  # (−inf − −inf before a window's first visible block)
     vb = v.to(torch.bfloat16).float().repeat_interleave(rep, 1)
     return (p @ vb) / p.sum(-1, keepdim=True)
 
