@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [f"## Prefill attention with Q·Kᵀ from INT8 codes, against SDPA ({started})", "",
              f"Command: `{command.strip()}` — {platform_line()}; the kernel's "
-             f"{'AVX-512 VNNI / BF16' if prefill_cpu.vnni() else 'portable C'} path. Queries and mean-smoothed keys as "
-             "INT8 per token with an fp16 scale (8.25 bits per entry), exact int32 dot products, softmax in float32, "
+             f"{'AVX-512 VNNI / BF16' if prefill_cpu.vnni() else 'portable C'} path. Queries and keys (the keys less their mean, "
+             "each channel's range balanced between the two sides) as INT8 per token with an fp16 scale (8.25 bits per entry), exact int32 dot products, softmax in float32, "
              "probabilities and values in bf16 (`kvquant/kernels/prefill_cpu.py`).", "",
              "(a) One causal attention call, SmolLM2-135M's geometry (9 query / 3 KV heads, head_dim 64), random bf16 "
              f"q, k, v, batch 1; median of {args.reps} runs (one from 16384 tokens on), milliseconds:", "",

@@ -11,6 +11,7 @@ from conftest import make_model, make_tokenizer, text_of
 
 from kvquant.cli import DEFAULTS, main
 from kvquant.codebooks import Codebooks
+from kvquant.kernels import prefill_cpu
 
 
 def run(argv) -> int:
@@ -270,7 +271,7 @@ def test_eval_ppl_quantizes_queries_beside_each_cache(model_dir, text_file, tmp_
     assert "--codebooks" in capsys.readouterr().err
 
 
-def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_file, tmp_path, capsys):
+def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_file, tmp_path, capsys, monkeypatch):
     books_path = tmp_path / "books.safetensors"
     assert run(calibrate_args(model_dir, text_file, books_path, "--group", 4, "--effective-bits", 6)) == 0
     capsys.readouterr()
@@ -280,6 +281,12 @@ def test_generate_prints_the_continuation_and_the_cache_bytes(model_dir, text_fi
     assert captured.out.strip() and "bytes per token held" in captured.err and "for an fp16 cache" in captured.err
     assert "the newest incomplete group of up to 3 tokens as INT8 per token" in captured.err
     assert run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", "x", "--max-new-tokens", 0]) == 2
+    if prefill_cpu.available()[0]:  # the prompt's attention from INT8 codes, every layer's
+        calls, real = [], prefill_cpu.prefill_attention
+        monkeypatch.setattr(prefill_cpu, "prefill_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+        rc = run(["generate", "--model", model_dir, "--codebooks", books_path, "--prompt", text_of(12),
+                  "--max-new-tokens", 5, "--prefill", "int8"])
+        assert rc == 0 and capsys.readouterr().out.strip() and len(calls) == 2 and calls[0] > 1
 
 
 def test_eval_passkey(model_dir, text_file, tmp_path, capsys):

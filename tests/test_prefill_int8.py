@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import EXPECTED_WINDOWS, FAMILIES, make_model, random_ids
 
 import kvquant
-from kvquant.core.int8_rows import decode_int8_rows
+from kvquant.core.int8_rows import decode_int8_rows, encode_int8_rows
 from kvquant.hf.compat import cache_kwargs
 from kvquant.kernels import prefill_cpu
 
@@ -54,24 +54,28 @@ def test_the_kernel_equals_its_reference_to_float_rounding(kernel_path, shape, w
     assert (out - ref).abs().max() < 1e-4 * v.abs().max()
 
 
-def test_the_reference_is_int8_attention_over_smoothed_keys():
-    """The reference's scores are those of the dequantized codes of q and k − k̄: attention over them
-    (float32 SDPA) differs from it by the bf16 rounding of P and V only; and subtracting k̄ leaves
-    exact attention unchanged, while the codes stay close to exact attention."""
-    q, k, v = _qkv(1, 2, 1, 50, 64)
+def test_the_codes_are_of_smoothed_balanced_entries_whose_attention_is_exact_attention():
+    """The codes hold q/α and α·(k − k̄) per token: their dot products are q·k less q·k̄ (the same for
+    every key of a query), so attention over them is attention over q and k; the channels' ranges
+    are balanced between the two sides; the reference is near exact attention, and without the
+    smoothing (keys offset by several σ per channel) the same INT8 codes would not be."""
+    q, k, v = _qkv(1, 4, 2, 50, 64)
+    k = k + 5 * torch.randn(1, 2, 1, 64)
     c_q, s_q, c_k, s_k = prefill_cpu.smoothed_codes(q, k)
     assert c_q.dtype == c_k.dtype == torch.int8 and s_q.dtype == s_k.dtype == torch.float16
-    assert c_k.float().mean().abs() < 2  # centred: the offset of 3σ is gone
+    q_hat, k_hat = decode_int8_rows(c_q, s_q), decode_int8_rows(c_k, s_k).repeat_interleave(2, 1)
+    assert k_hat.mean(2).abs().max() < 0.05 * k_hat.abs().max()  # centred
+    q_range, k_range = q_hat.abs().amax(2).view(1, 2, 2, 64).amax(2), k_hat[:, ::2].abs().amax(2)
+    assert torch.allclose(q_range, k_range, rtol=0.02)  # balanced per KV head and channel
     vr = v.repeat_interleave(2, 1)
-    sim = F.scaled_dot_product_attention(decode_int8_rows(c_q, s_q), decode_int8_rows(c_k, s_k).repeat_interleave(2, 1),
-                                         vr, is_causal=True, scale=0.125)
-    ref = prefill_cpu.reference_attention(q, k, v, 0.125)
-    assert (ref - sim).abs().max() < 2e-2
-    kr = k.repeat_interleave(2, 1)
-    exact = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=0.125)
-    smoothed = F.scaled_dot_product_attention(q, kr - kr.mean(2, keepdim=True), vr, is_causal=True, scale=0.125)
-    assert (exact - smoothed).abs().max() < 1e-5
-    assert (ref - exact).abs().max() < 0.1 < (prefill_cpu.reference_attention(q, 8 * k, v, 0.125) - exact).abs().max()
+    exact = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), vr, is_causal=True, scale=0.125)
+    sim = F.scaled_dot_product_attention(q_hat, k_hat, vr, is_causal=True, scale=0.125)
+    assert (sim - exact).abs().max() < 0.05
+    assert (prefill_cpu.reference_attention(q, k, v, 0.125) - exact).abs().max() < 0.05
+    c_k8, s_k8 = encode_int8_rows(k)  # the keys' own codes, offset and all
+    raw = F.scaled_dot_product_attention(decode_int8_rows(*encode_int8_rows(q)), decode_int8_rows(c_k8, s_k8)
+                                         .repeat_interleave(2, 1), vr, is_causal=True, scale=0.125)
+    assert (raw - exact).abs().max() > 2 * (sim - exact).abs().max()
 
 
 def test_half_inputs_and_threads_give_the_same_output():

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+import kvquant
 from kvquant.cli.options import (
     load_model_of,
     resolve_options,
@@ -25,6 +26,8 @@ def cmd_generate(args) -> None:
     if args.bits_v == 0:
         raise ValueError("--bits-v 0: the cached values are quantized at 1..8 bits; leave --bits-v out for the "
                          "codebooks' own value bits")
+    if args.prefill == "int8" and args.device != "cpu":
+        raise ValueError(f"--prefill int8 runs on the CPU (a C kernel), not on --device {args.device}; use --prefill sdpa")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
@@ -33,6 +36,7 @@ def cmd_generate(args) -> None:
     model, tok = load_model_of(args)
     books.check_fits(model)
     cache = make_cache(model, books, bits_v=args.bits_v, values=args.values or "minmax")
+    kvquant.wrap(model, prefill=args.prefill)  # after make_cache, which wraps the model for its decoding steps
     enc = tok(args.prompt, return_tensors="pt").to(args.device)
     if enc.input_ids.shape[1] == 0:
         raise ValueError("--prompt is empty after tokenization")

@@ -147,5 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--bits-v", type=int, help="bits of the cached values (default: the keys' mean code bits)")
     g.add_argument("--values", choices=["minmax", "rms"], help="value normalisation per token (default minmax)")
+    g.add_argument("--prefill", choices=["sdpa", "int8"], default="sdpa",
+                   help="the prompt's attention: sdpa (default) or int8 (Q·Kᵀ from INT8 codes, the CPU kernel)")
     g.set_defaults(func=cmd_generate)
     return ap

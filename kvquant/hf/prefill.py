@@ -3,9 +3,10 @@
 A call of the attention function is a prefill when its T queries and T keys are the same
 positions (no past tokens) and T > 1; there, with ``Controller.prefill == "int8"`` and the model's
 entries unquantized (mode ``off``), attention runs :func:`kvquant.kernels.prefill_cpu.prefill_attention`:
-queries and smoothed keys as INT8 per token, integer dot products, softmax and ``P·V`` in float32
-from bf16 probabilities and values (the math is documented there). Decoding steps and calls with a
-past run as before (SDPA, or the KV cache's own kernel).
+queries and keys — the keys less their mean, each channel's range balanced between the two sides —
+as INT8 per token, integer dot products, softmax and ``P·V`` in float32 from bf16 probabilities and
+values (the math is documented there). Decoding steps and calls with a past run as before (SDPA,
+or the KV cache's own kernel).
 
 The kernel knows the causal pattern and a sliding window (``sliding_window`` as transformers passes
 it); a mask with anything else in it (padding) is attended by SDPA instead, with a warning once per

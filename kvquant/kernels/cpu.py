@@ -98,7 +98,8 @@ def _flags() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    dll = build_library(_SOURCE, _flags(), "CPU decode kernel", "or build the cache with make_cache(..., decode='dequantize')")
+    dll = build_library(_SOURCE, _flags(), "CPU decode kernel",
+                        "or build the cache with make_cache(..., decode='dequantize')")
     if dll.kvq_abi_version() != _ABI:
         raise KernelUnavailable(f"{dll._name} reports ABI {dll.kvq_abi_version()}, expected {_ABI}: remove it")
     dll.kvq_decode_step.argtypes = [ctypes.POINTER(Step)]

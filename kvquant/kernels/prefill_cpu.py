@@ -7,9 +7,10 @@ keys at the positions of the T queries (a prefill without a past):
 
 * keys smoothed, ``k' = k − k̄`` with ``k̄`` the mean of the T keys per channel (SageAttention's
   step: ``q·k̄`` is the same for every key of a query, so the softmax does not change, and the
-  keys' common offset leaves their per-token range);
-* ``q`` and ``k'`` as INT8 codes per token with an fp16 scale (:func:`kvquant.core.int8_rows.encode_int8_rows`,
-  the cache's own newest-group format): ``q ≈ c_q·s_q``, ``k' ≈ c_k·s_k``;
+  keys' common offset leaves their per-token range), then each channel's range balanced between
+  queries and keys, ``q_c/α_c`` and ``α_c·k'_c`` (SmoothQuant's migration; :func:`smoothed_codes`);
+* those as INT8 codes per token with an fp16 scale (:func:`kvquant.core.int8_rows.encode_int8_rows`,
+  the cache's own newest-group format): ``q/α ≈ c_q·s_q``, ``α·k' ≈ c_k·s_k``;
 * scores ``s_ij = scale · s_q,i · s_k,j · Σ_c c_q,ic·c_k,jc`` — the dot an exact int32 (the kernel
   takes the query codes as unsigned bytes ``c_q + 128`` for VNNI's ``vpdpbusd`` and subtracts
   ``128·Σ_c c_k,jc``) —, over the visible keys ``j ≤ i`` (and ``j > i − window`` with a sliding window);
@@ -98,11 +99,21 @@ def vnni() -> bool:
 
 
 def smoothed_codes(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(c_q, s_q, c_k, s_k)``: the INT8 codes and fp16 scales of ``q`` (B, H, T, D) and of the
-    smoothed keys ``k − k̄`` (B, H_kv, T, D), per token."""
-    kf = k.float()
-    c_q, s_q = encode_int8_rows(q)
-    c_k, s_k = encode_int8_rows(kf - kf.mean(dim=2, keepdim=True))
+    """``(c_q, s_q, c_k, s_k)``: INT8 codes and fp16 scales per token of ``q`` (B, H, T, D) and ``k``
+    (B, H_kv, T, D), smoothed and balanced so that ``(c_q·s_q)·(c_k·s_k) ≈ q·(k − k̄)``:
+    the keys less their mean ``k̄`` over the T tokens, then each channel's range moved between the
+    two sides (SmoothQuant's migration), ``q_c / α_c`` and ``α_c · k'_c`` encoded with
+    ``α_c = sqrt(max|q_c| / max|k'_c|)`` per KV head and channel over the T tokens and the query
+    heads sharing it (1 where either side is 0)."""
+    b, h, t, d = q.shape
+    hk = k.shape[1]
+    kf, qf = k.float(), q.float()
+    kf = kf - kf.mean(dim=2, keepdim=True)
+    q_max = qf.abs().amax(2).view(b, hk, h // hk, d).amax(2)  # (B, H_kv, D)
+    k_max = kf.abs().amax(2)
+    alpha = torch.where((q_max > 0) & (k_max > 0), (q_max / k_max).sqrt(), 1.0)
+    c_q, s_q = encode_int8_rows(qf / alpha.repeat_interleave(h // hk, 1)[:, :, None])
+    c_k, s_k = encode_int8_rows(kf * alpha[:, :, None])
     return c_q, s_q, c_k, s_k
 
 
@@ -113,7 +124,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"H_kv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        window: int = 0) -> torch.Tensor:
     """The kernel's math in torch, the simulated path: float32 (B, H, T, D).
 
     Scores in log2 units, ``Σ_c c_q·c_k`` (exact in float32: |Σ| ≤ 127²·D < 2²⁴) times
@@ -142,7 +154,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return (p @ vb) / p.sum(-1, keepdim=True)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int = 0) -> torch.Tensor:
     """Causal attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D) (CPU tensors, any float
     dtype; D a multiple of 16) with ``Q·Kᵀ`` from INT8 codes: float32 (B, H, T, D), equal to
     :func:`reference_attention` up to float summation order. ``scale`` multiplies the scores;

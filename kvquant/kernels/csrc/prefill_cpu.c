@@ -1,8 +1,8 @@
 /* Causal prefill attention with Q·Kᵀ from int8 codes, on the CPU.
  *
  * Built and loaded by kvquant/kernels/prefill_cpu.py (the math and the layouts are documented
- * there). One task is (query head, tile of TR query rows); OpenMP hands tasks out dynamically
- * (later tiles see more keys). A task walks its visible keys in blocks of KB keys, flash-attention
+ * there). One task is (KV head, tile of TR query positions) for every query head that shares the
+ * KV head; OpenMP hands tasks out dynamically (later tiles see more keys). A task walks its visible keys in blocks of KB keys, flash-attention
  * style: the int32 dots of the tile's rows with the block's keys, the scores
  * s = (dot - 128·ksum)·qscale·kscale (log2 units), a running max and sum, the probabilities
  * rounded to bf16, and the value sums in float32 from bf16 values.
@@ -204,44 +204,52 @@ static void row_probs(const kvq_prefill *a, const int32_t *dots, const int32_t *
 #endif
 }
 
-static void tile(const kvq_prefill *a, int64_t bh, int64_t i0, float *o) {
-  const int64_t D = a->D, T = a->T, nr = (T - i0) < TR ? (T - i0) : TR;
-  const int64_t bkv = bh / a->rep;
-  const uint8_t *qu = a->qu + (bh * T + i0) * D;
-  const float *qs = a->qscale + bh * T + i0;
+/* One task: the TR query positions i0 .. i0+TR of every query head sharing KV head bkv (rep heads,
+ * rep x TR rows), so each block of keys and values is read from memory once for all of them.
+ * Scratch: o (rep*TR*D floats), mx and sum (rep*TR). */
+static void tile(const kvq_prefill *a, int64_t bkv, int64_t i0, float *o, float *mx, float *sum) {
+  const int64_t D = a->D, T = a->T, rep = a->rep, nr = (T - i0) < TR ? (T - i0) : TR;
   const int8_t *kp = a->kp + bkv * a->Tp * D;
   const int32_t *ksum = a->ksum + bkv * a->Tp;
   const float *ks = a->kscale + bkv * a->Tp;
   const uint16_t *vp = a->vp + bkv * a->Tp * D;
-  float mx[TR], sum[TR];
   int32_t dots[TR][KB];
   uint16_t p[TR][KB];
-  for (int r = 0; r < TR; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
-  memset(o, 0, sizeof(float) * TR * D);
+  for (int64_t r = 0; r < rep * TR; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
+  memset(o, 0, sizeof(float) * rep * TR * D);
   memset(p, 0, sizeof p);
   const int64_t last = i0 + nr - 1;                          /* the tile's last row sees keys <= last */
   int64_t lo = a->window > 0 ? i0 - a->window + 1 : 0;        /* the first row's first visible key */
   if (lo < 0) lo = 0;
   for (int64_t j0 = (lo / KB) * KB; j0 <= last; j0 += KB) {
-    block_dots(a, qu, nr, kp, j0, dots);
-    for (int64_t r = 0; r < nr; r++) row_probs(a, dots[r], ksum, ks, qs[r], i0 + r, j0, mx + r, sum + r, o + r * D, p[r]);
-    block_values(a, nr, p, vp, j0, o);
+    for (int64_t g = 0; g < rep; g++) {
+      const int64_t bh = bkv * rep + g;
+      const float *qs = a->qscale + bh * T + i0;
+      float *og = o + g * TR * D;
+      block_dots(a, a->qu + (bh * T + i0) * D, nr, kp, j0, dots);
+      for (int64_t r = 0; r < nr; r++)
+        row_probs(a, dots[r], ksum, ks, qs[r], i0 + r, j0, mx + g * TR + r, sum + g * TR + r, og + r * D, p[r]);
+      block_values(a, nr, p, vp, j0, og);
+    }
   }
-  for (int64_t r = 0; r < nr; r++) {
-    const float inv = 1.0f / sum[r];
-    float *dst = a->out + (bh * T + i0 + r) * D;
-    for (int64_t d = 0; d < D; d++) dst[d] = o[r * D + d] * inv;
+  for (int64_t g = 0; g < rep; g++) {
+    const int64_t bh = bkv * rep + g;
+    for (int64_t r = 0; r < nr; r++) {
+      const float inv = 1.0f / sum[g * TR + r];
+      float *dst = a->out + (bh * T + i0 + r) * D;
+      for (int64_t d = 0; d < D; d++) dst[d] = o[(g * TR + r) * D + d] * inv;
+    }
   }
 }
 
 int kvq_prefill_attention(const kvq_prefill *a) {
-  const int64_t tiles = (a->T + TR - 1) / TR, ntasks = a->BH * tiles;
+  const int64_t tiles = (a->T + TR - 1) / TR, nkv = a->BH / a->rep, ntasks = nkv * tiles, rows = a->rep * TR;
   int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)a->nthreads)
 #endif
   {
-    float *o = (float *)malloc(sizeof(float) * TR * a->D);
+    float *o = (float *)malloc(sizeof(float) * rows * (a->D + 2));
     if (!o) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -252,9 +260,9 @@ int kvq_prefill_attention(const kvq_prefill *a) {
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t task = 0; task < ntasks; task++) {
-      /* longest tiles first: task 0 is the last tile of head 0 */
-      const int64_t bh = task % a->BH, t = tiles - 1 - task / a->BH;
-      if (o) tile(a, bh, t * TR, o);
+      /* longest tiles first: task 0 is the last tile of KV head 0 */
+      const int64_t bkv = task % nkv, t = tiles - 1 - task / nkv;
+      if (o) tile(a, bkv, t * TR, o, o + rows * a->D, o + rows * (a->D + 1));
     }
     free(o);
   }
