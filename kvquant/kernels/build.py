@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from kvquant.io.fileio import atomic_path
 
@@ -56,3 +57,12 @@ def build_library(source: Path, flags: list[str], what: str, otherwise: str) -> 
             if r.returncode:
                 raise KernelUnavailable(f"building {source.name} with {cc} failed:\n{r.stderr.strip()}")
     return ctypes.CDLL(str(lib))
+
+
+def loads(library: Callable[[], ctypes.CDLL]) -> tuple[bool, str]:
+    """(True, "") when ``library()`` builds and loads here, else (False, why)."""
+    try:
+        library()
+    except KernelUnavailable as e:
+        return False, str(e)
+    return True, ""

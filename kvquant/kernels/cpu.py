@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from kvquant.core.groupnorm import load_scales
-from kvquant.kernels.build import KernelUnavailable, build_library
+from kvquant.kernels.build import KernelUnavailable, build_library, loads
 
 __all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
@@ -111,11 +111,7 @@ def _library() -> ctypes.CDLL:
 
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel builds and loads here, else (False, why)."""
-    try:
-        _library()
-    except KernelUnavailable as e:
-        return False, str(e)
-    return True, ""
+    return loads(_library)
 
 
 _DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int64, "ch_bits": torch.int64,

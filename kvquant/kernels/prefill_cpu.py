@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kvquant.core.int8_rows import decode_int8_rows, encode_int8_rows
-from kvquant.kernels.build import KernelUnavailable, build_library
+from kvquant.kernels.build import KernelUnavailable, build_library, loads
 
 __all__ = ["available", "prefill_attention", "reference_attention", "smoothed_codes", "vnni"]
 
@@ -86,11 +86,7 @@ def _library() -> ctypes.CDLL:
 
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel builds and loads here, else (False, why)."""
-    try:
-        _library()
-    except KernelUnavailable as e:
-        return False, str(e)
-    return True, ""
+    return loads(_library)
 
 
 def vnni() -> bool:
