@@ -15,7 +15,7 @@ keys at the positions of the T queries (a prefill without a past):
   takes the query codes as unsigned bytes ``c_q + 128`` for VNNI's ``vpdpbusd`` and subtracts
   ``128·Σ_c c_k,jc``) —, over the visible keys ``j ≤ i`` (and ``j > i − window`` with a sliding window);
 * softmax in float32, its probabilities rounded to bf16 and the values read in bf16, their sums
-  in float32 (AVX512-BF16 ``vdpbf16ps``), as a bf16 SDPA does.
+  in float32 (AVX512-BF16 ``vdpbf16ps``).
 
 Layouts the kernel reads (made here in torch): query codes ``(B·H, T, D)`` uint8; keys
 ``(B·H_kv, Tp/16, D/4, 16, 4)`` int8 — 16 keys' 4 channels side by side, one 64-byte VNNI operand
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvquant.core.int8_rows import decode_int8_rows, encode_int8_rows
+from kvquant.core.int8_rows import encode_int8_rows
 from kvquant.kernels.build import KernelUnavailable, build_library, loads
 
 __all__ = ["available", "prefill_attention", "reference_attention", "smoothed_codes", "vnni"]

@@ -2,10 +2,10 @@
  *
  * Built and loaded by kvquant/kernels/prefill_cpu.py (the math and the layouts are documented
  * there). One task is (KV head, tile of TR query positions) for every query head that shares the
- * KV head; OpenMP hands tasks out dynamically (later tiles see more keys). A task walks its visible keys in blocks of KB keys, flash-attention
- * style: the int32 dots of the tile's rows with the block's keys, the scores
- * s = (dot - 128·ksum)·qscale·kscale (log2 units), a running max and sum, the probabilities
- * rounded to bf16, and the value sums in float32 from bf16 values.
+ * KV head; OpenMP hands tasks out dynamically (later tiles see more keys). A task walks its visible
+ * keys in blocks of KB keys, flash-attention style: the int32 dots of the tile's rows with the
+ * block's keys, the scores s = (dot - 128·ksum)·qscale·kscale (log2 units), a running max and sum,
+ * the probabilities rounded to bf16, and the value sums in float32 from bf16 values.
  *
  * With AVX-512 VNNI and BF16 (compiler flags set by the loader where the CPU has them) the dots are
  * vpdpbusd of the queries as unsigned bytes (code + 128) with 16 keys' signed codes at once, and
@@ -23,7 +23,7 @@
 #define KVQ_VNNI 0
 #endif
 
-#define TR 8   /* query rows per task */
+#define TR 8   /* query positions per task (of each query head) */
 #define KB 32  /* keys per block (a multiple of 16) */
 
 int kvq_prefill_abi_version(void) { return 1; }
