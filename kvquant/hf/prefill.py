@@ -25,6 +25,8 @@ PREFILLS = ("sdpa", "int8")
 
 
 def check_prefill(prefill: str) -> str:
+    """``prefill`` if it is one of :data:`PREFILLS` and runs here (``"int8"``: the kernel builds), else
+    ValueError / RuntimeError saying why."""
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     if prefill == "int8":
