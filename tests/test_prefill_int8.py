@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not prefill_cpu.available()[0], reason=prefill_c
 def kernel_path(request, monkeypatch):
     """The kernel as built for this CPU, and built with no intrinsics (its portable C)."""
     if request.param == "portable":
-        monkeypatch.setattr(prefill_cpu, "_cpu_features", lambda: set())
+        monkeypatch.setattr(prefill_cpu, "cpu_features", lambda: set())
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
         prefill_cpu._library.cache_clear()
         assert not prefill_cpu.vnni() and not any(f.startswith("-mavx") for f in prefill_cpu._flags())

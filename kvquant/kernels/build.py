@@ -21,6 +21,18 @@ class KernelUnavailable(RuntimeError):
     """A CPU kernel cannot be built or loaded here (the message says why and what to do)."""
 
 
+def cpu_features() -> set[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def _compiles(cc: str, flags: list[str], folder: Path) -> bool:
     src = folder / "probe.c"
     src.write_text("int main(void) { return 0; }\n")

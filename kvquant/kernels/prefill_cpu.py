@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kvquant.core.int8_rows import encode_int8_rows
-from kvquant.kernels.build import KernelUnavailable, build_library, loads
+from kvquant.kernels.build import KernelUnavailable, build_library, cpu_features, loads
 
 __all__ = ["available", "prefill_attention", "reference_attention", "smoothed_codes", "vnni"]
 
@@ -54,20 +54,9 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("qu", "qscale", "kp", "ksum", "kscale", "vp", "out")])
 
 
-def _cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno"]
-    if all(f in _cpu_features() for f in _VNNI_FEATURES):
+    if all(f in cpu_features() for f in _VNNI_FEATURES):
         flags += ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16"]
     elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
