@@ -125,7 +125,10 @@ def perplexity_rows(model, windows) -> tuple[dict[str, PplRow], tuple[float, flo
             seconds[name] += time.perf_counter() - t0
             lps[name] = log_probs(logits)
             nll[name].append(-lps[name].gather(-1, x[0, 1:, None])[:, 0].double())
-            agree[name].add(lps["fp"], logits)
+            if name == "fp":
+                agree[name].add_same(logits.shape[0])
+            else:
+                agree[name].add(lps["fp"], logits)
         kernel_vs_sim.add(lps["int8-simulated"], lps["int8"])
     full = 8.0 * next(model.parameters()).element_size()
     table = {}

@@ -31,7 +31,8 @@ from transformers import DynamicCache
 
 import kvquant.cache.store as store
 from kvquant.cache import make_cache
-from kvquant.cache.format import _SCALE_MAX, _SCALE_MIN, SCALE_DTYPE
+from kvquant.cache.format import SCALE_DTYPE
+from kvquant.core.int8_rows import ROW_SCALE_MAX, ROW_SCALE_MIN
 from kvquant.codebooks import Codebooks
 from kvquant.evaluation.generation import evaluate_generation, held_bits
 from kvquant.evaluation.perplexity import format_table, make_rows
@@ -42,7 +43,7 @@ from kvquant.io.data import held_out_windows, load_text
 def _encode(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True).div_(qmax).clamp_(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
+    scale = xf.abs().amax(-1, keepdim=True).div_(qmax).clamp_(ROW_SCALE_MIN, ROW_SCALE_MAX).to(SCALE_DTYPE)
     return xf.div(scale).round_().clamp_(-qmax, qmax).to(torch.int8), scale.squeeze(-1)
 
 

@@ -15,7 +15,7 @@ from kvquant.codebooks import CodebookConfig, Codebooks
 from kvquant.core import density as dens
 from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import SCALE_BITS, complete_tokens
-from kvquant.core.int8_rows import ROW_SCALE_DTYPE, ROW_SCALE_MAX, ROW_SCALE_MIN
+from kvquant.core.int8_rows import ROW_SCALE_DTYPE
 from kvquant.core.packing import packed_size
 from kvquant.kernels.dispatch import DECODE_KERNELS
 
@@ -23,7 +23,6 @@ from kvquant.kernels.dispatch import DECODE_KERNELS
 SCALE_DTYPE = ROW_SCALE_DTYPE
 #: Bytes of value scale per token and head: the fp16 RMS (``rms``) or the int8 (mid, half) (``minmax``).
 _VALUE_SCALE_BYTES = 2
-_SCALE_MIN, _SCALE_MAX = ROW_SCALE_MIN, ROW_SCALE_MAX
 #: How the residual (the newest incomplete group; ``residual`` recent tokens) holds keys and values
 #: until they are quantized: ``exact`` in the model's dtype; ``int8`` symmetric INT8 per token and
 #: KV head with an fp16 absmax scale (8 + 16/D bits per entry), quantized from those when their

@@ -10,12 +10,12 @@ from typing import Callable
 
 import torch
 
-from kvquant.cache.format import _SCALE_MAX, _SCALE_MIN, _VALUE_SCALE_BYTES, SCALE_DTYPE, CacheOptions, LayerTables
+from kvquant.cache.format import _VALUE_SCALE_BYTES, SCALE_DTYPE, CacheOptions, LayerTables
 from kvquant.cache.positions import LayerRope
 from kvquant.cache.static_layout import dequantize_keys, dequantize_values, pack, unpack
 from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import causal_groups
-from kvquant.core.int8_rows import decode_int8_rows, encode_int8_rows
+from kvquant.core.int8_rows import ROW_SCALE_MAX, ROW_SCALE_MIN, decode_int8_rows, encode_int8_rows
 from kvquant.core.packing import ChannelPacking, packed_size
 from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
 from kvquant.core.rope import derotate, rotate
@@ -188,7 +188,7 @@ class KVStore:
             codes = q.codes.transpose(2, 3).contiguous()
             return pack(codes, self.options.bits_v), torch.stack([q.mid[:, :, 0], q.half[:, :, 0]], dim=-1)
         vf = v.float()
-        scale = vf.square().mean(-1).sqrt().clamp(_SCALE_MIN, _SCALE_MAX).to(SCALE_DTYPE)
+        scale = vf.square().mean(-1).sqrt().clamp(ROW_SCALE_MIN, ROW_SCALE_MAX).to(SCALE_DTYPE)
         vn = vf / scale.float().unsqueeze(-1)
         codes = cb.quantize(vn, t.v_boundaries.expand(v.shape[1], -1), dim=1)
         return pack(codes, self.options.bits_v), scale

@@ -55,15 +55,15 @@ def int8_prefill(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     if softcap:
         raise NotImplementedError("prefill='int8' has no attention logit softcap; use prefill='sdpa' for this model")
     window = int(sliding_window or 0)
-    plain = attention_mask is None or (
+    plain = query.is_cpu and (attention_mask is None or (
         attention_mask.dtype == torch.bool and attention_mask.shape[-2:] == (t, t)
         and bool((attention_mask.cpu() == _pattern(t, window)).all())
-    )
-    if not plain or not query.is_cpu:
+    ))
+    if not plain:
         ctl = module.kvquant
         if not ctl.prefill_warned:
             ctl.prefill_warned = True
-            why = "a mask with padding" if not plain else f"tensors on {query.device}"
+            why = f"tensors on {query.device}" if not query.is_cpu else "a mask with padding"
             warnings.warn(f"prefill='int8' runs causal and sliding-window prefills on the CPU; {why} is attended by "
                           "SDPA instead (this warning is shown once per model)", stacklevel=2)
         return None
