@@ -27,7 +27,8 @@ Windows: the first ``--windows`` of the text are the evaluation windows, the ``-
 the development windows; calibration (the codebook file) used the end of the text.
 
 Usage:  python eval/deployed.py --codebooks out/default.safetensors [--windows 4] [--dev 2] [--dtype auto]
-Prints markdown tables and writes out/deployed.json.
+            [--baselines kivi@4/4,...] [--json out/deployed.json]
+Prints markdown tables and writes ``--json``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dev", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="the model's dtype (default auto: the dtype it ships in where the "
                     "CPU computes it natively, else float32)")
+    ap.add_argument("--baselines", default=",".join(KIVI + LIBRARY),
+                    help="rows reported beside the chosen ones (default: the KIVI and quanto rows; transformers' "
+                         "quanto cache refuses models with sliding-window layers, e.g. Gemma3: leave quanto@B out)")
+    ap.add_argument("--json", default="out/deployed.json", help="where the results go (default out/deployed.json)")
     ap.add_argument("--simulated-only", metavar="ROWS",
                     help="only the simulated path (one forward per window, keys only) of these rows, e.g. the ones "
                          "an earlier run chose (comma-separated); no selection, no generation mode")
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     names = ["fp"] + [n for c in fitted.values() for n in c]
     dev_rows = evaluate_generation(model, dev, caches(names))
     chosen = {t: min(c, key=lambda n: dev_rows[n].kld) for t, c in fitted.items()}
-    ev_rows = evaluate_generation(model, ev, caches(["fp", *dict.fromkeys(chosen.values()), *KIVI, *LIBRARY]))
+    baselines = [n for n in args.baselines.split(",") if n]
+    ev_rows = evaluate_generation(model, ev, caches(["fp", *dict.fromkeys(chosen.values()), *baselines]))
 
     head = (f"{args.model}, {args.dataset}, seqlen {args.seqlen}, {dtype}, generation mode (every token reads the "
             "cache), queries exact; K/V bits held: mean over the window's positions / at its end / largest")
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         "Chosen: " + ", ".join(f"{n} for ≤ {t:g} bits held" for t, n in chosen.items()), "",
         f"Evaluation windows 1–{args.windows}:", "", format_table(ev_rows)])
     print(text_out)
-    write_text(ROOT / "out" / "deployed.json", json.dumps(
+    write_text(ROOT / args.json, json.dumps(
         {"command": command, "title": head, "chosen": {str(t): n for t, n in chosen.items()},
          "dev": {k: r.to_dict() for k, r in dev_rows.items()}, "eval": {k: r.to_dict() for k, r in ev_rows.items()}},
         indent=1))

@@ -134,12 +134,18 @@ def _synthetic_layer(levels: torch.Tensor, group: int, **options) -> KVQuantLaye
     return KVQuantLayer(tables, opts)
 
 
-@pytest.fixture
-def portable_kernel(monkeypatch):
-    """The kernel built for a CPU without AVX2 (no intrinsics: its portable C, what non-x86 hosts run)."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+@pytest.fixture(params=["portable", "avx2"])
+def narrower_kernel(request, monkeypatch):
+    """The kernel built for a narrower CPU than this one may be: without AVX2 (no intrinsics: its
+    portable C, what non-x86 hosts run), or with AVX2 and no AVX-512 (8-float vectors)."""
+    features = cpu_kernels.cpu_features()
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: features - {"avx512f"})
+    if request.param == "portable":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    elif "avx2" not in features:
+        pytest.skip("no AVX2 on this CPU")
     cpu_kernels._library.cache_clear()
-    assert "-mavx2" not in cpu_kernels._flags()
+    assert ("-mavx2" in cpu_kernels._flags()) == (request.param == "avx2") and cpu_kernels.lanes() == 8
     yield
     monkeypatch.undo()
     cpu_kernels._library.cache_clear()
@@ -165,8 +171,14 @@ def test_every_level_count_window_mask_and_sinks(scale_bits, tail, rows, n_threa
     _check_every_level_count(scale_bits, tail, rows)
 
 
-def test_portable_kernel_equals_the_reference(portable_kernel, threads):
-    """The same checks on the kernel compiled without AVX2 (its portable lookups and GNU C vectors)."""
+def test_native_kernel_uses_the_widest_vectors_this_cpu_has():
+    """Where the CPU lists AVX-512 F the kernel is built with it (16-float vectors), else 8."""
+    assert cpu_kernels.lanes() == (16 if "avx512f" in cpu_kernels.cpu_features() else 8)
+
+
+def test_narrower_kernels_equal_the_reference(narrower_kernel, threads):
+    """The same checks on the kernel compiled without AVX-512 (8-float vectors) and without AVX2
+    (its portable lookups and GNU C vectors)."""
     threads(1)
     _check_every_level_count(8, "int8", 5)
     threads(8)

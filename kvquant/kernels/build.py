@@ -1,4 +1,5 @@
-"""Build a kernel's C source with the system compiler, once per source, flags and compiler, and load it
+"""Build a kernel's C source with the system compiler, once per source (with the headers beside it),
+flags and compiler, and load it
 with ctypes: the library is cached in ``$KVQUANT_HOME/kernels/`` under a hash of those, written to a
 temp file and renamed (a killed build leaves no half-written library). ``-fopenmp`` is added where the
 compiler takes it."""
@@ -61,7 +62,8 @@ def build_library(source: Path, flags: list[str], what: str, otherwise: str) -> 
         if _compiles(cc, flags + ["-fopenmp"], Path(tmp)):
             flags.append("-fopenmp")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the source may include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(flags), version]).encode()).hexdigest()[:16]
     lib = folder / f"{source.stem}-{key}.so"
     if not lib.exists():
         with atomic_path(lib) as tmp:

@@ -6,9 +6,9 @@ from that only if it does not first write every held key and value out in float3
 dequantize path does). On the CPUs measured a step is not memory-bound (its bytes read are 2–33%
 of the copy bandwidth, BENCHMARKS.md "Decode speed"): the kernel's arithmetic per code sets its
 speed. :func:`decode_step` reads the codes once per step, one
-key group at a time: each channel's keys from its codes (8 at a time; AVX2 permutes for ≤ 16
-levels, gathers beyond), then the rotation and the dot products with the query rows' sums held in
-registers; and runs the exact tokens, the mask, the softmax and the value sums (8 tokens' value
+key group at a time: each channel's keys from its codes (8 at a time with AVX2 permutes for ≤ 16
+levels, gathers beyond; 16 at a time with AVX-512, one permute for ≤ 16 levels), then the rotation and
+the dot products (8 or 16 tokens at a time) with the query rows' sums held in registers; and runs the exact tokens, the mask, the softmax and the value sums (8 tokens' value
 rows at once) in the same call, so nothing of size (tokens × head_dim) is written and no torch op
 runs per token. Threads (torch's count) take (batch row, KV head, span of key groups) tasks; a
 row's spans are merged as in flash-decoding, so a batch-1 step with 3 KV heads still uses every
@@ -44,7 +44,8 @@ per decoding step.
 
 Build: ``$CC`` (default ``cc``; GCC or clang: the kernel uses GNU C vector extensions) with
 ``-O3 -fPIC -shared``, ``-fopenmp`` when the compiler takes
-it, ``-mavx2 -mfma`` when torch reports AVX2 on this CPU; the library is cached in
+it, ``-mavx2 -mfma -mavx512f`` where ``/proc/cpuinfo`` lists AVX-512 F, else ``-mavx2 -mfma``
+when torch reports AVX2 on this CPU (:func:`lanes` says which path was built: 16 or 8 floats); the library is cached in
 ``$KVQUANT_HOME/kernels/`` under a hash of the source, flags and compiler, written to a temp
 file and renamed (a killed build leaves no half-written library). :func:`available` says
 whether it builds here, and why not.
@@ -60,12 +61,12 @@ import numpy as np
 import torch
 
 from kvquant.core.groupnorm import load_scales
-from kvquant.kernels.build import KernelUnavailable, build_library, loads
+from kvquant.kernels.build import KernelUnavailable, build_library, cpu_features, loads
 
 __all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 5
+_ABI = 6
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
@@ -91,7 +92,9 @@ class Step(ctypes.Structure):
 
 def _flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if "avx512f" in cpu_features():
+        flags += ["-mavx2", "-mfma", "-mavx512f"]
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
 
@@ -112,6 +115,11 @@ def _library() -> ctypes.CDLL:
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel builds and loads here, else (False, why)."""
     return loads(_library)
+
+
+def lanes() -> int:
+    """Floats per vector of the loaded kernel's widest path: 16 where it was built for AVX-512, else 8."""
+    return int(_library().kvq_decode_lanes())
 
 
 _DTYPES = {"kcodes": torch.uint8, "ch_off": torch.int64, "ch_levels": torch.int64, "ch_bits": torch.int64,

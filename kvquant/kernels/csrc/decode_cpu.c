@@ -6,12 +6,14 @@
  * with OpenMP when the compiler has it, and merges their softmax pieces as flash-decoding does.
  * A span computes the scores of the R query rows against its quantized keys one group at a time
  * in two passes: (1) each channel's G keys from its codes (8 codes at a time: AVX2 shifts,
- * permutes for <= 16 levels, gathers beyond, where the target has them; base-3/5 digits from
- * tables), (2) the rotation and the dot products, 8 tokens at a time with up to 4 rows' sums held
- * in registers over every channel; then the exact sinks and residual, the mask, the exponentials,
- * and the value sums (value rows decoded 8 tokens at a time, each row's sum loaded once per 8
- * tokens). Nothing of size (tokens x head_dim) is written. The arithmetic on 8 floats is written
- * once in GNU C vectors (AVX registers where the target has them, plain floats elsewhere).
+ * permutes for <= 16 levels, gathers beyond, where the target has them; 16 at a time with one
+ * permute for <= 16 levels where it has AVX-512; base-3/5 digits from tables), (2) the rotation
+ * and the dot products, 8 tokens at a time (16 with AVX-512 where G is a multiple of 16) with up
+ * to 4 rows' sums held in registers over every channel; then the exact sinks and residual, the
+ * mask, the exponentials, and the value sums (value rows decoded 8 tokens at a time, each row's
+ * sum loaded once per 8 tokens, 16 channels at once with AVX-512). Nothing of size (tokens x
+ * head_dim) is written. The arithmetic on 8 or 16 floats is written once in GNU C vectors
+ * (csrc/decode_lanes.h: AVX / AVX-512 registers where the target has them, plain floats elsewhere).
  * kvq_append_int8 appends tokens to the INT8 residual (the newest incomplete group) in one pass.
  */
 #include <stdint.h>
@@ -21,8 +23,16 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#ifdef __AVX512F__
+#define KVQ_AVX512 1 /* 16-float vectors: codes looked up, scores and value sums 16 at a time */
+#else
+#define KVQ_AVX512 0
+#endif
 
-int kvq_abi_version(void) { return 5; }
+int kvq_abi_version(void) { return 6; }
+
+/* Floats per vector of the widest path built: 16 (AVX-512), else 8 (AVX2 or portable C). */
+int kvq_decode_lanes(void) { return KVQ_AVX512 ? 16 : 8; }
 
 /* ---- codes ------------------------------------------------------------------------------ */
 
@@ -89,25 +99,48 @@ static inline __attribute__((always_inline)) uint64_t bytes_le(const uint8_t *p,
   return b8;
 }
 
-/* dst[t] = table[code_t] for n codes (a multiple of 8) of nb-bit fields (nb <= 8). Eight fields
- * are one nb-byte word: for nb <= 4 it is broadcast and shifted by 0, nb, ..., 7 nb; wider, the
- * first four fields come from its low 32 bits and the last four from the 32 bits at 4 nb. */
+/* Eight nb-bit fields (nb <= 8) in one nb-byte little-endian word w, as 32-bit lanes before their
+ * shifts: for nb <= 4 w broadcast (shifted by 0, nb, ..., 7 nb: fields_shifts8), wider its low 32
+ * bits for the first four fields and the 32 bits at 4 nb for the last four (shifts 0, ..., 3 nb). */
+static inline __m256i fields_words8(int nb, uint64_t w) {
+  if (nb <= 4) return _mm256_set1_epi32((int)(uint32_t)w);
+  const int lo = (int)(uint32_t)w, hi = (int)(uint32_t)(w >> (4 * nb));
+  return _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+}
+
+static inline __m256i fields_shifts8(int nb) {
+  return nb <= 4 ? _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb)
+                 : _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 0, nb, 2 * nb, 3 * nb);
+}
+
+#if KVQ_AVX512
+/* table[c] for 16 codes c < levels: one permute (levels <= 16; table has 16 readable entries),
+ * else a gather */
+static inline __m512 lut16(const float *table, int64_t levels, __m512i c) {
+  if (levels <= 16) return _mm512_permutexvar_ps(c, _mm512_loadu_ps(table));
+  return _mm512_i32gather_ps(c, table, 4);
+}
+#endif
+
+/* dst[t] = table[code_t] for n codes (a multiple of 8) of nb-bit fields (nb <= 8): eight fields
+ * are one nb-byte word (fields_words8), sixteen two words side by side where the target has
+ * AVX-512. 2^nb levels: lut's and lut16's branches fold. */
 static inline __attribute__((always_inline)) void fields8(int nb, const uint8_t *rec, int64_t n, const float *table,
                                                           float *dst) {
-  const __m256i sh = nb <= 4 ? _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb)
-                             : _mm256_setr_epi32(0, nb, 2 * nb, 3 * nb, 0, nb, 2 * nb, 3 * nb);
-  const __m256i mk = _mm256_set1_epi32((1 << nb) - 1);
-  for (int64_t u = 0; u < n / 8; u++) {
-    uint64_t w = bytes_le(rec + u * nb, nb);
-    __m256i words;
-    if (nb <= 4) {
-      words = _mm256_set1_epi32((int)(uint32_t)w);
-    } else {
-      int lo = (int)(uint32_t)w, hi = (int)(uint32_t)(w >> (4 * nb));
-      words = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-    }
-    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(words, sh), mk);
-    _mm256_storeu_ps(dst + 8 * u, lut(table, 1 << nb, c)); /* 2^nb levels: the branch folds */
+  const __m256i sh = fields_shifts8(nb), mk = _mm256_set1_epi32((1 << nb) - 1);
+  int64_t u = 0; /* eight-field words done */
+#if KVQ_AVX512
+  const __m512i sh16 = _mm512_inserti64x4(_mm512_castsi256_si512(sh), sh, 1), mk16 = _mm512_set1_epi32((1 << nb) - 1);
+  for (; u + 2 <= n / 8; u += 2) {
+    const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(fields_words8(nb, bytes_le(rec + u * nb, nb))),
+                                             fields_words8(nb, bytes_le(rec + (u + 1) * nb, nb)), 1);
+    const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(words, sh16), mk16);
+    _mm512_storeu_ps(dst + 8 * u, lut16(table, 1 << nb, c));
+  }
+#endif
+  for (; u < n / 8; u++) {
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(fields_words8(nb, bytes_le(rec + u * nb, nb)), sh), mk);
+    _mm256_storeu_ps(dst + 8 * u, lut(table, 1 << nb, c));
   }
 }
 #endif
@@ -119,8 +152,11 @@ static inline void lookup_codes(const uint8_t *rec, int64_t levels, int64_t nbit
 #ifdef __AVX2__
   if (levels == 3 || levels == 5) {
     channel_codes(rec, levels, nbits, n, codes, d3, d5);
-    for (int64_t u = 0; u < n / 8; u++)
-      _mm256_storeu_ps(dst + 8 * u, lut(table, levels, _mm256_loadu_si256((const __m256i *)(codes + 8 * u))));
+    int64_t t = 0;
+#if KVQ_AVX512
+    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(dst + t, lut16(table, levels, _mm512_loadu_si512(codes + t)));
+#endif
+    for (; t < n; t += 8) _mm256_storeu_ps(dst + t, lut(table, levels, _mm256_loadu_si256((const __m256i *)(codes + t))));
     return;
   }
   switch (nbits) { /* constant widths, so each record read is one load */
@@ -336,6 +372,36 @@ static inline v8 ld8(const float *p) {
 }
 static inline void st8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
+/* The loops on VW tokens (scores) or VW channels (value sums) at once, for VW = 8 and, where the
+ * target has AVX-512, 16 (csrc/decode_lanes.h, included once per width). */
+#define VW 8
+#define VF v8
+#define LD ld8
+#define ST st8
+#include "decode_lanes.h"
+#undef VW
+#undef VF
+#undef LD
+#undef ST
+#if KVQ_AVX512
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 ld16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void st16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+#define VW 16
+#define VF v16
+#define LD ld16
+#define ST st16
+#include "decode_lanes.h"
+#undef VW
+#undef VF
+#undef LD
+#undef ST
+#endif
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* exp_neg on eight floats at once (the same steps; n by truncating x log2(e) - 1/2, x <= 0) */
@@ -394,35 +460,6 @@ static void group_keys(const kvq_step *a, int64_t b, int64_t h, int64_t g, float
   }
 }
 
-/* Scores of NR (<= 4) query rows qr[r * D] against 8 tokens from t0 (pass 2): rotary pairs
- * (j, j + rh) rotated by the tokens' R(delta) (rows cs / sn of the tables, stride st), then the
- * channels past the rotary ones. The rows' sums stay in registers over every channel. */
-static inline __attribute__((always_inline)) void dots8(int NR, const float *qr, const float *kf, int64_t G,
-                                                        int64_t D, int64_t rh, const float *cs, const float *sn,
-                                                        int64_t st, int64_t t0, float *sc) {
-  v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-  for (int64_t j = 0; j < rh; j++) {
-    v8 x1 = ld8(kf + j * G + t0), x2 = ld8(kf + (j + rh) * G + t0);
-    v8 c = ld8(cs + j * st + t0), s = ld8(sn + j * st + t0);
-    v8 y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
-    s0 += qr[j] * y1 + qr[j + rh] * y2;
-    if (NR > 1) s1 += qr[D + j] * y1 + qr[D + j + rh] * y2;
-    if (NR > 2) s2 += qr[2 * D + j] * y1 + qr[2 * D + j + rh] * y2;
-    if (NR > 3) s3 += qr[3 * D + j] * y1 + qr[3 * D + j + rh] * y2;
-  }
-  for (int64_t j = 2 * rh; j < D; j++) {
-    v8 x = ld8(kf + j * G + t0);
-    s0 += qr[j] * x;
-    if (NR > 1) s1 += qr[D + j] * x;
-    if (NR > 2) s2 += qr[2 * D + j] * x;
-    if (NR > 3) s3 += qr[3 * D + j] * x;
-  }
-  st8(sc + t0, s0);
-  if (NR > 1) st8(sc + G + t0, s1);
-  if (NR > 2) st8(sc + 2 * G + t0, s2);
-  if (NR > 3) st8(sc + 3 * G + t0, s3);
-}
-
 /* scores sc[r * G + t] = q'_r . R(delta_t) k^_t of group g's G tokens, q' the query rotated back
  * to the group's base position */
 static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, const float *q, float *qg, float *sc,
@@ -450,17 +487,13 @@ static void group_scores(const kvq_step *a, int64_t b, int64_t h, int64_t g, con
       }
     cs = rot, sn = rot + rh * G, st = G;
   }
-  for (int64_t r0 = 0; r0 < R; r0 += 4)
-    for (int64_t t0 = 0; t0 < G; t0 += 8) {
-      const float *qr = qg + r0 * D;
-      float *o = sc + r0 * G;
-      switch (R - r0 < 4 ? R - r0 : 4) {
-        case 1: dots8(1, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
-        case 2: dots8(2, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
-        case 3: dots8(3, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
-        default: dots8(4, qr, kf, G, D, rh, cs, sn, st, t0, o); break;
-      }
-    }
+#if KVQ_AVX512
+  if (G % 16 == 0) {
+    group_dots16(R, qg, kf, G, D, rh, cs, sn, st, sc);
+    return;
+  }
+#endif
+  group_dots8(R, qg, kf, G, D, rh, cs, sn, st, sc);
 }
 
 /* Rows i < nb (D floats each) of the values of tokens s0 + i: centers[code]·mul + add from their
@@ -547,14 +580,12 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
   for (int64_t s0 = lo; s0 < hi; s0 += VB) {
     const int64_t nb = hi - s0 < VB ? hi - s0 : VB;
     value_rows(a, bh, s0, nb, first_code, sq, vtab, vtab + 256, vals, codes);
-    for (int64_t r = 0; r < R; r++) {
-      const float *w = p + r * n + s0 - lo;
-      for (int64_t j = 0; j < D; j += 8) {
-        v8 x = ld8(acc + r * D + j);
-        for (int64_t i = 0; i < nb; i++) x += w[i] * ld8(vals + i * D + j);
-        st8(acc + r * D + j, x);
-      }
-    }
+    int64_t j = 0;
+#if KVQ_AVX512
+    j = D - D % 16;
+    value_sums16(R, D, 0, j, nb, p + s0 - lo, n, vals, acc);
+#endif
+    value_sums8(R, D, j, D, nb, p + s0 - lo, n, vals, acc);
   }
   free(buf);
   free(codes);
