@@ -217,7 +217,7 @@ def test_eval_ppl_generation_mode(model_dir, text_file, tmp_path, capsys):
                        "--bits-v", 4, "--json", js))
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "generation mode" in out and "4-bit values (minmax per token)" in out and "| row | K/V bits held (mean / end / max) | bytes/token (end) |" in out
+    assert "generation mode" in out and "4-bit values (hadamard per token, KIVI rows minmax)" in out and "| row | K/V bits held (mean / end / max) | bytes/token (end) |" in out
     payload = json.loads(js.read_text())
     assert payload["mode"] == "generation" and payload["bits_v"] == 4
     fp, q = payload["rows"]["fp"], payload["rows"]["lambda-lloyd"]

@@ -104,13 +104,13 @@ def test_padding_beams_allocation_and_value_widths_from_codes(monkeypatch):
         books = calibrated(model, norm="channel-group", group=8, sink=1, scale_bits=scale_bits, rope="pre",
                            budget=3.0, budget_sides="k")
         assert books.k.channel_levels.unique().numel() > 1
-        for kw in (dict(), dict(values="rms"), *(dict(bits_v=b) for b in (1, 2, 3, 5, 8))):
+        for kw in (dict(), dict(values="rms"), dict(values="hadamard"), *(dict(bits_v=b) for b in (1, 2, 3, 5, 8))):
             stepwise_logits(model, ids, make_cache(model, books, **kw), 3, attention_mask=mask)
     gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=mask[:, :14])
     for extra in (dict(), dict(num_beams=2)):
         out = model.generate(ids[:, :14], **cache_kwargs(make_cache(model, books)), **gen, **extra)
         assert out.shape == (2, 26)
-    assert stats["codes"] == 2 * 7 * 23 * 2 + 2 * 11 * 2 and stats["max_err"] < 1e-5
+    assert stats["codes"] == 2 * 8 * 23 * 2 + 2 * 11 * 2 and stats["max_err"] < 1e-5
 
 
 def _synthetic_layer(levels: torch.Tensor, group: int, **options) -> KVQuantLayer:
@@ -169,6 +169,33 @@ def test_every_level_count_window_mask_and_sinks(scale_bits, tail, rows, n_threa
     3 spans each, some with no allowed key): attend == SDPA over the dequantized tokens."""
     threads(n_threads)
     _check_every_level_count(scale_bits, tail, rows)
+
+
+@pytest.mark.parametrize("tail,rows", [("int8", 5), ("exact", 3)])
+def test_hadamard_values_are_rotated_back_in_the_kernel(tail, rows, threads):
+    """values="hadamard" (codes of v·H): the kernel sums the coded tokens' values apart and rotates
+    that sum back, the exact sinks and newest group not rotated — equal to SDPA over the
+    dequantized tokens (v̂'·H) with every level count, windows, masks and spans (8 threads)."""
+    threads(8)
+    _check_every_level_count(8, tail, rows, values="hadamard", d=32)
+    layer = _synthetic_layer(torch.full((2, 32), 16), 16, values="hadamard", bits_v=4)
+    v = torch.randn(1, 2, 32, 32)
+    v[..., :2] *= 10  # two outlier channels, as value rows have
+    layer.update(torch.randn(1, 2, 32, 32), v)
+    plain = _synthetic_layer(torch.full((2, 32), 16), 16, bits_v=4)
+    plain.update(torch.randn(1, 2, 32, 32), v)
+    err = {n: float((x._materialize()[1][:, :, 1:] - v[:, :, 1:]).square().mean()) for n, x in
+           (("hadamard", layer), ("minmax", plain))}
+    assert err["hadamard"] < 0.5 * err["minmax"]  # the rotation spreads the outliers: a smaller step
+
+
+def test_hadamard_values_need_a_power_of_two_head_dim():
+    model = make_model("llama")
+    books = calibrated(model, norm="channel-group", group=8, sink=1)
+    make_cache(model, books, values="hadamard")  # head_dim 16
+    books.k.centers = books.k.centers[:, :, :12]
+    with pytest.raises(ValueError, match="power of two; this model's head_dim is 12"):
+        make_cache(model, books, values="hadamard")
 
 
 def test_native_kernel_uses_the_widest_vectors_this_cpu_has():
@@ -248,16 +275,16 @@ def test_kernel_reads_and_writes_the_model_dtype_as_float32_would(dtype, tail):
         assert torch.equal(got, attend(high, q.float(), m, 0.37, 0).to(dtype))
 
 
-def _check_every_level_count(scale_bits: int, tail: str, rows: int) -> None:
+def _check_every_level_count(scale_bits: int, tail: str, rows: int, values: str = "minmax", d: int = 24) -> None:
     counts = sorted(LEVEL_PACKING)
-    levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
-    layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3, tail=tail)
+    levels = torch.tensor(counts * 8)[: 2 * d].view(2, d)
+    layer = _synthetic_layer(levels, 16, sink=2, residual=3, scale_bits=scale_bits, bits_v=3, tail=tail, values=values)
     g = torch.Generator().manual_seed(0)
     for n in (20, 1, 30, 5):
-        layer.update(torch.randn(3, 2, n, 24, generator=g) * 3 + 1, torch.randn(3, 2, n, 24, generator=g))
+        layer.update(torch.randn(3, 2, n, d, generator=g) * 3 + 1, torch.randn(3, 2, n, d, generator=g))
     assert layer.quantized_tokens == 48 and layer.res_k.shape[2] == 8
     k, v = layer._materialize()
-    q = torch.randn(3, 2 * rows, 1, 24, generator=g)
+    q = torch.randn(3, 2 * rows, 1, d, generator=g)
     for start in (0, 1, 21):
         visible = k.shape[2] - start
         mask = torch.rand(3, 1, 1, visible, generator=g) > 0.3
@@ -352,21 +379,21 @@ def test_rotation_plan_is_counted_and_rebuilt_when_groups_change():
 
 def run_triton_cases() -> list[tuple[str, float]]:
     """(case, max |Triton − C path| relative to max |C path|) for synthetic layers (every level
-    count, 8- and 16-bit scales, rms and minmax values, windows, masks, sinks) and a tiny Llama's
+    count, 8- and 16-bit scales, rms, minmax and hadamard values, windows, masks, sinks) and a tiny Llama's
     and Gemma3's pre-RoPE caches (rotation computed in the kernel from positions, stored ones too)."""
     from kvquant.kernels import triton_decode
 
     results = []
     g = torch.Generator().manual_seed(0)
     counts = sorted(LEVEL_PACKING)
-    for scale_bits, values, bits_v, tail in ((8, "minmax", 3, "exact"), (16, "rms", 4, "exact"),
-                                             (8, "minmax", 8, "int8")):
-        levels = torch.tensor(counts * 5)[: 2 * 24].view(2, 24)
+    for scale_bits, values, bits_v, tail, d in ((8, "minmax", 3, "exact", 24), (16, "rms", 4, "exact", 24),
+                                                (8, "minmax", 8, "int8", 24), (8, "hadamard", 4, "int8", 32)):
+        levels = torch.tensor(counts * 8)[: 2 * d].view(2, d)
         layer = _synthetic_layer(levels, 32, sink=2, residual=3, scale_bits=scale_bits, bits_v=bits_v, values=values,
                                  tail=tail)
         for n in (40, 1, 30, 30):
-            layer.update(torch.randn(2, 2, n, 24, generator=g) * 3 + 1, torch.randn(2, 2, n, 24, generator=g))
-        q = torch.randn(2, 6, 1, 24, generator=g)
+            layer.update(torch.randn(2, 2, n, d, generator=g) * 3 + 1, torch.randn(2, 2, n, d, generator=g))
+        q = torch.randn(2, 6, 1, d, generator=g)
         for start, masked in ((0, False), (1, True), (45, True)):
             visible = layer.held_tokens - start
             mask = (torch.rand(2, 1, 1, visible, generator=g) > 0.3) if masked else None
@@ -428,7 +455,7 @@ def under_triton(function: str):
 def test_triton_kernel_matches_the_c_path():
     results = [tuple(r) for r in under_triton("run_triton_cases")]
     bad = [(case, err) for case, err in results if not err <= 1e-4]
-    assert len(results) == 13 and not bad, bad
+    assert len(results) == 16 and not bad, bad
 
 
 def test_triton_unavailable_reason_is_clear(monkeypatch):

@@ -207,7 +207,7 @@ def test_bad_model_args_name_the_fix(assets, tmp_path):
         KVQuantLM(pretrained=assets.model, codebooks=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="dtype='fp32': use auto or one of float32"):
         KVQuantLM(pretrained=assets.model, dtype="fp32")
-    with pytest.raises(ValueError, match="values='absmax': use one of minmax, rms"):  # before the model loads
+    with pytest.raises(ValueError, match="values='absmax': use one of hadamard, minmax, rms"):  # before the model loads
         KVQuantLM(pretrained=assets.model, codebooks=assets.codebooks, values="absmax")
 
 
@@ -288,7 +288,7 @@ def no_model_loads(monkeypatch) -> None:
     ("residual=x", r"^model_args residual='x': use a whole number >= 0 "),
     ("sink=-1", r"^model_args sink=-1: use a whole number >= 0 "),
     ("quantize_values=3", r"^model_args quantize_values=3: use true or false$"),
-    ("values=absmax", r"^model_args values='absmax': use one of minmax, rms$"),
+    ("values=absmax", r"^model_args values='absmax': use one of hadamard, minmax, rms$"),
     ("decode=fast", r"^model_args decode='fast': use one of codes, dequantize$"),
     ("dtype=3", r"^model_args dtype=3: use auto or one of float32, bfloat16, float16$"),
     ("batch_size=banana", r"^model_args batch_size='banana' \(or --batch_size\): use a whole number >= 1 or auto "),

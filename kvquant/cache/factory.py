@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from kvquant.cache.format import CacheOptions, LayerTables
+from kvquant.cache.format import CacheOptions, LayerTables, default_values
 from kvquant.cache.layers import KVQuantCache, KVQuantLayer, KVQuantSlidingLayer
 from kvquant.cache.positions import LayerRope
 from kvquant.codebooks import Codebooks
@@ -38,7 +38,7 @@ def make_cache(
     quantize_values: bool = True,
     residual: int = 0,
     sink: int | None = None,
-    values: str = CacheOptions.values,
+    values: str | None = None,
     decode: str = CacheOptions.decode,
     kernel: str = CacheOptions.kernel,
     tail: str = CacheOptions.tail,
@@ -47,7 +47,9 @@ def make_cache(
     codebooks' key bits (allocated per channel where the codebooks are) and normalisation, group
     scales in the codebooks' ``scale_bits``; values at ``bits_v`` (default: the codebooks'
     ``config.bits_v``, or where that is 0 the keys' mean code bits, rounded); ``sink``
-    defaults to the codebooks' exact sink tokens. ``tail`` (:data:`TAIL_FORMATS`): how the newest
+    defaults to the codebooks' exact sink tokens. ``values`` (:data:`VALUE_NORMS`): how each value row
+    is normalised before its codes — default ``hadamard`` (min–max INT of the row rotated by a Hadamard
+    matrix) where head_dim is a power of two, else ``minmax``. ``tail`` (:data:`TAIL_FORMATS`): how the newest
     incomplete group's keys and values are held until it is quantized — ``int8`` (default, chosen on
     development windows: eval/tail_format.py) or ``exact`` (the simulated path's rule). ``decode`` (:data:`DECODE_MODES`): ``codes``
     computes each decoding step's attention from the codes (channel-group keys, quantized values,
@@ -82,6 +84,11 @@ def make_cache(
         )
     if bits_v is None:
         bits_v = codebooks.config.bits_v or round(k.mean_bits)
+    head_dim = k.centers.shape[2]
+    values = default_values(head_dim) if values is None else values
+    if values == "hadamard" and head_dim & (head_dim - 1):
+        raise ValueError(f"values='hadamard' rotates head_dim by a Hadamard matrix, which needs a power of two; "
+                         f"this model's head_dim is {head_dim}: use values='minmax'")
     if decode == "codes" and k.group and quantize_values:  # a layout decoding steps read from the codes
         device = next(model.parameters()).device
         fn, why = step_kernel(kernel, torch.device("cpu") if device.type == "meta" else device, k.group)

@@ -30,11 +30,21 @@ _VALUE_SCALE_BYTES = 2
 TAIL_FORMATS = ("exact", "int8")
 
 
-#: How values are normalised per token: ``minmax`` — ``(v − mid)/half`` over the head dimension on
-#: a uniform grid of 2^bits levels including ±1 (asymmetric INT per token, KIVI's values), (mid,
-#: half) as 8-bit codes (:func:`kvquant.core.groupnorm.store_scales`); ``rms`` — ``v / RMS`` through the
-#: ρ = 0 codebook, fp16 RMS. 16 bits of scale per token and head either way.
-VALUE_NORMS = ("minmax", "rms")  # the first is make_cache's default (selected on development windows: eval/value_norm.py)
+#: How values are normalised per token: ``hadamard`` — ``minmax`` of the row rotated by the
+#: orthonormal Hadamard matrix, ``v H`` (:func:`kvquant.core.hadamard.hadamard`; head_dim a power of
+#: two), read back as ``v̂' H``; ``minmax`` — ``(v − mid)/half`` over the head dimension on a uniform
+#: grid of 2^bits levels including ±1 (asymmetric INT per token, KIVI's values), (mid, half) as 8-bit
+#: codes (:func:`kvquant.core.groupnorm.store_scales`); ``rms`` — ``v / RMS`` through the ρ = 0
+#: codebook, fp16 RMS. 16 bits of scale per token and head in each. make_cache's default: the first
+#: where head_dim is a power of two, else ``minmax`` (:func:`default_values`; chosen on development
+#: windows: eval/value_norm.py, eval/research/value_hadamard_cache.py).
+VALUE_NORMS = ("hadamard", "minmax", "rms")
+
+
+def default_values(head_dim: int) -> str:
+    """make_cache's value normalisation for a head dimension: ``hadamard`` where it is a power of
+    two (the rotation needs one), else ``minmax``."""
+    return "hadamard" if head_dim & (head_dim - 1) == 0 else "minmax"
 
 
 #: How a decoding step (one new token per row) reads the cache: ``codes`` — attention computed from
@@ -47,9 +57,9 @@ DECODE_MODES = ("codes", "dequantize")
 @lru_cache(maxsize=16)
 def value_codebook(bits: int, values: str = "rms") -> cb.Codebook:
     """The values' codebook: ``rms``: ``compand(λ*(u; ρ = 0), 2^bits)``, in units of the token's
-    RMS; ``minmax``: 2^bits evenly spaced centers on [−1, 1]."""
+    RMS; ``minmax`` and ``hadamard``: 2^bits evenly spaced centers on [−1, 1]."""
     levels = cb.levels_for_bits(bits)
-    if values == "minmax":
+    if values in ("minmax", "hadamard"):
         return cb.Codebook.nearest(np.linspace(-1.0, 1.0, levels))
     return cb.compand(dens.lambda_star_density(0.0), levels)
 
@@ -65,7 +75,7 @@ class CacheOptions:
     sink: int = 0
     group: int = 0  # > 0: keys normalised per channel over groups of this many tokens
     scale_bits: int = 16  # group mode: bits of each stored mid/half (kvquant.core.groupnorm.store_scales)
-    values: str = "minmax"  # "minmax": INT per token (8-bit mid, half); "rms": ρ = 0 codebook × fp16 RMS per token
+    values: str = "minmax"  # VALUE_NORMS: "minmax" INT per token (8-bit mid, half), "hadamard" the same on v·H, "rms"
     decode: str = "codes"  # "codes": decoding steps read the codes (kvquant.kernels.dispatch) where the layout allows; "dequantize"
     kernel: str = "auto"  # which kernel reads them (kvquant.kernels.dispatch.DECODE_KERNELS): auto = the device's
     tail: str = "int8"  # the residual's keys and values (TAIL_FORMATS): "int8" per token or "exact" (model dtype)

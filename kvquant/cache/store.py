@@ -6,6 +6,7 @@ protocol here (:mod:`kvquant.cache.layers`); the layout is described in :mod:`kv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ from kvquant.cache.positions import LayerRope
 from kvquant.cache.static_layout import dequantize_keys, dequantize_values, pack, unpack
 from kvquant.core import scalar as cb
 from kvquant.core.groupnorm import causal_groups
+from kvquant.core.hadamard import hadamard
 from kvquant.core.int8_rows import ROW_SCALE_MAX, ROW_SCALE_MIN, decode_int8_rows, encode_int8_rows
 from kvquant.core.packing import ChannelPacking, packed_size
 from kvquant.core.quantizer import GroupCodes, decode_groups, encode_groups
@@ -34,6 +36,13 @@ _STORE = ("sink_k", "sink_v", "k_codes", "k_mid", "k_half", "v_codes", "v_scale"
 _PER_TOKEN_Q = ("v_codes", "v_scale", "k_pos")
 _PER_GROUP_K = ("k_codes", "k_mid", "k_half")
 RESIDUAL_FIELDS = ("res_k", "res_k_scale", "res_v", "res_v_scale", "res_pos")
+
+
+@lru_cache(maxsize=8)
+def _value_rotation(head_dim: int, device: torch.device) -> torch.Tensor:
+    """The Hadamard matrix of values="hadamard", one per size and device (a static table shared by
+    every layer, like the codebooks: not counted in a cache's memory)."""
+    return hadamard(head_dim).to(device)
 
 
 def slice_tokens(t: torch.Tensor | None, start: int | None, stop: int | None) -> torch.Tensor | None:
@@ -180,9 +189,15 @@ class KVStore:
         q = GroupCodes(self.packing.unpack(codes), mid, half, self.options.scale_bits)
         return decode_groups(q, t.k_centers, self.group)
 
+    def _value_rotation(self, device: torch.device) -> torch.Tensor:
+        """``H`` (D, D) float32 on ``device``: values="hadamard" stores the codes of ``v H``."""
+        return _value_rotation(self.head_dim, torch.device(device))
+
     def _quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._dev_tables
-        if self.options.values == "minmax":  # the group quantizer along head_dim: one group per token
+        if self.options.values == "hadamard":
+            v = v.float() @ self._value_rotation(v.device)
+        if self.options.values in ("minmax", "hadamard"):  # the group quantizer along head_dim: one group per token
             b, h, n, d = v.shape
             q = encode_groups(v.transpose(2, 3), d, 8, t.v_boundaries.expand(h, -1))
             codes = q.codes.transpose(2, 3).contiguous()
@@ -200,12 +215,15 @@ class KVStore:
         if self.rope is not None:  # stored before the rotation: rotated at the tokens' positions
             k = rotate(k, *self.rope.tables(self._quantized_positions()))
         k = k.to(self.dtype)
-        if o.quantize_values and o.values == "minmax":
+        if o.quantize_values and o.values in ("minmax", "hadamard"):
             codes = unpack(self.v_codes, o.bits_v, self.head_dim).transpose(2, 3)
             q = GroupCodes(codes, self.v_scale[..., 0].unsqueeze(2), self.v_scale[..., 1].unsqueeze(2), 8)
             h = codes.shape[1]
+            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3)
+            if o.values == "hadamard":  # H is symmetric and orthonormal: v̂ = v̂' H
+                v = v @ self._value_rotation(v.device)
             # contiguous: SDPA takes its fast (flash) CPU kernel only for a unit stride along head_dim
-            v = decode_groups(q, t.v_centers.expand(h, -1), self.head_dim).transpose(2, 3).to(self.dtype).contiguous()
+            v = v.to(self.dtype).contiguous()
         elif o.quantize_values:
             v = dequantize_values(self.v_codes, t.v_centers, self.v_scale, o.bits_v, self.head_dim).to(self.dtype)
         else:

@@ -54,7 +54,7 @@ def cmd_eval_passkey(args) -> None:
         except ValueError as e:
             raise ValueError(f"--lengths: {e}") from None
     fractions = [d / 100 for d in depths]
-    results = run_passkey(model, tok, cache_factories(model, rows, args.bits_v or 0, args.values or "minmax"),
+    results = run_passkey(model, tok, cache_factories(model, rows, args.bits_v or 0, args.values),
                           lengths, fractions, args.seeds, bos=needs_bos(tok))
     title = f"{args.model} · passkey · {args.seeds} seed(s) per cell · greedy through each row's cache · {args.dtype}"
     print(title)

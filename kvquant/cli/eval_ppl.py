@@ -94,6 +94,7 @@ def with_queries(factories: dict, rows: dict, books, model, bits: int | None) ->
 
 def cmd_eval_ppl(args) -> None:
     from kvquant.codebooks import Codebooks
+    from kvquant.cache import default_values
     from kvquant.evaluation.generation import cache_factories, evaluate_generation
     from kvquant.evaluation.perplexity import evaluate, format_table
     from kvquant.io.data import calibration_overlap, load_text, make_windows
@@ -130,13 +131,15 @@ def cmd_eval_ppl(args) -> None:
         raise ValueError(f"{overlap}: the table would not be held out. Use fewer --windows or --seqlen, calibrate on "
                          f"other text, or give --allow-overlap to report it labelled NOT HELD OUT")
     if args.mode == "generation":
-        factories = cache_factories(model, rows, args.bits_v or 0, args.values or "minmax")
+        factories = cache_factories(model, rows, args.bits_v or 0, args.values)
         factories, queries = with_queries(factories, rows, books, model, args.queries)
         results = evaluate_generation(model, windows, factories, queries=queries)
     else:
         results = evaluate(model, windows, rows)
-    values = (f"{args.bits_v}-bit values ({args.values or 'minmax'} per token)" if args.bits_v else
-              "values as each row's cache holds them (a row's /V, else the codebooks' bits_v, else exact)")
+    norm = args.values or (default_values(books.k.centers.shape[2]) if books is not None else "minmax")
+    values = (f"{args.bits_v}-bit values ({norm} per token" + (", KIVI rows minmax" if norm != "minmax" else "") + ")"
+              if args.bits_v else "values as each row's cache holds them (a row's /V, else the codebooks' bits_v, "
+              f"else exact; {norm} per token, KIVI rows minmax)")
     queried = (f"queries exact, rows '+q{args.queries}' queries quantized causally at {args.queries} bits"
                if args.queries is not None else "queries exact")
     mode = (f" · generation mode (every token reads the KV cache; {queried}; {values})"
@@ -155,7 +158,7 @@ def cmd_eval_ppl(args) -> None:
             "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n, "mode": args.mode,
             "bits_v": args.bits_v or 0 if args.mode == "generation" else None,
             "queries": args.queries,
-            "values": (args.values or "minmax") if args.bits_v else None,
+            "values": args.values,  # None: make_cache's default (hadamard where head_dim is a power of two)
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,
             "held_out": overlap is None, "overlap": overlap,

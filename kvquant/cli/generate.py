@@ -35,7 +35,7 @@ def cmd_generate(args) -> None:
     books = Codebooks.load(args.codebooks)
     model, tok = load_model_of(args)
     books.check_fits(model)
-    cache = make_cache(model, books, bits_v=args.bits_v, values=args.values or "minmax")
+    cache = make_cache(model, books, bits_v=args.bits_v, values=args.values)
     kvquant.wrap(model, prefill=args.prefill)  # after make_cache, which wraps the model for its decoding steps
     enc = tok(args.prompt, return_tensors="pt").to(args.device)
     if enc.input_ids.shape[1] == 0:

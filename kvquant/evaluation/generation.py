@@ -220,15 +220,16 @@ def evaluate_generation(model: torch.nn.Module, windows, caches: dict[str, Calla
     return out
 
 
-def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str = "minmax",
+def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values: str | None = None,
                     tail: str = "int8") -> dict:
     """A factory of fresh caches per row of :func:`kvquant.evaluation.perplexity.make_rows` (generation mode):
     ``None`` (fp) transformers' ``DynamicCache``; :class:`LibraryCache` its ``QuantizedCache``;
     codebooks a :class:`KVQuantCache` with values at the row's ``/V`` bits
     (:func:`kvquant.evaluation.perplexity.row_value_bits`), else ``bits_v``, else the codebooks'
     ``config.bits_v`` (0 everywhere: exact values), normalised per token by ``values``
-    (:data:`kvquant.cache.VALUE_NORMS`), the newest incomplete group held as ``tail``
-    (:data:`kvquant.cache.TAIL_FORMATS`) — but exact for ``kivi@B`` rows, as KIVI keeps it."""
+    (:data:`kvquant.cache.VALUE_NORMS`; None: make_cache's default), the newest incomplete group held
+    as ``tail`` (:data:`kvquant.cache.TAIL_FORMATS`) — but for ``kivi@B`` rows exact, and values
+    ``minmax``, as KIVI holds them."""
     from kvquant.cache import make_cache
     from kvquant.evaluation.perplexity import row_value_bits
 
@@ -247,7 +248,8 @@ def cache_factories(model: torch.nn.Module, rows: dict, bits_v: int = 0, values:
         if isinstance(row, LibraryCache):
             return lambda: row.new(model)
         bv = row_value_bits(name) or bits_v or row.config.bits_v
-        held = "exact" if name.split("@")[0] == "kivi" else tail
-        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=values, tail=held)
+        kivi = name.split("@")[0] == "kivi"
+        held, norm = ("exact", "minmax") if kivi else (tail, values)
+        return lambda: make_cache(model, row, quantize_values=bv > 0, bits_v=bv or None, values=norm, tail=held)
 
     return {name: factory(name, row) for name, row in rows.items()}

@@ -66,7 +66,7 @@ from kvquant.kernels.build import KernelUnavailable, build_library, cpu_features
 __all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
-_ABI = 6
+_ABI = 7
 
 #: Base-3 digits of a byte (5 codes of 3 levels per byte) and base-5 digits of a 7-bit word (3
 #: codes of 5 levels): :func:`kvquant.core.packing.pack_levels`'s layout, as lookup tables.
@@ -80,7 +80,7 @@ _INTS = ("B", "H", "R", "D", "G", "m", "gb", "K", "nd", "rh", "n_sink", "n_exact
          "scale_bits", "rms_values", "nthreads")
 _PTRS = ("kcodes", "ch_off", "ch_levels", "ch_bits", "kcent", "kmid", "khalf", "half_of_code", "base_cos", "base_sin",
          "cosd", "sind", "delta", "q", "sink_k", "sink_v", "xk", "xv", "xk_scale", "xv_scale", "vcodes", "vcent", "vscale", "mask", "out",
-         "d3", "d5")
+         "d3", "d5", "vrot")
 
 
 class Step(ctypes.Structure):

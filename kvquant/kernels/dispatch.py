@@ -154,6 +154,7 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
         q=query.to(dt).contiguous(), sink_k=_held(layer.sink_k, None, dt), sink_v=_held(layer.sink_v, None, dt),
         xk=_held(layer.res_k, layer.res_k_scale, dt), xv=_held(layer.res_v, layer.res_v_scale, dt),
         xk_scale=layer.res_k_scale, xv_scale=layer.res_v_scale, vcodes=layer.v_codes, vcent=layer._dev_tables.v_centers,
-        vscale=layer.v_scale if o.values == "minmax" else _f32(layer.v_scale), mask=attention_mask, out=out,
+        vscale=_f32(layer.v_scale) if o.values == "rms" else layer.v_scale, mask=attention_mask, out=out,
+        vrot=layer._value_rotation(query.device) if o.values == "hadamard" else None,
     ), scaling)
     return out.to(query.dtype)

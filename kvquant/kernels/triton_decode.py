@@ -267,7 +267,7 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
     off, lev, nb, centers = (x.to(dev) for x in layer._channel_layout)
     tab = cpu_kernels.HALF_OF_CODE.to(dev)  # load_scales' half-range of each 8-bit exponent code
     kmid, khalf = (layer.k_mid, layer.k_half) if o.scale_bits == 8 else (layer.k_mid.float(), layer.k_half.float())
-    if o.values == "minmax":  # (B, H, S, 2) int8: mid at 2s, half at 2s + 1
+    if o.values != "rms":  # minmax / hadamard: (B, H, S, 2) int8, mid at 2s, half at 2s + 1
         vmid = layer.v_scale.contiguous().view(-1)
         vhalf = vmid[1:]
     else:
@@ -289,13 +289,15 @@ def decode_step(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
         sq, first, start, layer._seen - layer.held_tokens, sq // g, layer.k_codes.shape[-1], centers.shape[-1], h,
         float(rot_a), chunk, splits, visible,
         D=d, G=g, RP=rp, BLOCK_D=block_d, BLOCK_T=block_t, RH=rh, RHM=max(rh, 1), PV=layer.v_codes.shape[-1], BITS_V=o.bits_v,
-        SCALE8=o.scale_bits == 8, MINMAX=o.values == "minmax", HAS_POS=layer.k_pos is not None,
+        SCALE8=o.scale_bits == 8, MINMAX=o.values != "rms", HAS_POS=layer.k_pos is not None,
         HAS_MASK=attention_mask is not None,
     )
     out_q = torch.empty(b * h * rp, block_d, device=dev)
     lse_q = torch.empty(b * h * rp, device=dev)
     _combine_kernel[(b * h,)](m_part, l_part, o_part, out_q, lse_q, splits, RP=rp, BLOCK_D=block_d)
     out_q = out_q.view(b, h, rp, block_d)[:, :, :rep, :d]
+    if o.values == "hadamard":  # the codes are of v H: the coded tokens' output rotated back (H symmetric)
+        out_q = out_q @ layer._value_rotation(dev)
     lse_q = lse_q.view(b, h, rp)[:, :, :rep] / _LOG2E  # natural log
     lse_e = torch.logsumexp(ex_s, -1)
     top = torch.maximum(lse_q, lse_e)

@@ -29,7 +29,7 @@
 #define KVQ_AVX512 0
 #endif
 
-int kvq_abi_version(void) { return 6; }
+int kvq_abi_version(void) { return 7; }
 
 /* Floats per vector of the widest path built: 16 (AVX-512), else 8 (AVX2 or portable C). */
 int kvq_decode_lanes(void) { return KVQ_AVX512 ? 16 : 8; }
@@ -199,6 +199,8 @@ typedef struct {
   const uint8_t *mask;                       /* (B, visible tokens) 1 = attend, or NULL */
   void *out;                                 /* (B, H, R, D) in dtype */
   const uint8_t *d3, *d5;
+  const float *vrot;                         /* (D, D): coded values are of v H (values="hadamard"; H symmetric,
+                                                orthonormal), read back as v^' H; NULL: none */
   int64_t dtype;                             /* of q, out, the sinks and exact residual rows: 0 float32, 1 bfloat16, 2 float16 */
   double scale;                              /* the softmax scale, applied to q (as float32) */
 } kvq_step;
@@ -540,7 +542,7 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
                           float *acc) {
   const int64_t G = a->G, D = a->D, R = a->R, sq = a->m * G, n = hi - lo, VB = 8; /* value rows per block */
   const int64_t bh = b * a->H + h, tabn = (a->K > 256 ? a->K : 256), n_vis = sq + a->n_exact - a->start;
-  float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + 2 * R * D + R * n + VB * D + 256 + 16));
+  float *buf = malloc(sizeof(float) * (tabn + 2 * D * G + R * G + 3 * R * D + R * n + VB * D + 256 + 16));
   int32_t *codes = malloc(sizeof(int32_t) * ((G > D ? G : D) + 8)); /* one channel's or one token's codes */
   if (!buf || !codes) {
     free(buf);
@@ -548,7 +550,7 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
     return -1;
   }
   float *table = buf, *kf = table + tabn, *rot = kf + D * G, *sc = rot + D * G, *qg = sc + R * G;
-  float *qs = qg + R * D, *p = qs + R * D, *vals = p + R * n, *vtab = vals + VB * D;
+  float *qs = qg + R * D, *p = qs + R * D, *vals = p + R * n, *vtab = vals + VB * D, *acc_rot = vtab + 256 + 16;
   memset(table, 0, sizeof(float) * tabn);
   memset(vtab, 0, sizeof(float) * 256);
   memcpy(vtab, a->vcent, sizeof(float) * ((int64_t)1 << a->bits_v));
@@ -573,20 +575,31 @@ static int span_attention(const kvq_step *a, int64_t b, int64_t h, int64_t lo, i
     for (int64_t r = 0; r < R; r++) p[r * n + s - lo] = dot(q + r * D, k, D);
   }
   for (int64_t r = 0; r < R; r++) exp_scores(p + r * n, n, mask, mx + r, sum + r);
-  /* values, VB tokens at a time: their rows (from codes or exact), then acc_r += sum_i p_ri v_i
-   * with acc_r's eight floats loaded once per block */
+  /* values, up to VB tokens at a time (a block is all coded or all exact): their rows (from codes
+   * or exact), then acc_r += sum_i p_ri v_i with acc_r's floats loaded once per block; rotated
+   * coded values (vrot) summed apart in acc_rot and rotated back once: acc_r += acc_rot_r H */
   const int64_t first_code = a->start > a->n_sink ? a->start : a->n_sink;
   memset(acc, 0, sizeof(float) * R * D);
-  for (int64_t s0 = lo; s0 < hi; s0 += VB) {
-    const int64_t nb = hi - s0 < VB ? hi - s0 : VB;
+  memset(acc_rot, 0, sizeof(float) * R * D);
+  for (int64_t s0 = lo, nb; s0 < hi; s0 += nb) {
+    int64_t end = hi - s0 < VB ? hi : s0 + VB;
+    if (s0 < first_code && end > first_code) end = first_code;
+    if (s0 < sq && end > sq) end = sq;
+    nb = end - s0;
     value_rows(a, bh, s0, nb, first_code, sq, vtab, vtab + 256, vals, codes);
+    float *sums = a->vrot && s0 >= first_code && s0 < sq ? acc_rot : acc;
     int64_t j = 0;
 #if KVQ_AVX512
     j = D - D % 16;
-    value_sums16(R, D, 0, j, nb, p + s0 - lo, n, vals, acc);
+    value_sums16(R, D, 0, j, nb, p + s0 - lo, n, vals, sums);
 #endif
-    value_sums8(R, D, j, D, nb, p + s0 - lo, n, vals, acc);
+    value_sums8(R, D, j, D, nb, p + s0 - lo, n, vals, sums);
   }
+  if (a->vrot)
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t i = 0; i < D; i++)
+        if (acc_rot[r * D + i] != 0.0f)
+          for (int64_t j = 0; j < D; j++) acc[r * D + j] += acc_rot[r * D + i] * a->vrot[i * D + j];
   free(buf);
   free(codes);
   return 0;
