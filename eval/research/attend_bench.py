@@ -9,7 +9,7 @@ Where the native kernel is the AVX-512 build, the same step on the AVX2 build (8
 timed beside it, interleaved, in the same process.
 
 Usage:  python eval/research/attend_bench.py --codebooks out/default.safetensors [--contexts 2048,8192]
-            [--threads 1] [--repeats 50] [--dtype float32]
+            [--threads 1] [--repeats 50] [--dtype float32] [--values hadamard|minmax|rms]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--values", default=None, choices=("hadamard", "minmax", "rms"),
+                    help="the cache's value normalisation (default: make_cache's)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the model's dtype: queries, exact tokens, outputs and the DynamicCache side")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
     print(f"context | C kernel (attend) | cat + SDPA ({args.dtype}) | ratio | store + attend | "
           "DynamicLayer update + SDPA | ratio" + (" | C kernel, AVX2 build | AVX2 / AVX-512" if narrow else ""))
     for n in map(int, args.contexts.split(",")):
-        cache = make_cache(model, books)
+        cache = make_cache(model, books, values=args.values)
         layer = cache.layers[0]
         k, v = torch.randn(1, h, n, d, dtype=dt), torch.randn(1, h, n, d, dtype=dt)
         layer.store(k, v, torch.arange(n, dtype=torch.int32).expand(1, 1, n))
