@@ -364,44 +364,17 @@ static inline float dot(const float *x, const float *y, int64_t n) {
   return s;
 }
 
-/* Eight floats in a GNU C vector (AVX registers where the target has them, else plain floats):
- * the rotation, the dot products and the value sums are written once for every target. */
-typedef float v8 __attribute__((vector_size(32)));
-static inline v8 ld8(const float *p) {
-  v8 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline void st8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-
-/* The loops on VW tokens (scores) or VW channels (value sums) at once, for VW = 8 and, where the
- * target has AVX-512, 16 (csrc/decode_lanes.h, included once per width). */
+/* Vectors of 8 floats (v8, ld8, st8) and, where the target has AVX-512, 16 (v16, ...) in GNU C
+ * (AVX / AVX-512 registers where the target has them, else plain floats), with the loops that run
+ * on VW tokens (scores) or VW channels (value sums) at once: csrc/decode_lanes.h, included once per
+ * width, so the rotation, the dot products and the value sums are written once for every target. */
 #define VW 8
-#define VF v8
-#define LD ld8
-#define ST st8
 #include "decode_lanes.h"
 #undef VW
-#undef VF
-#undef LD
-#undef ST
 #if KVQ_AVX512
-typedef float v16 __attribute__((vector_size(64)));
-static inline v16 ld16(const float *p) {
-  v16 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline void st16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 #define VW 16
-#define VF v16
-#define LD ld16
-#define ST st16
 #include "decode_lanes.h"
 #undef VW
-#undef VF
-#undef LD
-#undef ST
 #endif
 
 typedef int32_t v8i __attribute__((vector_size(32)));

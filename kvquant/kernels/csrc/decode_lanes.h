@@ -1,10 +1,22 @@
-/* The loops of kvq_decode_step whose arithmetic runs on VW floats at once: included by
- * decode_cpu.c once per vector width, with VW (8, or 16 where the target has AVX-512), VF the GNU
- * C vector of VW floats and LD / ST its unaligned load and store. Names end in the width
- * (group_dots8, group_dots16, ...). */
+/* The vector of VW floats and the loops of kvq_decode_step whose arithmetic runs on VW floats at
+ * once: included by decode_cpu.c once per vector width VW (8, or 16 where the target has AVX-512).
+ * Names end in the width (v8, ld8, st8, group_dots8; v16, ...). */
 #define KVQ_PASTE(a, b) a##b
 #define KVQ_NAME(a, b) KVQ_PASTE(a, b)
 #define LANES(name) KVQ_NAME(name, VW)
+#define VF LANES(v)
+#define LD LANES(ld)
+#define ST LANES(st)
+
+typedef float VF __attribute__((vector_size(4 * VW)));
+
+static inline VF LD(const float *p) { /* unaligned */
+  VF v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void ST(float *p, VF v) { memcpy(p, &v, sizeof v); }
 
 /* Scores of NR (<= 4) query rows qr[r * D] against VW tokens from t0 (pass 2): rotary pairs
  * (j, j + rh) rotated by the tokens' R(delta) (rows cs / sn of the tables, stride st), then the
@@ -64,6 +76,9 @@ static void LANES(value_sums)(int64_t R, int64_t D, int64_t j0, int64_t j1, int6
     }
 }
 
+#undef ST
+#undef LD
+#undef VF
 #undef LANES
 #undef KVQ_NAME
 #undef KVQ_PASTE
