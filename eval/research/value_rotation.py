@@ -22,26 +22,16 @@ Usage:  python eval/research/value_rotation.py [--codebooks out/default.safetens
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from kvquant.cache.format import value_codebook
 from kvquant.codebooks import Codebooks
+from kvquant.core.hadamard import hadamard
 from kvquant.core.quantizer import decode_groups, encode_groups
 from kvquant.evaluation.divergence import Agreement, log_probs
 from kvquant.io.assets import load_model
 from kvquant.io.data import held_out_windows, load_text
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The n × n Sylvester Hadamard matrix over sqrt(n) (orthonormal); n a power of two."""
-    if n & (n - 1):
-        raise ValueError(f"head_dim {n} is not a power of two")
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
 
 
 def quantize_rows(v: torch.Tensor, bits: int, rot: torch.Tensor | None, rms: bool = False) -> torch.Tensor:

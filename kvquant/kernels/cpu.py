@@ -28,7 +28,9 @@ Layout read (:class:`kvquant.cache.KVQuantCache`, ``channel-group`` keys, quanti
   (``Δ = G`` while positions are the stream index), so no per-token cos/sin is read. This differs
   from transformers' direct ``cos(θp)`` by the float rounding of the angle only.
 * values: codes of ``bits`` bits along head_dim, ``v̂ = centers[code]·half + mid`` per token
-  (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``).
+  (``minmax``: 8-bit (mid, half) codes) or ``centers[code]·RMS`` (``rms``); for ``hadamard`` the
+  codes are of ``v·H`` (``vrot``, (D, D)): the coded tokens' weighted values are summed apart and
+  that sum multiplied by ``H`` once per span (H symmetric), the exact tokens' added as they are.
 * the query ``(B, H, R, D)`` and the output in the model's dtype (float32, bfloat16 or float16),
   read and written as they are — the softmax scale applied in the kernel, in float32.
 * exact tokens: the sinks ``(B, H, n_sink, D)`` in the model's dtype, laid over their slots (codes
@@ -63,7 +65,7 @@ import torch
 from kvquant.core.groupnorm import load_scales
 from kvquant.kernels.build import KernelUnavailable, build_library, cpu_features, loads
 
-__all__ = ["available", "append_int8", "decode_step", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
+__all__ = ["available", "append_int8", "decode_step", "lanes", "Step", "KernelUnavailable", "DIGITS3", "DIGITS5"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.c"
 _ABI = 7
