@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from kvquant.cache import make_cache
 from kvquant.codebooks import Codebooks
-from kvquant.evaluation.generation import evaluate_generation
-from kvquant.evaluation.perplexity import format_table, make_rows, row_value_bits
+from kvquant.evaluation.generation import cache_factories, evaluate_generation
+from kvquant.evaluation.perplexity import format_table, make_rows
 from kvquant.io.assets import load_model
 from kvquant.io.data import held_out_windows, load_text
 
@@ -38,12 +37,10 @@ def main() -> None:
                             books.calibration)
     dev = wins.ids[args.windows:]
     names = args.rows.split(",")
-    rows = make_rows(names, books, 2048, generation=True)
-    caches = {"fp": lambda: __import__("transformers").DynamicCache(config=model.config)}
-    for name in names:
-        for values in ("minmax", "hadamard"):
-            caches[f"{name} {values}"] = (lambda r=rows[name], v=values, bv=row_value_bits(name):
-                                          make_cache(model, r, bits_v=bv, values=v))
+    rows = make_rows(["fp", *names], books, 2048, generation=True)
+    by_norm = {v: cache_factories(model, rows, values=v) for v in ("minmax", "hadamard")}
+    caches = {"fp": by_norm["minmax"]["fp"]}
+    caches.update({f"{name} {v}": by_norm[v][name] for name in names for v in by_norm})
     res = evaluate_generation(model, dev, caches)
     print(f"{args.model}, {model.dtype}, development windows {args.windows + 1}–{args.windows + args.dev} × 2048, "
           "generation mode, queries exact")

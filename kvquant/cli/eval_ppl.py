@@ -158,7 +158,7 @@ def cmd_eval_ppl(args) -> None:
             "model": args.model, "text": source, "seqlen": args.seqlen, "windows": windows.n, "mode": args.mode,
             "bits_v": args.bits_v or 0 if args.mode == "generation" else None,
             "queries": args.queries,
-            "values": args.values,  # None: make_cache's default (hadamard where head_dim is a power of two)
+            "values": norm,  # make_cache's default where not given (kvquant.cache.default_values)
             "bos_prepended": windows.bos_prepended, "dtype": args.dtype,
             "codebooks": str(args.codebooks) if args.codebooks else None,
             "held_out": overlap is None, "overlap": overlap,

@@ -16,6 +16,10 @@ from kvquant.cli.eval_ppl import cmd_eval_ppl
 from kvquant.cli.generate import cmd_generate
 from kvquant.cli.options import DEFAULTS
 
+#: kvquant.cache.VALUE_NORMS, spelled here so that --help imports no torch
+VALUE_CHOICES = ("hadamard", "minmax", "rms")
+VALUE_HELP = "value normalisation per token (default hadamard where head_dim is a power of two, else minmax)"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (``kvquant CMD: error: …``, exit 2), without the usage block."""
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits on average (Codebooks.causal_queries(B) of --codebooks: static tables, transform-coded "
                         "in the Fisher-weighted eigenbasis, a per-token scale, levels allocated over components), "
                         "as rows 'ROW +qB'")
-    e.add_argument("--values", choices=["hadamard", "minmax", "rms"],
+    e.add_argument("--values", choices=VALUE_CHOICES,
                    help="with --bits-v: values per token as asymmetric INT over head_dim with 8-bit mid/half "
                         "(minmax), the same of the row rotated by a Hadamard matrix (hadamard; the default where "
                         "head_dim is a power of two, else minmax) or v/RMS through the ρ = 0 codebook (rms)")
@@ -136,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--depths", default="0,25,50,75,100", help="where the key sits, percent of the filler (default 0,25,50,75,100)")
     k.add_argument("--seeds", type=int, default=3, help="prompts (keys) per length and depth (default 3)")
     k.add_argument("--bits-v", type=int, help="bits of the cached values (default: each row's /V, else the file's)")
-    k.add_argument("--values", choices=["hadamard", "minmax", "rms"],
-                   help="value normalisation per token (default hadamard where head_dim is a power of two, else minmax)")
+    k.add_argument("--values", choices=VALUE_CHOICES, help=VALUE_HELP)
     k.add_argument("--json", help="write accuracies and every answer to this JSON file")
     k.add_argument("--plots", help="folder for one accuracy heatmap (depth × length) PNG per row (the plot extra)")
     k.set_defaults(func=cmd_eval_passkey)
@@ -148,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(g)
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--bits-v", type=int, help="bits of the cached values (default: the keys' mean code bits)")
-    g.add_argument("--values", choices=["hadamard", "minmax", "rms"],
-                   help="value normalisation per token (default hadamard where head_dim is a power of two, else minmax)")
+    g.add_argument("--values", choices=VALUE_CHOICES, help=VALUE_HELP)
     g.add_argument("--prefill", choices=["sdpa", "int8"], default="sdpa",
                    help="the prompt's attention: sdpa (default) or int8 (Q·Kᵀ from INT8 codes, the CPU kernel)")
     g.set_defaults(func=cmd_generate)
